@@ -1,0 +1,110 @@
+"""The adapter protocol, the registry, and reversible per-instance patching."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from ..config import GlobalCom2Config
+
+#: Attribute under which an applied adapter lives on a model instance.
+STATE_ATTR = "_globalcom2_adapter"
+
+_MISSING = object()
+
+
+class Adapter:
+    """Base class of a model-family adapter.
+
+    Subclasses set :attr:`model_names` (the class names they handle, for error messages),
+    implement :meth:`supports`, and list in :meth:`patched_methods` the instance methods they
+    replace. Patching is per instance: the class, and every other model in the process, is left
+    alone. :meth:`unpatch` restores exactly what was there before (including a method that an
+    earlier wrapper such as accelerate's hooks had set on the instance).
+    """
+
+    model_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, config: GlobalCom2Config) -> None:
+        self.model = model
+        self.config = config
+        self._saved: dict[str, Any] = {}
+
+    # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if this model instance cannot be compressed (checked at apply)."""
+
+    def patched_methods(self) -> dict[str, Callable[..., Any]]:  # pragma: no cover - abstract
+        """Map of method name -> replacement builder ``f(original_bound_method) -> wrapper``."""
+        raise NotImplementedError
+
+    # -- patching -------------------------------------------------------------------------------
+    def patch(self) -> None:
+        for name, make_wrapper in self.patched_methods().items():
+            original = getattr(self.model, name)
+            self._saved[name] = self.model.__dict__.get(name, _MISSING)
+            wrapper = make_wrapper(original)
+            functools.update_wrapper(wrapper, original)
+            # Keep ``inspect.signature(model.forward)`` exactly the original's (HF inspects it).
+            wrapper.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
+            setattr(self.model, name, wrapper)
+        setattr(self.model, STATE_ATTR, self)
+
+    def unpatch(self) -> None:
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                setattr(self.model, name, saved)
+        self._saved.clear()
+        self.model.__dict__.pop(STATE_ATTR, None)
+
+
+_REGISTRY: list[type[Adapter]] = []
+
+
+def register_adapter(adapter_cls: type[Adapter]) -> type[Adapter]:
+    """Register an adapter class (usable as a decorator). Later registrations take precedence."""
+    if adapter_cls not in _REGISTRY:
+        _REGISTRY.insert(0, adapter_cls)
+    return adapter_cls
+
+
+def supported_model_names() -> list[str]:
+    return [name for cls in _REGISTRY for name in cls.model_names]
+
+
+def adapter_for(model: Any) -> type[Adapter]:
+    """The adapter class that handles ``model``, or a ``ValueError`` naming what is supported."""
+    for cls in _REGISTRY:
+        if cls.supports(model):
+            return cls
+    raise ValueError(
+        f"GlobalCom2 does not support {type(model).__name__}; supported model classes: "
+        f"{', '.join(supported_model_names())} (Hugging Face transformers)"
+    )
+
+
+def bind_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Name every argument of a call to ``fn`` (positional ones included), flattening ``**kwargs``."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{getattr(fn, '__name__', 'function')}() got unexpected extra positional arguments")
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,358 @@
+"""GlobalCom2 for Hugging Face LLaVA-NeXT (``LlavaNextForConditionalGeneration``, ``LlavaNextModel``).
+
+How it plugs in, per model instance (the class is never touched):
+
+* ``forward``: when ``pixel_values`` come with ``input_ids``, the images are encoded once, the
+  [CLS] logits of the vision tower's last layer are captured on the way, GlobalCom2 compresses
+  every image, the surplus image placeholders are removed from ``input_ids`` (and
+  ``attention_mask``/``labels``), and the original forward runs on the shorter sequence with the
+  compressed features passed as ``mm_encoder_outputs``. Logits therefore have the compressed
+  length.
+* ``generate``: the same preparation happens once, before generation; the generation loop then
+  runs on the shorter prompt with a KV cache of the compressed size. The returned sequences start
+  with the caller's original ``input_ids`` so that ``out[:, inputs.input_ids.shape[1]:]`` is the
+  answer, exactly as with the vanilla model.
+
+[CLS] logits come from two forward hooks on the last layer's ``q_proj`` and ``k_proj``,
+registered only while the tower runs: the tower keeps its attention implementation (SDPA), no
+``output_attentions`` is requested, and no N x N attention map is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import GlobalCom2Config
+from ..sequence import shrink_placeholders
+from .base import Adapter, bind_arguments
+
+
+@dataclass
+class EncodedImages:
+    """The vision side's output, per image.
+
+    Attributes:
+        features: per image, (V_i, N, D) projected features (thumbnail first, then crops).
+        importance: per image, (V_i, N) float32 [CLS] logits of the last vision layer.
+        geometries: per image, its :class:`~globalcom2.ops.CropGeometry` (None for one view).
+        image_sizes: per image, (height, width) in pixels.
+    """
+
+    features: list[torch.Tensor]
+    importance: list[torch.Tensor]
+    geometries: list[ops.CropGeometry | None]
+    image_sizes: list[tuple[int, int]]
+
+    @property
+    def vanilla_counts(self) -> list[int]:
+        """Placeholder tokens per image in the vanilla model (what the processor wrote)."""
+        counts = []
+        for feats, geom in zip(self.features, self.geometries):
+            counts.append(feats.shape[1] + 1 if geom is None else geom.vanilla_num_tokens())
+        return counts
+
+
+@dataclass
+class CompressedImages:
+    """GlobalCom2's output for a batch: tokens and the plans behind them, per image."""
+
+    tokens: list[torch.Tensor]
+    plans: list[ops.CompressionPlan]
+    vanilla_counts: list[int] = field(default_factory=list)
+
+    @property
+    def counts(self) -> list[int]:
+        return [t.shape[0] for t in self.tokens]
+
+
+class _CLSCapture:
+    """Temporarily hooks one attention module to keep its CLS query and all keys."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.attn = attn
+        self.q_cls: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_CLSCapture":
+        def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            self.q_cls = out[:, 0]  # (V, D)
+
+        def keep_k(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            self.keys = out  # (V, T, D)
+
+        self._handles = [
+            self.attn.q_proj.register_forward_hook(keep_q),
+            self.attn.k_proj.register_forward_hook(keep_k),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class LlavaNextAdapter(Adapter):
+    """Adapter for ``transformers`` LLaVA-NeXT models."""
+
+    model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def __init__(self, model: nn.Module, config: GlobalCom2Config) -> None:
+        super().__init__(model, config)
+        self.inner = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
+        #: Plans of the images of the most recent call (for inspection, demos and pictures).
+        self.last: CompressedImages | None = None
+
+    # -- identification and checks --------------------------------------------------------------
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        try:
+            from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            return False
+        return isinstance(model, (LlavaNextForConditionalGeneration, LlavaNextModel))
+
+    @property
+    def hf_config(self) -> Any:
+        return self.inner.config
+
+    def last_attention(self) -> nn.Module:
+        """The vision tower's last self-attention module (it must expose q_proj and k_proj)."""
+        found = None
+        for module in self.inner.vision_tower.modules():
+            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
+                found = module
+        if found is None:
+            raise ValueError(
+                f"GlobalCom2 needs a ViT vision tower whose attention has q_proj/k_proj (CLIP-like); "
+                f"{type(self.inner.vision_tower).__name__} has none"
+            )
+        return found
+
+    def validate(self) -> None:
+        strategy = self.hf_config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                "GlobalCom2 needs a vision tower with a [CLS] token (vision_feature_select_strategy='default'); "
+                f"this model uses {strategy!r}"
+            )
+        self.last_attention()
+
+    # -- vision side ----------------------------------------------------------------------------
+    def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of the AnyRes crop grid the model uses for an image of this size."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        vc = self.hf_config.vision_config
+        return get_anyres_image_grid_shape(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
+
+    def num_views(self, image_hw: tuple[int, int]) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        vc = self.hf_config.vision_config
+        return image_size_to_num_patches(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list[Any],
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> EncodedImages:
+        """Run the vision tower and projector, capturing the last layer's [CLS] logits.
+
+        Args:
+            pixel_values: (B, P, 3, h, w) as the processor pads them, or (sum V_i, 3, h, w).
+            image_sizes: (B, 2) original (height, width) of each image.
+
+        Returns:
+            :class:`EncodedImages` with per-image features (V_i, N, D) and importance (V_i, N).
+        """
+        cfg = self.hf_config
+        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
+        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        views = [self.num_views(s) for s in sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(views):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes imply {sum(views)}")
+
+        tower = self.inner.vision_tower
+        attn = self.last_attention()
+        with _CLSCapture(attn) as cap:
+            out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
+        if isinstance(layer, int):
+            hidden = out.hidden_states[layer]
+        else:
+            hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
+        if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
+            raise RuntimeError("the vision tower's last attention layer did not run")
+        importance = ops.cls_attention_logits(cap.q_cls, cap.keys, attn.num_heads, attn.scale)  # (V, N)
+
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        geoms: list[ops.CropGeometry | None] = []
+        for s, v in zip(sizes, views):
+            if v == 1:
+                geoms.append(None)
+                continue
+            grid = self.grid_shape(s)
+            if grid[0] * grid[1] != v - 1:
+                raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
+            geoms.append(ops.crop_geometry(s, grid, side))
+        return EncodedImages(
+            features=list(torch.split(feats, views, dim=0)),
+            importance=list(torch.split(importance.to(feats.device), views, dim=0)),
+            geometries=geoms,
+            image_sizes=sizes,
+        )
+
+    def compress(self, encoded: EncodedImages, config: GlobalCom2Config | None = None) -> CompressedImages:
+        """Apply GlobalCom2 to every encoded image."""
+        cfg = config or self.config
+        newline = self.inner.image_newline
+        tokens, plans = [], []
+        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
+            t, p = ops.compress_image(
+                feats, imp, geom, newline, cfg.retention_ratio, layout=cfg.layout, temperature=cfg.temperature
+            )
+            tokens.append(t)
+            plans.append(p)
+        return CompressedImages(tokens=tokens, plans=plans, vanilla_counts=encoded.vanilla_counts)
+
+    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
+        """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
+        sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
+        packed, _ = self.inner.pack_image_features(
+            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.inner.image_newline
+        )
+        return list(packed)
+
+    # -- language side --------------------------------------------------------------------------
+    def _pad_token_id(self) -> int:
+        for cfg in (getattr(self.model, "generation_config", None), self.hf_config.text_config, self.hf_config):
+            pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+            if isinstance(pad, int):
+                return pad
+        return 0
+
+    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Turn a call's keyword arguments with ``pixel_values`` into compressed ones.
+
+        Encodes and compresses the images, shortens ``input_ids``/``attention_mask``/``labels``,
+        and passes the compressed features as ``mm_encoder_outputs``.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kwargs = dict(kwargs)
+        pixel_values = kwargs.pop("pixel_values")
+        image_sizes = kwargs.pop("image_sizes", None)
+        layer = kwargs.pop("vision_feature_layer", None)
+        strategy = kwargs.pop("vision_feature_select_strategy", None)
+        input_ids = kwargs.get("input_ids")
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+        if input_ids is None:
+            raise ValueError(
+                "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
+                "(inputs_embeds are not supported: the placeholders must be shortened)"
+            )
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes together with pixel_values")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)} when pixel_values are given"
+            )
+
+        encoded = self.encode(pixel_values, image_sizes, layer, strategy)
+        compressed = self.compress(encoded)
+        shrunk = shrink_placeholders(
+            input_ids,
+            self.hf_config.image_token_id,
+            compressed.vanilla_counts,
+            compressed.counts,
+            attention_mask=mask,
+            labels=kwargs.get("labels"),
+            pad_token_id=self._pad_token_id(),
+        )
+        kwargs["input_ids"] = shrunk.input_ids
+        if shrunk.attention_mask is not None:
+            kwargs["attention_mask"] = shrunk.attention_mask
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = shrunk.labels
+        if kwargs.get("position_ids") is not None and shrunk.attention_mask is not None:
+            # Positions of the shortened sequence, counted over real tokens as HF does for padding.
+            kwargs["position_ids"] = (shrunk.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        elif kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = torch.arange(shrunk.input_ids.shape[1], device=input_ids.device)[None].expand_as(
+                shrunk.input_ids
+            )
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=compressed.tokens)}
+        self.last = compressed
+        return kwargs
+
+    # -- patching -------------------------------------------------------------------------------
+    def patched_methods(self) -> dict[str, Callable[..., Any]]:
+        methods: dict[str, Callable[..., Any]] = {"forward": self._wrap_forward}
+        if hasattr(self.model, "generate"):
+            methods["generate"] = self._wrap_generate
+        return methods
+
+    @staticmethod
+    def _has_images(kwargs: dict[str, Any]) -> bool:
+        pv = kwargs.get("pixel_values")
+        return pv is not None and pv.shape[0] > 0
+
+    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            call = bind_arguments(original, args, kwargs)
+            if not self._has_images(call):
+                return original(**call)
+            return original(**self.prepare_inputs(call))
+
+        return forward
+
+    def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            call = bind_arguments(original, args, kwargs)
+            input_ids = call.pop("inputs", None)
+            if input_ids is None:
+                input_ids = call.pop("input_ids", None)
+            if input_ids is None or not self._has_images(call):
+                if input_ids is not None:
+                    call["inputs"] = input_ids
+                return original(**call)
+            call["input_ids"] = input_ids
+            prepared = self.prepare_inputs(call)
+            short_ids = prepared.pop("input_ids")
+            out = original(short_ids, **prepared)
+            return _restore_prompt(out, input_ids, short_ids.shape[1])
+
+        return generate
+
+
+def _restore_prompt(out: Any, original_ids: torch.Tensor, short_len: int) -> Any:
+    """Put the caller's own prompt ids back in front of the generated tokens."""
+    seqs = out if torch.is_tensor(out) else getattr(out, "sequences", None)
+    if seqs is None:  # pragma: no cover - unknown output type, leave it alone
+        return out
+    expand = seqs.shape[0] // original_ids.shape[0]
+    prefix = original_ids.to(seqs.device).repeat_interleave(expand, dim=0)
+    restored = torch.cat([prefix, seqs[:, short_len:]], dim=1)
+    if torch.is_tensor(out):
+        return restored
+    out.sequences = restored
+    return out

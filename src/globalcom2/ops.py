@@ -1,0 +1,545 @@
+"""Pure tensor operations of GlobalCom2: importance, crop budgets, selection and layouts.
+
+Nothing here knows about a model class. Every function works on plain tensors, on whatever
+device and dtype they come in, with no Python loop over tokens and no ``.item()``. The only host
+synchronisation is the boolean selection at the very end of :func:`compress_image`, which is
+unavoidable because the number of kept tokens depends on the data.
+
+Notation (shapes in comments):
+    S   patches per side of one ViT view (LLaVA-NeXT, CLIP-L/14-336: 24)
+    N   = S * S tokens per view
+    gh, gw  rows and columns of the crop grid; C = gh * gw crops
+    H, W    = gh * S, gw * S: the crops' joint token grid
+    D   feature size after the projector
+
+A view's tokens are always in raster order. Crops are numbered row by row: crop ``j`` sits at grid
+row ``j // gw`` and column ``j % gw``. See ``SPEC.md`` in the project's documentation and the
+README for the method; the step numbers below follow it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CropGeometry",
+    "CompressionPlan",
+    "crop_geometry",
+    "unpad_bounds",
+    "cls_attention_logits",
+    "crop_region_scores",
+    "crop_retention_ratios",
+    "thumbnail_keep_indices",
+    "select_crop_tokens",
+    "plan_image",
+    "plan_single_view",
+    "gather_features",
+    "compress_image",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry (host-side integers: derived from image sizes, never from tensor data)
+# ----------------------------------------------------------------------------------------------
+
+
+def unpad_bounds(image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The unpadded rectangle of a ``grid_hw`` token grid holding an image of size ``image_hw``.
+
+    Same rule as Hugging Face ``unpad_image`` (and the LLaVA-NeXT processor's token count): if the
+    image is relatively wider than the grid, rows ``[pad, H - pad)`` are valid, else columns
+    ``[pad, W - pad)``.
+
+    Args:
+        image_hw: original image (height, width) in pixels.
+        grid_hw: token grid (H, W) = (gh * S, gw * S).
+
+    Returns:
+        ``(row0, row1, col0, col1)``: valid rows ``[row0, row1)`` and columns ``[col0, col1)``.
+        The rectangle may be empty (``row0 == row1`` or ``col0 == col1``) for extreme aspect ratios.
+    """
+    orig_h, orig_w = (int(v) for v in image_hw)
+    cur_h, cur_w = (int(v) for v in grid_hw)
+    if orig_h <= 0 or orig_w <= 0:
+        raise ValueError(f"image size must be positive, got (height, width) = {image_hw}")
+    if orig_w / orig_h > cur_w / cur_h:
+        new_h = int(round(orig_h * (cur_w / orig_w), 7))
+        pad = (cur_h - new_h) // 2
+        return pad, cur_h - pad, 0, cur_w
+    new_w = int(round(orig_w * (cur_h / orig_h), 7))
+    pad = (cur_w - new_w) // 2
+    return 0, cur_h, pad, cur_w - pad
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where one image's crops sit and which of their tokens are real image (not padding).
+
+    Attributes:
+        side: S, patches per side of one view.
+        grid_h, grid_w: the crop grid (rows, columns).
+        row0, row1, col0, col1: the unpadded rectangle in the joint ``(H, W)`` token grid.
+    """
+
+    side: int
+    grid_h: int
+    grid_w: int
+    row0: int
+    row1: int
+    col0: int
+    col1: int
+
+    @property
+    def num_crops(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def height(self) -> int:
+        """H = gh * S, rows of the joint token grid (padded rows included)."""
+        return self.grid_h * self.side
+
+    @property
+    def width(self) -> int:
+        """W = gw * S, columns of the joint token grid."""
+        return self.grid_w * self.side
+
+    @property
+    def valid_rows(self) -> int:
+        return self.row1 - self.row0
+
+    @property
+    def valid_cols(self) -> int:
+        return self.col1 - self.col0
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no crop token survives unpadding."""
+        return self.valid_rows <= 0 or self.valid_cols <= 0
+
+    def vanilla_num_tokens(self) -> int:
+        """Visual tokens vanilla LLaVA-NeXT feeds for this image: thumbnail + unpadded rows, each
+        followed by one newline (a zero-width area still gets its rows' newlines, as in HF)."""
+        return self.side * self.side + self.valid_rows * (self.valid_cols + 1)
+
+
+def crop_geometry(image_hw: tuple[int, int], grid_hw: tuple[int, int], side: int) -> CropGeometry:
+    """Geometry of an image split into a ``grid_hw = (gh, gw)`` crop grid of ``side``-wide views."""
+    gh, gw = (int(v) for v in grid_hw)
+    if gh < 1 or gw < 1 or side < 1:
+        raise ValueError(f"crop grid and side must be positive, got grid={grid_hw}, side={side}")
+    r0, r1, c0, c1 = unpad_bounds(image_hw, (gh * side, gw * side))
+    return CropGeometry(side=int(side), grid_h=gh, grid_w=gw, row0=r0, row1=r1, col0=c0, col1=c1)
+
+
+def _grid_to_crops(x: torch.Tensor, geom: CropGeometry) -> torch.Tensor:
+    """(..., H, W) joint grid -> (..., C, N) crop-major, raster order inside each crop."""
+    gh, gw, s = geom.grid_h, geom.grid_w, geom.side
+    lead = x.shape[:-2]
+    x = x.reshape(*lead, gh, s, gw, s).transpose(-3, -2)  # (..., gh, gw, S, S)
+    return x.reshape(*lead, gh * gw, s * s)
+
+
+def _crops_to_grid(x: torch.Tensor, geom: CropGeometry) -> torch.Tensor:
+    """(..., C, N) crop-major -> (..., H, W) joint grid. Inverse of :func:`_grid_to_crops`."""
+    gh, gw, s = geom.grid_h, geom.grid_w, geom.side
+    lead = x.shape[:-2]
+    x = x.reshape(*lead, gh, gw, s, s).transpose(-3, -2)  # (..., gh, S, gw, S)
+    return x.reshape(*lead, gh * s, gw * s)
+
+
+def _valid_mask(geom: CropGeometry, device: torch.device) -> torch.Tensor:
+    """(C, N) bool: which crop tokens lie inside the unpadded rectangle."""
+    rows = torch.arange(geom.height, device=device)
+    cols = torch.arange(geom.width, device=device)
+    row_ok = (rows >= geom.row0) & (rows < geom.row1)
+    col_ok = (cols >= geom.col0) & (cols < geom.col1)
+    return _grid_to_crops(row_ok[:, None] & col_ok[None, :], geom)
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance
+# ----------------------------------------------------------------------------------------------
+
+
+def cls_attention_logits(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """The [CLS] query's pre-softmax attention logits to every patch, averaged over heads.
+
+    ``(q_cls * scale) . k_patch`` per head, mean over heads, the CLS column dropped. Only the CLS
+    row is computed: O(T * D) per view instead of the O(T^2 * D) of a full attention map. Computed
+    in float32 whatever the model's dtype.
+
+    Args:
+        q_cls: (V, D) the CLS token's query projection (before scaling) for V views.
+        keys: (V, T, D) key projections of all T = 1 + N tokens of the same layer.
+        num_heads: attention heads; D must be divisible by it.
+        scale: the attention scale, ``head_dim ** -0.5`` for CLIP.
+
+    Returns:
+        (V, N) float32 importance of each patch token.
+    """
+    v, t, d = keys.shape
+    hd = d // num_heads
+    q = q_cls.float().reshape(v, num_heads, 1, hd) * scale  # (V, h, 1, hd)
+    k = keys.float().reshape(v, t, num_heads, hd).transpose(1, 2)  # (V, h, T, hd)
+    logits = (q @ k.transpose(-1, -2)).squeeze(-2)  # (V, h, T)
+    return logits.mean(dim=1)[:, 1:]  # (V, N)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2: per-crop retention ratios
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_region_scores(thumb_importance: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Sum the thumbnail's importance inside each crop's region of the thumbnail (float64).
+
+    Row ``i`` of the S x S map belongs to grid row ``min(i // max(S // gh, 1), gh - 1)``, column
+    ``j`` to grid column ``min(j // max(S // gw, 1), gw - 1)``.
+
+    Args:
+        thumb_importance: (N,) importance of the thumbnail's tokens, N = S * S.
+        grid_hw: (gh, gw).
+
+    Returns:
+        (C,) float64 summed importance ``s_j`` per crop, crops in row-major order.
+    """
+    gh, gw = grid_hw
+    n = thumb_importance.shape[-1]
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"thumbnail importance must hold a square number of tokens, got {n}")
+    dev = thumb_importance.device
+    idx = torch.arange(side, device=dev)
+    row_region = torch.clamp(idx // max(side // gh, 1), max=gh - 1)  # (S,)
+    col_region = torch.clamp(idx // max(side // gw, 1), max=gw - 1)  # (S,)
+    region = (row_region[:, None] * gw + col_region[None, :]).reshape(-1)  # (N,)
+    sums = torch.zeros(gh * gw, dtype=torch.float64, device=dev)
+    return sums.index_add_(0, region, thumb_importance.to(torch.float64))
+
+
+def crop_retention_ratios(
+    thumb_importance: torch.Tensor, grid_hw: tuple[int, int], retention_ratio: float, temperature: float = 10.0
+) -> torch.Tensor:
+    """Adaptive compression adjustment: the retention ratio ``r_j`` of every crop (float64).
+
+    ``sigma = softmax((s - max s) / tau)`` (with the published ``+ 1e-8`` in the denominator) and
+    ``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``.
+
+    Args:
+        thumb_importance: (N,) thumbnail importance.
+        grid_hw: (gh, gw).
+        retention_ratio: R.
+        temperature: tau.
+
+    Returns:
+        (C,) float64 ratios in ``[0, 1]``.
+    """
+    s = crop_region_scores(thumb_importance, grid_hw)  # (C,)
+    e = torch.exp((s - s.max()) / temperature)
+    sigma = e / (e.sum() + 1e-8)
+    return torch.clamp(retention_ratio * (1.0 + sigma - sigma.mean()), max=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps 1, 3, 4: selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _floor_count(n: torch.Tensor | int, ratio: torch.Tensor | float) -> torch.Tensor | int:
+    """``floor(n * ratio)`` exactly as Python's ``int(n * ratio)`` on float64 (n, ratio >= 0)."""
+    if isinstance(n, int) and isinstance(ratio, float):
+        return int(n * ratio)
+    return torch.floor(torch.as_tensor(n, dtype=torch.float64) * ratio).long()
+
+
+def thumbnail_keep_indices(importance: torch.Tensor, retention_ratio: float) -> torch.Tensor:
+    """Step 1: the ``floor(N * R)`` most important thumbnail tokens, most important first.
+
+    Args:
+        importance: (N,) thumbnail importance.
+
+    Returns:
+        (k_t,) long indices in descending order of importance (ties: lower index first).
+    """
+    k = _floor_count(importance.shape[-1], float(retention_ratio))
+    order = torch.argsort(importance, descending=True, stable=True)
+    return order[:k]
+
+
+def _l2_normalize_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``F.normalize(p=2)`` over the masked entries only; masked-out entries become 0."""
+    x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def select_crop_tokens(
+    crop_importance: torch.Tensor,
+    thumb_importance: torch.Tensor,
+    geom: CropGeometry,
+    crop_ratios: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 3-4: which unpadded tokens each crop keeps, by holistic (global + local) score.
+
+    The thumbnail's S x S importance is bilinearly resized (``align_corners=False``) to the
+    unpadded rectangle and cut into per-crop pieces; a token's score is the L2-normalised local
+    importance plus the L2-normalised global piece (each normalised over the crop's valid tokens).
+    Crop ``j`` keeps its ``floor(n_j * r_j)`` best valid tokens.
+
+    Args:
+        crop_importance: (C, N) importance of every crop token (from the crop's own CLS).
+        thumb_importance: (N,) thumbnail importance.
+        geom: the image's crop geometry.
+        crop_ratios: (C,) retention ratio ``r_j`` of each crop.
+
+    Returns:
+        keep: (C, N) bool, True at the true positions of the kept tokens.
+        valid: (C, N) bool, True at unpadded positions.
+        score: (C, N) float32 holistic score (``-inf`` at padded positions).
+    """
+    dev = crop_importance.device
+    c, n = crop_importance.shape
+    valid = _valid_mask(geom, dev)  # (C, N)
+    glob = torch.zeros(geom.height, geom.width, dtype=torch.float32, device=dev)  # (H, W)
+    if not geom.is_empty:
+        s = geom.side
+        resized = F.interpolate(
+            thumb_importance.float().reshape(1, 1, s, s),
+            size=(geom.valid_rows, geom.valid_cols),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0]  # (valid_rows, valid_cols)
+        glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
+    glob = _grid_to_crops(glob, geom)  # (C, N)
+    local = crop_importance.float()
+    score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
+    score = score.masked_fill(~valid, float("-inf"))
+
+    n_valid = valid.sum(dim=1)  # (C,)
+    k = _floor_count(n_valid, crop_ratios.to(device=dev, dtype=torch.float64))  # (C,)
+    order = torch.argsort(score, dim=1, descending=True, stable=True)  # (C, N)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(c, n))
+    keep = (rank < k[:, None]) & valid
+    return keep, valid, score
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 5: layouts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressionPlan:
+    """Everything GlobalCom2 decided for one image, before any feature is copied.
+
+    ``index`` addresses a feature table made of the thumbnail's N rows, then the C crops' N rows
+    each (crop-major, raster order), then one image-newline row (see :func:`gather_features`).
+
+    Attributes:
+        index: (L,) long, the table rows that form the image's sequence, in order.
+        thumb_keep: (N,) long, kept thumbnail indices in the order they are emitted.
+        crop_keep: (C, N) bool at the true positions of kept crop tokens (C = 0 without crops).
+        crop_valid: (C, N) bool, unpadded crop positions.
+        crop_ratios: (C,) float64 retention ratio of each crop.
+        thumb_importance: (N,) importance used for the thumbnail.
+        crop_score: (C, N) holistic score of every crop token (``-inf`` where padded).
+        geometry: the crop geometry, or None for a single view.
+        layout: "official" or "spatial".
+    """
+
+    index: torch.Tensor
+    thumb_keep: torch.Tensor
+    crop_keep: torch.Tensor
+    crop_valid: torch.Tensor
+    crop_ratios: torch.Tensor
+    thumb_importance: torch.Tensor
+    crop_score: torch.Tensor
+    geometry: CropGeometry | None
+    layout: str
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens this image hands to the language model (newlines included)."""
+        return int(self.index.shape[0])
+
+
+def _layout_spatial(keep: torch.Tensor, geom: CropGeometry, base: int, newline: int) -> torch.Tensor:
+    """Crop part of the ``spatial`` layout: true positions, unpadded rows only, one newline each.
+
+    Args:
+        keep: (C, N) bool at true positions. base: table row of crop 0 token 0. newline: its row.
+    Returns:
+        (L_c,) long table rows.
+    """
+    dev = keep.device
+    c, n = keep.shape
+    table = base + torch.arange(c * n, device=dev).reshape(c, n)  # (C, N)
+    rows = _crops_to_grid(table, geom)[geom.row0 : geom.row1, geom.col0 : geom.col1]  # (h, w)
+    flags = _crops_to_grid(keep, geom)[geom.row0 : geom.row1, geom.col0 : geom.col1]  # (h, w)
+    h = rows.shape[0]
+    rows = torch.cat([rows, torch.full((h, 1), newline, device=dev, dtype=rows.dtype)], dim=1)
+    flags = torch.cat([flags, torch.ones((h, 1), device=dev, dtype=torch.bool)], dim=1)
+    return rows.reshape(-1)[flags.reshape(-1)]
+
+
+def _layout_official(keep: torch.Tensor, valid: torch.Tensor, geom: CropGeometry, base: int, newline: int) -> torch.Tensor:
+    """Crop part of the ``official`` layout, reproducing the published implementation.
+
+    Each kept token of crop j is written into the crop at its index *within the crop's list of
+    valid tokens* (not at its true position); the full H x W grid is then read row by row, padded
+    rows included, each row followed by one newline. An image with no valid crop token
+    contributes nothing here (the published code crashes on it).
+    """
+    dev = keep.device
+    c, n = keep.shape
+    if geom.is_empty:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    vidx = valid.long().cumsum(dim=1) - 1  # (C, N): index of each valid token in its crop's list
+    target = torch.where(keep, vidx, torch.full_like(vidx, n))  # dropped tokens go to a spare column
+    pos = torch.arange(n, device=dev).expand(c, n)
+    placed = torch.zeros((c, n + 1), dtype=torch.bool, device=dev).scatter_(1, target, True)[:, :n]
+    source = torch.zeros((c, n + 1), dtype=torch.long, device=dev).scatter_(1, target, pos)[:, :n]
+    table = base + torch.arange(c, device=dev)[:, None] * n + source  # (C, N)
+    rows = _crops_to_grid(table, geom)  # (H, W)
+    flags = _crops_to_grid(placed, geom)  # (H, W)
+    h = rows.shape[0]
+    rows = torch.cat([rows, torch.full((h, 1), newline, device=dev, dtype=rows.dtype)], dim=1)
+    flags = torch.cat([flags, torch.ones((h, 1), device=dev, dtype=torch.bool)], dim=1)
+    return rows.reshape(-1)[flags.reshape(-1)]
+
+
+def plan_image(
+    importance: torch.Tensor,
+    geom: CropGeometry,
+    retention_ratio: float,
+    layout: str = "official",
+    temperature: float = 10.0,
+    crop_ratios: torch.Tensor | None = None,
+) -> CompressionPlan:
+    """Run GlobalCom2's decisions for one thumbnail-plus-crops image.
+
+    Args:
+        importance: (1 + C, N) CLS importance of the thumbnail (row 0) and the C crops.
+        geom: crop geometry of the image (``geom.num_crops == C``).
+        retention_ratio: R.
+        layout: "official" or "spatial".
+        temperature: tau.
+        crop_ratios: (C,) override of the per-crop ratios (for ablations and tests); by default
+            they come from :func:`crop_retention_ratios`.
+
+    Returns:
+        A :class:`CompressionPlan`; its ``index`` addresses the table
+        ``[thumbnail (N), crops (C * N), newline (1)]``.
+    """
+    if layout not in ("official", "spatial"):
+        raise ValueError(f"layout must be 'official' or 'spatial', got {layout!r}")
+    views, n = importance.shape
+    c = geom.num_crops
+    if views != 1 + c or n != geom.side * geom.side:
+        raise ValueError(
+            f"importance has shape {tuple(importance.shape)}, expected (1 + {c}, {geom.side * geom.side}) for a "
+            f"{geom.grid_h}x{geom.grid_w} crop grid of {geom.side}x{geom.side} views"
+        )
+    thumb, crops = importance[0], importance[1:]  # (N,), (C, N)
+    if crop_ratios is None:
+        crop_ratios = crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature)
+    keep, valid, score = select_crop_tokens(crops, thumb, geom, crop_ratios)
+
+    thumb_keep = thumbnail_keep_indices(thumb, retention_ratio)  # descending importance
+    newline = n + c * n
+    if layout == "official":
+        crop_rows = _layout_official(keep, valid, geom, base=n, newline=newline)
+    else:
+        thumb_keep = torch.sort(thumb_keep).values  # raster order
+        crop_rows = _layout_spatial(keep, geom, base=n, newline=newline)
+    index = torch.cat([thumb_keep, crop_rows])
+    return CompressionPlan(
+        index=index,
+        thumb_keep=thumb_keep,
+        crop_keep=keep,
+        crop_valid=valid,
+        crop_ratios=crop_ratios,
+        thumb_importance=thumb,
+        crop_score=score,
+        geometry=geom,
+        layout=layout,
+    )
+
+
+def plan_single_view(importance: torch.Tensor, retention_ratio: float, layout: str = "official") -> CompressionPlan:
+    """Plan for an image seen as one view only (no crops): keep its ``floor(N * R)`` most important
+    tokens (most important first for ``official``, raster order for ``spatial``), then the one
+    trailing newline the vanilla model appends.
+
+    Args:
+        importance: (1, N) or (N,) importance of the view.
+    """
+    if layout not in ("official", "spatial"):
+        raise ValueError(f"layout must be 'official' or 'spatial', got {layout!r}")
+    imp = importance.reshape(-1)  # (N,)
+    n = imp.shape[0]
+    dev = imp.device
+    keep_idx = thumbnail_keep_indices(imp, retention_ratio)
+    if layout == "spatial":
+        keep_idx = torch.sort(keep_idx).values
+    index = torch.cat([keep_idx, torch.full((1,), n, dtype=torch.long, device=dev)])  # newline row = N
+    empty = torch.zeros((0, n), dtype=torch.bool, device=dev)
+    return CompressionPlan(
+        index=index,
+        thumb_keep=keep_idx,
+        crop_keep=empty,
+        crop_valid=empty,
+        crop_ratios=torch.zeros(0, dtype=torch.float64, device=dev),
+        thumb_importance=imp,
+        crop_score=torch.zeros((0, n), dtype=torch.float32, device=dev),
+        geometry=None,
+        layout=layout,
+    )
+
+
+def gather_features(features: torch.Tensor, newline: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    """Materialise a plan: rows of ``[features.flatten(0, 1); newline]`` picked by ``index``.
+
+    Args:
+        features: (V, N, D) projected features of the image's views (thumbnail first).
+        newline: (D,) image-newline embedding (None: a zero row, only for models without one).
+        index: (L,) table rows from a :class:`CompressionPlan`.
+
+    Returns:
+        (L, D) the image's visual tokens, in ``features``' dtype and device.
+    """
+    v, n, d = features.shape
+    nl = torch.zeros(d, dtype=features.dtype, device=features.device) if newline is None else newline
+    table = torch.cat([features.reshape(v * n, d), nl.to(features.device, features.dtype)[None]], dim=0)
+    return table.index_select(0, index.to(features.device))
+
+
+def compress_image(
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    geom: CropGeometry | None,
+    newline: torch.Tensor | None,
+    retention_ratio: float,
+    layout: str = "official",
+    temperature: float = 10.0,
+) -> tuple[torch.Tensor, CompressionPlan]:
+    """GlobalCom2 for one image: decide, then gather.
+
+    Args:
+        features: (V, N, D) projected features, thumbnail first then crops (V = 1 + C), or one view.
+        importance: (V, N) CLS importance of the same views.
+        geom: crop geometry (None for a single view).
+        newline: (D,) image-newline embedding.
+
+    Returns:
+        tokens: (L, D) the sequence for the language model.
+        plan: the :class:`CompressionPlan` behind it.
+    """
+    if geom is None or features.shape[0] == 1:
+        plan = plan_single_view(importance[0], retention_ratio, layout)
+    else:
+        plan = plan_image(importance, geom, retention_ratio, layout, temperature)
+    return gather_features(features, newline, plan.index), plan
