@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random LLaVA-NeXT built in code, and synthetic images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from globalcom2.tiny import build_tiny_llava_next
+
+
+def make_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB noise-and-gradient image of the given size."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    base = 0.5 * (y + x) + 0.5 * rng.random((height, width, 3))
+    return Image.fromarray((np.clip(base, 0, 1) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): the tiny LLaVA-NeXT in float32, eval mode. Tests must leave it unpatched."""
+    model, processor = build_tiny_llava_next(seed=0)
+    return model, processor
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_tiny(request):
+    """Guarantee no test leaks a patched shared model into the next one."""
+    yield
+    if "tiny" in request.fixturenames:
+        import globalcom2
+
+        globalcom2.remove(request.getfixturevalue("tiny")[0])
+
+
+@pytest.fixture
+def image_factory():
+    return make_image
+
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
