@@ -512,9 +512,12 @@ def gather_features(features: torch.Tensor, newline: torch.Tensor | None, index:
         (L, D) the image's visual tokens, in ``features``' dtype and device.
     """
     v, n, d = features.shape
+    index = index.to(features.device)
+    is_newline = index == v * n  # (L,)
+    # Gather straight from the features (no copy of the whole table), then write the newlines.
+    out = features.reshape(v * n, d).index_select(0, index.clamp(max=v * n - 1))  # (L, D)
     nl = torch.zeros(d, dtype=features.dtype, device=features.device) if newline is None else newline
-    table = torch.cat([features.reshape(v * n, d), nl.to(features.device, features.dtype)[None]], dim=0)
-    return table.index_select(0, index.to(features.device))
+    return torch.where(is_newline[:, None], nl.to(features.device, features.dtype)[None], out)
 
 
 def compress_image(

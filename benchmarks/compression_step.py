@@ -1,0 +1,111 @@
+"""How much does the GlobalCom2 compression step cost next to the vision encoder?
+
+Builds a LLaVA-NeXT with random weights and real sizes (CLIP ViT-L/14-336 tower, projector to
+hidden size 4096 by default; the language model is shrunk to one layer since it is not timed),
+encodes one image that becomes a 2 x 2 crop grid, and times, in one run:
+
+* the vision side (tower + projector + [CLS]-logit capture)      ``adapter.encode``
+* GlobalCom2's compression step on those features                 ``adapter.compress``
+* vanilla LLaVA-NeXT packing (unpad + newlines) of the same ones   ``adapter.vanilla_pack``
+
+Warm-up runs are excluded, CUDA is synchronised before each timer read, and the median of
+``--runs`` runs is reported, with the ratios to the vision side.
+
+    python benchmarks/compression_step.py                 # CPU, float32, real sizes
+    python benchmarks/compression_step.py --device cuda --dtype float16
+    python benchmarks/compression_step.py --tiny          # seconds-fast smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def build_model(tiny: bool, hidden_size: int, dtype: torch.dtype, device: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from globalcom2.tiny import LLAVA_NEXT_PINPOINTS, build_tiny_llava_next
+
+    if tiny:
+        return build_tiny_llava_next(dtype=dtype, device=device)[0]
+    vision = CLIPVisionConfig(  # openai/clip-vit-large-patch14-336
+        image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+        num_hidden_layers=24, num_attention_heads=16, projection_dim=768, hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(  # only hidden_size matters here: the language model is not run
+        hidden_size=hidden_size, intermediate_size=256, num_hidden_layers=1, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=320,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_id=319, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+
+
+def timed(fn: Callable[[], object], device: str, runs: int, warmup: int) -> tuple[float, object]:
+    """Median wall time in ms over ``runs`` calls after ``warmup`` untimed ones."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(runs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--hidden-size", type=int, default=4096, help="language-model hidden size (projector output)")
+    p.add_argument("--image-size", default="672x672", help="HxW of the image (672x672 gives a 2x2 grid)")
+    p.add_argument("--retention-ratio", type=float, default=0.25)
+    p.add_argument("--layout", default="official", choices=["official", "spatial"])
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="use the tiny demo model (smoke test)")
+    args = p.parse_args(argv)
+
+    import globalcom2
+
+    dtype = getattr(torch, args.dtype)
+    h, w = (int(v) for v in args.image_size.lower().split("x"))
+    model = build_model(args.tiny, args.hidden_size, dtype, args.device)
+    globalcom2.apply(model, retention_ratio=args.retention_ratio, layout=args.layout)
+    adapter = globalcom2.get_adapter(model)
+    views = adapter.num_views((h, w))
+    grid = adapter.grid_shape((h, w))
+    g = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(1, views, 3, 336, 336, generator=g).to(args.device, dtype)
+    image_sizes = torch.tensor([[h, w]])
+
+    with torch.no_grad():
+        t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes), args.device, args.runs, args.warmup)
+        t_compress, compressed = timed(lambda: adapter.compress(encoded), args.device, args.runs * 5, args.warmup)
+        t_pack, packed = timed(lambda: adapter.vanilla_pack(encoded), args.device, args.runs * 5, args.warmup)
+
+    d = encoded.features[0].shape[-1]
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} image={h}x{w} "
+          f"grid={grid[0]}x{grid[1]} views={views} hidden={d} R={args.retention_ratio} layout={args.layout}")
+    print(f"visual tokens: vanilla {packed[0].shape[0]} -> GlobalCom2 {compressed.tokens[0].shape[0]}")
+    print(f"{'step':<34}{'median ms':>12}{'x vision':>10}")
+    for name, t in [("vision tower + projector + CLS", t_vision), ("GlobalCom2 compression step", t_compress),
+                    ("vanilla packing (unpad+newline)", t_pack)]:
+        print(f"{name:<34}{t:>12.3f}{t / t_vision:>10.4f}")
+
+
+if __name__ == "__main__":
+    main()
