@@ -1,0 +1,122 @@
+"""Analytic cost model: formulas, known checkpoints, cross-check with torch's FLOP counter."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from globalcom2 import efficiency as eff
+
+
+def test_paper_claim_flops_at_ten_percent():
+    # The paper: compressing 90% of the visual tokens reduces FLOPs to 9.1%.
+    rows = eff.analyze(eff.KNOWN_MODELS["llava-hf/llava-v1.6-vicuna-7b-hf"], [1.0, 0.1])
+    assert rows[0].visual_tokens == 2880 and rows[1].visual_tokens == 288
+    assert round(rows[1].relative_tflops, 3) == 0.091
+
+
+def test_flops_formula_by_hand():
+    arch = eff.LMArch("toy", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4,
+                      intermediate_size=16, vocab_size=10)
+    L = 5
+    linear = L * (8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16)  # q, k, v, o, gate/up/down MACs
+    attention = 2 * 2 * L * L * 4  # QK^T and AV, 2 heads
+    assert eff.prefill_flops(arch, L) == 2 * 2 * (linear + attention)
+
+
+def test_kv_cache_uses_kv_heads():
+    mistral = eff.KNOWN_MODELS["llava-hf/llava-v1.6-mistral-7b-hf"]
+    vicuna = eff.KNOWN_MODELS["llava-hf/llava-v1.6-vicuna-7b-hf"]
+    assert eff.kv_cache_bytes(vicuna, 1) == 2 * 32 * 32 * 128 * 2
+    assert eff.kv_cache_bytes(mistral, 1) * 4 == eff.kv_cache_bytes(vicuna, 1)  # GQA 8 of 32 heads
+
+
+def _tiny_text_model(config_kwargs):
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=64, max_position_embeddings=512, **config_kwargs)
+    # Eager attention: its QK^T and AV are plain matmuls the counter sees (CPU SDPA kernels are not counted).
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return cfg, LlamaModel(cfg).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_analytic_flops_match_torch_flop_counter(kv_heads):
+    cfg, model = _tiny_text_model(dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=kv_heads))
+    arch = eff.LMArch.from_text_config(cfg)
+    assert arch.gated_mlp and arch.num_kv_heads == kv_heads
+    L = 96
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(inputs_embeds=torch.randn(1, L, 64))
+    measured = counter.get_total_flops()
+    predicted = eff.prefill_flops(arch, L)
+    # The counter also sees the rotary embedding's small matmul; everything else is the same formula.
+    assert abs(measured - predicted) / predicted < 0.01
+
+
+def test_resolve_arch_from_local_config(tmp_path):
+    from globalcom2.tiny import build_tiny_llava_next
+
+    model, _ = build_tiny_llava_next()
+    model.config.save_pretrained(tmp_path)
+    arch = eff.resolve_arch(str(tmp_path))
+    t = model.config.text_config
+    assert (arch.num_layers, arch.hidden_size, arch.num_kv_heads, arch.intermediate_size, arch.vocab_size) == (
+        t.num_hidden_layers, t.hidden_size, t.num_key_value_heads, t.intermediate_size, t.vocab_size)
+    assert eff.resolve_arch(str(tmp_path / "config.json")) == arch
+
+
+def test_resolve_arch_errors(tmp_path, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(ValueError, match="known offline"):
+        eff.resolve_arch("nobody/no-such-model")
+    with pytest.raises(ValueError, match="config.json"):
+        eff.resolve_arch(str(tmp_path))
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        eff.resolve_arch(str(bad))
+
+
+def test_roofline_prefill_is_compute_bound_and_decode_memory_bound():
+    arch = eff.KNOWN_MODELS["llava-hf/llava-v1.6-vicuna-7b-hf"]
+    hw = eff.HARDWARE["H100"]
+    prefill = eff.prefill_seconds(arch, 2880, hw)
+    compute = eff.prefill_flops(arch, 2880) / hw.peak_flops
+    # Mostly compute bound; the attention score matrix's traffic (no flash attention assumed) adds some.
+    assert compute <= prefill <= 1.3 * compute
+    weights = arch.num_layers * (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2
+    assert eff.decode_seconds(arch, 720, hw) > weights / hw.bandwidth
+    assert eff.decode_seconds(arch, 2880, hw) > eff.decode_seconds(arch, 720, hw)
+    assert eff.prefill_seconds(arch, 720, eff.HARDWARE["H200"]) <= eff.prefill_seconds(arch, 720, eff.HARDWARE["A100-40GB"])
+
+
+def test_rows_render_in_every_format():
+    rows = [r.to_dict() for r in eff.analyze(eff.KNOWN_MODELS["llava-hf/llava-v1.6-34b-hf"], [1, 0.25], text_tokens=40)]
+    data = json.loads(eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, "json"))
+    assert {"ratio", "visual_tokens", "prefill_tflops", "kv_cache_mib", "prefill_ms", "decode_ms_per_token"} <= set(data[0])
+    assert data[1]["visual_tokens"] == 720 and data[1]["text_tokens"] == 40
+    csv = eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, "csv").splitlines()
+    assert csv[0].startswith("ratio,visual_tokens") and len(csv) == 3
+    table = eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, "table").splitlines()
+    assert table[0].startswith("| ") and set(table[1]) <= set("|-:") and len(table) == 4
+
+
+@pytest.mark.parametrize("text, message", [("1,x", "not a number"), ("0", "not in"), ("1.5", "not in")])
+def test_parse_ratios_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        eff.parse_ratios(text)
+
+
+def test_unknown_hardware():
+    with pytest.raises(ValueError, match="H100"):
+        eff.resolve_hardware("TPU")
+    assert eff.resolve_hardware("h200").name == "H200"
