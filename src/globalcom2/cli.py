@@ -1,0 +1,513 @@
+"""The ``globalcom2`` command: an offline demo, and generation with a real LLaVA-NeXT checkpoint.
+
+    globalcom2 demo [--output-dir DIR]
+    globalcom2 generate --model ID_OR_PATH --image PATH_OR_URL --prompt TEXT [--compare] ...
+
+Importing this module is cheap: transformers and PIL are imported inside the commands (the
+package itself imports torch), so ``--help`` answers quickly. Every failure the user can cause (a missing image, a model that
+cannot be loaded or is not LLaVA-NeXT, a bad retention ratio, ...) ends with one line on stderr,
+``globalcom2: error: ...``, and a non-zero exit status, never a traceback (set the environment
+variable ``GLOBALCOM2_TRACEBACK=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from . import __version__
+
+PROG = "globalcom2"
+LAYOUT_CHOICES = ("official", "spatial")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+SUPPORTED_MODEL_TYPES = ("llava_next",)
+EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+
+
+class CLIError(Exception):
+    """A failure to report as one ``globalcom2: error: ...`` line (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """Collapse whitespace (a multi-line exception message becomes one line) and shorten."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _para(text: str) -> str:
+    """A paragraph wrapped for help output (the raw formatter keeps it as written)."""
+    return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one ``globalcom2: error:`` line too."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f"see '{self.prog} --help'"
+        self.exit(2, f"{PROG}: error: {_one_line(message)} ({hint})\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument parsing
+# ------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description=_para(
+            "GlobalCom2 (arXiv 2501.05179): training-free visual-token compression for LLaVA-NeXT "
+            "models of Hugging Face transformers."
+        ),
+        epilog=(
+            "examples:\n"
+            "  globalcom2 demo                      # offline: sample image + tiny random model, writes PNGs\n"
+            f"  globalcom2 generate --model {EXAMPLE_MODEL} \\\n"
+            '      --image photo.jpg --prompt "What is in this picture?" --retention-ratio 0.25 --compare\n\n'
+            "Run 'globalcom2 COMMAND --help' for the options of a command."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo on a shipped sample image with a tiny random LLaVA-NeXT (writes PNGs)",
+        description=(
+            "Run GlobalCom2 fully offline on the sample image shipped with the package, with a tiny "
+            "LLaVA-NeXT built in code (real geometry, RANDOM weights: which tokens are kept is "
+            "meaningless, the counts and crop budgets are real). Prints the visual-token counts "
+            "before and after for several retention ratios and both layouts, the per-crop retention "
+            "ratios, and writes pictures of the kept tokens."
+        ),
+    )
+    demo.add_argument(
+        "--output-dir", default="globalcom2-demo", metavar="DIR",
+        help="where the PNG pictures and summary.json go (created; default: ./globalcom2-demo)",
+    )
+    demo.add_argument(
+        "--image", default=None, metavar="PATH",
+        help="use this image file instead of the shipped sample (still the tiny random model)",
+    )
+    demo.add_argument(
+        "--ratios", default="1.0,0.5,0.25,0.1", metavar="R[,R...]",
+        help="comma-separated retention ratios to show (default: 1.0,0.5,0.25,0.1)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser(
+        "generate",
+        help="answer a prompt about an image with a LLaVA-NeXT checkpoint, compressed by GlobalCom2",
+        description=_para(
+            "Load a LLaVA-NeXT checkpoint (a Hugging Face hub id or a local directory), apply "
+            "GlobalCom2 and answer a prompt about one image with greedy decoding. Prints the answer "
+            "and the number of visual tokens (vanilla vs kept). With --compare, the vanilla model "
+            "answers too and the prefill times of both are measured."
+        ),
+        epilog=(
+            "example:\n"
+            f"  globalcom2 generate --model {EXAMPLE_MODEL} --image photo.jpg \\\n"
+            '      --prompt "What is in this picture?" --retention-ratio 0.25 --compare\n\n'
+            + _para(
+                "supported: LLaVA-NeXT checkpoints (config model_type 'llava_next'), e.g. "
+                "llava-hf/llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b,34b}-hf, llava-hf/llama3-llava-next-8b-hf."
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL})")
+    gen.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
+    gen.add_argument(
+        "--retention-ratio", type=float, default=0.25, metavar="R",
+        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
+    )
+    gen.add_argument(
+        "--layout", choices=LAYOUT_CHOICES, default="official",
+        help="official: the published implementation token for token (default); spatial: tokens at their true positions",
+    )
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (default: 128)")
+    gen.add_argument(
+        "--compare", action="store_true",
+        help="also run the vanilla model; print both answers, visual-token counts and prefill times",
+    )
+    gen.add_argument(
+        "--timing-runs", type=int, default=3, metavar="N",
+        help="with --compare: prefill forward passes timed per model, the median is reported (default: 3)",
+    )
+    gen.add_argument(
+        "--device", choices=DEVICE_CHOICES, default="auto",
+        help="auto: cuda when available, else cpu (default: auto)",
+    )
+    gen.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto",
+        help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)",
+    )
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _printable(text: str) -> str:
+    """Replace control characters (a random model emits any byte) so the terminal stays sane."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
+
+
+def _echo(text: str = "", stream: Any = None) -> None:
+    """print() that never fails on a terminal that cannot encode some character."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, file=stream, flush=True)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        print(text.encode(enc, errors="replace").decode(enc, errors="replace"), file=stream, flush=True)
+
+
+def _status(text: str) -> None:
+    """Progress lines go to stderr, so that stdout holds the results only."""
+    _echo(text, sys.stderr)
+
+
+def _is_url(s: str) -> bool:
+    return bool(re.match(r"^https?://", s, flags=re.IGNORECASE))
+
+
+def load_image(source: str) -> Any:
+    """Open an image file or URL as an RGB PIL image, or raise :class:`CLIError`."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if _is_url(source):
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(source, headers={"User-Agent": f"{PROG}/{__version__}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data = response.read()
+        except urllib.error.HTTPError as e:
+            raise CLIError(f"cannot fetch image URL {source}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise CLIError(f"cannot fetch image URL {source}: {_one_line(str(e.reason))}") from None
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot fetch image URL {source}: {_one_line(str(e)) or type(e).__name__}") from None
+        stream: Any = io.BytesIO(data)
+        name = source
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CLIError(f"image file not found: {source}")
+        if not path.is_file():
+            raise CLIError(f"not an image file: {source} is a directory" if path.is_dir() else f"not an image file: {source}")
+        stream = path
+        name = str(path)
+    try:
+        with Image.open(stream) as img:
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise CLIError(f"cannot read image {name}: not an image format PIL can open") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise CLIError(f"cannot read image {name}: {_one_line(str(e)) or type(e).__name__}") from None
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for what cannot be a hub id ("org/name" or "name"): ./x, /x, ~/x, a/b/c, a\\b."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+
+
+def check_model_type(model: str) -> Any:
+    """Load only the model's config and check it is LLaVA-NeXT; returns the config."""
+    from transformers import AutoConfig
+
+    local = Path(model).expanduser()
+    if _looks_like_path(model) and not local.exists():
+        raise CLIError(f"model directory not found: {model}")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CLIError(f"not a model directory: {model} has no config.json (expected a saved LLaVA-NeXT checkpoint)")
+    if local.is_file():
+        raise CLIError(f"--model expects a hub id or a checkpoint directory, got the file {model}")
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
+        raise CLIError(f"cannot load model {model!r}: {_one_line(str(e)) or type(e).__name__}") from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CLIError(
+            f"model {model!r} is a {model_type!r} model; globalcom2 supports LLaVA-NeXT checkpoints only "
+            f"(model_type 'llava_next', LlavaNextForConditionalGeneration), e.g. {EXAMPLE_MODEL}"
+        )
+    return config
+
+
+def _pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
+    return name
+
+
+def _pick_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return "auto" if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_prompt(processor: Any, prompt: str) -> str:
+    """The model's chat format when the processor has a chat template, else ``<image>\\n{prompt}``."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return f"{image_token}\n{prompt}"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _prefill_ms(model: Any, inputs: Any, device: str, runs: int) -> float:
+    """Median wall time of one forward pass over the whole prompt (image encoding included)."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for _ in range(max(1, runs)):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[str, float]:
+    import torch
+
+    tok = getattr(processor, "tokenizer", processor)
+    pad = getattr(tok, "pad_token_id", None)
+    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    if pad is not None:
+        kwargs["pad_token_id"] = pad
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    seconds = time.perf_counter() - t0
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return _printable(answer.strip()), seconds
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import GlobalCom2Config
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    except ValueError:
+        raise CLIError(f"--ratios: expected comma-separated numbers, got {args.ratios!r}") from None
+    for r in ratios:
+        try:
+            GlobalCom2Config(retention_ratio=r)
+        except ValueError as e:
+            raise CLIError(f"--ratios: {e}") from None
+    if not ratios:
+        raise CLIError("--ratios: give at least one retention ratio")
+    if args.image is not None:
+        load_image(args.image)  # a clear error for a missing or unreadable file
+    out_dir = Path(args.output_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--output-dir {args.output_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create output directory {args.output_dir}: {e.strerror or e}") from None
+
+    import transformers
+    from .demo import run_demo
+
+    # The tiny model and its processor are built in code: transformers' advice (install
+    # torchvision, ...) is about them, not about the user's setup. Keep the demo's output clean.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        run_demo(out_dir, image=args.image, ratios=ratios, echo=_echo)
+    except OSError as e:
+        raise CLIError(f"cannot write to {args.output_dir}: {_one_line(e.strerror or str(e))}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import GlobalCom2Config
+
+    # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
+    try:
+        cfg = GlobalCom2Config(retention_ratio=args.retention_ratio, layout=args.layout)
+    except ValueError as e:
+        raise CLIError(f"--retention-ratio: {e}") from None
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.timing_runs < 1:
+        raise CLIError(f"--timing-runs must be >= 1, got {args.timing_runs}")
+    image = load_image(args.image)
+    check_model_type(args.model)
+    device = _pick_device(args.device)
+    dtype = _pick_dtype(args.dtype, device)
+
+    # 2. Load the model and processor.
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    import globalcom2
+
+    _status(f"{PROG}: loading {args.model} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
+    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
+    on_device = device == "cuda" and importlib.util.find_spec("accelerate") is not None
+    if on_device:
+        load_kwargs["device_map"] = device
+    try:
+        processor = AutoProcessor.from_pretrained(args.model)
+        model = LlavaNextForConditionalGeneration.from_pretrained(args.model, **load_kwargs)
+    except Exception as e:
+        raise CLIError(f"cannot load model {args.model!r}: {_one_line(str(e)) or type(e).__name__}") from None
+    if not on_device:
+        model = model.to(device)
+    model.eval()
+
+    text = build_prompt(processor, args.prompt)
+    try:
+        inputs = processor(images=image, text=text, return_tensors="pt")
+    except Exception as e:
+        raise CLIError(f"the processor of {args.model!r} failed on this image/prompt: {_one_line(str(e))}") from None
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    # 3. GlobalCom2.
+    try:
+        globalcom2.apply(model, cfg)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot apply GlobalCom2 to {args.model!r}: {_one_line(str(e))}") from None
+    _status(f"{PROG}: generating with GlobalCom2 (R={cfg.retention_ratio:g}, layout={cfg.layout}) ...")
+    answer, gen_s = _generate(model, processor, inputs, args.max_new_tokens)
+    last = globalcom2.get_adapter(model).last
+    kept, vanilla = int(last.counts[0]), int(last.vanilla_counts[0])
+    plan = last.plans[0]
+    geom = plan.geometry
+
+    results = {"globalcom2": {"answer": answer, "kept": kept, "vanilla": vanilla, "generate_s": gen_s}}
+    if args.compare:
+        _status(f"{PROG}: timing the prefill with GlobalCom2 ({args.timing_runs} runs) ...")
+        results["globalcom2"]["prefill_ms"] = _prefill_ms(model, inputs, device, args.timing_runs)
+        globalcom2.remove(model)
+        _status(f"{PROG}: generating with the vanilla model ...")
+        v_answer, v_gen_s = _generate(model, processor, inputs, args.max_new_tokens)
+        _status(f"{PROG}: timing the vanilla prefill ({args.timing_runs} runs) ...")
+        v_prefill = _prefill_ms(model, inputs, device, args.timing_runs)
+        results["vanilla"] = {"answer": v_answer, "kept": vanilla, "vanilla": vanilla, "generate_s": v_gen_s, "prefill_ms": v_prefill}
+
+    # 4. Report.
+    dtype_name = str(model.dtype).replace("torch.", "")
+    _echo(f"model:   {args.model} ({dtype_name} on {device})")
+    views = "1 view" if geom is None else f"thumbnail + {geom.grid_h}x{geom.grid_w} crops"
+    _echo(f"image:   {args.image} ({image.width}x{image.height}, {views})")
+    _echo(f"prompt:  {_printable(args.prompt)}")
+    _echo("")
+    r = results["globalcom2"]
+    _echo(f"== GlobalCom2 (retention ratio {cfg.retention_ratio:g}, layout {cfg.layout}) ==")
+    _echo(f"visual tokens: {kept:,} of {vanilla:,} ({kept / vanilla:.1%})")
+    if geom is not None:
+        crops = ", ".join(
+            f"{ratio:.2f} ({int(k)}/{int(t)})"
+            for ratio, k, t in zip(plan.crop_ratios.tolist(), plan.crop_keep.sum(1).tolist(), plan.crop_valid.sum(1).tolist())
+        )
+        _echo(f"per-crop retention r_j (kept/unpadded): {crops}")
+    if "prefill_ms" in r:
+        _echo(f"prefill: {r['prefill_ms']:.1f} ms (median of {args.timing_runs})")
+    _echo(f"generate: {r['generate_s']:.2f} s")
+    _echo(f"answer: {r['answer']}")
+    if args.compare:
+        v = results["vanilla"]
+        _echo("")
+        _echo("== vanilla LLaVA-NeXT ==")
+        _echo(f"visual tokens: {vanilla:,}")
+        _echo(f"prefill: {v['prefill_ms']:.1f} ms (median of {args.timing_runs})")
+        _echo(f"generate: {v['generate_s']:.2f} s")
+        _echo(f"answer: {v['answer']}")
+        _echo("")
+        speedup = v["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] > 0 else float("inf")
+        _echo(
+            f"summary: GlobalCom2 keeps {kept:,} of {vanilla:,} visual tokens ({kept / vanilla:.1%}); "
+            f"prefill {r['prefill_ms']:.1f} ms vs {v['prefill_ms']:.1f} ms ({speedup:.2f}x); "
+            f"answers {'identical' if r['answer'] == v['answer'] else 'differ'}"
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``globalcom2`` command line; returns the exit status."""
+    parser = build_parser()
+    # --help, --version and usage errors end here with SystemExit (0, or 2 after one error line).
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        _echo(f"{PROG}: error: {_one_line(str(e), limit=1000)}", sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        _echo(f"{PROG}: error: interrupted", sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: still one line, unless asked for the traceback
+        if os.environ.get("GLOBALCOM2_TRACEBACK"):
+            raise
+        message = _one_line(str(e)) or "(no message)"
+        _echo(
+            f"{PROG}: error: {type(e).__name__}: {message} (set GLOBALCOM2_TRACEBACK=1 for the traceback)",
+            sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

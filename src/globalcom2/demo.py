@@ -1,0 +1,253 @@
+"""The offline demo: GlobalCom2 on a shipped sample image and a tiny random LLaVA-NeXT.
+
+Nothing is downloaded. The model comes from :func:`globalcom2.tiny.build_tiny_llava_next`: it has
+the real LLaVA-NeXT geometry (336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids) but
+random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
+*which* tokens are kept is meaningless.
+
+Run it with ``globalcom2 demo`` or :func:`run_demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .config import LAYOUTS, GlobalCom2Config
+
+__all__ = ["DEFAULT_RATIOS", "DemoRun", "REAL_CHECKPOINT_HINT", "RANDOM_WEIGHTS_NOTE", "run_demo", "sample_image_path"]
+
+#: Retention ratios the demo shows.
+DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
+
+RANDOM_WEIGHTS_NOTE = (
+    "The demo model is a tiny LLaVA-NeXT with RANDOM weights, built in code (nothing is downloaded). "
+    "Its [CLS] attention is noise, so WHICH tokens it keeps is meaningless; the token counts, the "
+    "crop budgets and the pipeline are real."
+)
+
+REAL_CHECKPOINT_HINT = (
+    "globalcom2 generate --model llava-hf/llava-v1.6-vicuna-7b-hf --image photo.jpg \\\n"
+    '    --prompt "What is in this picture?" --retention-ratio 0.25 --compare'
+)
+
+_PROMPT = "What is in this picture?"
+
+
+def sample_image_path() -> Path:
+    """Path of the sample image shipped with the package (640 x 480 JPEG)."""
+    return Path(str(resources.files("globalcom2") / "data" / "sample.jpg"))
+
+
+@dataclass
+class DemoRun:
+    """What GlobalCom2 did to the demo image for one retention ratio and layout."""
+
+    retention_ratio: float
+    layout: str
+    vanilla_tokens: int
+    kept_tokens: int
+    thumbnail_kept: int
+    thumbnail_total: int
+    crop_ratios: list[float]
+    crop_kept: list[int]
+    crop_total: list[int]
+
+    @property
+    def fraction(self) -> float:
+        return self.kept_tokens / self.vanilla_tokens
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _ratio_tag(r: float) -> str:
+    return f"R{r:.2f}" if round(r, 2) == r else f"R{r:g}"
+
+
+def run_demo(
+    output_dir: str | os.PathLike[str] = "globalcom2-demo",
+    image: str | os.PathLike[str] | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    layouts: Sequence[str] = LAYOUTS,
+    echo: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Compress one image with the tiny random LLaVA-NeXT and report what GlobalCom2 kept.
+
+    Prints (through ``echo``) the visual-token counts before and after for every ratio and
+    layout and the per-crop retention ratios, and writes one PNG per ratio (thumbnail and crop
+    grid with the kept tokens highlighted) plus ``summary.json`` to ``output_dir``.
+
+    Args:
+        output_dir: created if missing.
+        image: an image file; default: the shipped sample image.
+        ratios: retention ratios to show (each validated like :class:`GlobalCom2Config`).
+        layouts: layouts to show ("official" and/or "spatial").
+        echo: where the report goes, one line per call.
+
+    Returns:
+        A summary dict (also written as ``summary.json``): ``runs`` (one dict per ratio and
+        layout, see :class:`DemoRun`), ``pictures`` (paths), ``image`` and ``grid``.
+    """
+    import torch
+    from PIL import Image
+
+    import globalcom2
+    from .picture import render_kept_tokens, save_png
+    from .tiny import build_tiny_llava_next
+
+    configs = [GlobalCom2Config(retention_ratio=r, layout=l) for r in ratios for l in layouts]  # validate first
+    if not configs:
+        raise ValueError("the demo needs at least one retention ratio and one layout")
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = Path(image) if image is not None else sample_image_path()
+    with Image.open(image_path) as im:
+        picture = im.convert("RGB")
+
+    echo("GlobalCom2 offline demo")
+    echo("=======================")
+    echo(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
+    echo("To run a real checkpoint instead:")
+    echo("    " + REAL_CHECKPOINT_HINT.replace("\n", "\n    "))
+    echo("")
+
+    t0 = time.perf_counter()
+    echo("[1/4] building the tiny random LLaVA-NeXT (no download) ...")
+    model, processor = build_tiny_llava_next(seed=0)
+    view = int(model.config.vision_config.image_size)
+    echo(f"      done in {time.perf_counter() - t0:.1f} s")
+
+    text = f"{getattr(processor, 'image_token', '<image>')}\n{_PROMPT}"
+    inputs = processor(images=picture, text=text, return_tensors="pt")
+    placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    echo(f"[2/4] image: {image_path.name} ({picture.width}x{picture.height}); the processor wrote {placeholders:,} "
+         f"<image> placeholders (prompt: {inputs['input_ids'].shape[1]:,} tokens)")
+
+    names = ", ".join(f"{r:g}" for r in ratios)
+    echo(f"[3/4] GlobalCom2 at R = {names} (layouts: {', '.join(layouts)}) ...")
+    # One real forward pass through the patched model shows the shorter sequence the language
+    # model gets; the other settings reuse the same vision features (encoding is the slow part).
+    default = GlobalCom2Config()
+    with globalcom2.compressed(model, default), torch.no_grad():
+        seq_len = int(model(**inputs).logits.shape[1])
+        adapter = globalcom2.get_adapter(model)
+        forward_count = int(adapter.last.counts[0])
+        encoded = adapter.encode(inputs["pixel_values"], inputs["image_sizes"])
+        results = [(cfg, adapter.compress(encoded, cfg)) for cfg in configs]
+    echo(f"      a forward pass with the default R = {default.retention_ratio:g} ({default.layout}): the language model "
+         f"sees {seq_len:,} tokens instead of {inputs['input_ids'].shape[1]:,} ({forward_count:,} visual)")
+    runs: list[DemoRun] = []
+    plans: dict[float, Any] = {}
+    geometry = None
+    for cfg, last in results:
+        plan = last.plans[0]
+        geometry = plan.geometry
+        runs.append(
+            DemoRun(
+                retention_ratio=cfg.retention_ratio,
+                layout=cfg.layout,
+                vanilla_tokens=int(last.vanilla_counts[0]),
+                kept_tokens=int(last.counts[0]),
+                thumbnail_kept=int(plan.thumb_keep.numel()),
+                thumbnail_total=int(plan.thumb_importance.numel()),
+                crop_ratios=[float(v) for v in plan.crop_ratios.tolist()],
+                crop_kept=[int(v) for v in plan.crop_keep.sum(dim=1).tolist()],
+                crop_total=[int(v) for v in plan.crop_valid.sum(dim=1).tolist()],
+            )
+        )
+        plans.setdefault(cfg.retention_ratio, plan)  # kept positions do not depend on the layout
+    if geometry is not None:
+        echo(f"      the image is seen as a {view}x{view} thumbnail + a {geometry.grid_h}x{geometry.grid_w} grid of "
+             f"{view}x{view} crops ({geometry.grid_w * view}x{geometry.grid_h * view} best resolution)")
+    vanilla = runs[0].vanilla_tokens
+    if vanilla != placeholders:  # pragma: no cover - would be a bug in the adapter
+        raise RuntimeError(f"vanilla token count {vanilla} differs from the processor's {placeholders} placeholders")
+
+    echo("[4/4] drawing the kept tokens ...")
+    pictures = []
+    for r, plan in plans.items():
+        run = next(x for x in runs if x.retention_ratio == r)
+        layout_counts = ", ".join(
+            f"{x.kept_tokens:,} ({x.layout})" for x in runs if x.retention_ratio == r
+        )
+        img = render_kept_tokens(
+            picture,
+            plan,
+            view=view,
+            title=f"GlobalCom2 at retention ratio R = {r:g}: kept visual tokens",
+            subtitle=f"{image_path.name}, {picture.width}x{picture.height}. Visual tokens for the language model: "
+            f"{layout_counts} of {run.vanilla_tokens:,} in vanilla LLaVA-NeXT (thumbnail + unpadded crops + row newlines).",
+            note="Demo model with RANDOM weights: the importance pattern (which tokens are kept) is meaningless; "
+            "the counts and per-crop budgets follow the method exactly.",
+        )
+        pictures.append(save_png(img, out_dir / f"kept_tokens_{_ratio_tag(r)}.png"))
+
+    # -- report --------------------------------------------------------------------------------
+    echo("")
+    echo(f"Visual tokens handed to the language model (vanilla LLaVA-NeXT: {vanilla:,})")
+    header = "      R  " + "".join(f"{l:>20}" for l in layouts)
+    echo(header)
+    for r in ratios:
+        cells = []
+        for l in layouts:
+            x = next(x for x in runs if x.retention_ratio == float(r) and x.layout == l)
+            cells.append(f"{f'{x.kept_tokens:,} ({x.fraction:.1%})':>20}")
+        echo(f"  {float(r):5.2f}  " + "".join(cells))
+    if geometry is not None and len(layouts) > 1:
+        echo(f"  (counts include row newlines: official writes one per row of the padded crop grid "
+             f"({geometry.height}), spatial one per unpadded row ({geometry.valid_rows}).)")
+
+    if geometry is not None:
+        echo("")
+        echo("Per-crop retention ratios r_j and kept/unpadded tokens (the same in every layout;")
+        echo("crops numbered row by row, crop 1 = top-left):")
+        echo("      R  " + f"{'thumbnail':>11}" + "".join(f"{f'crop {j + 1}':>17}" for j in range(geometry.num_crops)))
+        for r in plans:
+            x = next(x for x in runs if x.retention_ratio == r)
+            cells = "".join(
+                f"{f'{cr:.3f} {k}/{t}':>17}" for cr, k, t in zip(x.crop_ratios, x.crop_kept, x.crop_total)
+            )
+            echo(f"  {r:5.2f}  {f'{x.thumbnail_kept}/{x.thumbnail_total}':>11}{cells}")
+        echo("  r_j = min(1, R * (1 + sigma_j - mean(sigma))), sigma = softmax of the thumbnail's importance summed")
+        echo("  over each crop's region (tau = 10): crops the thumbnail rates low get less than R, so even")
+        echo("  R = 1 drops some of their tokens.")
+
+    summary = {
+        "image": str(image_path),
+        "image_size": [picture.height, picture.width],
+        "grid": None if geometry is None else [geometry.grid_h, geometry.grid_w],
+        "vanilla_tokens": vanilla,
+        "runs": [asdict(x) for x in runs],
+        "pictures": [str(p) for p in pictures],
+        "note": RANDOM_WEIGHTS_NOTE,
+    }
+    summary_path = out_dir / "summary.json"
+    _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+
+    echo("")
+    echo("Pictures of the kept tokens (bright: kept, dim: dropped, hatched: padding):")
+    for p in pictures:
+        echo(f"  {p}")
+    echo(f"Numbers as JSON: {summary_path}")
+    echo("")
+    echo("Reminder: random weights, so the kept positions say nothing about what matters in the image.")
+    echo("Real checkpoint: " + REAL_CHECKPOINT_HINT.replace("\\\n    ", ""))
+    return summary

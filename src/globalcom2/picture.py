@@ -1,0 +1,343 @@
+"""A simple picture of which visual tokens GlobalCom2 kept, drawn with PIL only.
+
+The picture shows the image the way LLaVA-NeXT's processor hands it to the vision tower:
+
+* the **thumbnail**: the whole image squeezed to one ``view x view`` square (336 px), and
+* the **crops**: the image resized, aspect ratio kept, into the AnyRes best resolution
+  (``grid_h * view`` by ``grid_w * view`` pixels), centred on a black padded canvas and cut into
+  ``view x view`` crops.
+
+Every ViT patch (14 x 14 px for CLIP-336/14) is one visual token. Kept tokens are drawn as they
+are, dropped tokens are dimmed, and padding that the model removes before the language model
+sees it (unpadding) is hatched. Each crop is labelled with its retention ratio ``r_j`` and how
+many of its unpadded tokens it keeps.
+
+>>> plan = globalcom2.get_adapter(model).last.plans[0]               # doctest: +SKIP
+>>> save_png(render_kept_tokens(image, plan), "kept.png")            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ops import CompressionPlan
+
+__all__ = ["canvas_layout", "render_kept_tokens", "save_png"]
+
+# Colours (RGB).
+_BACKGROUND = (255, 255, 255)
+_TEXT = (25, 25, 35)
+_MUTED = (95, 95, 110)
+_DIM = (40, 40, 48)  # dropped tokens are blended towards this
+_DIM_KEEP = 0.28  # how much of the image shows through a dropped token
+_PAD_BG = (18, 18, 22)
+_PAD_HATCH = (80, 80, 92)
+_CROP_LINE = (255, 255, 255)
+_LABEL_BG = (255, 255, 255, 225)
+_NOTE = (170, 40, 30)
+
+_MARGIN = 24
+
+_EXPLANATION = (
+    "How to read: each cell is one visual token (a ViT patch). Bright cells are kept and reach the "
+    "language model; dim cells are dropped. Hatched areas are padding, removed by the model before "
+    "the language model (unpadding).\n\n"
+    "GlobalCom2 lets the thumbnail command: the thumbnail's [CLS] attention summed over each crop's "
+    "region sets that crop's retention ratio r; the crop then keeps its floor(r x unpadded) "
+    "tokens with the best score (own [CLS] attention + the thumbnail's, resized). The thumbnail "
+    "itself keeps floor(R x {n}) of its {n} tokens."
+)
+_GAP = 32
+
+
+@lru_cache(maxsize=None)
+def _font(size: int, bold: bool = False) -> Any:
+    names = ("DejaVuSans-Bold.ttf", "Arial Bold.ttf") if bold else ("DejaVuSans.ttf", "Arial.ttf")
+    for name in names:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return int(right - left), int(bottom - top)
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = word if not line else f"{line} {word}"
+            if line and _text_size(draw, trial, font)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int = 336) -> dict[str, int]:
+    """Where LLaVA-NeXT's processor puts an image on its padded crop canvas.
+
+    Same arithmetic as the processor (``get_patch_output_size`` and ``_get_padding_size``): the
+    image is resized to fit ``(grid_h * view, grid_w * view)`` with its aspect ratio kept (the
+    short side rounded up), then centred with zero padding.
+
+    Returns:
+        dict with ``height``, ``width`` (the canvas), ``new_height``, ``new_width`` (the resized
+        image) and ``top``, ``left`` (its offset on the canvas).
+    """
+    h, w = (int(v) for v in image_hw)
+    ch, cw = grid_hw[0] * view, grid_hw[1] * view
+    scale_w, scale_h = cw / w, ch / h
+    if scale_w < scale_h:
+        nw, nh = cw, min(math.ceil(h * scale_w), ch)
+    else:
+        nh, nw = ch, min(math.ceil(w * scale_h), cw)
+    return {"height": ch, "width": cw, "new_height": nh, "new_width": nw, "top": (ch - nh) // 2, "left": (cw - nw) // 2}
+
+
+def _dim(pixels: np.ndarray) -> np.ndarray:
+    """How a dropped token looks: the image blended towards dark grey (float32)."""
+    return pixels.astype(np.float32) * _DIM_KEEP + np.array(_DIM, np.float32) * (1 - _DIM_KEEP)
+
+
+def _hatch(height: int, width: int) -> np.ndarray:
+    """How padding looks: dark diagonal hatching (float32, (height, width, 3))."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    lines = ((yy + xx) % 10 < 2)[..., None]
+    return np.where(lines, np.array(_PAD_HATCH, np.float32), np.array(_PAD_BG, np.float32))
+
+
+def _token_image(pixels: np.ndarray, keep: np.ndarray, valid: np.ndarray, cell: int) -> Image.Image:
+    """Dim dropped token cells and hatch padded ones.
+
+    Args:
+        pixels: (h, w, 3) uint8 view(s) as the model sees them; h, w multiples of ``cell``.
+        keep: (h // cell, w // cell) bool, kept tokens.
+        valid: same shape, True where a token exists after unpadding.
+    """
+    up = np.ones((cell, cell), dtype=bool)
+    keep_px = np.kron(keep, up).astype(bool)[..., None]
+    valid_px = np.kron(valid, up).astype(bool)[..., None]
+    h, w = keep_px.shape[:2]
+    out = np.where(valid_px, np.where(keep_px, pixels.astype(np.float32), _dim(pixels)), _hatch(h, w))
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str], fonts: list[Any]) -> None:
+    """A small white box with one or more lines of text, top-left corner at ``xy``."""
+    pad = 4
+    sizes = [_text_size(draw, t, f) for t, f in zip(lines, fonts)]
+    width = max(s[0] for s in sizes) + 2 * pad
+    height = sum(s[1] for s in sizes) + 3 * (len(lines) - 1) + 2 * pad + 2
+    x, y = xy
+    draw.rounded_rectangle([x, y, x + width, y + height], radius=4, fill=_LABEL_BG, outline=(60, 60, 70, 255))
+    ty = y + pad
+    for (t, f), (_, th) in zip(zip(lines, fonts), sizes):
+        draw.text((x + pad, ty), t, font=f, fill=_TEXT, anchor="la")
+        ty += th + 3
+
+
+def render_kept_tokens(
+    image: Image.Image,
+    plan: "CompressionPlan",
+    *,
+    view: int = 336,
+    title: str | None = None,
+    subtitle: str | None = None,
+    note: str | None = None,
+    explain: bool = True,
+) -> Image.Image:
+    """Draw the thumbnail and crop grid of ``image`` with GlobalCom2's kept tokens highlighted.
+
+    Args:
+        image: the original image (any mode; converted to RGB).
+        plan: the image's :class:`~globalcom2.ops.CompressionPlan` (e.g.
+            ``get_adapter(model).last.plans[0]``).
+        view: pixels per side of one ViT view (336 for the llava-hf checkpoints).
+        title, subtitle: text above the picture.
+        note: an optional warning printed in red under the legend.
+        explain: write a short "how to read" text under the thumbnail when there is room.
+
+    Returns:
+        An RGB :class:`PIL.Image.Image`.
+    """
+    image = image.convert("RGB")
+    n = int(plan.thumb_importance.shape[-1])
+    side = math.isqrt(n)
+    if side * side != n or view % side:
+        raise ValueError(f"cannot draw {n} tokens per view on {view} px views")
+    cell = view // side
+
+    # Thumbnail: the whole image squeezed to one view, as the processor does.
+    thumb_px = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
+    thumb_keep = np.zeros(n, dtype=bool)
+    thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
+    thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)
+    thumb_kept = int(thumb_keep.sum())
+
+    geom = plan.geometry
+    crops = None
+    if geom is not None:
+        lay = canvas_layout((image.height, image.width), (geom.grid_h, geom.grid_w), view)
+        canvas = np.zeros((lay["height"], lay["width"], 3), np.uint8)  # the processor pads with zeros
+        resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
+        canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
+        keep = plan.crop_keep.detach().cpu().numpy().astype(bool)  # (C, N)
+        valid = plan.crop_valid.detach().cpu().numpy().astype(bool)
+
+        def to_grid(x: np.ndarray) -> np.ndarray:  # (C, N) -> (H, W), crops row by row
+            return x.reshape(geom.grid_h, geom.grid_w, side, side).transpose(0, 2, 1, 3).reshape(geom.height, geom.width)
+
+        crops = _token_image(canvas, to_grid(keep), to_grid(valid), cell)
+
+    # -- layout of the whole picture ---------------------------------------------------------
+    probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    f_title, f_sub, f_head, f_small, f_small_b = _font(22, True), _font(15), _font(15, True), _font(13), _font(13, True)
+    crops_w = crops.width if crops is not None else 0
+    crops_h = crops.height if crops is not None else 0
+    width = _MARGIN * 2 + view + (_GAP + crops_w if crops is not None else 0)
+    width = max(width, 640)
+    text_w = width - 2 * _MARGIN
+
+    header: list[tuple[str, Any, tuple[int, int, int]]] = []
+    if title:
+        header += [(line, f_title, _TEXT) for line in _wrap(probe, title, f_title, text_w)]
+    if subtitle:
+        header += [(line, f_sub, _MUTED) for line in _wrap(probe, subtitle, f_sub, text_w)]
+    line_h = {id(f_title): 30, id(f_sub): 21, id(f_small): 18, id(f_small_b): 18}
+    header_h = sum(line_h[id(f)] for _, f, _ in header) + (10 if header else 0)
+
+    thumb_caption = [f"Thumbnail ({view}x{view}, whole image)", f"kept {thumb_kept}/{n} tokens ({thumb_kept / n:.0%})"]
+    if geom is not None:
+        crop_caption = [
+            f"Crops: {geom.grid_h}x{geom.grid_w} grid of {view}px views ({lay['width']}x{lay['height']} canvas)",
+            f"image resized to {lay['new_width']}x{lay['new_height']}, padded; kept "
+            f"{int(keep.sum())}/{int(valid.sum())} unpadded tokens",
+        ]
+    else:
+        crop_caption = []
+    caption_h = 2 * 20 + 8
+    panels_h = max(view, crops_h)
+
+    footer_lines: list[tuple[str, Any, tuple[int, int, int]]] = []
+    if note:
+        footer_lines = [(line, f_small_b, _NOTE) for line in _wrap(probe, note, f_small_b, text_w)]
+    footer_h = 28 + sum(line_h[id(f)] for _, f, _ in footer_lines) + (6 if footer_lines else 0)
+
+    height = _MARGIN + header_h + caption_h + panels_h + 14 + footer_h + _MARGIN
+    out = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(out, "RGBA")
+
+    y = _MARGIN
+    for text, font, colour in header:
+        draw.text((_MARGIN, y), text, font=font, fill=colour)
+        y += line_h[id(font)]
+    y += 10 if header else 0
+
+    # Captions above the panels.
+    x_thumb = _MARGIN
+    x_crops = _MARGIN + view + _GAP
+    for i, text in enumerate(thumb_caption):
+        draw.text((x_thumb, y + i * 20), text, font=f_head if i == 0 else f_small, fill=_TEXT if i == 0 else _MUTED)
+    for i, text in enumerate(crop_caption):
+        draw.text((x_crops, y + i * 20), text, font=f_head if i == 0 else f_small, fill=_TEXT if i == 0 else _MUTED)
+    y += caption_h
+
+    out.paste(thumb, (x_thumb, y))
+    draw.rectangle([x_thumb - 1, y - 1, x_thumb + view, y + view], outline=(60, 60, 70))
+    if crops is not None:
+        out.paste(crops, (x_crops, y))
+        for r in range(1, geom.grid_h):
+            yy = y + r * view
+            draw.line([(x_crops, yy), (x_crops + crops_w - 1, yy)], fill=_CROP_LINE, width=3)
+        for c in range(1, geom.grid_w):
+            xx = x_crops + c * view
+            draw.line([(xx, y), (xx, y + crops_h - 1)], fill=_CROP_LINE, width=3)
+        draw.rectangle([x_crops - 1, y - 1, x_crops + crops_w, y + crops_h], outline=(60, 60, 70))
+        ratios = plan.crop_ratios.detach().cpu().tolist()
+        for j in range(geom.num_crops):
+            gy, gx = divmod(j, geom.grid_w)
+            kept_j, total_j = int(keep[j].sum()), int(valid[j].sum())
+            _label(
+                draw,
+                (x_crops + gx * view + 6, y + gy * view + 6),
+                [f"crop {j + 1}: r = {ratios[j]:.3f}", f"kept {kept_j}/{total_j}"],
+                [f_small_b, f_small],
+            )
+    if explain and geom is not None and crops_h - view >= 140:
+        ey = y + view + 16
+        for line in _wrap(draw, _EXPLANATION.format(n=n), f_small, view):
+            if ey + 18 > y + panels_h:
+                break
+            draw.text((x_thumb, ey), line, font=f_small, fill=_MUTED)
+            ey += 18
+    y += panels_h + 14
+
+    # Legend: swatches drawn the same way as the tokens.
+    t = np.linspace(0.0, 1.0, 22)[None, :, None]
+    swatch_px = ((1 - t) * np.array([80, 150, 225.0]) + t * np.array([250, 205, 110.0])).repeat(16, axis=0)
+    swatch_px = swatch_px.astype(np.uint8)
+    x = _MARGIN
+    swatches = {
+        "kept token": swatch_px.astype(np.float32),
+        "dropped token": _dim(swatch_px),
+        "padding (no token)": _hatch(16, 22),
+    }
+    for text, sw_px in swatches.items():
+        sw = Image.fromarray(np.clip(sw_px, 0, 255).astype(np.uint8))
+        out.paste(sw, (x, y + 2))
+        draw.rectangle([x - 1, y + 1, x + 22, y + 18], outline=(60, 60, 70))
+        draw.text((x + 30, y + 2), text, font=f_small, fill=_TEXT)
+        x += 30 + _text_size(draw, text, f_small)[0] + 28
+    draw.text(
+        (x, y + 2),
+        "one cell = one visual token (a ViT patch)",
+        font=f_small,
+        fill=_MUTED,
+    )
+    y += 28
+    for text, font, colour in footer_lines:
+        draw.text((_MARGIN, y), text, font=font, fill=colour)
+        y += line_h[id(font)]
+    return out
+
+
+def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Write ``picture`` to ``path`` as PNG atomically (a temporary file, then ``os.replace``).
+
+    Creates the parent folder. Returns the path. On failure nothing is left at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # default permissions (umask), unlike mkstemp's 0600
+            picture.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
