@@ -4,21 +4,34 @@
 >>> globalcom2.apply(model, retention_ratio=0.25)   # doctest: +SKIP
 >>> model.generate(**inputs)                          # doctest: +SKIP
 >>> globalcom2.remove(model)                          # doctest: +SKIP
+
+The API functions are imported lazily, so that ``import globalcom2`` (and ``globalcom2 --help``)
+does not load torch until it is needed.
 """
 
-from .api import apply, compressed, get_adapter, get_config, is_applied, remove
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import LAYOUTS, GlobalCom2Config
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GlobalCom2Config",
-    "LAYOUTS",
-    "apply",
-    "compressed",
-    "get_adapter",
-    "get_config",
-    "is_applied",
-    "remove",
-    "__version__",
-]
+_API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "remove")
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import apply, compressed, get_adapter, get_config, is_applied, remove
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(".api", __name__), name)
+    raise AttributeError(f"module 'globalcom2' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_API))
+
+
+__all__ = ["GlobalCom2Config", "LAYOUTS", "__version__", *_API]

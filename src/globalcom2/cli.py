@@ -3,8 +3,8 @@
     globalcom2 demo [--output-dir DIR]
     globalcom2 generate --model ID_OR_PATH --image PATH_OR_URL --prompt TEXT [--compare] ...
 
-Importing this module is cheap: transformers and PIL are imported inside the commands (the
-package itself imports torch), so ``--help`` answers quickly. Every failure the user can cause (a missing image, a model that
+Importing this module is cheap: torch, transformers and PIL are imported inside the commands,
+so ``--help`` answers quickly. Every failure the user can cause (a missing image, a model that
 cannot be loaded or is not LLaVA-NeXT, a bad retention ratio, ...) ends with one line on stderr,
 ``globalcom2: error: ...``, and a non-zero exit status, never a traceback (set the environment
 variable ``GLOBALCOM2_TRACEBACK=1`` to see one).
