@@ -29,6 +29,7 @@ PROG = "globalcom2"
 LAYOUT_CHOICES = ("official", "spatial")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+FORMAT_CHOICES = ("table", "json", "csv")
 SUPPORTED_MODEL_TYPES = ("llava_next",)
 EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 
@@ -158,6 +159,76 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)",
     )
     gen.set_defaults(func=cmd_generate)
+
+    eff = sub.add_parser(
+        "efficiency",
+        help="analytic prefill FLOPs, KV cache and roofline times per retention ratio",
+        description=_para(
+            "Theoretical cost of the language model's prefill and decode for each retention ratio, "
+            "LLM-Viewer's way: 2 FLOPs per multiply-add over every linear layer of every decoder block "
+            "plus QK^T and AV; KV cache = 2 x layers x kv_heads x head_dim x bytes per token; a "
+            "per-operator roofline on the chosen hardware. By default (--text-tokens 0) it follows the "
+            "paper's convention: only the R x 2880 retained visual tokens of one 4-crop image. Works "
+            "offline for the public llava-hf LLaVA-NeXT checkpoints and for any local config.json."
+        ),
+        epilog=(
+            "example:\n  globalcom2 efficiency --model llava-hf/llava-v1.6-vicuna-7b-hf --ratios 1,0.5,0.25,0.1 --hardware H100\n\n"
+            "known offline: " + ", ".join(
+                ["llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava-hf/llava-v1.6-mistral-7b-hf",
+                 "llava-hf/llama3-llava-next-8b-hf", "llava-hf/llava-v1.6-34b-hf"]
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    eff.add_argument("--model", default=EXAMPLE_MODEL, metavar="ID_OR_PATH",
+                     help=f"hub id, checkpoint directory or config.json (default: {EXAMPLE_MODEL})")
+    eff.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1", metavar="R[,R...]",
+                     help="comma-separated retention ratios (default: 1,0.75,0.5,0.25,0.1)")
+    eff.add_argument("--text-tokens", type=int, default=0, metavar="N",
+                     help="text tokens added to every prompt (default: 0, the paper's convention)")
+    eff.add_argument("--hardware", default="A100-80GB", metavar="NAME",
+                     help="roofline profile: A100-40GB, A100-80GB, H100, H200 (default: A100-80GB)")
+    eff.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                     help="weights/activations/KV cache precision (default: bfloat16)")
+    eff.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
+    eff.set_defaults(func=cmd_efficiency)
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure vanilla vs GlobalCom2: latency, throughput, memory, KV cache, tokens",
+        description=_para(
+            "Run vanilla LLaVA-NeXT and GlobalCom2 at each retention ratio side by side in one process "
+            "on the same inputs, and report median prefill latency, vision-encoder time, compression-step "
+            "time, end-to-end generate latency and throughput, peak memory (CUDA max allocated on GPU, "
+            "process RSS on CPU), KV-cache size and visual tokens, with ratios to vanilla. Warm-up runs "
+            "are excluded and CUDA is synchronised before every timer read. The default model is the "
+            "tiny random demo model (offline); pass a checkpoint for real numbers."
+        ),
+        epilog=(
+            "examples:\n  globalcom2 bench                                   # tiny random model, shipped sample image\n"
+            f"  globalcom2 bench --model {EXAMPLE_MODEL} --image photo.jpg --ratios 0.5,0.25,0.1 --plot bench.png"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--model", default="tiny", metavar="ID_OR_PATH",
+                       help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
+    bench.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
+                       help="image(s) to use, repeat for several prompts (default: the shipped sample image)")
+    bench.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the prompt of every image")
+    bench.add_argument("--ratios", default="0.5,0.25,0.1", metavar="R[,R...]",
+                       help="GlobalCom2 retention ratios to compare with vanilla (default: 0.5,0.25,0.1)")
+    bench.add_argument("--layout", choices=LAYOUT_CHOICES, default="official", help="GlobalCom2 layout (default: official)")
+    bench.add_argument("--batch-size", type=int, default=1, metavar="B",
+                       help="prompts per batch: the images are repeated up to B (default: 1)")
+    bench.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens generated per prompt (default: 16)")
+    bench.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs per measurement, median reported (default: 3)")
+    bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up runs (default: 1)")
+    bench.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda when available (default: auto)")
+    bench.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
+    bench.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
+    bench.add_argument("--plot", default=None, metavar="OUT.png", help="also write a PNG of latency and tokens vs ratio")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -277,6 +348,26 @@ def _pick_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
+def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
+    """Load a LLaVA-NeXT checkpoint and its processor onto ``device`` (config already checked)."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    _status(f"{PROG}: loading {model_id} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
+    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
+    on_device = device == "cuda" and importlib.util.find_spec("accelerate") is not None
+    if on_device:
+        load_kwargs["device_map"] = device
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, **load_kwargs)
+    except Exception as e:
+        raise CLIError(f"cannot load model {model_id!r}: {_one_line(str(e)) or type(e).__name__}") from None
+    if not on_device:
+        model = model.to(device)
+    return model.eval(), processor
+
+
 def build_prompt(processor: Any, prompt: str) -> str:
     """The model's chat format when the processor has a chat template, else ``<image>\\n{prompt}``."""
     if getattr(processor, "chat_template", None):
@@ -388,24 +479,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = _pick_dtype(args.dtype, device)
 
     # 2. Load the model and processor.
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
-
     import globalcom2
 
-    _status(f"{PROG}: loading {args.model} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
-    load_kwargs: dict[str, Any] = {"dtype": dtype}
-    # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
-    on_device = device == "cuda" and importlib.util.find_spec("accelerate") is not None
-    if on_device:
-        load_kwargs["device_map"] = device
-    try:
-        processor = AutoProcessor.from_pretrained(args.model)
-        model = LlavaNextForConditionalGeneration.from_pretrained(args.model, **load_kwargs)
-    except Exception as e:
-        raise CLIError(f"cannot load model {args.model!r}: {_one_line(str(e)) or type(e).__name__}") from None
-    if not on_device:
-        model = model.to(device)
-    model.eval()
+    model, processor = load_model(args.model, device, dtype)
 
     text = build_prompt(processor, args.prompt)
     try:
@@ -474,6 +550,116 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"prefill {r['prefill_ms']:.1f} ms vs {v['prefill_ms']:.1f} ms ({speedup:.2f}x); "
             f"answers {'identical' if r['answer'] == v['answer'] else 'differ'}"
         )
+    return 0
+
+
+def cmd_efficiency(args: argparse.Namespace) -> int:
+    from . import efficiency as eff
+
+    try:
+        ratios = eff.parse_ratios(args.ratios)
+        if args.text_tokens < 0:
+            raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
+        hardware = eff.resolve_hardware(args.hardware)
+        arch = eff.resolve_arch(args.model)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    bytes_per_value = 4.0 if args.dtype == "float32" else 2.0
+    rows = [r.to_dict() for r in eff.analyze(arch, ratios, args.text_tokens, hardware, bytes_per_value)]
+    if args.format == "table":
+        _echo(
+            f"{args.model}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_heads} heads "
+            f"({arch.num_kv_heads} KV), MLP {arch.intermediate_size}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab_size}"
+        )
+        _echo(
+            f"prefill of R x {eff.MAX_VISUAL_TOKENS} visual tokens + {args.text_tokens} text tokens; "
+            f"roofline on {hardware.name} ({hardware.peak_tflops:g} TFLOP/s, {hardware.bandwidth_gbs:g} GB/s), {args.dtype}"
+        )
+        _echo("")
+    _echo(eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, args.format))
+    return 0
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise CLIError(f"{name} must be >= 1, got {value}")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .efficiency import format_rows, parse_ratios
+
+    try:
+        ratios = parse_ratios(args.ratios)
+    except ValueError as e:
+        raise CLIError(f"--ratios: {e}") from None
+    for name in ("batch_size", "max_new_tokens", "runs"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CLIError("--plot needs matplotlib: pip install 'globalcom2[plot]'")
+        parent = Path(args.plot).expanduser().resolve().parent
+        if not parent.is_dir():
+            raise CLIError(f"--plot: directory {parent} does not exist")
+    from .demo import sample_image_path
+
+    sources = args.image or [str(sample_image_path())]
+    images = [load_image(src) for src in sources]
+    device = _pick_device(args.device)
+    dtype = _pick_dtype(args.dtype, device)
+
+    import torch
+    import transformers
+
+    from .bench import BENCH_COLUMNS, plot_rows, run_bench
+
+    if args.model == "tiny":
+        from .tiny import build_tiny_llava_next
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, processor = build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    else:
+        check_model_type(args.model)
+        model, processor = load_model(args.model, device, dtype)
+
+    batch_images = [images[i % len(images)] for i in range(max(args.batch_size, len(images)))]
+    text = build_prompt(processor, args.prompt)
+    tok = getattr(processor, "tokenizer", None)
+    if tok is not None:
+        tok.padding_side = "left"
+    try:
+        inputs = processor(images=batch_images, text=[text] * len(batch_images), return_tensors="pt", padding=True)
+    except Exception as e:
+        raise CLIError(f"the processor failed on these images/prompt: {_one_line(str(e))}") from None
+    inputs = inputs.to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+
+    from tqdm import tqdm
+
+    def progress(items: Any) -> Any:
+        return tqdm(items, desc=f"{PROG} bench", unit="setting", file=sys.stderr, leave=False)
+
+    _status(
+        f"{PROG}: bench on {args.model} ({str(model.dtype).replace('torch.', '')} on {device}), "
+        f"{len(batch_images)} prompt(s), {args.max_new_tokens} new tokens, {args.runs} runs + {args.warmup} warm-up"
+    )
+    rows = run_bench(model, dict(inputs), ratios, layout=args.layout, max_new_tokens=args.max_new_tokens,
+                     runs=args.runs, warmup=args.warmup, progress=progress)
+    data = [r.to_dict() for r in rows]
+    if args.format == "table" and args.model == "tiny":
+        _echo("NOTE: tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up.")
+    _echo(format_rows(data, BENCH_COLUMNS, args.format))
+    if args.plot is not None:
+        try:
+            plot_rows(rows, str(Path(args.plot).expanduser()))
+        except OSError as e:
+            raise CLIError(f"cannot write {args.plot}: {_one_line(e.strerror or str(e))}") from None
+        _status(f"{PROG}: plot written to {args.plot}")
     return 0
 
 
