@@ -120,3 +120,12 @@ def test_unknown_hardware():
     with pytest.raises(ValueError, match="H100"):
         eff.resolve_hardware("TPU")
     assert eff.resolve_hardware("h200").name == "H200"
+
+
+def test_vocab_size_matters_for_decode_time_only():
+    small = eff.KNOWN_MODELS["llava-hf/llava-v1.6-mistral-7b-hf"]
+    big_vocab = eff.KNOWN_MODELS["llava-hf/llama3-llava-next-8b-hf"]  # same blocks, 4x the vocabulary
+    hw = eff.HARDWARE["A100-80GB"]
+    assert eff.prefill_flops(small, 720) == eff.prefill_flops(big_vocab, 720)
+    extra = (big_vocab.vocab_size - small.vocab_size) * 4096 * 2 / hw.bandwidth
+    assert eff.decode_seconds(big_vocab, 720, hw) - eff.decode_seconds(small, 720, hw) == pytest.approx(extra, rel=0.01)

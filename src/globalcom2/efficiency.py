@@ -9,7 +9,9 @@ Method (LLM-Viewer's, which the GlobalCom2 paper follows):
   lookup and the LM head are not counted.
 * KV cache: ``2 x layers x kv_heads x head_dim x bytes`` per token.
 * Time: a per-operator roofline: each operator takes ``max(FLOPs / peak, bytes / bandwidth)``, with
-  bytes = its weights + its inputs + its outputs, all in ``bytes_per_value`` (2 for bf16).
+  bytes = its weights + its inputs + its outputs, all in ``bytes_per_value`` (2 for bf16). The
+  attention matmuls read and write the score matrix (no flash-attention fusion is assumed). Times
+  also include the LM head on the one position whose logits generation needs.
 
 The paper's convention counts only the retained visual tokens of one 4-crop image (``R x 2880``,
 no text, no newlines); that is what :func:`analyze` does with ``text_tokens=0``.
@@ -200,13 +202,23 @@ def kv_cache_bytes(arch: LMArch, tokens: int, bytes_per_value: float = 2.0) -> f
     return 2.0 * arch.num_layers * arch.num_kv_heads * arch.head_dim * bytes_per_value * tokens
 
 
+def lm_head_op(arch: LMArch, bytes_per_value: float = 2.0) -> Op:
+    """The LM head on one position (generation computes logits for the last token only)."""
+    d, v = arch.hidden_size, arch.vocab_size
+    return Op("lm_head", 2.0 * d * v, bytes_per_value * (d * v + d + v))
+
+
 def prefill_seconds(arch: LMArch, tokens: int, hw: Hardware, bytes_per_value: float = 2.0) -> float:
-    return arch.num_layers * sum(op.seconds(hw) for op in block_ops(arch, tokens, tokens, bytes_per_value))
+    """Roofline time of the prefill: every decoder block over ``tokens``, plus the LM head on the
+    last position (counted in time, though not in :func:`prefill_flops`, like LLM-Viewer)."""
+    blocks = arch.num_layers * sum(op.seconds(hw) for op in block_ops(arch, tokens, tokens, bytes_per_value))
+    return blocks + lm_head_op(arch, bytes_per_value).seconds(hw)
 
 
 def decode_seconds(arch: LMArch, context: int, hw: Hardware, bytes_per_value: float = 2.0) -> float:
-    """Roofline time of one decode step with ``context`` tokens already in the cache."""
-    return arch.num_layers * sum(op.seconds(hw) for op in block_ops(arch, 1, context + 1, bytes_per_value))
+    """Roofline time of one decode step with ``context`` tokens already in the cache (LM head included)."""
+    blocks = arch.num_layers * sum(op.seconds(hw) for op in block_ops(arch, 1, context + 1, bytes_per_value))
+    return blocks + lm_head_op(arch, bytes_per_value).seconds(hw)
 
 
 @dataclass(frozen=True)
