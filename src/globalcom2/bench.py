@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from ._io import atomic_path
+
 MIB = 1024 * 1024
 
 
@@ -263,11 +265,8 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     ax2.set(xlabel="retention ratio R", ylabel="visual tokens", title="Visual tokens reaching the LM")
     ax2.legend(fontsize=8)
     fig.suptitle("globalcom2 bench")
-    tmp = f"{path}.tmp-{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ._io import atomic_path
 from .config import LAYOUTS, GlobalCom2Config
 
 __all__ = ["DEFAULT_RATIOS", "DemoRun", "REAL_CHECKPOINT_HINT", "RANDOM_WEIGHTS_NOTE", "run_demo", "sample_image_path"]
@@ -65,17 +65,8 @@ class DemoRun:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _ratio_tag(r: float) -> str:

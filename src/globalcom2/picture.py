@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ._io import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ops import CompressionPlan
@@ -328,16 +329,6 @@ def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
     Creates the parent folder. Returns the path. On failure nothing is left at ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # default permissions (umask), unlike mkstemp's 0600
-            picture.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
     return path
