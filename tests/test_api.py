@@ -267,3 +267,18 @@ def test_mismatched_placeholders_give_a_clear_error(tiny):
     globalcom2.apply(model)
     with pytest.raises(ValueError, match="placeholder"):
         model(**inputs)
+
+
+def test_gradients_reach_the_projector_through_the_kept_tokens(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor)
+    labels = inputs.input_ids.clone()
+    labels[labels == model.config.image_token_id] = -100
+    globalcom2.apply(model, retention_ratio=0.25)
+    model.zero_grad()
+    model(**inputs, labels=labels).loss.backward()
+    grad = model.model.multi_modal_projector.linear_1.weight.grad
+    try:
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    finally:
+        model.zero_grad(set_to_none=True)

@@ -158,7 +158,6 @@ class LlavaNextAdapter(Adapter):
         vc = self.hf_config.vision_config
         return image_size_to_num_patches(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
 
-    @torch.no_grad()
     def encode(
         self,
         pixel_values: torch.Tensor,
@@ -174,6 +173,10 @@ class LlavaNextAdapter(Adapter):
 
         Returns:
             :class:`EncodedImages` with per-image features (V_i, N, D) and importance (V_i, N).
+
+        Like the model's own ``get_image_features`` this runs under the caller's grad mode, so
+        gradients reach the projector (and the tower) when training with ``labels``; the [CLS]
+        importance only decides which tokens are kept and is never differentiated.
         """
         cfg = self.hf_config
         layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
@@ -200,7 +203,7 @@ class LlavaNextAdapter(Adapter):
         feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
         if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
             raise RuntimeError("the vision tower's last attention layer did not run")
-        importance = ops.cls_attention_logits(cap.q_cls, cap.keys, attn.num_heads, attn.scale)  # (V, N)
+        importance = ops.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
 
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         geoms: list[ops.CropGeometry | None] = []
