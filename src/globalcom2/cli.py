@@ -229,6 +229,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
     bench.add_argument("--plot", default=None, metavar="OUT.png", help="also write a PNG of latency and tokens vs ratio")
     bench.set_defaults(func=cmd_bench)
+
+    vis = sub.add_parser(
+        "visualize",
+        help="picture of the kept tokens (and the attention maps behind them) for an image",
+        description=_para(
+            "Draw the thumbnail and the crop grid as the model sees them (resized, padding hatched), "
+            "with the tokens GlobalCom2 keeps bright and the dropped ones dimmed, each crop labelled "
+            "with its retention ratio and kept/unpadded counts; one row per retention ratio. With "
+            "--heatmaps, one more row shows the [CLS] importance maps that drove the decision: the "
+            "thumbnail's (global), the thumbnail's resized onto the crops (global guidance), the "
+            "crops' own (local) and the combined score. The default model is the tiny random demo "
+            "model (offline; its picture is labelled as such); pass a checkpoint for a real one."
+        ),
+        epilog=(
+            "examples:\n  globalcom2 visualize --image photo.jpg --retention-ratio 0.5,0.25,0.1 --heatmaps\n"
+            f"  globalcom2 visualize --model {EXAMPLE_MODEL} --image photo.jpg --output kept.png"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vis.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
+    vis.add_argument("--model", default="tiny", metavar="ID_OR_PATH",
+                     help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
+    vis.add_argument("--retention-ratio", default="0.25", metavar="R[,R...]",
+                     help="one or more comma-separated ratios, one row each (default: 0.25)")
+    vis.add_argument("--layout", choices=LAYOUT_CHOICES, default="official",
+                     help="layout used for the token counts (the kept tokens are the same in both; default: official)")
+    vis.add_argument("--output", default="globalcom2-visualize.png", metavar="OUT.png",
+                     help="PNG to write (default: globalcom2-visualize.png)")
+    vis.add_argument("--heatmaps", action="store_true", help="add the [CLS] importance maps behind the decisions")
+    vis.add_argument("--title", default=None, metavar="TEXT",
+                     help="figure title, e.g. the question asked about the image (GlobalCom2's choice does not depend on it)")
+    vis.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda when available (default: auto)")
+    vis.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                     help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
+    vis.set_defaults(func=cmd_visualize)
     return parser
 
 
@@ -660,6 +695,73 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CLIError(f"cannot write {args.plot}: {_one_line(e.strerror or str(e))}") from None
         _status(f"{PROG}: plot written to {args.plot}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from .config import GlobalCom2Config
+    from .efficiency import parse_ratios
+
+    try:
+        ratios = parse_ratios(args.retention_ratio)
+        for r in ratios:
+            GlobalCom2Config(retention_ratio=r, layout=args.layout)
+    except ValueError as e:
+        raise CLIError(f"--retention-ratio: {e}") from None
+    out = Path(args.output).expanduser()
+    if not out.resolve().parent.is_dir():
+        raise CLIError(f"--output: directory {out.resolve().parent} does not exist")
+    if out.is_dir():
+        raise CLIError(f"--output: {args.output} is a directory")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("visualize needs matplotlib: pip install 'globalcom2[plot]'")
+    image = load_image(args.image)
+    device = _pick_device(args.device)
+    dtype = _pick_dtype(args.dtype, device)
+
+    import torch
+    import transformers
+
+    from .visualize import visualize
+
+    random_weights = args.model == "tiny"
+    if random_weights:
+        from .tiny import build_tiny_llava_next
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, processor = build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+        name = "tiny random demo model"
+    else:
+        check_model_type(args.model)
+        model, processor = load_model(args.model, device, dtype)
+        name = args.model
+    _status(f"{PROG}: encoding the image and compressing it at R = {', '.join(f'{r:g}' for r in ratios)} ...")
+    ratio_text = ", ".join(f"{r:g}" for r in ratios)
+    title = args.title or f"GlobalCom2: kept visual tokens at R = {ratio_text}"
+    title += f"\n{name}, image {image.width}x{image.height}"
+    vis = visualize(model, processor, image, ratios, layout=args.layout, heatmaps=args.heatmaps, title=title,
+                    random_weights=random_weights)
+    try:
+        vis.save(str(out))
+    except OSError as e:
+        raise CLIError(f"cannot write {args.output}: {_one_line(e.strerror or str(e))}") from None
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(vis.figure)
+    _echo(f"wrote {out}")
+    for m in vis.masks:
+        crops = ", ".join(f"{r:.2f} ({k}/{n})" for r, k, n in zip(m.crop_ratios, m.crop_kept_counts, m.crop_valid_counts))
+        _echo(
+            f"R={m.retention_ratio:g}: {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens; thumbnail "
+            f"{int(m.thumb_kept.sum())}/{m.thumb_kept.size}" + (f"; crops r_j (kept/unpadded): {crops}" if crops else "")
+        )
+    if random_weights:
+        _echo("NOTE: tiny random demo model: which tokens are kept is meaningless; pass --model for a real checkpoint.")
     return 0
 
 
