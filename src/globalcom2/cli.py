@@ -13,6 +13,7 @@ variable ``GLOBALCOM2_TRACEBACK=1`` to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -21,7 +22,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
 from . import __version__
 
@@ -403,6 +404,33 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' advice while the built-in tiny model and processor are made: it is
+    about them (install torchvision, ...), not about the user's setup."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def get_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
+    """``"tiny"``: the built-in random demo model; otherwise a checked, loaded LLaVA-NeXT checkpoint."""
+    if model_id == "tiny":
+        import torch
+
+        from .tiny import build_tiny_llava_next
+
+        with _quiet_transformers():
+            return build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+    check_model_type(model_id)
+    return load_model(model_id, device, dtype)
+
+
 def build_prompt(processor: Any, prompt: str) -> str:
     """The model's chat format when the processor has a chat template, else ``<image>\\n{prompt}``."""
     if getattr(processor, "chat_template", None):
@@ -480,19 +508,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CLIError(f"cannot create output directory {args.output_dir}: {e.strerror or e}") from None
 
-    import transformers
     from .demo import run_demo
 
-    # The tiny model and its processor are built in code: transformers' advice (install
-    # torchvision, ...) is about them, not about the user's setup. Keep the demo's output clean.
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        run_demo(out_dir, image=args.image, ratios=ratios, echo=_echo)
+        with _quiet_transformers():
+            run_demo(out_dir, image=args.image, ratios=ratios, echo=_echo)
     except OSError as e:
         raise CLIError(f"cannot write to {args.output_dir}: {_one_line(e.strerror or str(e))}") from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
     return 0
 
 
@@ -644,23 +666,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
 
-    import torch
-    import transformers
-
     from .bench import BENCH_COLUMNS, plot_rows, run_bench
 
-    if args.model == "tiny":
-        from .tiny import build_tiny_llava_next
-
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            model, processor = build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-    else:
-        check_model_type(args.model)
-        model, processor = load_model(args.model, device, dtype)
+    model, processor = get_model(args.model, device, dtype)
 
     batch_images = [images[i % len(images)] for i in range(max(args.batch_size, len(images)))]
     text = build_prompt(processor, args.prompt)
@@ -719,26 +727,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
 
-    import torch
-    import transformers
-
     from .visualize import visualize
 
     random_weights = args.model == "tiny"
-    if random_weights:
-        from .tiny import build_tiny_llava_next
-
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            model, processor = build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        name = "tiny random demo model"
-    else:
-        check_model_type(args.model)
-        model, processor = load_model(args.model, device, dtype)
-        name = args.model
+    model, processor = get_model(args.model, device, dtype)
+    name = "tiny random demo model" if random_weights else args.model
     _status(f"{PROG}: encoding the image and compressing it at R = {', '.join(f'{r:g}' for r in ratios)} ...")
     ratio_text = ", ".join(f"{r:g}" for r in ratios)
     title = args.title or f"GlobalCom2: kept visual tokens at R = {ratio_text}"
