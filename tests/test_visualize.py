@@ -2,21 +2,17 @@
 
 import math
 
-import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import globalcom2
+from globalcom2 import ops
+from globalcom2.cli import main
+from globalcom2.visualize import visualize
 
-import globalcom2  # noqa: E402
-from globalcom2 import ops  # noqa: E402
-from globalcom2.cli import main  # noqa: E402
-from globalcom2.visualize import visualize  # noqa: E402
-
-from conftest import make_image  # noqa: E402
+from conftest import make_image
 
 SIZES = [(480, 640), (300, 900), (1000, 300), (336, 336), (20, 4000)]
 
@@ -35,38 +31,34 @@ def test_masks_match_the_plans(tiny, size):
     model, processor = tiny
     image = make_image(*size)
     vis = visualize(model, processor, image, (0.5, 0.1), heatmaps=True)
-    try:
-        adapter = globalcom2.adapters.LlavaNextAdapter(model, globalcom2.GlobalCom2Config())
-        inputs = processor(images=[image], text=["<image>"], return_tensors="pt")
-        with torch.no_grad():
-            encoded = adapter.encode(inputs["pixel_values"], inputs["image_sizes"])
-        for m in vis.masks:
-            plan = adapter.compress(encoded, globalcom2.GlobalCom2Config(retention_ratio=m.retention_ratio)).plans[0]
-            geom = plan.geometry
-            # Thumbnail: exactly the kept indices.
-            assert set(np.flatnonzero(m.thumb_kept.reshape(-1))) == set(plan.thumb_keep.tolist())
-            assert m.thumb_kept.sum() == math.floor(576 * m.retention_ratio)
-            # Crops: the plan's (C, N) masks laid out on the joint grid by hand.
-            assert np.array_equal(m.crop_kept, _joint_by_hand(plan.crop_keep.numpy(), geom.grid_h, geom.grid_w, 24))
-            assert np.array_equal(m.valid, _joint_by_hand(plan.crop_valid.numpy(), geom.grid_h, geom.grid_w, 24))
-            assert not (m.crop_kept & ~m.valid).any()
-            assert m.crop_kept_counts == [int(n * r) for n, r in zip(m.crop_valid_counts, plan.crop_ratios.tolist())]
-            assert m.num_tokens == plan.num_tokens and m.vanilla_tokens == geom.vanilla_num_tokens()
-            if geom.is_empty:
-                assert m.valid.sum() == 0 and m.num_tokens == m.thumb_kept.sum()
-                assert vis.notes
-        maps = vis.importance
-        assert maps.thumbnail.shape == (24, 24)
-        assert np.isnan(maps.score[~vis.masks[0].valid]).all()
-        assert np.isfinite(maps.score[vis.masks[0].valid]).all()
-    finally:
-        plt.close(vis.figure)
+    adapter = globalcom2.adapters.LlavaNextAdapter(model, globalcom2.GlobalCom2Config())
+    inputs = processor(images=[image], text=["<image>"], return_tensors="pt")
+    with torch.no_grad():
+        encoded = adapter.encode(inputs["pixel_values"], inputs["image_sizes"])
+    for m in vis.masks:
+        plan = adapter.compress(encoded, globalcom2.GlobalCom2Config(retention_ratio=m.retention_ratio)).plans[0]
+        geom = plan.geometry
+        # Thumbnail: exactly the kept indices.
+        assert set(np.flatnonzero(m.thumb_kept.reshape(-1))) == set(plan.thumb_keep.tolist())
+        assert m.thumb_kept.sum() == math.floor(576 * m.retention_ratio)
+        # Crops: the plan's (C, N) masks laid out on the joint grid by hand.
+        assert np.array_equal(m.crop_kept, _joint_by_hand(plan.crop_keep.numpy(), geom.grid_h, geom.grid_w, 24))
+        assert np.array_equal(m.valid, _joint_by_hand(plan.crop_valid.numpy(), geom.grid_h, geom.grid_w, 24))
+        assert not (m.crop_kept & ~m.valid).any()
+        assert m.crop_kept_counts == [int(n * r) for n, r in zip(m.crop_valid_counts, plan.crop_ratios.tolist())]
+        assert m.num_tokens == plan.num_tokens and m.vanilla_tokens == geom.vanilla_num_tokens()
+        if geom.is_empty:
+            assert m.valid.sum() == 0 and m.num_tokens == m.thumb_kept.sum()
+            assert vis.notes
+    maps = vis.importance
+    assert maps.thumbnail.shape == (24, 24)
+    assert np.isnan(maps.score[~vis.masks[0].valid]).all()
+    assert np.isfinite(maps.score[vis.masks[0].valid]).all()
 
 
 def test_kept_tokens_have_the_best_scores(tiny):
     model, processor = tiny
     vis = visualize(model, processor, make_image(480, 640), (0.25,), heatmaps=True)
-    plt.close(vis.figure)
     m, score = vis.masks[0], vis.importance.score
     geom = vis.geometry
     for j in range(geom.num_crops):
@@ -79,10 +71,10 @@ def test_kept_tokens_have_the_best_scores(tiny):
 
 def test_model_state_is_left_as_it_was(tiny):
     model, processor = tiny
-    plt.close(visualize(model, processor, make_image(480, 640), (0.25,)).figure)
+    visualize(model, processor, make_image(480, 640), (0.25,))
     assert not globalcom2.is_applied(model)
     globalcom2.apply(model, retention_ratio=0.5, layout="spatial")
-    plt.close(visualize(model, processor, make_image(480, 640), (0.1,)).figure)
+    visualize(model, processor, make_image(480, 640), (0.1,))
     assert globalcom2.get_config(model) == globalcom2.GlobalCom2Config(retention_ratio=0.5, layout="spatial")
 
 
@@ -92,7 +84,6 @@ def test_figures_render(tiny, tmp_path, size, heatmaps):
     vis = visualize(model, processor, make_image(*size), (0.5, 0.25), heatmaps=heatmaps, random_weights=True)
     path = tmp_path / "fig.png"
     vis.save(str(path), dpi=60)
-    plt.close(vis.figure)
     with Image.open(path) as im:
         assert im.width > 300 and im.height > 300
     texts = [t.get_text() for t in vis.figure.texts]
@@ -135,3 +126,15 @@ def test_joint_grid_helper_agrees_with_ops():
     from globalcom2.visualize import _to_grid
 
     assert np.array_equal(_to_grid(x, geom), _joint_by_hand(x, 2, 3, 4))
+
+
+def test_no_pyplot_state_and_no_backend_switch(tiny):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    before = plt.get_fignums()
+    vis = visualize(tiny[0], tiny[1], make_image(336, 336), (0.25,))
+    assert matplotlib.get_backend() == backend  # notebooks keep their inline backend
+    assert plt.get_fignums() == before  # nothing to close, nothing leaks
+    assert vis.figure.axes

@@ -244,15 +244,13 @@ def run_bench(
 def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     """Latency and visual tokens versus retention ratio (PNG), written atomically."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # object-oriented: no pyplot state, no backend switch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("--plot needs matplotlib: pip install 'globalcom2[plot]'") from exc
 
     base, comp = rows[0], sorted(rows[1:], key=lambda r: r.ratio)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
     xs = [r.ratio for r in comp]
     ax1.plot(xs, [r.prefill_ms for r in comp], "o-", label="GlobalCom2 prefill")
     ax1.plot(xs, [r.generate_ms for r in comp], "s-", label="GlobalCom2 generate")
@@ -265,8 +263,5 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     ax2.set(xlabel="retention ratio R", ylabel="visual tokens", title="Visual tokens reaching the LM")
     ax2.legend(fontsize=8)
     fig.suptitle("globalcom2 bench")
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")

@@ -742,10 +742,6 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         vis.save(str(out))
     except OSError as e:
         raise CLIError(f"cannot write {args.output}: {_one_line(e.strerror or str(e))}") from None
-    finally:
-        import matplotlib.pyplot as plt
-
-        plt.close(vis.figure)
     _echo(f"wrote {out}")
     for m in vis.masks:
         crops = ", ".join(f"{r:.2f} ({k}/{n})" for r, k, n in zip(m.crop_ratios, m.crop_kept_counts, m.crop_valid_counts))

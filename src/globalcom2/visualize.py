@@ -205,10 +205,9 @@ def visualize(
         A :class:`Visualization` with the matplotlib figure, per-ratio masks and the maps.
     """
     try:
+        # The object-oriented API: no pyplot state, no backend switch (notebooks keep theirs).
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("pictures need matplotlib: pip install 'globalcom2[plot]'") from exc
@@ -251,7 +250,7 @@ def visualize(
     top_in, bottom_in = 0.75, 0.8
     fig_w = max(content_w + 0.6, 11.0 if heatmaps else 7.0)
     fig_h = top_in + (caption_h + row_h) * len(masks) + (caption_h + heat_h if heatmaps else 0.0) + bottom_in
-    fig = plt.figure(figsize=(fig_w, fig_h))
+    fig = Figure(figsize=(fig_w, fig_h))
     side_margin = (fig_w - content_w) / 2 / fig_w
 
     def band(index: int) -> tuple[float, float]:
