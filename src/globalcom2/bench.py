@@ -257,10 +257,12 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     ax1.axhline(base.prefill_ms, color="C0", ls="--", label="vanilla prefill")
     ax1.axhline(base.generate_ms, color="C1", ls="--", label="vanilla generate")
     ax1.set(xlabel="retention ratio R", ylabel="median latency (ms)", title="Latency")
+    ax1.set_ylim(bottom=0)  # honest scale: bars of time start at zero
     ax1.legend(fontsize=8)
     ax2.plot(xs, [r.visual_tokens for r in comp], "o-", color="C2", label="GlobalCom2")
     ax2.axhline(base.visual_tokens, color="C2", ls="--", label="vanilla")
     ax2.set(xlabel="retention ratio R", ylabel="visual tokens", title="Visual tokens reaching the LM")
+    ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=8)
     fig.suptitle("globalcom2 bench")
     with atomic_path(path) as tmp:
