@@ -204,6 +204,17 @@ def test_extreme_sizes_really_have_no_valid_crop_token(tiny):
 # ----------------------------------------------------------------------------------------------
 
 
+def _forward_matches_reference(model, inputs, ratio, layout):
+    """Apply GlobalCom2, run a forward pass and check what reached the LM; returns the reference."""
+    expected = ref.reference_batch(model, inputs, ratio, layout)
+    globalcom2.apply(model, retention_ratio=ratio, layout=layout)
+    with LMCapture(model) as cap, torch.no_grad():
+        model(**inputs)
+    _assert_same_lm_input(cap.first, expected)
+    _check_counts(model, expected)
+    return expected
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("hw", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
 def test_forward_feeds_the_reference_sequence(tiny, hw, layout):
@@ -211,12 +222,7 @@ def test_forward_feeds_the_reference_sequence(tiny, hw, layout):
     inputs = _inputs(processor, [hw], [PROMPT])
     try:
         for ratio in RATIOS:
-            expected = ref.reference_batch(model, inputs, ratio, layout)
-            globalcom2.apply(model, retention_ratio=ratio, layout=layout)
-            with LMCapture(model) as cap, torch.no_grad():
-                model(**inputs)
-            _assert_same_lm_input(cap.first, expected)
-            _check_counts(model, expected)
+            _forward_matches_reference(model, inputs, ratio, layout)
     finally:
         globalcom2.remove(model)
 
@@ -292,12 +298,7 @@ def test_left_padded_batch_feeds_the_reference_sequences(tiny, layout):
     assert bool((inputs["attention_mask"] == 0).any())  # the batch really is padded
     try:
         for ratio in (0.25, 0.1):
-            expected = ref.reference_batch(model, inputs, ratio, layout)
-            globalcom2.apply(model, retention_ratio=ratio, layout=layout)
-            with LMCapture(model) as cap, torch.no_grad():
-                model(**inputs)
-            _assert_same_lm_input(cap.first, expected)
-            _check_counts(model, expected)
+            expected = _forward_matches_reference(model, inputs, ratio, layout)
 
             with LMCapture(model) as cap:
                 out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
