@@ -124,12 +124,23 @@ def test_unsupported_model_names_what_is_supported():
         globalcom2.apply(nn.Linear(2, 2))
 
 
-def test_untested_transformers_version_is_refused(tiny, monkeypatch):
+@pytest.mark.parametrize("version", ["4.46.0", "5.17.0", "6.0.0"])
+def test_untested_transformers_version_is_refused(tiny, monkeypatch, version):
     import transformers
 
-    monkeypatch.setattr(transformers, "__version__", "4.46.0")
+    monkeypatch.setattr(transformers, "__version__", version)
     with pytest.raises(RuntimeError, match="transformers"):
         globalcom2.apply(tiny[0])
+    assert not globalcom2.is_applied(tiny[0])
+
+
+@pytest.mark.parametrize("version", ["5.18.0", "5.24.0", "5.30.0.dev0"])
+def test_supported_transformers_versions_are_accepted(tiny, monkeypatch, version):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    globalcom2.apply(tiny[0])
+    assert globalcom2.is_applied(tiny[0])
 
 
 def test_vision_tower_keeps_sdpa_and_never_builds_attention_maps(tiny, monkeypatch):
