@@ -233,19 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     vis = sub.add_parser(
         "visualize",
-        help="picture of the kept tokens (and the attention maps behind them) for an image",
+        help="figure of the kept tokens (and the attention maps behind them) for an image",
         description=_para(
-            "Draw the thumbnail and the crop grid as the model sees them (resized, padding hatched), "
-            "with the tokens GlobalCom2 keeps bright and the dropped ones dimmed, each crop labelled "
-            "with its retention ratio and kept/unpadded counts; one row per retention ratio. With "
-            "--heatmaps, one more row shows the [CLS] importance maps that drove the decision: the "
-            "thumbnail's (global), the thumbnail's resized onto the crops (global guidance), the "
-            "crops' own (local) and the combined score. The default model is the tiny random demo "
-            "model (offline; its picture is labelled as such); pass a checkpoint for a real one."
+            "Draw the thumbnail and the crop grid as the model sees them (resized onto the AnyRes "
+            "canvas, padding hatched), with the tokens GlobalCom2 keeps in colour and the dropped ones "
+            "greyed out, each crop labelled with its retention ratio r_j and kept/unpadded tokens, the "
+            "thumbnail with its own; one row per retention ratio. With --heatmaps, the [CLS] importance "
+            "maps that drove the decision are added: the thumbnail's (global), the thumbnail's resized "
+            "onto the crops (global guidance), the crops' own (local) and the combined score. The image "
+            "is encoded once for all ratios. The default model is the tiny random demo model (offline; "
+            "the figure says its kept positions are meaningless); pass a checkpoint for a real picture."
         ),
         epilog=(
             "examples:\n  globalcom2 visualize --image photo.jpg --retention-ratio 0.5,0.25,0.1 --heatmaps\n"
-            f"  globalcom2 visualize --model {EXAMPLE_MODEL} --image photo.jpg --output kept.png"
+            f"  globalcom2 visualize --model {EXAMPLE_MODEL} --image photo.jpg \\\n"
+            '      --prompt "What is on the sign?" --output kept.png'
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -253,14 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--model", default="tiny", metavar="ID_OR_PATH",
                      help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
     vis.add_argument("--retention-ratio", default="0.25", metavar="R[,R...]",
-                     help="one or more comma-separated ratios, one row each (default: 0.25)")
+                     help="one or more comma-separated ratios in (0, 1], one row each (default: 0.25)")
     vis.add_argument("--layout", choices=LAYOUT_CHOICES, default="official",
                      help="layout used for the token counts (the kept tokens are the same in both; default: official)")
     vis.add_argument("--output", default="globalcom2-visualize.png", metavar="OUT.png",
                      help="PNG to write (default: globalcom2-visualize.png)")
     vis.add_argument("--heatmaps", action="store_true", help="add the [CLS] importance maps behind the decisions")
-    vis.add_argument("--title", default=None, metavar="TEXT",
-                     help="figure title, e.g. the question asked about the image (GlobalCom2's choice does not depend on it)")
+    vis.add_argument("--prompt", default=None, metavar="TEXT",
+                     help="a question about the image, shown under the title (GlobalCom2's choice does not depend on "
+                          "it: the importance comes from the vision tower alone)")
+    vis.add_argument("--title", default=None, metavar="TEXT", help="figure title (default: 'GlobalCom2: kept visual tokens at R = ...')")
+    vis.add_argument("--dpi", type=int, default=110, metavar="N", help="resolution of the PNG (default: 110)")
     vis.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="auto: cuda when available (default: auto)")
     vis.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
@@ -710,45 +715,60 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from .config import GlobalCom2Config
     from .efficiency import parse_ratios
 
+    # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
     try:
         ratios = parse_ratios(args.retention_ratio)
         for r in ratios:
             GlobalCom2Config(retention_ratio=r, layout=args.layout)
     except ValueError as e:
         raise CLIError(f"--retention-ratio: {e}") from None
+    if not 20 <= args.dpi <= 600:
+        raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
     out = Path(args.output).expanduser()
-    if not out.resolve().parent.is_dir():
-        raise CLIError(f"--output: directory {out.resolve().parent} does not exist")
     if out.is_dir():
         raise CLIError(f"--output: {args.output} is a directory")
+    if not out.resolve().parent.is_dir():
+        raise CLIError(f"--output: directory {out.resolve().parent} does not exist")
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("visualize needs matplotlib: pip install 'globalcom2[plot]'")
     image = load_image(args.image)
     device = _pick_device(args.device)
     dtype = _pick_dtype(args.dtype, device)
 
+    # 2. The model ('tiny' or a checked, loaded checkpoint), then the figure.
+    random_weights = args.model == "tiny"
+    if random_weights:
+        _status(f"{PROG}: building the tiny random demo model (no download) ...")
+    model, processor = get_model(args.model, device, dtype)
     from .visualize import visualize
 
-    random_weights = args.model == "tiny"
-    model, processor = get_model(args.model, device, dtype)
-    name = "tiny random demo model" if random_weights else args.model
-    _status(f"{PROG}: encoding the image and compressing it at R = {', '.join(f'{r:g}' for r in ratios)} ...")
     ratio_text = ", ".join(f"{r:g}" for r in ratios)
-    title = args.title or f"GlobalCom2: kept visual tokens at R = {ratio_text}"
-    title += f"\n{name}, image {image.width}x{image.height}"
-    vis = visualize(model, processor, image, ratios, layout=args.layout, heatmaps=args.heatmaps, title=title,
-                    random_weights=random_weights)
+    _status(f"{PROG}: encoding the image once and compressing it at R = {ratio_text} ...")
     try:
-        vis.save(str(out))
+        vis = visualize(
+            model, processor, image, ratios, layout=args.layout, heatmaps=args.heatmaps, title=args.title,
+            prompt=args.prompt, model_name="tiny random demo model" if random_weights else args.model,
+            random_weights=random_weights,
+        )
+    except ValueError as e:  # an unsupported model (e.g. no [CLS] token)
+        raise CLIError(f"cannot visualize with {args.model!r}: {_one_line(str(e))}") from None
+    _status(f"{PROG}: drawing {out} ...")
+    try:
+        vis.save(str(out), dpi=args.dpi)
     except OSError as e:
         raise CLIError(f"cannot write {args.output}: {_one_line(e.strerror or str(e))}") from None
+
+    # 3. Report: the file, then one line per ratio.
     _echo(f"wrote {out}")
     for m in vis.masks:
         crops = ", ".join(f"{r:.2f} ({k}/{n})" for r, k, n in zip(m.crop_ratios, m.crop_kept_counts, m.crop_valid_counts))
         _echo(
-            f"R={m.retention_ratio:g}: {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens; thumbnail "
-            f"{int(m.thumb_kept.sum())}/{m.thumb_kept.size}" + (f"; crops r_j (kept/unpadded): {crops}" if crops else "")
+            f"R={m.retention_ratio:g}: {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens "
+            f"({m.num_tokens / m.vanilla_tokens:.1%}); thumbnail {m.thumb_kept_count}/{m.thumb_kept.size}"
+            + (f"; crops r_j (kept/unpadded): {crops}" if crops else "")
         )
+    for note in vis.notes:
+        _echo(f"note: {note}")
     if random_weights:
         _echo("NOTE: tiny random demo model: which tokens are kept is meaningless; pass --model for a real checkpoint.")
     return 0

@@ -1,15 +1,17 @@
 """Pictures of what GlobalCom2 keeps, and why (matplotlib).
 
 For one image and one or more retention ratios, :func:`visualize` draws, one row per ratio, the
-thumbnail and the crop grid the way the model sees them (resized; padding hatched), with the kept
-tokens bright and the dropped ones dimmed, each crop labelled with its retention ratio ``r_j`` and
-kept/unpadded counts. With ``heatmaps=True`` one more row shows the [CLS] importance maps that
-drove the decision: the thumbnail's (global), the thumbnail's resized onto the crops' unpadded
-area (global guidance per crop), the crops' own (local), and the combined score. Those maps do not
-depend on the ratio, so they are drawn once.
+thumbnail and the crop grid the way the model sees them (the processor's resizing, padding shown
+hatched), with the kept tokens as they are and the dropped ones dimmed; every crop is labelled with
+its retention ratio ``r_j`` and kept/unpadded counts, the thumbnail with its own. With
+``heatmaps=True`` a last section shows the [CLS] importance maps that drove the decision: the
+thumbnail's (global), the thumbnail's resized onto the crops' unpadded area (global guidance per
+crop), the crops' own (local), and the combined score. Those maps depend neither on the ratio nor
+on the prompt, so they are drawn once.
 
-The image is encoded once; every ratio reuses the same features. The model is left exactly as it
-was (patched or not, with the same settings).
+The image is encoded once; every ratio reuses the same features and importance. The model is left
+exactly as it was (patched or not, with the same settings). Only matplotlib's object-oriented API is
+used: no pyplot state, no backend switch, nothing is shown.
 
 >>> vis = visualize(model, processor, image, retention_ratios=(0.5, 0.25, 0.1), heatmaps=True)  # doctest: +SKIP
 >>> vis.save("kept.png"); vis.masks[1].crop_kept.sum()                                         # doctest: +SKIP
@@ -18,9 +20,8 @@ was (patched or not, with the same settings).
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,11 +29,32 @@ import torch
 from . import ops
 from ._io import atomic_path
 from .config import GlobalCom2Config
-from .picture import _token_image, canvas_layout
+from .picture import canvas_layout
 
-__all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize"]
+__all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize", "RANDOM_WEIGHTS_NOTE"]
 
-RANDOM_WEIGHTS_NOTE = "Random weights (demo model): which tokens are kept is meaningless; counts and budgets are real."
+RANDOM_WEIGHTS_NOTE = (
+    "Random weights (tiny demo model): the kept positions are meaningless; the counts and crop budgets are real."
+)
+PLOT_HINT = "pictures need matplotlib: pip install 'globalcom2[plot]'"
+
+# Colours (RGB 0-255 for pixels, matplotlib colours for the rest).
+_PAD_FACE = (0.97, 0.97, 0.98)  # padding: near white, hatched (the same in the heat maps)
+_PAD_HATCH = (0.5, 0.5, 0.58)
+_TEXT = "0.1"
+_MUTED = "0.35"
+_NOTE = (0.72, 0.12, 0.08)
+_CMAP = "magma"
+
+# Layout (inches).
+_MARGIN = 0.35
+_GAP = 0.4  # between the thumbnail and the crops
+_THUMB = 2.6  # thumbnail panel side
+_VIEW_MAX = 2.5  # side of one crop, at most
+_CROPS_MAX_W, _CROPS_MAX_H = 10.5, 6.3
+_MIN_W, _MIN_W_HEAT = 6.8, 11.0  # width of the text block, at least
+_ROW_SPACE = 0.35
+_CBAR = 0.95  # room right of a heat map: gap, colour bar, its tick labels, gap to the next map
 
 
 @dataclass
@@ -41,9 +63,10 @@ class RatioMasks:
 
     Attributes:
         retention_ratio: R.
-        thumb_kept: (S, S) bool, kept thumbnail tokens.
-        crop_kept: (H, W) bool on the crops' joint token grid (crop j covers rows
-            ``(j // gw) * S ...`` and columns ``(j % gw) * S ...``); empty (0, 0) without crops.
+        thumb_kept: (S, S) bool, kept thumbnail tokens (``thumb_kept.reshape(-1)[plan.thumb_keep]``).
+        crop_kept: (H, W) bool on the crops' joint token grid, H = gh * S, W = gw * S: token
+            ``(row, col)`` is token ``(row % S) * S + col % S`` of crop ``(row // S) * gw + col // S``;
+            empty (0, 0) without crops.
         valid: (H, W) bool, tokens that survive unpadding.
         crop_ratios: (C,) retention ratio ``r_j`` of each crop.
         crop_kept_counts, crop_valid_counts: per crop, kept and unpadded tokens.
@@ -60,6 +83,15 @@ class RatioMasks:
     crop_valid_counts: list[int]
     num_tokens: int
     vanilla_tokens: int
+
+    @property
+    def thumb_kept_count(self) -> int:
+        return int(self.thumb_kept.sum())
+
+    @property
+    def newlines(self) -> int:
+        """Image-newline tokens in the sequence (what is neither thumbnail nor crop token)."""
+        return self.num_tokens - self.thumb_kept_count - sum(self.crop_kept_counts)
 
 
 @dataclass
@@ -81,7 +113,17 @@ class ImportanceMaps:
 
 @dataclass
 class Visualization:
-    """A rendered figure and the data behind it."""
+    """A rendered figure and the data behind it.
+
+    Attributes:
+        figure: the matplotlib ``Figure`` (displayed by notebooks; :meth:`save` writes it).
+        masks: one :class:`RatioMasks` per retention ratio, in the order given.
+        importance: the :class:`ImportanceMaps` (the same for every ratio).
+        geometry: the crop geometry (None for a single-view image).
+        image_size: (height, width) of the original image.
+        layout: the GlobalCom2 layout used for the token counts.
+        notes: remarks about the case drawn (e.g. no crop token survives unpadding).
+    """
 
     figure: Any
     masks: list[RatioMasks]
@@ -95,6 +137,11 @@ class Visualization:
         """Write the figure as PNG, atomically (nothing half-written on failure)."""
         with atomic_path(path) as tmp:
             self.figure.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: masks and maps from the plans
+# ------------------------------------------------------------------------------------------------
 
 
 def _to_grid(x: np.ndarray, geom: ops.CropGeometry) -> np.ndarray:
@@ -150,20 +197,10 @@ def _importance_maps(plan: ops.CompressionPlan, local: torch.Tensor) -> Importan
     return ImportanceMaps(thumb, glob, loc, score)
 
 
-def _crop_caption(m: RatioMasks, geom: ops.CropGeometry | None, lay: dict[str, int] | None, layout: str, chars: int) -> str:
-    if geom is None or lay is None:
-        return ""
-    caption = (
-        f"crops: {geom.grid_h}x{geom.grid_w} grid, image resized to {lay['new_width']}x{lay['new_height']} on a "
-        f"{lay['width']}x{lay['height']} canvas; kept {sum(m.crop_kept_counts):,}/{sum(m.crop_valid_counts):,} unpadded "
-        f"tokens. The language model sees {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens "
-        f"({m.num_tokens / m.vanilla_tokens:.0%}; {layout} layout, newlines included)."
-    )
-    return textwrap.fill(caption, chars)
-
-
 def _model_views(image: Any, geom: ops.CropGeometry | None, view: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, int] | None]:
-    """(thumbnail pixels, crop canvas pixels, canvas layout) as the processor builds them."""
+    """(thumbnail pixels, crop canvas pixels, canvas layout) as the LLaVA-NeXT processor builds them:
+    the thumbnail is the whole image squeezed to one view; the crops cover the image resized (aspect
+    kept) into the best resolution and centred on a zero-padded canvas."""
     from PIL import Image
 
     image = image.convert("RGB")
@@ -177,6 +214,399 @@ def _model_views(image: Any, geom: ops.CropGeometry | None, view: int) -> tuple[
     return thumb, canvas, lay
 
 
+def _grey_out(pixels: np.ndarray) -> np.ndarray:
+    """How a dropped token looks: its luminance squeezed into a flat grey band (float32, RGB).
+
+    Kept tokens keep their colours and full contrast; greyed-out ones stay distinguishable from
+    them on dark and on bright images alike (a dark blend would hide them in a night sky).
+    """
+    lum = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.repeat((125.0 + 0.3 * lum)[..., None], 3, axis=-1)
+
+
+def _kept_pixels(pixels: np.ndarray, keep: np.ndarray, valid: np.ndarray, cell: int) -> np.ndarray:
+    """Kept token cells as they are, dropped ones greyed out, padded ones flat (hatched later). uint8."""
+    up = np.ones((cell, cell), dtype=bool)
+    keep_px = np.kron(keep, up).astype(bool)[..., None]
+    valid_px = np.kron(valid, up).astype(bool)[..., None]
+    pad = np.array(_PAD_FACE, np.float32) * 255
+    out = np.where(valid_px, np.where(keep_px, pixels.astype(np.float32), _grey_out(pixels)), pad)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _pad_rects(geom: ops.CropGeometry) -> list[tuple[int, int, int, int]]:
+    """The padded parts of the joint token grid as (row0, col0, rows, cols) rectangles."""
+    if geom.is_empty:
+        return [(0, 0, geom.height, geom.width)]
+    rects = [
+        (0, 0, geom.row0, geom.width),
+        (geom.row1, 0, geom.height - geom.row1, geom.width),
+        (geom.row0, 0, geom.valid_rows, geom.col0),
+        (geom.row0, geom.col1, geom.valid_rows, geom.width - geom.col1),
+    ]
+    return [r for r in rects if r[2] > 0 and r[3] > 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Drawing helpers: text measured with the Agg renderer, everything placed in inches
+# ------------------------------------------------------------------------------------------------
+
+
+class _Type:
+    """Text measurement (in inches) with matplotlib's own renderer, so that wrapping is exact."""
+
+    def __init__(self) -> None:
+        from matplotlib.backends.backend_agg import RendererAgg
+        from matplotlib.font_manager import FontProperties
+
+        self._renderer = RendererAgg(10, 10, 72)  # 72 dpi: pixels are points
+        self._props = FontProperties
+
+    def width(self, text: str, size: float, weight: str = "normal") -> float:
+        prop = self._props(size=size, weight=weight)
+        w, _, _ = self._renderer.get_text_width_height_descent(text, prop, ismath=False)
+        return w / 72 * 1.03  # a little slack for hinting at other resolutions
+
+    @staticmethod
+    def line(size: float) -> float:
+        """Line height in inches."""
+        return size * 1.32 / 72
+
+    def wrap(self, text: str, width: float, size: float, weight: str = "normal") -> list[str]:
+        """Greedy word wrap to at most ``width`` inches per line (a longer word stays whole)."""
+        lines: list[str] = []
+        for paragraph in text.split("\n"):
+            line = ""
+            for word in paragraph.split(" "):
+                trial = word if not line else f"{line} {word}"
+                if line and self.width(trial, size, weight) > width:
+                    lines.append(line)
+                    line = word
+                else:
+                    line = trial
+            lines.append(line)
+        return lines
+
+
+class _Sheet:
+    """Collects drawing steps at inch positions (from the top left); builds the Figure at the end,
+    when its height is known."""
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self.height = 0.0
+        self.steps: list[Callable[[Any], None]] = []
+
+    def rect(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
+        """Figure fractions of a box whose top-left corner is (x, y) inches from the top left."""
+        return (x / self.width, (self.height - y - h) / self.height, w / self.width, h / self.height)
+
+    def axes(self, x: float, y: float, w: float, h: float, setup: Callable[[Any], None]) -> None:
+        """An axes of ``w`` x ``h`` inches at (x, y), handed to ``setup`` once the figure exists."""
+        self.steps.append(lambda fig: setup(fig.add_axes(self.rect(x, y, w, h))))
+
+    def text(self, x: float, y: float, text: str, **kw: Any) -> None:
+        """Text whose top (``va='top'``) left corner is at (x, y) inches (``ha`` may change x's role)."""
+        kw.setdefault("va", "top")
+        kw.setdefault("ha", "left")
+        kw.setdefault("color", _TEXT)
+        self.steps.append(lambda fig: fig.text(x / self.width, 1 - y / self.height, text, **kw))
+
+    def build(self, height: float) -> Any:
+        from matplotlib.figure import Figure
+
+        self.height = height
+        fig = Figure(figsize=(self.width, height), facecolor="white")
+        for step in self.steps:
+            step(fig)
+        return fig
+
+
+def _bare(ax: Any) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("0.3")
+        spine.set_linewidth(0.8)
+
+
+def _hatch_rect(ax: Any, x: float, y: float, w: float, h: float, zorder: float = 2) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((x, y), w, h, facecolor=_PAD_FACE, edgecolor=_PAD_HATCH, hatch="///", linewidth=0, zorder=zorder))
+
+
+def _crop_lines(ax: Any, geom: ops.CropGeometry, unit: float, color: str = "white", lw: float = 1.6) -> None:
+    for r in range(1, geom.grid_h):
+        ax.axhline(r * unit - 0.5, color=color, lw=lw, zorder=4)
+    for c in range(1, geom.grid_w):
+        ax.axvline(c * unit - 0.5, color=color, lw=lw, zorder=4)
+
+
+def _swatches() -> dict[str, np.ndarray]:
+    t = np.linspace(0.0, 1.0, 24)[None, :, None]
+    kept = ((1 - t) * np.array([70, 140, 220.0]) + t * np.array([250, 205, 110.0])).repeat(12, axis=0)
+    return {"kept": kept.astype(np.uint8), "dropped": np.clip(_grey_out(kept), 0, 255).astype(np.uint8)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The figure
+# ------------------------------------------------------------------------------------------------
+
+
+def _heat_arrangement(aspect: float, width: float) -> tuple[list[list[int]], float]:
+    """Rows of heat-map panels (indices 0..3, 0 = thumbnail) and the panel height, in inches.
+
+    One row ``[1, a, a, a]`` (a = the crop grid's width / height) while the maps stay readable
+    (square and tall grids), else two rows ``[1, a], [a, a]`` (wide grids).
+    """
+    cap = 2.6 if aspect >= 1 else 4.0
+    one = min((width - 4 * _CBAR) / (1 + 3 * aspect), cap)
+    if one >= 1.5:
+        return [[0, 1, 2, 3]], one
+    return [[0, 1], [2, 3]], min((width - 2 * _CBAR) / max(2 * aspect, 1 + aspect), cap)
+
+
+def _draw(
+    *,
+    thumb_px: np.ndarray,
+    canvas_px: np.ndarray | None,
+    lay: dict[str, int] | None,
+    geom: ops.CropGeometry | None,
+    masks: list[RatioMasks],
+    maps: ImportanceMaps,
+    heatmaps: bool,
+    view: int,
+    cell: int,
+    side: int,
+    title: str,
+    subtitle: str,
+    prompt: str | None,
+    random_weights: bool,
+    layout: str,
+) -> tuple[Any, list[str]]:
+    """Lay the figure out in inches (text measured, so nothing overlaps) and build it."""
+    import matplotlib
+
+    ty = _Type()
+    sw = _swatches()
+
+    # -- sizes ------------------------------------------------------------------------------------
+    if geom is not None:
+        view_in = min(_VIEW_MAX, _CROPS_MAX_W / geom.grid_w, _CROPS_MAX_H / geom.grid_h)
+        crop_w, crop_h = view_in * geom.grid_w, view_in * geom.grid_h
+    else:
+        view_in, crop_w, crop_h = _THUMB, 0.0, 0.0
+    thumb_in = _THUMB if geom is None else min(_THUMB, max(crop_h, 1.8))
+    content_w = thumb_in + (_GAP + crop_w if geom is not None else 0.0)
+    block_w = max(content_w, _MIN_W_HEAT if heatmaps else _MIN_W)
+    fig_w = block_w + 2 * _MARGIN
+    x0 = _MARGIN
+    sheet = _Sheet(fig_w)
+    y = _MARGIN * 0.8
+
+    # -- header: title, subtitle, prompt, note, legend ---------------------------------------------
+    for line in ty.wrap(title, block_w, 14, "bold"):
+        sheet.text(fig_w / 2, y, line, ha="center", fontsize=14, fontweight="bold")
+        y += ty.line(14)
+    y += 0.04
+    for line in ty.wrap(subtitle, block_w, 10):
+        sheet.text(fig_w / 2, y, line, ha="center", fontsize=10, color=_MUTED)
+        y += ty.line(10)
+    if prompt:
+        text = f'prompt: "{" ".join(prompt.split())}" (GlobalCom2\'s choice does not depend on it: only the vision side decides)'
+        for line in ty.wrap(text, block_w, 10):
+            sheet.text(fig_w / 2, y, line, ha="center", fontsize=10, color=_MUTED, fontstyle="italic")
+            y += ty.line(10)
+    if random_weights:
+        y += 0.06
+        for line in ty.wrap(RANDOM_WEIGHTS_NOTE, block_w, 10.5, "bold"):
+            sheet.text(fig_w / 2, y, line, ha="center", fontsize=10.5, fontweight="bold", color=_NOTE)
+            y += ty.line(10.5)
+    y += 0.16
+
+    # Legend: swatches drawn like the tokens, items flowing onto a second line if needed.
+    items = [
+        ("kept", "kept token (reaches the language model)"),
+        ("dropped", "dropped token (greyed out)"),
+        ("padding", "padding (removed by unpadding)"),
+        (None, f"one cell = one visual token ({cell}x{cell} px patch)"),
+    ]
+    sw_w, sw_h, size = 0.34, 0.17, 9
+    x = x0
+    for kind, label in items:
+        need = (sw_w + 0.08 if kind else 0) + ty.width(label, size)
+        if x > x0 and x + need > x0 + block_w:
+            x, y = x0, y + 0.3
+        if kind is not None:
+
+            def setup(ax: Any, kind: str = kind) -> None:
+                _bare(ax)
+                if kind == "padding":
+                    ax.set_xlim(0, 1)
+                    ax.set_ylim(0, 1)
+                    _hatch_rect(ax, 0, 0, 1, 1)
+                else:
+                    ax.imshow(sw[kind], aspect="auto", interpolation="nearest")
+
+            sheet.axes(x, y + 0.01, sw_w, sw_h, setup)
+            x += sw_w + 0.08
+        sheet.text(x, y + 0.01, label, fontsize=size, color=_TEXT if kind else _MUTED)
+        x += ty.width(label, size) + 0.3
+    y += 0.45
+
+    # -- one row per ratio --------------------------------------------------------------------------
+    notes: list[str] = []
+    label_size = 8 if view_in >= 1.5 else 6.5
+    for m in masks:
+        # Row header: the ratio, then what the language model gets.
+        head = f"R = {m.retention_ratio:g}"
+        head_w = ty.width(head, 12.5, "bold") + 0.15
+        sheet.text(x0, y - 0.02, head, fontsize=12.5, fontweight="bold")
+        crop_total = sum(m.crop_kept_counts)
+        parts = f"{m.thumb_kept_count:,} thumbnail"
+        if geom is not None:
+            parts += f" + {crop_total:,} crop tokens"
+        parts += f" + {m.newlines:,} row newline{'s' if m.newlines != 1 else ''}"
+        summary = (
+            f"the language model gets {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens "
+            f"({m.num_tokens / m.vanilla_tokens:.0%}): {parts} ({layout} layout)"
+        )
+        lines = ty.wrap(summary, block_w - head_w, 9.5)
+        for k, line in enumerate(lines):
+            sheet.text(x0 + head_w, y + k * ty.line(9.5), line, fontsize=9.5, color=_MUTED)
+        y += max(ty.line(12.5), len(lines) * ty.line(9.5)) + 0.1
+
+        # Panel titles.
+        n_thumb = m.thumb_kept.size
+        t_title = ty.wrap(f"thumbnail: kept {m.thumb_kept_count}/{n_thumb} ({m.thumb_kept_count / n_thumb:.0%})", thumb_in, 9.5)
+        c_title: list[str] = []
+        if geom is not None and lay is not None:
+            valid_total = sum(m.crop_valid_counts)
+            share = f" ({crop_total / valid_total:.0%})" if valid_total else ""
+            c_title = ty.wrap(
+                f"crops: {geom.grid_h}x{geom.grid_w} grid, kept {crop_total:,}/{valid_total:,} unpadded tokens{share}",
+                block_w - thumb_in - _GAP, 9.5,  # nothing is right of the crops: the title may use that room
+            )
+        for k, line in enumerate(t_title):
+            sheet.text(x0, y + k * ty.line(9.5), line, fontsize=9.5)
+        for k, line in enumerate(c_title):
+            sheet.text(x0 + thumb_in + _GAP, y + k * ty.line(9.5), line, fontsize=9.5)
+        y += max(len(t_title), len(c_title)) * ty.line(9.5) + 0.05
+
+        # Thumbnail.
+        thumb_img = _kept_pixels(thumb_px, m.thumb_kept, np.ones_like(m.thumb_kept), cell)
+
+        def thumb_setup(ax: Any, img: np.ndarray = thumb_img) -> None:
+            _bare(ax)
+            ax.imshow(img, interpolation="antialiased")
+
+        sheet.axes(x0, y, thumb_in, thumb_in, thumb_setup)
+        if geom is None or canvas_px is None:
+            y += thumb_in + _ROW_SPACE
+            continue
+
+        # Crops.
+        crop_img = _kept_pixels(canvas_px, m.crop_kept, m.valid, cell)
+        empty_text = "\n".join(
+            ty.wrap("no unpadded crop tokens: the image contributes its thumbnail tokens only", crop_w * 0.8 - 0.2, 9.5)
+        )
+
+        def crop_setup(ax: Any, img: np.ndarray = crop_img, m: RatioMasks = m, empty_text: str = empty_text) -> None:
+            _bare(ax)
+            ax.imshow(img, interpolation="antialiased", zorder=1)
+            for r0, c0, nr, nc in _pad_rects(geom):
+                _hatch_rect(ax, c0 * cell - 0.5, r0 * cell - 0.5, nc * cell, nr * cell)
+            ax.set_xlim(-0.5, img.shape[1] - 0.5)
+            ax.set_ylim(img.shape[0] - 0.5, -0.5)
+            _crop_lines(ax, geom, view)
+            for j in range(geom.num_crops):
+                gy, gx = divmod(j, geom.grid_w)
+                if m.crop_valid_counts[j]:
+                    label = f"r={m.crop_ratios[j]:.2f} · {m.crop_kept_counts[j]}/{m.crop_valid_counts[j]}"
+                else:
+                    label = "all padding"
+                ax.annotate(
+                    label, (gx * view, gy * view), xytext=(4, -4), textcoords="offset points", va="top", ha="left",
+                    fontsize=label_size, color=_TEXT, zorder=6,
+                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.35", lw=0.6, alpha=0.92),
+                )
+            if geom.is_empty:
+                ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center", va="center", fontsize=9.5,
+                        color="white", zorder=7, bbox=dict(boxstyle="round,pad=0.5", fc="0.2", ec="white"))
+
+        sheet.axes(x0 + thumb_in + _GAP, y, crop_w, crop_h, crop_setup)
+        if geom.is_empty and not notes:
+            notes.append("no crop token survives unpadding: the image contributes its thumbnail tokens only")
+        y += max(thumb_in, crop_h) + _ROW_SPACE
+
+    # -- heat maps -----------------------------------------------------------------------------------
+    if heatmaps:
+        y += 0.1
+        sheet.text(x0, y, "What drove the decision (the same for every R)", fontsize=12.5, fontweight="bold")
+        y += ty.line(12.5) + 0.02
+        explain = (
+            "[CLS] attention logits of the vision tower's last layer (pre-softmax, mean over heads). The thumbnail's "
+            "map, summed over each crop's region, sets the crop budgets r_j; inside a crop, tokens are ranked by the "
+            "combined score. Hatched grey: padding (no token)."
+        )
+        for line in ty.wrap(explain, block_w, 9.5):
+            sheet.text(x0, y, line, fontsize=9.5, color=_MUTED)
+            y += ty.line(9.5)
+        y += 0.12
+        aspect = (geom.width / geom.height) if geom is not None else 1.0
+        rows, h = _heat_arrangement(aspect, block_w)
+        names = [
+            "global: the thumbnail's [CLS] logits",
+            "global guidance: the thumbnail's map resized onto the crops",
+            "local: each crop's own [CLS] logits",
+            "combined score: normalised global + normalised local",
+        ]
+        datas = [maps.thumbnail, maps.global_on_crops, maps.local, maps.score]
+        for row in rows:
+            widths = [min(h, _THUMB) if k == 0 else h * aspect for k in row]  # a square thumbnail map
+            titles = [ty.wrap(names[k], w + _CBAR - 0.3, 9) for k, w in zip(row, widths)]
+            title_h = max(len(t) for t in titles) * ty.line(9) + 0.05
+            x = x0
+            for k, w, tl in zip(row, widths, titles):
+                for i, line in enumerate(tl):
+                    sheet.text(x, y + i * ty.line(9), line, fontsize=9)
+                data = datas[k]
+                has = data.size > 0 and bool(np.isfinite(data).any())
+                ph = w if k == 0 else h  # panel height
+                cax_box = (x + w + 0.08, y + title_h, 0.12, ph)
+
+                def heat_setup(ax: Any, data: np.ndarray = data, k: int = k, has: bool = has, cax_box: tuple = cax_box) -> None:
+                    _bare(ax)
+                    fig = ax.figure
+                    if k > 0 and geom is None:
+                        ax.text(0.5, 0.5, "single view:\nno crops", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+                        return
+                    shape = data.shape if data.size else (side, side)
+                    ax.set_xlim(-0.5, shape[1] - 0.5)
+                    ax.set_ylim(shape[0] - 0.5, -0.5)
+                    if has:
+                        cmap = matplotlib.colormaps[_CMAP]
+                        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, interpolation="nearest", aspect="auto", zorder=1)
+                        cax = fig.add_axes(sheet.rect(*cax_box))
+                        bar = fig.colorbar(im, cax=cax)
+                        bar.ax.tick_params(labelsize=7, length=2, pad=1.5)
+                        bar.outline.set_linewidth(0.5)
+                    if k > 0 and geom is not None:
+                        for r0, c0, nr, nc in _pad_rects(geom):
+                            _hatch_rect(ax, c0 - 0.5, r0 - 0.5, nc, nr)
+                        _crop_lines(ax, geom, side, lw=1.0)
+                        if not has:
+                            ax.text(0.5, 0.5, "no unpadded\ncrop tokens", transform=ax.transAxes, ha="center", va="center",
+                                    fontsize=9, zorder=7, bbox=dict(boxstyle="round", fc="white", ec="0.4"))
+
+                sheet.axes(x, y + title_h, w, ph, heat_setup)
+                x += w + _CBAR
+            y += title_h + h + 0.25
+
+    return sheet.build(y + _MARGIN * 0.6), notes
+
+
 def visualize(
     model: Any,
     processor: Any,
@@ -185,160 +615,78 @@ def visualize(
     layout: str = "official",
     heatmaps: bool = False,
     title: str | None = None,
+    prompt: str | None = None,
+    model_name: str | None = None,
     random_weights: bool = False,
     temperature: float = 10.0,
 ) -> Visualization:
     """Draw what GlobalCom2 keeps of ``image`` at each retention ratio (one row each).
 
     Args:
-        model: a LLaVA-NeXT model (patched or not; left as it was).
+        model: a LLaVA-NeXT model (patched by :func:`globalcom2.apply` or not; left exactly as it was).
         processor: its processor.
         image: a PIL image.
-        retention_ratios: one row per ratio.
-        layout: GlobalCom2 layout (changes only the token count: the kept sets are the same).
-        heatmaps: add a row with the importance maps behind the decisions.
-        title: figure title (default: a description of the model and image).
-        random_weights: mark the figure as made with a random-weights model.
+        retention_ratios: one row per ratio (each ``0 < R <= 1``).
+        layout: GlobalCom2 layout; it changes only the token counts, not which tokens are kept.
+        heatmaps: add the [CLS] importance maps behind the decisions.
+        title: figure title (default: "GlobalCom2: kept visual tokens at R = ...").
+        prompt: a question about the image, shown under the title (the kept tokens do not depend on it).
+        model_name: how to name the model (default: its ``name_or_path``, else its class).
+        random_weights: mark the figure as made with a random-weights model (the tiny demo model).
         temperature: tau of the crop budgets.
 
     Returns:
-        A :class:`Visualization` with the matplotlib figure, per-ratio masks and the maps.
+        A :class:`Visualization` with the matplotlib figure, per-ratio masks and the importance maps.
+
+    Raises:
+        ValueError: a bad ratio or layout, or an unsupported model.
+        RuntimeError: matplotlib is not installed.
     """
     try:
-        # The object-oriented API: no pyplot state, no backend switch (notebooks keep theirs).
-        import matplotlib
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
+        import matplotlib  # noqa: F401  (the object-oriented API only: no pyplot, no backend switch)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("pictures need matplotlib: pip install 'globalcom2[plot]'") from exc
+        raise RuntimeError(PLOT_HINT) from exc
     from .adapters import adapter_for
 
-    configs = [GlobalCom2Config(retention_ratio=r, layout=layout, temperature=temperature) for r in retention_ratios]
-    if not configs:
+    retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
+    if not retention_ratios:
         raise ValueError("retention_ratios must hold at least one ratio")
-    adapter = adapter_for(model)(model, configs[0])  # not patched: used for encode/compress only
-    inputs = processor(images=[image], text=[getattr(processor, "image_token", None) or "<image>"], return_tensors="pt")
-    device = next(model.parameters()).device
-    pixel_values = inputs["pixel_values"].to(device=device, dtype=next(model.parameters()).dtype)
+    configs = [GlobalCom2Config(retention_ratio=r, layout=layout, temperature=temperature) for r in retention_ratios]
+    # A fresh, never-patched adapter used for encode/compress only: the model's own state (applied or
+    # not, its config, its adapter's `.last`) is not touched.
+    adapter = adapter_for(model)(model, configs[0])
+    adapter.validate()
+    image = image.convert("RGB")
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    inputs = processor(images=[image], text=[image_token], return_tensors="pt")
+    param = next(adapter.inner.vision_tower.parameters())
+    pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
         encoded = adapter.encode(pixel_values, inputs["image_sizes"])
-        results = [adapter.compress(encoded, cfg) for cfg in configs]
+        plans = [adapter.compress(encoded, cfg).plans[0] for cfg in configs]
     vanilla = encoded.vanilla_counts[0]
-    plans = [res.plans[0] for res in results]
     masks = [_masks(p, cfg.retention_ratio, vanilla) for p, cfg in zip(plans, configs)]
     geom = plans[0].geometry
     maps = _importance_maps(plans[0], encoded.importance[0][1:])
 
-    vc = model.config.vision_config
-    view, side = vc.image_size, vc.image_size // vc.patch_size
+    vc = adapter.hf_config.vision_config
+    view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
     cell = view // side
     thumb_px, canvas_px, lay = _model_views(image, geom, view)
 
-    # -- figure layout (inches): a caption band above every row; the crop canvas gets the row height --
-    crop_aspect = (lay["width"] / lay["height"]) if lay else 1.0
-    row_h, thumb_w, gap = 4.0, 2.6, 0.3
-    if crop_aspect < 1:  # a tall canvas: taller rows, so that the crops are not tiny
-        row_h = min(row_h / crop_aspect, 7.5)
-    crop_w = min(max(row_h * crop_aspect, 2.0), 11.5)
-    if crop_w >= 11.5:  # a very wide canvas: shorter rows instead of an endless figure
-        row_h = max(1.6, crop_w / crop_aspect)
-    chars = max(int(crop_w * 72 / (8.5 * 0.6)), 40)  # characters that fit over the crop panel at 8.5 pt
-    captions = [_crop_caption(m, geom, lay, layout, chars) for m in masks]
-    caption_h = 0.3 + 0.17 * max([2] + [c.count("\n") + 1 for c in captions])
-    content_w = thumb_w + gap + crop_w
-    heat_h = 2.6 if heatmaps else 0.0
-    top_in, bottom_in = 0.75, 0.8
-    fig_w = max(content_w + 0.6, 11.0 if heatmaps else 7.0)
-    fig_h = top_in + (caption_h + row_h) * len(masks) + (caption_h + heat_h if heatmaps else 0.0) + bottom_in
-    fig = Figure(figsize=(fig_w, fig_h))
-    side_margin = (fig_w - content_w) / 2 / fig_w
-
-    def band(index: int) -> tuple[float, float]:
-        """(bottom, top) of ratio row ``index``'s image area, in figure fractions."""
-        top = fig_h - top_in - index * (caption_h + row_h) - caption_h
-        return (top - row_h) / fig_h, top / fig_h
-
-
-    notes: list[str] = []
-    for row, (m, plan) in enumerate(zip(masks, plans)):
-        bottom, top = band(row)
-        inner = fig.add_gridspec(
-            1, 2, width_ratios=[thumb_w, crop_w], wspace=gap / (content_w / 2),
-            left=side_margin, right=1 - side_margin, bottom=bottom, top=top,
-        )
-        ax_t = fig.add_subplot(inner[0])
-        ax_t.imshow(np.asarray(_token_image(thumb_px, m.thumb_kept, np.ones_like(m.thumb_kept), cell)))
-        kept_t = int(m.thumb_kept.sum())
-        ax_t.set_title(
-            f"R = {m.retention_ratio:g}\nthumbnail: kept {kept_t}/{m.thumb_kept.size} ({kept_t / m.thumb_kept.size:.0%})",
-            fontsize=9.5, loc="left",
-        )
-        ax_t.axis("off")
-        ax_t.set_anchor("NE")
-        ax_c = fig.add_subplot(inner[1])
-        ax_c.set_anchor("NW")
-        ax_c.axis("off")
-        if geom is None or canvas_px is None:
-            ax_c.text(0.5, 0.5, "single view: no crops", ha="center", va="center", fontsize=11)
-            continue
-        ax_c.imshow(np.asarray(_token_image(canvas_px, m.crop_kept, m.valid, cell)))
-        ax_c.set_title(captions[row], fontsize=8.5, loc="left")
-        for r in range(1, geom.grid_h):
-            ax_c.axhline(r * view - 0.5, color="white", lw=1.5)
-        for c in range(1, geom.grid_w):
-            ax_c.axvline(c * view - 0.5, color="white", lw=1.5)
-        for j in range(geom.num_crops):
-            y0, x0 = (j // geom.grid_w) * view, (j % geom.grid_w) * view
-            label = f"r={m.crop_ratios[j]:.2f}  {m.crop_kept_counts[j]}/{m.crop_valid_counts[j]}"
-            if m.crop_valid_counts[j] == 0:
-                label = "all padding"
-            ax_c.text(x0 + 8, y0 + 10, label, fontsize=8, va="top", ha="left",
-                      bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.3", alpha=0.9))
-        if geom.is_empty:
-            ax_c.text(lay["width"] / 2, lay["height"] / 2, "no unpadded crop tokens:\nthe image contributes its thumbnail only",
-                      ha="center", va="center", fontsize=10, color="white",
-                      bbox=dict(boxstyle="round", fc="0.15", ec="white"))
-            if row == 0:
-                notes.append("no crop token survives unpadding")
-
-    if heatmaps:
-        hm_top = fig_h - top_in - len(masks) * (caption_h + row_h) - caption_h * 0.8
-        hm = fig.add_gridspec(1, 4, wspace=0.45, left=0.03, right=0.94, bottom=(hm_top - heat_h) / fig_h, top=hm_top / fig_h)
-        panels = [
-            (maps.thumbnail, "global: thumbnail [CLS] logits"),
-            (maps.global_on_crops, "global guidance resized\nonto the unpadded crops"),
-            (maps.local, "local: each crop's own\n[CLS] logits"),
-            (maps.score, "combined score\n(normalised global + local)"),
-        ]
-        for k, (data, name) in enumerate(panels):
-            ax = fig.add_subplot(hm[k])
-            ax.axis("off")
-            if data.size == 0 or not np.isfinite(data).any():
-                ax.text(0.5, 0.5, "no unpadded crop tokens", ha="center", va="center", fontsize=9)
-                ax.set_title(name, fontsize=9)
-                continue
-            cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.85")
-            im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, interpolation="nearest")
-            if k > 0 and geom is not None:
-                for r in range(1, geom.grid_h):
-                    ax.axhline(r * side - 0.5, color="white", lw=1)
-                for c in range(1, geom.grid_w):
-                    ax.axvline(c * side - 0.5, color="white", lw=1)
-            ax.set_title(name, fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
-
-    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     ratios = ", ".join(f"{r:g}" for r in retention_ratios)
-    fig.suptitle(
-        title or f"GlobalCom2: kept visual tokens at R = {ratios}\n{name}, image {image.width}x{image.height}",
-        fontsize=12.5, fontweight="bold", y=1 - 0.12 / fig_h, va="top",
+    if geom is not None and lay is not None:
+        seen = (
+            f"thumbnail {view}x{view} + {geom.grid_h}x{geom.grid_w} crops of {view}x{view} (image resized to "
+            f"{lay['new_width']}x{lay['new_height']} on a {lay['width']}x{lay['height']} canvas)"
+        )
+    else:
+        seen = f"one {view}x{view} view"
+    subtitle = f"{name} · image {image.width}x{image.height} px, seen as {seen}"
+    fig, notes = _draw(
+        thumb_px=thumb_px, canvas_px=canvas_px, lay=lay, geom=geom, masks=masks, maps=maps, heatmaps=heatmaps,
+        view=view, cell=cell, side=side, title=title or f"GlobalCom2: kept visual tokens at R = {ratios}",
+        subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=layout,
     )
-    legend = [
-        Patch(facecolor=(0.9, 0.75, 0.45), edgecolor="0.3", label="kept token (reaches the LM)"),
-        Patch(facecolor=(0.2, 0.2, 0.23), edgecolor="0.3", label="dropped token (dimmed)"),
-        Patch(facecolor=(0.1, 0.1, 0.12), edgecolor="0.5", hatch="///", label="padding (removed by unpadding)"),
-    ]
-    fig.legend(handles=legend, loc="lower left", ncol=3, fontsize=8.5, frameon=False, bbox_to_anchor=(0.01, 0.0))
-    if random_weights:
-        fig.text(0.015, 0.42 / fig_h, RANDOM_WEIGHTS_NOTE, ha="left", va="bottom", fontsize=8.5, color=(0.7, 0.15, 0.1), fontweight="bold")
     return Visualization(fig, masks, maps, geom, (image.height, image.width), layout, notes)
