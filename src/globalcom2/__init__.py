@@ -14,24 +14,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import LAYOUTS, GlobalCom2Config
+from .config import LAYOUTS, FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomConfig
 
 __version__ = "0.1.0"
 
-_API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "remove")
+_API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "last_stats", "remove")
+_LAZY = {"FastVConfig": ".fastv", "ComposedConfig": ".methods", "method_names": ".methods"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import apply, compressed, get_adapter, get_config, is_applied, remove
+    from .api import apply, compressed, get_adapter, get_config, is_applied, last_stats, remove
+    from .fastv import FastVConfig
+    from .methods import ComposedConfig, method_names
 
 
 def __getattr__(name: str) -> Any:
     if name in _API:
         return getattr(importlib.import_module(".api", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'globalcom2' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_API))
+    return sorted(list(globals()) + list(_API) + list(_LAZY))
 
 
-__all__ = ["GlobalCom2Config", "LAYOUTS", "__version__", *_API]
+__all__ = [
+    "GlobalCom2Config", "FasterVLMConfig", "RandomConfig", "PoolingConfig", "LAYOUTS", "__version__", *_API, *_LAZY,
+]

@@ -8,8 +8,8 @@ from typing import Any, Iterator, TypeVar
 from torch import nn
 
 from .adapters import adapter_for
-from .adapters.base import STATE_ATTR, Adapter
-from .config import GlobalCom2Config
+from .adapters.base import STATE_ATTR, Adapter, CompressionStats
+from .config import GlobalCom2Config  # noqa: F401  (documented return type)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -37,53 +37,60 @@ def get_adapter(model: nn.Module) -> Adapter | None:
 
 
 def is_applied(model: nn.Module) -> bool:
-    """Whether GlobalCom2 is currently applied to ``model``."""
+    """Whether a method (GlobalCom2 or another) is currently applied to ``model``."""
     return get_adapter(model) is not None
 
 
-def get_config(model: nn.Module) -> GlobalCom2Config | None:
-    """The config GlobalCom2 runs with on ``model``, or None when not applied."""
+def get_config(model: nn.Module) -> Any:
+    """The config the applied method runs with on ``model`` (a :class:`GlobalCom2Config` for
+    GlobalCom2), or None when nothing is applied."""
     adapter = get_adapter(model)
     return None if adapter is None else adapter.config
 
 
-def apply(
-    model: M,
-    config: GlobalCom2Config | None = None,
-    *,
-    retention_ratio: float | None = None,
-    layout: str | None = None,
-    temperature: float | None = None,
-) -> M:
-    """Apply GlobalCom2 to a model instance, in place, and return it.
+def last_stats(model: nn.Module) -> CompressionStats | None:
+    """Visual-token counts of the model's most recent prefill, per batch row (None before any).
+
+    See :class:`~globalcom2.adapters.base.CompressionStats`: ``visual_tokens`` entering the
+    language model, ``vanilla_visual_tokens``, ``lm_visual_tokens`` after FastV, and the
+    layer-averaged ``effective_visual_tokens``.
+    """
+    adapter = get_adapter(model)
+    return None if adapter is None else getattr(adapter, "stats", None)
+
+
+def apply(model: M, config: Any = None, *, method: str | None = None, **options: Any) -> M:
+    """Apply a token-compression method to a model instance, in place, and return it.
 
     Keep calling ``model(...)``, ``model.generate(...)`` and the model's processor as usual: every
-    image is compressed to about ``retention_ratio`` of its visual tokens before the language
-    model sees it. Only this instance is patched. Applying again replaces the earlier settings.
+    image is compressed before (or, for FastV, inside) the language model. Only this instance is
+    patched. Applying again replaces the earlier method and settings.
 
     Args:
         model: a supported model (``LlavaNextForConditionalGeneration`` or ``LlavaNextModel``).
-        config: a full :class:`GlobalCom2Config`; keyword arguments override its fields.
-        retention_ratio: fraction of visual tokens kept, ``0 < R <= 1`` (default 0.25).
-        layout: ``"official"`` (default, the published implementation token for token) or
-            ``"spatial"`` (tokens at their true positions).
-        temperature: softmax temperature of the crop budget allocation (default 10.0).
+        config: a full method config (e.g. :class:`GlobalCom2Config`); keyword options override
+            its fields. Its type decides the method when ``method`` is not given.
+        method: ``"globalcom2"`` (default), ``"fastervlm"``, ``"random"``, ``"pooling"``,
+            ``"fastv"`` or ``"<vision method>+fastv"`` (see :mod:`globalcom2.methods`).
+        **options: the method's config fields. GlobalCom2: ``retention_ratio`` (default 0.25),
+            ``layout`` (``"official"`` or ``"spatial"``), ``temperature`` (10.0), ``allocation``
+            and ``scoring`` (the paper's ablations). FastV: ``retention_ratio``, ``layer``.
+            Compositions: FastV's options prefixed with ``fastv_``.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: a bad argument (named in the message) or an unsupported model.
+        ValueError: a bad argument (named in the message), an unknown method, or an unsupported model.
         RuntimeError: an untested ``transformers`` version.
     """
-    overrides = {
-        k: v
-        for k, v in {"retention_ratio": retention_ratio, "layout": layout, "temperature": temperature}.items()
-        if v is not None
-    }
-    if config is not None and not isinstance(config, GlobalCom2Config):
-        raise ValueError(f"config must be a GlobalCom2Config, got {type(config).__name__}")
-    cfg = (config or GlobalCom2Config()).replace(**overrides) if overrides else (config or GlobalCom2Config())
+    from .methods import make_config
+
+    if method is None:
+        method = getattr(config, "method", None) if config is not None else "globalcom2"
+        if method is None:
+            raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
+    cfg = make_config(method, config, **options)
     adapter_cls = adapter_for(model)
     _check_transformers()
     adapter = adapter_cls(model, cfg)
@@ -102,8 +109,9 @@ def remove(model: M) -> M:
 
 
 @contextlib.contextmanager
-def compressed(model: M, config: GlobalCom2Config | None = None, **kwargs: Any) -> Iterator[M]:
-    """Context manager: GlobalCom2 applied inside the block, the previous state restored after.
+def compressed(model: M, config: Any = None, **kwargs: Any) -> Iterator[M]:
+    """Context manager: a method (default GlobalCom2) applied inside the block, the previous
+    state restored after. Takes :func:`apply`'s arguments.
 
     >>> with globalcom2.compressed(model, retention_ratio=0.25):   # doctest: +SKIP
     ...     out = model.generate(**inputs)

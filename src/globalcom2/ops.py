@@ -208,37 +208,75 @@ def crop_region_scores(thumb_importance: torch.Tensor, grid_hw: tuple[int, int])
         (C,) float64 summed importance ``s_j`` per crop, crops in row-major order.
     """
     gh, gw = grid_hw
-    n = thumb_importance.shape[-1]
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"thumbnail importance must hold a square number of tokens, got {n}")
+    region = _thumb_regions(thumb_importance.shape[-1], grid_hw, thumb_importance.device)  # (N,)
     dev = thumb_importance.device
-    idx = torch.arange(side, device=dev)
-    row_region = torch.clamp(idx // max(side // gh, 1), max=gh - 1)  # (S,)
-    col_region = torch.clamp(idx // max(side // gw, 1), max=gw - 1)  # (S,)
-    region = (row_region[:, None] * gw + col_region[None, :]).reshape(-1)  # (N,)
     sums = torch.zeros(gh * gw, dtype=torch.float64, device=dev)
     return sums.index_add_(0, region, thumb_importance.to(torch.float64))
 
 
+def crop_region_max(thumb_importance: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Like :func:`crop_region_scores` but the *maximum* importance of each crop's region (float64)."""
+    region = _thumb_regions(thumb_importance.shape[-1], grid_hw, thumb_importance.device)  # (N,)
+    gh, gw = grid_hw
+    out = torch.full((gh * gw,), float("-inf"), dtype=torch.float64, device=thumb_importance.device)
+    return out.scatter_reduce(0, region, thumb_importance.to(torch.float64), reduce="amax")
+
+
+def _thumb_regions(n: int, grid_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(N,) long: the crop region (row-major) each thumbnail token belongs to (SPEC step 2)."""
+    gh, gw = grid_hw
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"thumbnail importance must hold a square number of tokens, got {n}")
+    idx = torch.arange(side, device=device)
+    row_region = torch.clamp(idx // max(side // gh, 1), max=gh - 1)  # (S,)
+    col_region = torch.clamp(idx // max(side // gw, 1), max=gw - 1)  # (S,)
+    return (row_region[:, None] * gw + col_region[None, :]).reshape(-1)
+
+
 def crop_retention_ratios(
-    thumb_importance: torch.Tensor, grid_hw: tuple[int, int], retention_ratio: float, temperature: float = 10.0
+    thumb_importance: torch.Tensor,
+    grid_hw: tuple[int, int],
+    retention_ratio: float,
+    temperature: float = 10.0,
+    allocation: str = "softmax_sum",
 ) -> torch.Tensor:
     """Adaptive compression adjustment: the retention ratio ``r_j`` of every crop (float64).
 
     ``sigma = softmax((s - max s) / tau)`` (with the published ``+ 1e-8`` in the denominator) and
-    ``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``.
+    ``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``, where ``s_j`` is the thumbnail importance
+    summed over crop j's region (``allocation="softmax_sum"``, the method) or its maximum
+    (``"softmax_max"``). Ablations: ``"uniform"`` gives ``r_j = R``; ``"topk_count"`` gives
+    ``r_j = min(1, R * C * c_j / sum(c))`` with ``c_j`` the number of the thumbnail's kept
+    (top ``floor(N * R)``) tokens inside region j (``R`` everywhere when none is kept).
 
     Args:
         thumb_importance: (N,) thumbnail importance.
         grid_hw: (gh, gw).
         retention_ratio: R.
         temperature: tau.
+        allocation: one of :data:`globalcom2.config.ALLOCATIONS`.
 
     Returns:
         (C,) float64 ratios in ``[0, 1]``.
     """
-    s = crop_region_scores(thumb_importance, grid_hw)  # (C,)
+    c = grid_hw[0] * grid_hw[1]
+    dev = thumb_importance.device
+    if allocation == "uniform":
+        return torch.full((c,), float(retention_ratio), dtype=torch.float64, device=dev)
+    if allocation == "topk_count":
+        keep = thumbnail_keep_indices(thumb_importance, retention_ratio)  # (k_t,)
+        region = _thumb_regions(thumb_importance.shape[-1], grid_hw, dev)[keep]
+        counts = torch.bincount(region, minlength=c).to(torch.float64)  # (C,)
+        total = counts.sum()
+        share = torch.where(total > 0, counts * c / total.clamp_min(1.0), torch.ones_like(counts))
+        return torch.clamp(retention_ratio * share, max=1.0)
+    if allocation == "softmax_sum":
+        s = crop_region_scores(thumb_importance, grid_hw)  # (C,)
+    elif allocation == "softmax_max":
+        s = crop_region_max(thumb_importance, grid_hw)  # (C,)
+    else:
+        raise ValueError(f"allocation must be one of softmax_sum, softmax_max, uniform, topk_count; got {allocation!r}")
     e = torch.exp((s - s.max()) / temperature)
     sigma = e / (e.sum() + 1e-8)
     return torch.clamp(retention_ratio * (1.0 + sigma - sigma.mean()), max=1.0)
@@ -281,6 +319,7 @@ def select_crop_tokens(
     thumb_importance: torch.Tensor,
     geom: CropGeometry,
     crop_ratios: torch.Tensor,
+    scoring: str = "global_local",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 3-4: which unpadded tokens each crop keeps, by holistic (global + local) score.
 
@@ -294,6 +333,8 @@ def select_crop_tokens(
         thumb_importance: (N,) thumbnail importance.
         geom: the image's crop geometry.
         crop_ratios: (C,) retention ratio ``r_j`` of each crop.
+        scoring: ``"global_local"`` (the method), or the ablations ``"global_only"`` /
+            ``"local_only"`` (one of the two normalised terms).
 
     Returns:
         keep: (C, N) bool, True at the true positions of the kept tokens.
@@ -315,7 +356,14 @@ def select_crop_tokens(
         glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
     glob = _grid_to_crops(glob, geom)  # (C, N)
     local = crop_importance.float()
-    score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
+    if scoring == "global_local":
+        score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
+    elif scoring == "global_only":
+        score = _l2_normalize_masked(glob, valid)
+    elif scoring == "local_only":
+        score = _l2_normalize_masked(local, valid)
+    else:
+        raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
     score = score.masked_fill(~valid, float("-inf"))
 
     n_valid = valid.sum(dim=1)  # (C,)
@@ -418,6 +466,8 @@ def plan_image(
     layout: str = "official",
     temperature: float = 10.0,
     crop_ratios: torch.Tensor | None = None,
+    allocation: str = "softmax_sum",
+    scoring: str = "global_local",
 ) -> CompressionPlan:
     """Run GlobalCom2's decisions for one thumbnail-plus-crops image.
 
@@ -427,15 +477,31 @@ def plan_image(
         retention_ratio: R.
         layout: "official" or "spatial".
         temperature: tau.
-        crop_ratios: (C,) override of the per-crop ratios (for ablations and tests); by default
-            they come from :func:`crop_retention_ratios`.
+        crop_ratios: (C,) override of the per-crop ratios (for tests); by default they come from
+            :func:`crop_retention_ratios` with ``allocation``.
+        allocation: crop budget allocation (see :func:`crop_retention_ratios`).
+        scoring: crop token scoring (see :func:`select_crop_tokens`).
 
     Returns:
         A :class:`CompressionPlan`; its ``index`` addresses the table
         ``[thumbnail (N), crops (C * N), newline (1)]``.
     """
+    _check_layout(layout)
+    _check_views(importance, geom)
+    thumb, crops = importance[0], importance[1:]  # (N,), (C, N)
+    if crop_ratios is None:
+        crop_ratios = crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature, allocation)
+    keep, valid, score = select_crop_tokens(crops, thumb, geom, crop_ratios, scoring)
+    thumb_keep = thumbnail_keep_indices(thumb, retention_ratio)  # descending importance
+    return assemble_plan(thumb_keep, keep, valid, geom, layout, crop_ratios, thumb, score)
+
+
+def _check_layout(layout: str) -> None:
     if layout not in ("official", "spatial"):
         raise ValueError(f"layout must be 'official' or 'spatial', got {layout!r}")
+
+
+def _check_views(importance: torch.Tensor, geom: CropGeometry) -> None:
     views, n = importance.shape
     c = geom.num_crops
     if views != 1 + c or n != geom.side * geom.side:
@@ -443,30 +509,128 @@ def plan_image(
             f"importance has shape {tuple(importance.shape)}, expected (1 + {c}, {geom.side * geom.side}) for a "
             f"{geom.grid_h}x{geom.grid_w} crop grid of {geom.side}x{geom.side} views"
         )
-    thumb, crops = importance[0], importance[1:]  # (N,), (C, N)
-    if crop_ratios is None:
-        crop_ratios = crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature)
-    keep, valid, score = select_crop_tokens(crops, thumb, geom, crop_ratios)
 
-    thumb_keep = thumbnail_keep_indices(thumb, retention_ratio)  # descending importance
-    newline = n + c * n
+
+def assemble_plan(
+    thumb_keep: torch.Tensor,
+    crop_keep: torch.Tensor,
+    crop_valid: torch.Tensor,
+    geom: CropGeometry,
+    layout: str,
+    crop_ratios: torch.Tensor,
+    thumb_importance: torch.Tensor,
+    crop_score: torch.Tensor,
+) -> CompressionPlan:
+    """Step 5 for any selection: arrange kept thumbnail and crop tokens in ``layout``.
+
+    Args:
+        thumb_keep: (k_t,) long kept thumbnail indices, in the order ``official`` emits them
+            (``spatial`` sorts them into raster order).
+        crop_keep: (C, N) bool, kept crop tokens at their true positions.
+        crop_valid: (C, N) bool, unpadded crop positions.
+        geom, layout: the image's geometry and the layout.
+        crop_ratios, thumb_importance, crop_score: recorded in the plan (for pictures and tests).
+    """
+    _check_layout(layout)
+    n = geom.side * geom.side
+    newline = n + geom.num_crops * n
     if layout == "official":
-        crop_rows = _layout_official(keep, valid, geom, base=n, newline=newline)
+        crop_rows = _layout_official(crop_keep, crop_valid, geom, base=n, newline=newline)
     else:
         thumb_keep = torch.sort(thumb_keep).values  # raster order
-        crop_rows = _layout_spatial(keep, geom, base=n, newline=newline)
-    index = torch.cat([thumb_keep, crop_rows])
+        crop_rows = _layout_spatial(crop_keep, geom, base=n, newline=newline)
     return CompressionPlan(
-        index=index,
+        index=torch.cat([thumb_keep, crop_rows]),
         thumb_keep=thumb_keep,
-        crop_keep=keep,
-        crop_valid=valid,
+        crop_keep=crop_keep,
+        crop_valid=crop_valid,
         crop_ratios=crop_ratios,
-        thumb_importance=thumb,
-        crop_score=score,
+        thumb_importance=thumb_importance,
+        crop_score=crop_score,
         geometry=geom,
         layout=layout,
     )
+
+
+def plan_joint(scores: torch.Tensor, geom: CropGeometry, retention_ratio: float, layout: str = "spatial") -> CompressionPlan:
+    """One budget for the whole image: keep the ``floor(R * (N + sum_j n_j))`` best tokens.
+
+    The ranking runs jointly over the thumbnail's N tokens and every crop's unpadded tokens (the
+    FasterVLM baseline with [CLS] importance as ``scores``; random pruning with random scores).
+
+    Args:
+        scores: (1 + C, N) score of every token of the thumbnail (row 0) and the crops.
+        geom: crop geometry.
+        retention_ratio: R.
+        layout: "official" or "spatial" (see :func:`assemble_plan`).
+
+    Returns:
+        A :class:`CompressionPlan` (``crop_ratios`` holds each crop's realised kept fraction).
+    """
+    _check_layout(layout)
+    _check_views(scores, geom)
+    v, n = scores.shape
+    dev = scores.device
+    valid = torch.cat([torch.ones((1, n), dtype=torch.bool, device=dev), _valid_mask(geom, dev)])  # (V, N)
+    flat = scores.float().masked_fill(~valid, float("-inf")).reshape(-1)  # (V * N,)
+    k = _floor_count(valid.sum(), float(retention_ratio))
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(v * n, device=dev))
+    keep = ((rank < k) & valid.reshape(-1)).reshape(v, n)  # (V, N)
+    thumb_flags, crop_keep = keep[0], keep[1:]
+    # Thumbnail tokens most important first (the official order), like GlobalCom2's thumbnail.
+    thumb_keep = order[(order < n) & thumb_flags.reshape(-1)[order.clamp(max=n - 1)]]
+    n_valid = valid[1:].sum(1).to(torch.float64)
+    crop_ratios = crop_keep.sum(1).to(torch.float64) / n_valid.clamp_min(1.0)
+    score = scores[1:].float().masked_fill(~valid[1:], float("-inf"))
+    return assemble_plan(thumb_keep, crop_keep, valid[1:], geom, layout, crop_ratios, scores[0], score)
+
+
+def pooled_side(n: int, retention_ratio: float) -> int:
+    """Side of a pooled map: ``max(1, round(n * sqrt(R)))`` (pooling baseline)."""
+    return max(1, int(round(n * math.sqrt(retention_ratio))))
+
+
+def pool_image(
+    features: torch.Tensor, geom: CropGeometry | None, newline: torch.Tensor | None, retention_ratio: float
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """The pooling baseline for one image: average-pool every view to about R of its tokens.
+
+    The thumbnail's S x S map goes to ``s' x s'`` with ``s' = pooled_side(S, R)``; the unpadded
+    crop area (``h x w`` tokens, the crops stitched together) to ``pooled_side(h, R) x
+    pooled_side(w, R)``, read row by row with one newline per pooled row. A single-view image is
+    its pooled thumbnail plus the one trailing newline the vanilla model appends.
+
+    Args:
+        features: (V, N, D) projected features, thumbnail first.
+        geom: crop geometry (None for a single view).
+        newline: (D,) image-newline embedding (None: a zero row).
+        retention_ratio: R.
+
+    Returns:
+        tokens: (L, D) the image's sequence.
+        thumb_hw: the pooled thumbnail's (rows, cols).
+        crop_hw: the pooled crop area's (rows, cols) ((0, 0) without crops).
+    """
+    v, n, d = features.shape
+    side = math.isqrt(n)
+    nl = torch.zeros(d, dtype=features.dtype, device=features.device) if newline is None else newline
+    nl = nl.to(features.device, features.dtype)
+    t = pooled_side(side, retention_ratio)
+    thumb = F.adaptive_avg_pool2d(features[0].reshape(side, side, d).permute(2, 0, 1), (t, t))  # (D, t, t)
+    parts = [thumb.permute(1, 2, 0).reshape(t * t, d)]
+    if geom is None or v == 1:
+        return torch.cat(parts + [nl[None]]), (t, t), (0, 0)
+    if geom.is_empty:
+        return parts[0], (t, t), (0, 0)
+    grid = _crops_to_grid(features[1:].permute(2, 0, 1), geom)  # (D, H, W)
+    grid = grid[:, geom.row0 : geom.row1, geom.col0 : geom.col1]  # (D, h, w)
+    h, w = geom.valid_rows, geom.valid_cols
+    ph, pw = pooled_side(h, retention_ratio), pooled_side(w, retention_ratio)
+    pooled = F.adaptive_avg_pool2d(grid, (ph, pw)).permute(1, 2, 0)  # (ph, pw, D)
+    rows = torch.cat([pooled, nl.expand(ph, 1, d)], dim=1).reshape(ph * (pw + 1), d)
+    parts.append(rows)
+    return torch.cat(parts), (t, t), (ph, pw)
 
 
 def plan_single_view(importance: torch.Tensor, retention_ratio: float, layout: str = "official") -> CompressionPlan:
@@ -477,8 +641,7 @@ def plan_single_view(importance: torch.Tensor, retention_ratio: float, layout: s
     Args:
         importance: (1, N) or (N,) importance of the view.
     """
-    if layout not in ("official", "spatial"):
-        raise ValueError(f"layout must be 'official' or 'spatial', got {layout!r}")
+    _check_layout(layout)
     imp = importance.reshape(-1)  # (N,)
     n = imp.shape[0]
     dev = imp.device
@@ -528,6 +691,8 @@ def compress_image(
     retention_ratio: float,
     layout: str = "official",
     temperature: float = 10.0,
+    allocation: str = "softmax_sum",
+    scoring: str = "global_local",
 ) -> tuple[torch.Tensor, CompressionPlan]:
     """GlobalCom2 for one image: decide, then gather.
 
@@ -544,5 +709,5 @@ def compress_image(
     if geom is None or features.shape[0] == 1:
         plan = plan_single_view(importance[0], retention_ratio, layout)
     else:
-        plan = plan_image(importance, geom, retention_ratio, layout, temperature)
+        plan = plan_image(importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring)
     return gather_features(features, newline, plan.index), plan

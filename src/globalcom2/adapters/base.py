@@ -6,14 +6,34 @@ import functools
 import inspect
 from typing import Any, Callable, ClassVar
 
-from torch import nn
+from dataclasses import dataclass
 
-from ..config import GlobalCom2Config
+from torch import nn
 
 #: Attribute under which an applied adapter lives on a model instance.
 STATE_ATTR = "_globalcom2_adapter"
 
 _MISSING = object()
+
+
+@dataclass
+class CompressionStats:
+    """Visual-token counts of the most recent prefill, one entry per batch row.
+
+    Attributes:
+        method: the method's name.
+        visual_tokens: image placeholders entering the language model (after vision-side
+            compression; newlines included).
+        vanilla_visual_tokens: what the vanilla model would have used for the same prompts.
+        lm_visual_tokens: for FastV, the visual tokens left in layers ``K..L-1``; else None.
+        effective_visual_tokens: layer-averaged visual tokens (equals ``visual_tokens`` without FastV).
+    """
+
+    method: str
+    visual_tokens: list[int]
+    vanilla_visual_tokens: list[int]
+    lm_visual_tokens: list[int] | None
+    effective_visual_tokens: list[float]
 
 
 class Adapter:
@@ -28,7 +48,7 @@ class Adapter:
 
     model_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: nn.Module, config: GlobalCom2Config) -> None:
+    def __init__(self, model: nn.Module, config: Any) -> None:
         self.model = model
         self.config = config
         self._saved: dict[str, Any] = {}

@@ -26,10 +26,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import ops
-from ..config import GlobalCom2Config
+from .. import methods, ops
+from ..config import MethodConfig
 from ..sequence import shrink_placeholders
-from .base import Adapter, bind_arguments
+from .base import Adapter, CompressionStats, bind_arguments
 
 
 @dataclass
@@ -59,10 +59,14 @@ class EncodedImages:
 
 @dataclass
 class CompressedImages:
-    """GlobalCom2's output for a batch: tokens and the plans behind them, per image."""
+    """A vision-side method's output for a batch: tokens and the plans behind them, per image.
+
+    ``plans`` hold :class:`~globalcom2.ops.CompressionPlan` objects for the selection methods
+    (globalcom2, fastervlm, random) and :class:`~globalcom2.methods.PoolingPlan` for pooling.
+    """
 
     tokens: list[torch.Tensor]
-    plans: list[ops.CompressionPlan]
+    plans: list[Any]
     vanilla_counts: list[int] = field(default_factory=list)
 
     @property
@@ -99,15 +103,27 @@ class _CLSCapture:
 
 
 class LlavaNextAdapter(Adapter):
-    """Adapter for ``transformers`` LLaVA-NeXT models."""
+    """Adapter for ``transformers`` LLaVA-NeXT models, for every method of :mod:`globalcom2.methods`.
+
+    A vision-side method (``config`` or ``config.vision``) compresses the images before the
+    language model; FastV (``config`` or ``config.fastv``) is installed on the language model's
+    decoder layers (:class:`~globalcom2.fastv.FastVPatch`) and told, at every prefill, where the
+    visual tokens are.
+    """
 
     model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
 
-    def __init__(self, model: nn.Module, config: GlobalCom2Config) -> None:
+    def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__(model, config)
         self.inner = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
+        self.vision_config: MethodConfig | None = methods.vision_config(config)
+        self.fastv_config = methods.fastv_config(config)
+        self.fastv: Any = None
         #: Plans of the images of the most recent call (for inspection, demos and pictures).
         self.last: CompressedImages | None = None
+        #: Visual-token counts of the most recent prefill (see :func:`globalcom2.last_stats`).
+        self.stats: CompressionStats | None = None
+        self._vanilla_rows: list[int] | None = None
 
     # -- identification and checks --------------------------------------------------------------
     @classmethod
@@ -136,6 +152,12 @@ class LlavaNextAdapter(Adapter):
         return found
 
     def validate(self) -> None:
+        if self.fastv_config is not None:
+            from ..fastv import FastVPatch
+
+            self.fastv = FastVPatch(self.inner.language_model, self.fastv_config)
+        if self.vision_config is None:
+            return
         strategy = self.hf_config.vision_feature_select_strategy
         if strategy != "default":
             raise ValueError(
@@ -222,15 +244,15 @@ class LlavaNextAdapter(Adapter):
             image_sizes=sizes,
         )
 
-    def compress(self, encoded: EncodedImages, config: GlobalCom2Config | None = None) -> CompressedImages:
-        """Apply GlobalCom2 to every encoded image."""
-        cfg = config or self.config
+    def compress(self, encoded: EncodedImages, config: MethodConfig | None = None) -> CompressedImages:
+        """Apply a vision-side method (default: this adapter's) to every encoded image."""
+        cfg = config or self.vision_config
+        if cfg is None:
+            raise ValueError(f"method {self.config.method!r} has no vision-side compression")
         newline = self.inner.image_newline
         tokens, plans = [], []
         for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
-            t, p = ops.compress_image(
-                feats, imp, geom, newline, cfg.retention_ratio, layout=cfg.layout, temperature=cfg.temperature
-            )
+            t, p = methods.compress_image(feats, imp, geom, newline, cfg)
             tokens.append(t)
             plans.append(p)
         return CompressedImages(tokens=tokens, plans=plans, vanilla_counts=encoded.vanilla_counts)
@@ -305,6 +327,7 @@ class LlavaNextAdapter(Adapter):
             )
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=compressed.tokens)}
         self.last = compressed
+        self._vanilla_rows = (input_ids == self.hf_config.image_token_id).sum(1).tolist()
         return kwargs
 
     # -- patching -------------------------------------------------------------------------------
@@ -322,11 +345,46 @@ class LlavaNextAdapter(Adapter):
     def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
             call = bind_arguments(original, args, kwargs)
-            if not self._has_images(call):
-                return original(**call)
-            return original(**self.prepare_inputs(call))
+            if self.vision_config is not None and self._has_images(call):
+                call = self.prepare_inputs(call)
+            if _is_prefill(call) and call.get("input_ids") is not None:
+                self._on_prefill(call["input_ids"])
+            return original(**call)
 
         return forward
+
+    def _on_prefill(self, input_ids: torch.Tensor) -> None:
+        """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
+        visual = input_ids == self.hf_config.image_token_id  # (B, T)
+        rows = visual.sum(1).tolist()
+        vanilla = self._vanilla_rows if self._vanilla_rows is not None and len(self._vanilla_rows) == len(rows) else rows
+        self._vanilla_rows = None
+        lm_rows: list[int] | None = None
+        effective = [float(r) for r in rows]
+        if self.fastv is not None:
+            self.fastv.prepare(visual)
+            k = self.fastv_config.layer
+            n_layers = len(self.inner.language_model.layers)
+            lm_rows = [min(r, max(1, int(round(self.fastv_config.retention_ratio * r)))) if r else 0 for r in rows]
+            effective = [(k * r + (n_layers - k) * kept) / n_layers for r, kept in zip(rows, lm_rows)]
+        self.stats = CompressionStats(
+            method=self.config.method,
+            visual_tokens=rows,
+            vanilla_visual_tokens=list(vanilla),
+            lm_visual_tokens=lm_rows,
+            effective_visual_tokens=effective,
+        )
+
+    # -- patching (FastV's layers too) ----------------------------------------------------------
+    def patch(self) -> None:
+        super().patch()
+        if self.fastv is not None:
+            self.fastv.install()
+
+    def unpatch(self) -> None:
+        if self.fastv is not None:
+            self.fastv.uninstall()
+        super().unpatch()
 
     def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -334,7 +392,7 @@ class LlavaNextAdapter(Adapter):
             input_ids = call.pop("inputs", None)
             if input_ids is None:
                 input_ids = call.pop("input_ids", None)
-            if input_ids is None or not self._has_images(call):
+            if input_ids is None or not self._has_images(call) or self.vision_config is None:
                 if input_ids is not None:
                     call["inputs"] = input_ids
                 return original(**call)
@@ -345,6 +403,15 @@ class LlavaNextAdapter(Adapter):
             return _restore_prompt(out, input_ids, short_ids.shape[1])
 
         return generate
+
+
+def _is_prefill(call: dict[str, Any]) -> bool:
+    """Whether a forward call starts a sequence (no KV cache yet, or an empty one)."""
+    cache = call.get("past_key_values", call.get("cache"))
+    if cache is None:
+        return True
+    get_len = getattr(cache, "get_seq_length", None)
+    return get_len is not None and int(get_len()) == 0
 
 
 def _restore_prompt(out: Any, original_ids: torch.Tensor, short_len: int) -> Any:

@@ -1,0 +1,271 @@
+"""The method registry: GlobalCom2 and the baselines it is compared with, behind one ``apply``.
+
+=====================  ==========  ==============================================================
+method                 where       what it keeps at retention ratio R
+=====================  ==========  ==============================================================
+``globalcom2``         vision      the thumbnail commands: ``floor(N R)`` thumbnail tokens, crop j
+                                   ``floor(n_j r_j)`` by global + local score (the paper)
+``fastervlm``          vision      ``floor(R (N + sum n_j))`` tokens by [CLS] importance, ranked
+                                   jointly over all views (no per-crop budget, no guidance)
+``random``             vision      the same joint budget, drawn at random (private, seeded)
+``pooling``            vision      every view average-pooled to about R of its tokens
+``fastv``              language    after layer K, the ``round(R n)`` visual tokens the last token
+                                   attends to most (the others leave the sequence and KV cache)
+``<vision>+fastv``     both        a vision method at R, then FastV inside the language model
+=====================  ==========  ==============================================================
+
+**How budgets compare.** Visual tokens are counted as the placeholders the language model
+receives for an image, image-newline embeddings included, and every method is compared at the
+same nominal R. Vision-side selections keep ``floor(N R)`` thumbnail tokens and about
+``R sum n_j`` of the unpadded crop tokens (``n_j``: crop j's tokens left after unpadding, the
+ones the vanilla model uses); newlines are not compressed and depend on the layout: ``official``
+writes one per row of the full crop grid (padded rows included, like the published code),
+``spatial`` one per unpadded row (like the vanilla model), ``pooling`` one per pooled row. FastV
+counts every image placeholder (newlines included) as a visual token and keeps
+``max(1, round(R n))`` of them in layers ``K..L-1``; its *effective* count is the layer average
+``(K n + (L - K) kept) / L``. :func:`globalcom2.last_stats` reports both per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+import torch
+
+from . import ops
+from .config import FasterVLMConfig, GlobalCom2Config, MethodConfig, PoolingConfig, RandomConfig
+
+#: Vision-side methods, by name, and their config classes.
+VISION_METHODS: dict[str, type[MethodConfig]] = {
+    "globalcom2": GlobalCom2Config,
+    "fastervlm": FasterVLMConfig,
+    "random": RandomConfig,
+    "pooling": PoolingConfig,
+}
+
+FASTV = "fastv"
+
+
+def _fastv_config_cls() -> type:
+    from .fastv import FastVConfig
+
+    return FastVConfig
+
+
+@dataclass(frozen=True)
+class ComposedConfig:
+    """A vision-side method followed by FastV inside the language model.
+
+    Args:
+        vision: the vision method's config (e.g. :class:`GlobalCom2Config`).
+        fastv: the :class:`~globalcom2.fastv.FastVConfig` of the language-model side.
+    """
+
+    vision: MethodConfig
+    fastv: Any
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vision, tuple(VISION_METHODS.values())):
+            raise ValueError(f"vision must be a vision-side method config, got {type(self.vision).__name__}")
+        if not isinstance(self.fastv, _fastv_config_cls()):
+            raise ValueError(f"fastv must be a FastVConfig, got {type(self.fastv).__name__}")
+
+    @property
+    def method(self) -> str:
+        return f"{self.vision.method}+{FASTV}"
+
+    @property
+    def retention_ratio(self) -> float:
+        return self.vision.retention_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vision": self.vision.to_dict(), "fastv": self.fastv.to_dict()}
+
+
+def method_names() -> list[str]:
+    """Every method :func:`globalcom2.apply` accepts."""
+    return [*VISION_METHODS, FASTV, *(f"{m}+{FASTV}" for m in VISION_METHODS)]
+
+
+def _normalise(method: str) -> str:
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a string, got {method!r}")
+    name = method.strip().lower().replace(" ", "")
+    if name not in method_names():
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+    return name
+
+
+def config_method(config: Any) -> str:
+    """The method name of a config object."""
+    return config.method
+
+
+def make_config(method: str = "globalcom2", config: Any = None, **options: Any) -> Any:
+    """The validated config of ``method``, from an optional ``config`` plus keyword overrides.
+
+    For a composition ``"<vision>+fastv"``, options prefixed with ``fastv_`` configure FastV
+    (``fastv_retention_ratio``, ``fastv_layer``) and the others the vision method.
+
+    Raises:
+        ValueError: an unknown method, a config of the wrong type, or a bad/unknown option (named).
+    """
+    name = _normalise(method)
+    options = {k: v for k, v in options.items() if v is not None}
+    if name in VISION_METHODS or name == FASTV:
+        cls = VISION_METHODS.get(name) or _fastv_config_cls()
+        if config is not None and not isinstance(config, cls):
+            raise ValueError(f"config for method {name!r} must be a {cls.__name__}, got {type(config).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s) for method {name!r}: {', '.join(unknown)}; known: {', '.join(known)}")
+        if config is None:
+            return cls(**options)
+        return config.replace(**options) if options else config
+    vision_name = name.split("+")[0]
+    vision_opts = {k: v for k, v in options.items() if not k.startswith("fastv_")}
+    fastv_opts = {k[len("fastv_"):]: v for k, v in options.items() if k.startswith("fastv_")}
+    if config is not None and not isinstance(config, ComposedConfig):
+        raise ValueError(f"config for method {name!r} must be a ComposedConfig, got {type(config).__name__}")
+    vision = make_config(vision_name, config.vision if config is not None else None, **vision_opts)
+    fastv = make_config(FASTV, config.fastv if config is not None else None, **fastv_opts)
+    return ComposedConfig(vision=vision, fastv=fastv)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """``{"method": name, ...fields}``, JSON-serialisable; inverse of :func:`config_from_dict`."""
+    return {"method": config.method, **config.to_dict()}
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Any:
+    """Rebuild any method's config from :func:`config_to_dict`'s output."""
+    data = dict(data)
+    name = _normalise(data.pop("method", "globalcom2"))
+    if "+" in name:
+        vision = make_config(name.split("+")[0], **dict(data.get("vision", {})))
+        fastv = make_config(FASTV, **dict(data.get("fastv", {})))
+        return ComposedConfig(vision=vision, fastv=fastv)
+    return make_config(name, **data)
+
+
+def vision_config(config: Any) -> MethodConfig | None:
+    """The vision-side part of a config (None for FastV alone)."""
+    if isinstance(config, ComposedConfig):
+        return config.vision
+    return config if isinstance(config, tuple(VISION_METHODS.values())) else None
+
+
+def fastv_config(config: Any) -> Any:
+    """The FastV part of a config (None for a vision-side method alone)."""
+    if isinstance(config, ComposedConfig):
+        return config.fastv
+    return config if isinstance(config, _fastv_config_cls()) else None
+
+
+def parse_method_options(items: list[str] | None) -> dict[str, Any]:
+    """Parse ``["layout=spatial", "seed=3", "fastv_layer=2"]`` (CLI ``--method-arg``) into a dict.
+
+    Values become ``int``, ``float`` or ``bool`` (``true``/``false``) when they read as one, else
+    stay strings. Which keys are valid is checked by :func:`make_config`.
+    """
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"method option {item!r} must look like KEY=VALUE")
+        out[key] = _coerce(raw.strip())
+    return out
+
+
+def _coerce(raw: str) -> Any:
+    low = raw.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def option_names(method: str) -> list[str]:
+    """The option names :func:`make_config` accepts for ``method``."""
+    name = _normalise(method)
+    if name in VISION_METHODS:
+        return [f.name for f in fields(VISION_METHODS[name])]
+    if name == FASTV:
+        return [f.name for f in fields(_fastv_config_cls())]
+    return option_names(name.split("+")[0]) + [f"fastv_{n}" for n in option_names(FASTV)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision side: one image at a time, pure functions of the encoded views.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolingPlan:
+    """What the pooling baseline did to one image (the counterpart of :class:`ops.CompressionPlan`).
+
+    Attributes:
+        thumb_hw: pooled thumbnail (rows, cols). crop_hw: pooled unpadded crop area (rows, cols).
+        geometry: the crop geometry (None for one view). num_tokens: tokens handed to the LM.
+    """
+
+    thumb_hw: tuple[int, int]
+    crop_hw: tuple[int, int]
+    geometry: ops.CropGeometry | None
+    num_tokens: int
+    layout: str = "pooled"
+
+
+def random_scores(views: int, n: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """(V, N) uniform scores from a private CPU generator seeded with ``seed`` (device-independent)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand((views, n), generator=gen).to(device)
+
+
+def compress_image(
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    geom: ops.CropGeometry | None,
+    newline: torch.Tensor | None,
+    config: MethodConfig,
+) -> tuple[torch.Tensor, Any]:
+    """Compress one image with any vision-side method.
+
+    Args:
+        features: (V, N, D) projected features, thumbnail first.
+        importance: (V, N) [CLS] logits of the same views.
+        geom: crop geometry (None for a single view).
+        newline: (D,) image-newline embedding.
+        config: a vision-side method config.
+
+    Returns:
+        tokens: (L, D) the image's sequence for the language model.
+        plan: an :class:`ops.CompressionPlan` (selection methods) or :class:`PoolingPlan`.
+    """
+    if isinstance(config, GlobalCom2Config):
+        return ops.compress_image(
+            features, importance, geom, newline, config.retention_ratio, config.layout, config.temperature,
+            allocation=config.allocation, scoring=config.scoring,
+        )
+    if isinstance(config, PoolingConfig):
+        tokens, thumb_hw, crop_hw = ops.pool_image(features, geom, newline, config.retention_ratio)
+        return tokens, PoolingPlan(thumb_hw, crop_hw, geom, int(tokens.shape[0]))
+    if isinstance(config, (FasterVLMConfig, RandomConfig)):
+        if isinstance(config, RandomConfig):
+            scores = random_scores(importance.shape[0], importance.shape[1], config.seed, importance.device)
+        else:
+            scores = importance
+        if geom is None or features.shape[0] == 1:
+            plan = ops.plan_single_view(scores[0], config.retention_ratio, config.layout)
+        else:
+            plan = ops.plan_joint(scores, geom, config.retention_ratio, config.layout)
+        return ops.gather_features(features, newline, plan.index), plan
+    raise ValueError(f"not a vision-side method config: {type(config).__name__}")
+
