@@ -85,7 +85,10 @@ def test_bench_cli_table_with_two_images(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [(["--ratios", "0"], "ratio"), (["--runs", "0"], "--runs"), (["--image", "/no/such.png"], "not found"),
-     (["--plot", "/no/such/dir/x.png"], "does not exist"), (["--batch-size", "0"], "--batch-size")],
+     (["--plot", "/no/such/dir/x.png"], "does not exist"), (["--batch-size", "0"], "--batch-size"),
+     (["--method", "tome"], "unknown method"), (["--method-arg", "bogus=1"], "bogus"),
+     (["--method", "pooling", "--method-arg", "layout=spatial"], "layout"),
+     (["--method-arg", "allocation=softmax"], "allocation")],
 )
 def test_bench_cli_errors(args, message, capsys):
     assert main(["bench", *args]) != 0
@@ -135,3 +138,24 @@ def test_efficiency_cli_unknown_model_offline(monkeypatch, capsys):
     assert main(["efficiency", "--model", "someone/unknown-llava"]) != 0
     err = capsys.readouterr().err
     assert "known offline" in err and "Traceback" not in err
+
+
+def test_run_bench_compares_methods(tiny):
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0,
+                           methods=["fastervlm", "pooling"], options={"layout": "official"})
+    assert [r.method for r in rows] == ["vanilla", "fastervlm R=0.25", "pooling R=0.25"]
+    n_img = int((inputs.input_ids == model.config.image_token_id).sum())
+    for r in rows[1:]:
+        assert 0.15 < r.visual_tokens / n_img < 0.4 and r.effective_tokens == r.visual_tokens
+        assert r.compress_ms > 0
+    assert not globalcom2.is_applied(model)
+
+
+def test_bench_cli_method_comparison(capsys):
+    code = main(["bench", "--runs", "1", "--warmup", "0", "--max-new-tokens", "1", "--ratios", "0.25",
+                 "--method", "globalcom2,random", "--method-arg", "seed=2", "--format", "csv"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(",")[0] for line in lines[-3:]] == ["vanilla", "globalcom2 R=0.25", "random R=0.25"]

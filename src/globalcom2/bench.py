@@ -1,4 +1,5 @@
-"""Measured benchmarks: vanilla versus GlobalCom2 on the same model, inputs and process.
+"""Measured benchmarks: vanilla versus GlobalCom2 (and the other methods of
+:mod:`globalcom2.methods`) on the same model, inputs and process.
 
 Honest timing, gpt-fast style: warm-up runs are excluded, CUDA is synchronised before every
 timer read, and each figure is the median of several runs. Memory is the CUDA peak allocation on
@@ -115,7 +116,11 @@ def cache_bytes(cache: Any) -> int:
 
 @dataclass
 class BenchRow:
-    """Measurements of one setting (vanilla, or GlobalCom2 at one ratio)."""
+    """Measurements of one setting (vanilla, or one method at one ratio).
+
+    ``visual_tokens`` enter the language model; ``effective_tokens`` is their layer average,
+    lower than ``visual_tokens`` only for FastV (see :mod:`globalcom2.methods`).
+    """
 
     method: str
     ratio: float
@@ -127,6 +132,7 @@ class BenchRow:
     tokens_per_s: float
     peak_mem_mib: float
     kv_cache_mib: float
+    effective_tokens: float = 0.0
     prefill_x: float = 1.0
     generate_x: float = 1.0
     tokens_x: float = 1.0
@@ -142,6 +148,7 @@ BENCH_COLUMNS = [
     ("method", "method", "s"),
     ("visual_tokens", "visual tokens", "d"),
     ("tokens_x", "x tokens", ".3f"),
+    ("effective_tokens", "eff. tokens", ".0f"),
     ("prefill_ms", "prefill ms", ".1f"),
     ("prefill_x", "x prefill", ".3f"),
     ("vision_ms", "vision ms", ".1f"),
@@ -155,68 +162,113 @@ BENCH_COLUMNS = [
 ]
 
 
+def method_settings(
+    methods: Sequence[str], ratios: Sequence[float], options: dict[str, Any] | None = None
+) -> list[tuple[str, str, float, dict[str, Any]]]:
+    """The (label, method, ratio, options) settings of a comparison, each validated up front.
+
+    ``options`` go to every method that has them (e.g. ``layout`` to the selection methods, not
+    to pooling); an option no method knows is a ``ValueError`` naming it.
+    """
+    from .methods import make_config, option_names
+
+    options = dict(options or {})
+    known = {name for m in methods for name in option_names(m)}
+    unknown = sorted(set(options) - known - {"retention_ratio"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method(s) {', '.join(methods)}")
+    settings = []
+    for m in methods:
+        mine = {k: v for k, v in options.items() if k in option_names(m)}
+        for r in ratios:
+            make_config(m, **{**mine, "retention_ratio": float(r)})  # validate now, not mid-run
+            settings.append((f"{m} R={r:g}", m, float(r), mine))
+    return settings
+
+
 def run_bench(
     model: Any,
     inputs: dict[str, torch.Tensor],
     ratios: Sequence[float],
-    layout: str = "official",
+    layout: str | None = None,
     max_new_tokens: int = 16,
     runs: int = 3,
     warmup: int = 1,
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    methods: Sequence[str] = ("globalcom2",),
+    options: dict[str, Any] | None = None,
 ) -> list[BenchRow]:
-    """Measure vanilla and GlobalCom2 at each ratio on the same ``inputs``.
+    """Measure vanilla and every method at each ratio on the same ``inputs``.
 
     Args:
-        model: a LLaVA-NeXT model (it is left unpatched afterwards).
+        model: a LLaVA-NeXT model (it is left as it was afterwards).
         inputs: processor output already on the model's device.
-        ratios: retention ratios to run GlobalCom2 with.
-        layout: GlobalCom2 layout.
+        ratios: retention ratios to run each method with.
+        layout: layout of the selection methods (shortcut for ``options["layout"]``).
         max_new_tokens: tokens generated per prompt (``min_new_tokens`` is set equal, so every
             setting generates the same number).
         runs, warmup: timed and untimed repetitions of each measurement.
         progress: optional wrapper of an iterable (e.g. ``tqdm``) for a progress bar.
+        methods: method names (see :func:`globalcom2.methods.method_names`).
+        options: method options, given to every method that has them.
 
     Returns:
-        One :class:`BenchRow` for vanilla, then one per ratio, with ``*_x`` ratios to vanilla.
+        One :class:`BenchRow` for vanilla, then one per (method, ratio), with ``*_x`` ratios to
+        vanilla. ``vision_ms`` is the vision tower plus projector; ``compress_ms`` the vision-side
+        compression step (0 for vanilla and FastV, whose work happens inside the prefill).
     """
     import globalcom2
 
+    options = dict(options or {})
+    if layout is not None:
+        options["layout"] = layout
+    plan = [("vanilla", "globalcom2", 1.0, {})] + method_settings(methods, ratios, options)
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
-    settings: list[tuple[str, float | None]] = [("vanilla", None)] + [(f"globalcom2 R={r:g}", float(r)) for r in ratios]
     batch = int(inputs["input_ids"].shape[0])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     rows: list[BenchRow] = []
-    iterator: Iterable[tuple[str, float | None]] = progress(settings) if progress else settings
+    iterator: Iterable[Any] = progress(plan) if progress else plan
     try:
-        for name, ratio in iterator:
+        for label, method, ratio, opts in iterator:
             globalcom2.remove(model)
-            # The adapter of a temporary apply gives the vision/compression split for every setting.
-            globalcom2.apply(model, retention_ratio=ratio or 1.0, layout=layout)
+            vanilla = label == "vanilla"
+            # A GlobalCom2 adapter times the vision side for settings without a vision-side step.
+            globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
             adapter = globalcom2.get_adapter(model)
             assert adapter is not None
+            has_vision_step = adapter.vision_config is not None and not vanilla
             with torch.no_grad():
-                vision_ms, encoded = median_ms(
-                    lambda: adapter.encode(inputs["pixel_values"], inputs["image_sizes"]), device, runs, warmup
-                )
-                compress_ms, compressed = median_ms(lambda: adapter.compress(encoded), device, runs, warmup)
-                if ratio is None:
-                    compress_ms = 0.0
-                    visual = sum(compressed.vanilla_counts)
-                    globalcom2.remove(model)
+                if adapter.vision_config is None:
+                    globalcom2.apply(model, method="globalcom2")
+                    timer = globalcom2.get_adapter(model)
                 else:
-                    visual = sum(compressed.counts)
+                    timer = adapter
+                vision_ms, encoded = median_ms(
+                    lambda: timer.encode(inputs["pixel_values"], inputs["image_sizes"]), device, runs, warmup
+                )
+                compress_ms = 0.0
+                if has_vision_step:
+                    compress_ms, _ = median_ms(lambda: adapter.compress(encoded), device, runs, warmup)
+                globalcom2.remove(model)
+                if not vanilla:
+                    globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
                 prefill_ms, out = median_ms(lambda: model(**inputs, use_cache=True), device, runs, warmup)
                 kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
                 del out
+                stats = globalcom2.last_stats(model)
+                if stats is None:  # vanilla: the processor's placeholders
+                    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                    effective = float(visual)
+                else:
+                    visual, effective = sum(stats.visual_tokens), float(sum(stats.effective_visual_tokens))
                 generate_ms, _ = median_ms(lambda: model.generate(**inputs, **gen_kwargs), device, runs, warmup)
                 with PeakMemory(device) as mem:
                     model.generate(**inputs, **gen_kwargs)
             rows.append(
                 BenchRow(
-                    method=name,
-                    ratio=1.0 if ratio is None else ratio,
+                    method=label,
+                    ratio=ratio,
                     visual_tokens=int(visual),
                     prefill_ms=prefill_ms,
                     vision_ms=vision_ms,
@@ -225,6 +277,7 @@ def run_bench(
                     tokens_per_s=batch * max_new_tokens / (generate_ms / 1e3),
                     peak_mem_mib=mem.peak / MIB,
                     kv_cache_mib=kv / MIB,
+                    effective_tokens=effective,
                 )
             )
     finally:
@@ -248,19 +301,24 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("--plot needs matplotlib: pip install 'globalcom2[plot]'") from exc
 
-    base, comp = rows[0], sorted(rows[1:], key=lambda r: r.ratio)
+    base = rows[0]
+    by_method: dict[str, list[BenchRow]] = {}
+    for r in rows[1:]:
+        by_method.setdefault(r.method.split(" R=")[0], []).append(r)
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    xs = [r.ratio for r in comp]
-    ax1.plot(xs, [r.prefill_ms for r in comp], "o-", label="GlobalCom2 prefill")
-    ax1.plot(xs, [r.generate_ms for r in comp], "s-", label="GlobalCom2 generate")
+    for i, (name, comp) in enumerate(by_method.items()):
+        comp = sorted(comp, key=lambda r: r.ratio)
+        xs = [r.ratio for r in comp]
+        ax1.plot(xs, [r.prefill_ms for r in comp], "o-", color=f"C{i + 2}", label=f"{name} prefill")
+        ax1.plot(xs, [r.generate_ms for r in comp], "s:", color=f"C{i + 2}", label=f"{name} generate")
+        ax2.plot(xs, [r.visual_tokens for r in comp], "o-", color=f"C{i + 2}", label=name)
     ax1.axhline(base.prefill_ms, color="C0", ls="--", label="vanilla prefill")
     ax1.axhline(base.generate_ms, color="C1", ls="--", label="vanilla generate")
     ax1.set(xlabel="retention ratio R", ylabel="median latency (ms)", title="Latency")
     ax1.set_ylim(bottom=0)  # honest scale: bars of time start at zero
     ax1.legend(fontsize=8)
-    ax2.plot(xs, [r.visual_tokens for r in comp], "o-", color="C2", label="GlobalCom2")
-    ax2.axhline(base.visual_tokens, color="C2", ls="--", label="vanilla")
+    ax2.axhline(base.visual_tokens, color="C0", ls="--", label="vanilla")
     ax2.set(xlabel="retention ratio R", ylabel="visual tokens", title="Visual tokens reaching the LM")
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=8)

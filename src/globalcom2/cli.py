@@ -49,6 +49,45 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) -> None:
+    """``--method`` and ``--method-arg KEY=VALUE`` (shared by bench, visualize and eval)."""
+    what = "comma-separated methods to compare" if several else "the method whose kept tokens are drawn"
+    parser.add_argument(
+        "--method", default="globalcom2", metavar="NAME[,NAME...]" if several else "NAME",
+        help=f"{what}: globalcom2 (default), fastervlm, random, pooling, fastv, or <vision method>+fastv",
+    )
+    parser.add_argument(
+        "--method-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="a method option, repeatable, given to every method that has it: e.g. layout=spatial, "
+             "allocation=uniform, scoring=local_only, seed=1, layer=2 (FastV), fastv_retention_ratio=0.5",
+    )
+
+
+def parse_method_arguments(args: argparse.Namespace, several: bool = True) -> tuple[list[str], dict[str, Any]]:
+    """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError)."""
+    from .methods import method_names, option_names, parse_method_options
+
+    names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
+    if not names:
+        raise CLIError("--method: give at least one method")
+    if not several and len(names) > 1:
+        raise CLIError(f"--method: give one method here, got {args.method!r}")
+    for m in names:
+        if m not in method_names():
+            raise CLIError(f"--method: unknown method {m!r}; known: {', '.join(method_names())}")
+    try:
+        options = parse_method_options(args.method_arg)
+    except ValueError as e:
+        raise CLIError(f"--method-arg: {e}") from None
+    known = {o for m in names for o in option_names(m)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CLIError(
+            f"--method-arg: unknown option(s) {', '.join(unknown)} for {', '.join(names)}; known: {', '.join(sorted(known))}"
+        )
+    return names, options
+
+
 def _para(text: str) -> str:
     """A paragraph wrapped for help output (the raw formatter keeps it as written)."""
     return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
@@ -196,10 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure vanilla vs GlobalCom2: latency, throughput, memory, KV cache, tokens",
+        help="measure vanilla vs GlobalCom2 (and baselines): latency, throughput, memory, KV cache, tokens",
         description=_para(
-            "Run vanilla LLaVA-NeXT and GlobalCom2 at each retention ratio side by side in one process "
-            "on the same inputs, and report median prefill latency, vision-encoder time, compression-step "
+            "Run vanilla LLaVA-NeXT and GlobalCom2 (or any --method, several for a comparison table) at each "
+            "retention ratio side by side in one process on the same inputs, and report median prefill latency, vision-encoder time, compression-step "
             "time, end-to-end generate latency and throughput, peak memory (CUDA max allocated on GPU, "
             "process RSS on CPU), KV-cache size and visual tokens, with ratios to vanilla. Warm-up runs "
             "are excluded and CUDA is synchronised before every timer read. The default model is the "
@@ -207,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "examples:\n  globalcom2 bench                                   # tiny random model, shipped sample image\n"
-            f"  globalcom2 bench --model {EXAMPLE_MODEL} --image photo.jpg --ratios 0.5,0.25,0.1 --plot bench.png"
+            f"  globalcom2 bench --model {EXAMPLE_MODEL} --image photo.jpg --ratios 0.5,0.25,0.1 --plot bench.png\n"
+            "  globalcom2 bench --method globalcom2,fastervlm,fastv,pooling --ratios 0.25"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -217,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image(s) to use, repeat for several prompts (default: the shipped sample image)")
     bench.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the prompt of every image")
     bench.add_argument("--ratios", default="0.5,0.25,0.1", metavar="R[,R...]",
-                       help="GlobalCom2 retention ratios to compare with vanilla (default: 0.5,0.25,0.1)")
-    bench.add_argument("--layout", choices=LAYOUT_CHOICES, default="official", help="GlobalCom2 layout (default: official)")
+                       help="retention ratios to compare with vanilla (default: 0.5,0.25,0.1)")
+    bench.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                       help="layout of the selection methods (default: each method's own: official for globalcom2)")
+    add_method_arguments(bench)
     bench.add_argument("--batch-size", type=int, default=1, metavar="B",
                        help="prompts per batch: the images are repeated up to B (default: 1)")
     bench.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens generated per prompt (default: 16)")
@@ -658,6 +700,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    methods, options = parse_method_arguments(args)
+    if args.layout is not None:
+        options["layout"] = args.layout
+    from .bench import method_settings
+
+    try:
+        method_settings(methods, ratios, options)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise CLIError("--plot needs matplotlib: pip install 'globalcom2[plot]'")
@@ -696,8 +747,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{PROG}: bench on {args.model} ({str(model.dtype).replace('torch.', '')} on {device}), "
         f"{len(batch_images)} prompt(s), {args.max_new_tokens} new tokens, {args.runs} runs + {args.warmup} warm-up"
     )
-    rows = run_bench(model, dict(inputs), ratios, layout=args.layout, max_new_tokens=args.max_new_tokens,
-                     runs=args.runs, warmup=args.warmup, progress=progress)
+    try:
+        rows = run_bench(model, dict(inputs), ratios, max_new_tokens=args.max_new_tokens, runs=args.runs,
+                         warmup=args.warmup, progress=progress, methods=methods, options=options)
+    except ValueError as e:  # e.g. FastV on an attention implementation it cannot mask
+        raise CLIError(_one_line(str(e))) from None
     data = [r.to_dict() for r in rows]
     if args.format == "table" and args.model == "tiny":
         _echo("NOTE: tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up.")
