@@ -300,3 +300,88 @@ def test_globalcom2_ablations_run_end_to_end(tiny, allocation, scoring):
     torch.testing.assert_close(plan.crop_ratios, expected_r)
     n_valid = plan.crop_valid.sum(1)
     assert plan.crop_keep.sum(1).tolist() == torch.floor(n_valid.double() * expected_r).long().tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# FastV inside the language model, alone and after a vision-side method
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fastv_alone_prunes_inside_the_language_model(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor, [0, 1])
+    before = _logits(model, inputs)
+    globalcom2.apply(model, method="fastv", retention_ratio=0.25)  # default layer K = 2
+    out = _logits(model, inputs)
+    assert out.shape == before.shape  # logits keep the input length (pruned positions frozen)
+    stats = globalcom2.last_stats(model)
+    n = (inputs.input_ids == model.config.image_token_id).sum(1).tolist()
+    assert stats.visual_tokens == stats.vanilla_visual_tokens == n
+    assert stats.lm_visual_tokens == [round(0.25 * v) for v in n]
+    layers = model.config.text_config.num_hidden_layers
+    assert stats.effective_visual_tokens == [(2 * v + (layers - 2) * k) / layers for v, k in zip(n, stats.lm_visual_tokens)]
+    assert not torch.allclose(out[:, -1], before[:, -1])  # pruning changes the answer's logits
+    globalcom2.remove(model)
+    assert torch.equal(_logits(model, inputs), before)
+    assert not any("forward" in layer.__dict__ for layer in model.model.language_model.layers)
+
+
+def test_fastv_ratio_one_is_the_vanilla_model(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor, [0])
+    before = _logits(model, inputs)
+    globalcom2.apply(model, method="fastv", retention_ratio=1.0)
+    assert torch.equal(_logits(model, inputs), before)
+
+
+@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
+def test_fastv_batch_generate_equals_each_prompt_alone(tiny, method):
+    model, processor = tiny
+    globalcom2.apply(model, method=method, retention_ratio=0.25)
+    batch = _inputs(processor, [0, 1, 2])
+    last = _logits(model, batch)[:, -1]
+    gen = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch.input_ids.shape[1]:]
+    for i in range(3):
+        single = _inputs(processor, [i])
+        torch.testing.assert_close(_logits(model, single)[0, -1], last[i], atol=1e-4, rtol=1e-4)
+        alone = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single.input_ids.shape[1]:]
+        assert alone.tolist() == gen[i].tolist()
+
+
+def test_composition_runs_globalcom2_then_fastv(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor, [0])
+    globalcom2.apply(model, retention_ratio=0.25)
+    plain = _logits(model, inputs)
+    gc2_tokens = globalcom2.last_stats(model).visual_tokens
+    # FastV keeping everything leaves GlobalCom2's result untouched.
+    globalcom2.apply(model, method="globalcom2+fastv", retention_ratio=0.25, fastv_retention_ratio=1.0)
+    torch.testing.assert_close(_logits(model, inputs), plain, atol=0, rtol=0)
+    globalcom2.apply(model, method="globalcom2+fastv", retention_ratio=0.25, fastv_retention_ratio=0.5, fastv_layer=1)
+    cfg = globalcom2.get_config(model)
+    assert cfg.method == "globalcom2+fastv" and cfg.fastv.layer == 1 and cfg.vision.retention_ratio == 0.25
+    out = _logits(model, inputs)
+    stats = globalcom2.last_stats(model)
+    assert out.shape == plain.shape
+    assert stats.visual_tokens == gc2_tokens and stats.lm_visual_tokens == [round(0.5 * gc2_tokens[0])]
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_fastv_beam_search_and_no_cache_run(tiny):
+    model, processor = tiny
+    inputs = _inputs(processor, [0, 1])
+    globalcom2.apply(model, method="fastv", retention_ratio=0.25)
+    beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 4
+    no_cache = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert no_cache.shape == (2, inputs.input_ids.shape[1] + 3)
+
+
+def test_fastv_layer_must_leave_a_layer_to_prune(tiny):
+    model, _ = tiny
+    layers = model.config.text_config.num_hidden_layers
+    with pytest.raises(ValueError, match="layer"):
+        globalcom2.apply(model, method="fastv", layer=layers)
+    assert not globalcom2.is_applied(model)
+    with pytest.raises(ValueError, match="layer"):
+        globalcom2.apply(model, method="fastv", layer=0)

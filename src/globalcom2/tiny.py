@@ -75,7 +75,7 @@ def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text
     text_kwargs = dict(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,

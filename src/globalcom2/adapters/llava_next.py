@@ -124,6 +124,8 @@ class LlavaNextAdapter(Adapter):
         #: Visual-token counts of the most recent prefill (see :func:`globalcom2.last_stats`).
         self.stats: CompressionStats | None = None
         self._vanilla_rows: list[int] | None = None
+        #: Per batch row, the positions of the image tokens in the language model's input (last prefill).
+        self.last_visual_positions: list[torch.Tensor] | None = None
 
     # -- identification and checks --------------------------------------------------------------
     @classmethod
@@ -156,6 +158,7 @@ class LlavaNextAdapter(Adapter):
             from ..fastv import FastVPatch
 
             self.fastv = FastVPatch(self.inner.language_model, self.fastv_config)
+            self.fastv.validate()  # fail at apply, before anything is patched
         if self.vision_config is None:
             return
         strategy = self.hf_config.vision_feature_select_strategy
@@ -357,6 +360,7 @@ class LlavaNextAdapter(Adapter):
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
         visual = input_ids == self.hf_config.image_token_id  # (B, T)
         rows = visual.sum(1).tolist()
+        self.last_visual_positions = [row.nonzero().flatten() for row in visual]
         vanilla = self._vanilla_rows if self._vanilla_rows is not None and len(self._vanilla_rows) == len(rows) else rows
         self._vanilla_rows = None
         lm_rows: list[int] | None = None
@@ -365,7 +369,7 @@ class LlavaNextAdapter(Adapter):
             self.fastv.prepare(visual)
             k = self.fastv_config.layer
             n_layers = len(self.inner.language_model.layers)
-            lm_rows = [min(r, max(1, int(round(self.fastv_config.retention_ratio * r)))) if r else 0 for r in rows]
+            lm_rows = [max(1, round(self.fastv_config.retention_ratio * r)) if r else 0 for r in rows]
             effective = [(k * r + (n_layers - k) * kept) / n_layers for r, kept in zip(rows, lm_rows)]
         self.stats = CompressionStats(
             method=self.config.method,
@@ -379,7 +383,11 @@ class LlavaNextAdapter(Adapter):
     def patch(self) -> None:
         super().patch()
         if self.fastv is not None:
-            self.fastv.install()
+            try:
+                self.fastv.install()
+            except Exception:
+                super().unpatch()
+                raise
 
     def unpatch(self) -> None:
         if self.fastv is not None:
