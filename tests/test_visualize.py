@@ -305,7 +305,9 @@ def test_cli_with_a_checkpoint_directory(tiny, tmp_path, capsys, monkeypatch):
     "args, message",
     [(["--image", "/no/such/image.png"], "not found"), (["--retention-ratio", "0.5,2"], "retention-ratio"),
      (["--retention-ratio", "abc"], "not a number"), (["--output", "/no/such/dir/x.png"], "does not exist"),
-     (["--model", "/no/such/model"], "not found"), (["--dpi", "5"], "--dpi")],
+     (["--model", "/no/such/model"], "not found"), (["--dpi", "5"], "--dpi"),
+     (["--method", "tome"], "unknown method"), (["--method", "fastervlm,random"], "one method"),
+     (["--method", "random", "--method-arg", "seed=-2"], "seed")],
 )
 def test_cli_errors(image_file, tmp_path, capsys, args, message):
     argv = ["visualize", "--image", str(image_file), "--output", str(tmp_path / "o.png"), *args]
@@ -337,3 +339,63 @@ def test_cli_help(capsys):
     out = capsys.readouterr().out
     for option in ("--image", "--model", "--retention-ratio", "--layout", "--output", "--heatmaps", "--prompt"):
         assert option in out
+
+
+# -- other methods -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "random"])
+def test_selection_methods_draw_their_own_plans(tiny, method):
+    model, processor = tiny
+    image = make_image(480, 640)
+    vis = visualize(model, processor, image, (0.25,), method=method, options={"seed": 5} if method == "random" else None)
+    assert vis.method == method and vis.layout == "spatial"
+    adapter, encoded, _ = _encode(model, processor, image)
+    cfg = globalcom2.methods.make_config(method, retention_ratio=0.25, **({"seed": 5} if method == "random" else {}))
+    plan = adapter.compress(encoded, cfg).plans[0]
+    m = vis.masks[0]
+    assert m.num_tokens == plan.num_tokens
+    assert m.thumb_kept.reshape(-1).nonzero()[0].tolist() == sorted(plan.thumb_keep.tolist())
+    assert np.array_equal(m.crop_kept, _to_grid(plan.crop_keep.numpy(), plan.geometry))
+
+
+def test_pooling_is_drawn_as_pooled(tiny):
+    model, processor = tiny
+    vis = visualize(model, processor, make_image(480, 640), (0.25,), method="pooling")
+    m = vis.masks[0]
+    assert m.pooled and vis.layout == "pooled"
+    assert m.thumb_tokens == 144 and m.thumb_kept.all()
+    assert np.array_equal(m.crop_kept, m.valid)  # every unpadded token feeds a pooled token
+    assert m.num_tokens == m.thumb_tokens + m.crop_tokens + m.newlines and m.newlines == 18
+
+
+@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
+def test_fastv_masks_are_the_tokens_left_after_layer_k(tiny, method):
+    model, processor = tiny
+    image = make_image(480, 640)
+    vis = visualize(model, processor, image, (0.5,), method=method, prompt="What is this?")
+    m = vis.masks[0]
+    # The same run through the model: FastV's kept count, traced back onto the grids.
+    from globalcom2.cli import build_prompt
+
+    inputs = processor(images=[image], text=[build_prompt(processor, "What is this?")], return_tensors="pt")
+    globalcom2.apply(model, method=method, retention_ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    stats = globalcom2.last_stats(model)
+    globalcom2.remove(model)
+    assert m.num_tokens == stats.lm_visual_tokens[0]
+    assert m.thumb_kept_count + int(m.crop_kept.sum()) + m.newlines == m.num_tokens
+    assert not (m.crop_kept & ~m.valid).any()
+    if method == "globalcom2+fastv":  # a subset of what GlobalCom2 kept
+        gc2 = visualize(model, processor, image, (0.5,)).masks[0]
+        assert not (m.crop_kept & ~gc2.crop_kept).any() and not (m.thumb_kept & ~gc2.thumb_kept).any()
+    assert not globalcom2.is_applied(model)
+
+
+def test_cli_draws_another_method(image_file, tmp_path, capsys):
+    out = tmp_path / "m.png"
+    code = main(["visualize", "--image", str(image_file), "--method", "pooling", "--output", str(out), "--dpi", "40"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pooling averages every token" in captured.out and out.is_file()

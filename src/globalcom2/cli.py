@@ -289,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "examples:\n  globalcom2 visualize --image photo.jpg --retention-ratio 0.5,0.25,0.1 --heatmaps\n"
             f"  globalcom2 visualize --model {EXAMPLE_MODEL} --image photo.jpg \\\n"
-            '      --prompt "What is on the sign?" --output kept.png'
+            '      --prompt "What is on the sign?" --output kept.png\n'
+            "  globalcom2 visualize --image photo.jpg --method fastervlm --retention-ratio 0.25\n"
+            "  globalcom2 visualize --image photo.jpg --method globalcom2+fastv --prompt \"What is written?\""
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -298,8 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
     vis.add_argument("--retention-ratio", default="0.25", metavar="R[,R...]",
                      help="one or more comma-separated ratios in (0, 1], one row each (default: 0.25)")
-    vis.add_argument("--layout", choices=LAYOUT_CHOICES, default="official",
-                     help="layout used for the token counts (the kept tokens are the same in both; default: official)")
+    vis.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
+                     help="layout used for the token counts (the kept tokens are the same in both; default: the "
+                          "method's own, official for globalcom2)")
+    add_method_arguments(vis, several=False)
     vis.add_argument("--output", default="globalcom2-visualize.png", metavar="OUT.png",
                      help="PNG to write (default: globalcom2-visualize.png)")
     vis.add_argument("--heatmaps", action="store_true", help="add the [CLS] importance maps behind the decisions")
@@ -766,16 +770,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from .config import GlobalCom2Config
     from .efficiency import parse_ratios
 
     # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
+    from .methods import make_config
+
+    methods, options = parse_method_arguments(args, several=False)
+    if args.layout is not None:
+        options["layout"] = args.layout
     try:
         ratios = parse_ratios(args.retention_ratio)
-        for r in ratios:
-            GlobalCom2Config(retention_ratio=r, layout=args.layout)
     except ValueError as e:
         raise CLIError(f"--retention-ratio: {e}") from None
+    try:
+        for r in ratios:
+            make_config(methods[0], **{**options, "retention_ratio": r})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
     out = Path(args.output).expanduser()
@@ -800,9 +811,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     _status(f"{PROG}: encoding the image once and compressing it at R = {ratio_text} ...")
     try:
         vis = visualize(
-            model, processor, image, ratios, layout=args.layout, heatmaps=args.heatmaps, title=args.title,
+            model, processor, image, ratios, heatmaps=args.heatmaps, title=args.title,
             prompt=args.prompt, model_name="tiny random demo model" if random_weights else args.model,
-            random_weights=random_weights,
+            random_weights=random_weights, method=methods[0], options=options,
         )
     except ValueError as e:  # an unsupported model (e.g. no [CLS] token)
         raise CLIError(f"cannot visualize with {args.model!r}: {_one_line(str(e))}") from None
@@ -818,8 +829,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         crops = ", ".join(f"{r:.2f} ({k}/{n})" for r, k, n in zip(m.crop_ratios, m.crop_kept_counts, m.crop_valid_counts))
         _echo(
             f"R={m.retention_ratio:g}: {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens "
-            f"({m.num_tokens / m.vanilla_tokens:.1%}); thumbnail {m.thumb_kept_count}/{m.thumb_kept.size}"
-            + (f"; crops r_j (kept/unpadded): {crops}" if crops else "")
+            f"({m.num_tokens / m.vanilla_tokens:.1%}); thumbnail {m.thumb_tokens}/{m.thumb_kept.size}"
+            + (f"; crops r_j (kept/unpadded): {crops}" if crops and not m.pooled else "")
+            + (f"; {m.note}" if m.note else "")
         )
     for note in vis.notes:
         _echo(f"note: {note}")

@@ -83,6 +83,18 @@ class RatioMasks:
     crop_valid_counts: list[int]
     num_tokens: int
     vanilla_tokens: int
+    thumb_tokens: int | None = None
+    crop_tokens: int | None = None
+    note: str | None = None
+    pooled: bool = False  # tokens averaged (pooling, none dropped) rather than selected
+
+    def __post_init__(self) -> None:
+        # Tokens the language model gets from each part: the kept ones for selection methods,
+        # the pooled ones for pooling (which drops nothing but averages).
+        if self.thumb_tokens is None:
+            self.thumb_tokens = int(self.thumb_kept.sum())
+        if self.crop_tokens is None:
+            self.crop_tokens = int(sum(self.crop_kept_counts))
 
     @property
     def thumb_kept_count(self) -> int:
@@ -91,7 +103,7 @@ class RatioMasks:
     @property
     def newlines(self) -> int:
         """Image-newline tokens in the sequence (what is neither thumbnail nor crop token)."""
-        return self.num_tokens - self.thumb_kept_count - sum(self.crop_kept_counts)
+        return self.num_tokens - int(self.thumb_tokens) - int(self.crop_tokens)
 
 
 @dataclass
@@ -121,8 +133,9 @@ class Visualization:
         importance: the :class:`ImportanceMaps` (the same for every ratio).
         geometry: the crop geometry (None for a single-view image).
         image_size: (height, width) of the original image.
-        layout: the GlobalCom2 layout used for the token counts.
+        layout: the layout used for the token counts (``"pooled"`` for pooling).
         notes: remarks about the case drawn (e.g. no crop token survives unpadding).
+        method: the method drawn.
     """
 
     figure: Any
@@ -132,6 +145,7 @@ class Visualization:
     image_size: tuple[int, int]
     layout: str
     notes: list[str] = field(default_factory=list)
+    method: str = "globalcom2"
 
     def save(self, path: str, dpi: int = 110) -> None:
         """Write the figure as PNG, atomically (nothing half-written on failure)."""
@@ -150,7 +164,29 @@ def _to_grid(x: np.ndarray, geom: ops.CropGeometry) -> np.ndarray:
     return x.reshape(geom.grid_h, geom.grid_w, s, s).transpose(0, 2, 1, 3).reshape(geom.height, geom.width)
 
 
-def _masks(plan: ops.CompressionPlan, ratio: float, vanilla: int) -> RatioMasks:
+def _pooled_masks(plan: Any, side: int, ratio: float, vanilla: int) -> RatioMasks:
+    """Pooling drops no token: every token (unpadded) feeds one pooled token."""
+    t, (ph, pw) = plan.thumb_hw[0], plan.crop_hw
+    thumb = np.ones((side, side), dtype=bool)
+    geom = plan.geometry
+    note = f"pooling averages every token (none is dropped): thumbnail {side}x{side} -> {t}x{t}"
+    if geom is None:
+        empty = np.zeros((0, 0), dtype=bool)
+        return RatioMasks(ratio, thumb, empty, empty, np.zeros(0), [], [], plan.num_tokens, vanilla, t * t, 0, note, True)
+    valid = ops._valid_mask(geom, torch.device("cpu")).numpy()  # (C, N)
+    counts = [int(v) for v in valid.sum(1)]
+    frac = (ph * pw) / max(1, sum(counts))
+    if ph:
+        note += f", unpadded crop area {geom.valid_rows}x{geom.valid_cols} -> {ph}x{pw}"
+    return RatioMasks(
+        ratio, thumb, _to_grid(valid, geom), _to_grid(valid, geom), np.full(len(counts), frac), counts, counts,
+        plan.num_tokens, vanilla, t * t, ph * pw, note, True,
+    )
+
+
+def _masks(plan: Any, ratio: float, vanilla: int, side: int | None = None) -> RatioMasks:
+    if not isinstance(plan, ops.CompressionPlan):  # pooling
+        return _pooled_masks(plan, int(side or 0), ratio, vanilla)
     n = int(plan.thumb_importance.shape[-1])
     side = math.isqrt(n)
     thumb = np.zeros(n, dtype=bool)
@@ -384,6 +420,7 @@ def _draw(
     prompt: str | None,
     random_weights: bool,
     layout: str,
+    method: str = "globalcom2",
 ) -> tuple[Any, list[str]]:
     """Lay the figure out in inches (text measured, so nothing overlaps) and build it."""
     import matplotlib
@@ -414,7 +451,10 @@ def _draw(
         sheet.text(fig_w / 2, y, line, ha="center", fontsize=10, color=_MUTED)
         y += ty.line(10)
     if prompt:
-        text = f'prompt: "{" ".join(prompt.split())}" (GlobalCom2\'s choice does not depend on it: only the vision side decides)'
+        text = f'prompt: "{" ".join(prompt.split())}"' + (
+            " (FastV's choice depends on it: the prompt's last token ranks the visual tokens)" if "fastv" in method
+            else f" ({_METHOD_TITLES.get(method, method)}'s choice does not depend on it: only the vision side decides)"
+        )
         for line in ty.wrap(text, block_w, 10):
             sheet.text(fig_w / 2, y, line, ha="center", fontsize=10, color=_MUTED, fontstyle="italic")
             y += ty.line(10)
@@ -463,8 +503,8 @@ def _draw(
         head = f"R = {m.retention_ratio:g}"
         head_w = ty.width(head, 12.5, "bold") + 0.15
         sheet.text(x0, y - 0.02, head, fontsize=12.5, fontweight="bold")
-        crop_total = sum(m.crop_kept_counts)
-        parts = f"{m.thumb_kept_count:,} thumbnail"
+        crop_total = int(m.crop_tokens)
+        parts = f"{int(m.thumb_tokens):,} thumbnail"
         if geom is not None:
             parts += f" + {crop_total:,} crop tokens"
         parts += f" + {m.newlines:,} row newline{'s' if m.newlines != 1 else ''}"
@@ -472,6 +512,8 @@ def _draw(
             f"the language model gets {m.num_tokens:,} of {m.vanilla_tokens:,} visual tokens "
             f"({m.num_tokens / m.vanilla_tokens:.0%}): {parts} ({layout} layout)"
         )
+        if m.note:
+            summary += f"; {m.note}"
         lines = ty.wrap(summary, block_w - head_w, 9.5)
         for k, line in enumerate(lines):
             sheet.text(x0 + head_w, y + k * ty.line(9.5), line, fontsize=9.5, color=_MUTED)
@@ -479,13 +521,15 @@ def _draw(
 
         # Panel titles.
         n_thumb = m.thumb_kept.size
-        t_title = ty.wrap(f"thumbnail: kept {m.thumb_kept_count}/{n_thumb} ({m.thumb_kept_count / n_thumb:.0%})", thumb_in, 9.5)
+        t_title = ty.wrap(f"thumbnail: {'pooled to' if m.pooled else 'kept'} {m.thumb_tokens}/{n_thumb} "
+                          f"({int(m.thumb_tokens) / n_thumb:.0%})", thumb_in, 9.5)
         c_title: list[str] = []
         if geom is not None and lay is not None:
             valid_total = sum(m.crop_valid_counts)
             share = f" ({crop_total / valid_total:.0%})" if valid_total else ""
             c_title = ty.wrap(
-                f"crops: {geom.grid_h}x{geom.grid_w} grid, kept {crop_total:,}/{valid_total:,} unpadded tokens{share}",
+                f"crops: {geom.grid_h}x{geom.grid_w} grid, {'pooled to' if m.pooled else 'kept'} "
+                f"{crop_total:,}/{valid_total:,} unpadded tokens{share}",
                 block_w - thumb_in - _GAP, 9.5,  # nothing is right of the crops: the title may use that room
             )
         for k, line in enumerate(t_title):
@@ -523,7 +567,8 @@ def _draw(
             for j in range(geom.num_crops):
                 gy, gx = divmod(j, geom.grid_w)
                 if m.crop_valid_counts[j]:
-                    label = f"r={m.crop_ratios[j]:.2f} · {m.crop_kept_counts[j]}/{m.crop_valid_counts[j]}"
+                    label = (f"{m.crop_valid_counts[j]} tokens, all pooled" if m.pooled else
+                             f"r={m.crop_ratios[j]:.2f} · {m.crop_kept_counts[j]}/{m.crop_valid_counts[j]}")
                 else:
                     label = "all padding"
                 ax.annotate(
@@ -607,39 +652,60 @@ def _draw(
     return sheet.build(y + _MARGIN * 0.6), notes
 
 
+_METHOD_TITLES = {
+    "globalcom2": "GlobalCom2",
+    "fastervlm": "FasterVLM",
+    "random": "Random pruning",
+    "pooling": "Pooling",
+    "fastv": "FastV",
+}
+
+
+def _method_title(method: str) -> str:
+    return " + ".join(_METHOD_TITLES.get(part, part) for part in method.split("+"))
+
+
 def visualize(
     model: Any,
     processor: Any,
     image: Any,
     retention_ratios: Sequence[float] = (0.25,),
-    layout: str = "official",
+    layout: str | None = None,
     heatmaps: bool = False,
     title: str | None = None,
     prompt: str | None = None,
     model_name: str | None = None,
     random_weights: bool = False,
-    temperature: float = 10.0,
+    temperature: float | None = None,
+    method: str = "globalcom2",
+    options: dict[str, Any] | None = None,
 ) -> Visualization:
-    """Draw what GlobalCom2 keeps of ``image`` at each retention ratio (one row each).
+    """Draw what a method (GlobalCom2 by default) keeps of ``image`` at each retention ratio.
 
     Args:
         model: a LLaVA-NeXT model (patched by :func:`globalcom2.apply` or not; left exactly as it was).
         processor: its processor.
         image: a PIL image.
         retention_ratios: one row per ratio (each ``0 < R <= 1``).
-        layout: GlobalCom2 layout; it changes only the token counts, not which tokens are kept.
-        heatmaps: add the [CLS] importance maps behind the decisions.
-        title: figure title (default: "GlobalCom2: kept visual tokens at R = ...").
-        prompt: a question about the image, shown under the title (the kept tokens do not depend on it).
+        layout: layout of the selection methods (default: the method's own); it changes only the
+            token counts, not which tokens are kept.
+        heatmaps: add the [CLS] importance maps behind GlobalCom2's decisions.
+        title: figure title (default: "<method>: kept visual tokens at R = ...").
+        prompt: a question about the image, shown under the title. Vision-side methods do not
+            depend on it; FastV does (its last token ranks the visual tokens), so with FastV the
+            prompt is sent through the model (default ``"Describe the image."``).
         model_name: how to name the model (default: its ``name_or_path``, else its class).
         random_weights: mark the figure as made with a random-weights model (the tiny demo model).
-        temperature: tau of the crop budgets.
+        temperature: tau of GlobalCom2's crop budgets.
+        method: any name of :func:`globalcom2.methods.method_names`. For FastV (alone or composed)
+            a token counts as kept when it is still in the sequence after layer K.
+        options: further method options (e.g. ``{"allocation": "uniform"}``, ``{"seed": 1}``).
 
     Returns:
         A :class:`Visualization` with the matplotlib figure, per-ratio masks and the importance maps.
 
     Raises:
-        ValueError: a bad ratio or layout, or an unsupported model.
+        ValueError: a bad ratio, option or method, or an unsupported model.
         RuntimeError: matplotlib is not installed.
     """
     try:
@@ -647,14 +713,24 @@ def visualize(
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(PLOT_HINT) from exc
     from .adapters import adapter_for
+    from .methods import fastv_config, make_config, option_names, vision_config
 
     retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
     if not retention_ratios:
         raise ValueError("retention_ratios must hold at least one ratio")
-    configs = [GlobalCom2Config(retention_ratio=r, layout=layout, temperature=temperature) for r in retention_ratios]
+    opts = dict(options or {})
+    for key, value in (("layout", layout), ("temperature", temperature)):
+        if value is not None and key in option_names(method):
+            opts[key] = value
+    configs = [make_config(method, retention_ratio=r, **opts) for r in retention_ratios]
+    method = configs[0].method
+    vcfgs = [vision_config(c) for c in configs]
+    uses_fastv = fastv_config(configs[0]) is not None
+    shown_layout = vcfgs[0].layout if vcfgs[0] is not None and hasattr(vcfgs[0], "layout") else (
+        "pooled" if vcfgs[0] is not None else "vanilla")
     # A fresh, never-patched adapter used for encode/compress only: the model's own state (applied or
     # not, its config, its adapter's `.last`) is not touched.
-    adapter = adapter_for(model)(model, configs[0])
+    adapter = adapter_for(model)(model, GlobalCom2Config())
     adapter.validate()
     image = image.convert("RGB")
     image_token = getattr(processor, "image_token", None) or "<image>"
@@ -663,11 +739,19 @@ def visualize(
     pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
         encoded = adapter.encode(pixel_values, inputs["image_sizes"])
-        plans = [adapter.compress(encoded, cfg).plans[0] for cfg in configs]
+        guide = adapter.compress(encoded, GlobalCom2Config()).plans[0]  # GlobalCom2's signals, for the maps
+        plans = [adapter.compress(encoded, v).plans[0] if v is not None else None for v in vcfgs]
     vanilla = encoded.vanilla_counts[0]
-    masks = [_masks(p, cfg.retention_ratio, vanilla) for p, cfg in zip(plans, configs)]
-    geom = plans[0].geometry
-    maps = _importance_maps(plans[0], encoded.importance[0][1:])
+    side = math.isqrt(int(encoded.importance[0].shape[-1]))
+    geom = encoded.geometries[0]
+    if uses_fastv:
+        masks = [
+            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla)
+            for cfg, plan in zip(configs, plans)
+        ]
+    else:
+        masks = [_masks(p, cfg.retention_ratio, vanilla, side) for p, cfg in zip(plans, configs)]
+    maps = _importance_maps(guide, encoded.importance[0][1:])
 
     vc = adapter.hf_config.vision_config
     view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
@@ -686,7 +770,79 @@ def visualize(
     subtitle = f"{name} · image {image.width}x{image.height} px, seen as {seen}"
     fig, notes = _draw(
         thumb_px=thumb_px, canvas_px=canvas_px, lay=lay, geom=geom, masks=masks, maps=maps, heatmaps=heatmaps,
-        view=view, cell=cell, side=side, title=title or f"GlobalCom2: kept visual tokens at R = {ratios}",
-        subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=layout,
+        view=view, cell=cell, side=side, title=title or f"{_method_title(method)}: kept visual tokens at R = {ratios}",
+        subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=shown_layout, method=method,
     )
-    return Visualization(fig, masks, maps, geom, (image.height, image.width), layout, notes)
+    return Visualization(fig, masks, maps, geom, (image.height, image.width), shown_layout, notes, method)
+
+
+def _vanilla_plan(guide: ops.CompressionPlan) -> ops.CompressionPlan:
+    """The vanilla sequence as a plan: every token kept, spatial layout (SPEC: equals vanilla)."""
+    n = int(guide.thumb_importance.shape[-1])
+    dev = guide.thumb_importance.device
+    if guide.geometry is None:
+        return ops.plan_single_view(guide.thumb_importance, 1.0, "spatial")
+    return ops.assemble_plan(
+        torch.arange(n, device=dev), guide.crop_valid.clone(), guide.crop_valid, guide.geometry, "spatial",
+        torch.ones(guide.geometry.num_crops, dtype=torch.float64, device=dev), guide.thumb_importance, guide.crop_score,
+    )
+
+
+def _fastv_masks(
+    model: Any, processor: Any, image: Any, prompt: str, config: Any, plan: Any, guide: ops.CompressionPlan, vanilla: int
+) -> RatioMasks:
+    """Which visual tokens are still in the sequence after FastV's layer K, on the thumbnail/crop grids.
+
+    The model runs once on ``prompt`` with the method applied (on a copy of its patch state:
+    whatever was applied before is restored). Every image token of the language model's input is
+    traced back, through the vision-side plan (or the vanilla arrangement), to its view and position.
+    """
+    import globalcom2
+
+    from .cli import build_prompt
+
+    if plan is not None and not isinstance(plan, ops.CompressionPlan):
+        raise ValueError("drawing FastV after pooling is not supported (pooled tokens have no single source)")
+    previous = globalcom2.get_config(model)
+    text = build_prompt(processor, prompt)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
+    try:
+        globalcom2.apply(model, config)
+        adapter = globalcom2.get_adapter(model)
+        with torch.no_grad():
+            model(**inputs)
+        kept_positions = adapter.fastv.last_kept_positions[0].cpu()  # (k,) sorted positions in the LM input
+        visual_positions = adapter.last_visual_positions[0].cpu()  # (n,) positions of the image tokens
+        used = adapter.last.plans[0] if plan is not None else _vanilla_plan(guide)
+    finally:
+        globalcom2.remove(model)
+        if previous is not None:
+            globalcom2.apply(model, previous)
+    index = used.index.cpu()
+    kept_visual = torch.isin(visual_positions, kept_positions)  # (n,)
+    rows = index[kept_visual]  # table rows that survive layer K
+    n = int(guide.thumb_importance.shape[-1])
+    geom = guide.geometry
+    c = 0 if geom is None else geom.num_crops
+    side = math.isqrt(n)
+    thumb = np.zeros(n, dtype=bool)
+    thumb[rows[rows < n].numpy()] = True
+    crop = np.zeros((c, n), dtype=bool)
+    in_crop = rows[(rows >= n) & (rows < n + c * n)] - n
+    crop.reshape(-1)[in_crop.numpy()] = True
+    ratio = float(config.retention_ratio) if hasattr(config, "retention_ratio") else float(config.vision.retention_ratio)
+    k_layer = (config.fastv if hasattr(config, "fastv") else config).layer
+    note = f"kept = still in the sequence after layer {k_layer} ({int(kept_visual.sum())} of {index.numel()} visual tokens)"
+    if geom is None:
+        empty = np.zeros((0, 0), dtype=bool)
+        return RatioMasks(ratio, thumb.reshape(side, side), empty, empty, np.zeros(0), [], [],
+                          int(kept_visual.sum()), vanilla, note=note)
+    valid = guide.crop_valid.cpu().numpy()
+    counts = [int(v) for v in valid.sum(1)]
+    kept_counts = [int(v) for v in crop.sum(1)]
+    return RatioMasks(
+        retention_ratio=ratio, thumb_kept=thumb.reshape(side, side), crop_kept=_to_grid(crop, geom),
+        valid=_to_grid(valid, geom), crop_ratios=np.array([k / max(1, v) for k, v in zip(kept_counts, counts)]),
+        crop_kept_counts=kept_counts, crop_valid_counts=counts, num_tokens=int(kept_visual.sum()),
+        vanilla_tokens=vanilla, note=note,
+    )
