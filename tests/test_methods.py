@@ -243,7 +243,7 @@ def test_every_vision_method_shortens_reports_and_restores(tiny, method):
     assert torch.equal(_logits(model, inputs), before)
 
 
-@pytest.mark.parametrize("method", ["fastervlm", "random", "pooling"])
+@pytest.mark.parametrize("method", ["fastervlm", "random", "pooling", "fastv", "globalcom2+fastv"])
 def test_batch_equals_each_prompt_alone(tiny, method):
     model, processor = tiny
     globalcom2.apply(model, method=method, retention_ratio=0.25)
@@ -252,7 +252,7 @@ def test_batch_equals_each_prompt_alone(tiny, method):
     gen = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch.input_ids.shape[1]:]
     for i in range(3):
         single = _inputs(processor, [i])
-        torch.testing.assert_close(_logits(model, single)[0, -1], last[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_logits(model, single)[0, -1], last[i], atol=1e-4, rtol=1e-4)
         alone = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single.input_ids.shape[1]:]
         assert alone.tolist() == gen[i].tolist()
 
@@ -332,20 +332,6 @@ def test_fastv_ratio_one_is_the_vanilla_model(tiny):
     before = _logits(model, inputs)
     globalcom2.apply(model, method="fastv", retention_ratio=1.0)
     assert torch.equal(_logits(model, inputs), before)
-
-
-@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
-def test_fastv_batch_generate_equals_each_prompt_alone(tiny, method):
-    model, processor = tiny
-    globalcom2.apply(model, method=method, retention_ratio=0.25)
-    batch = _inputs(processor, [0, 1, 2])
-    last = _logits(model, batch)[:, -1]
-    gen = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch.input_ids.shape[1]:]
-    for i in range(3):
-        single = _inputs(processor, [i])
-        torch.testing.assert_close(_logits(model, single)[0, -1], last[i], atol=1e-4, rtol=1e-4)
-        alone = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single.input_ids.shape[1]:]
-        assert alone.tolist() == gen[i].tolist()
 
 
 def test_composition_runs_globalcom2_then_fastv(tiny):
