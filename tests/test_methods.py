@@ -371,3 +371,18 @@ def test_fastv_layer_must_leave_a_layer_to_prune(tiny):
     assert not globalcom2.is_applied(model)
     with pytest.raises(ValueError, match="layer"):
         globalcom2.apply(model, method="fastv", layer=0)
+
+
+@pytest.mark.parametrize("method", ["globalcom2", "fastervlm", "random", "pooling", "fastv", "globalcom2+fastv"])
+def test_every_method_is_deterministic_and_removable(tiny, method):
+    model, processor = tiny
+    inputs = _inputs(processor, [2])
+    before = _logits(model, inputs)
+    globalcom2.apply(model, method=method, retention_ratio=0.25)
+    first, second = _logits(model, inputs), _logits(model, inputs)
+    assert torch.equal(first, second)
+    globalcom2.remove(model)
+    assert torch.equal(_logits(model, inputs), before)
+    assert "forward" not in model.__dict__ and not any(
+        "forward" in m.__dict__ for m in model.model.language_model.modules()
+    )
