@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                      help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
     vis.set_defaults(func=cmd_visualize)
+
+    from .eval.cli import add_parser as add_eval_parser  # imported here: eval.cli imports this module
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -431,7 +435,7 @@ def _pick_dtype(name: str, device: str) -> Any:
     import torch
 
     if name == "auto":
-        return "auto" if device == "cuda" else torch.float32
+        return "auto" if str(device).startswith("cuda") else torch.float32
     return getattr(torch, name)
 
 
@@ -442,7 +446,7 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     _status(f"{PROG}: loading {model_id} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
     load_kwargs: dict[str, Any] = {"dtype": dtype}
     # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
-    on_device = device == "cuda" and importlib.util.find_spec("accelerate") is not None
+    on_device = str(device).startswith("cuda") and importlib.util.find_spec("accelerate") is not None
     if on_device:
         load_kwargs["device_map"] = device
     try:
@@ -873,4 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m globalcom2.cli` (torchrun/accelerate launch lines): run the package's own module,
+    # not this __main__ copy, so that its CLIError is the one the subcommands raise.
+    from globalcom2.cli import main as _main
+
+    sys.exit(_main())
