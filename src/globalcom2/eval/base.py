@@ -1,0 +1,399 @@
+"""The contract every benchmark follows, the registry, and the data readers they share.
+
+A benchmark is a small class (one per benchmark, registered by name) that
+
+* **loads** its questions from a local data root (LLaVA's evaluation layout or the lmms-lab
+  parquet / ``datasets`` copies) into :class:`Sample` objects: the user text to send (the question
+  plus the benchmark's answer-format instruction, *without* the chat template, which the runner
+  applies per checkpoint), the image, the ground truth and whatever the scorer needs;
+* **scores** a list of prediction records (plain dicts, as stored one per line in the JSONL the
+  runner appends to) exactly as the benchmark defines its metric;
+* optionally writes a **submission** file (VQAv2 test-dev, MM-Vet answers...).
+
+Records are JSON-serialisable and self-contained, so a finished run is re-scored from its JSONL
+alone::
+
+    {"id": "...", "prediction": "...", "target": ..., "meta": {...}}
+
+Every data problem (a missing file, a malformed line, a missing column) raises :class:`DataError`
+whose message names the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
+
+from PIL import Image
+
+#: What :attr:`Sample.image` may hold: a file path, encoded image bytes (PNG/JPEG, or base64 text
+#: prefixed with ``base64:``), an already decoded image, or None for a text-only question.
+ImageRef = Any
+
+
+class DataError(ValueError):
+    """A benchmark's data is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass
+class Sample:
+    """One question of a benchmark.
+
+    Attributes:
+        id: unique within the benchmark run (e.g. ``"adversarial/3"`` for POPE's subsets).
+        prompt: the user text sent with the image: question plus the benchmark's instruction
+            (e.g. ``"Answer the question using a single word or phrase."``), no chat template.
+        image: see :data:`ImageRef`.
+        target: the ground truth as the scorer needs it (JSON-serialisable); None when the split
+            has no public answers (then only a submission file can be written).
+        meta: JSON-serialisable extras for the scorer or the submission (category, options...).
+    """
+
+    id: str
+    prompt: str
+    image: ImageRef = None
+    target: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image | None:
+        """The image as RGB PIL, or None for a text-only question."""
+        return decode_image(self.image, what=f"image of sample {self.id!r}")
+
+    def record(self, prediction: str, **extra: Any) -> dict[str, Any]:
+        """The JSON record of this sample answered with ``prediction`` (extra keys appended)."""
+        return {"id": self.id, "prediction": prediction, "target": self.target, "meta": self.meta, **extra}
+
+
+class Benchmark(ABC):
+    """One benchmark: how to load it, how to prompt for it, how to score it.
+
+    Class attributes:
+        name: registry key, lowercase (``"textvqa"``).
+        title: display name (``"TextVQA"``).
+        splits: the splits :meth:`load` understands; ``default_split`` first.
+        max_new_tokens: generation budget, as LLaVA-NeXT's own evaluation uses it.
+        primary_metric: the key of :meth:`score`'s result shown in summary tables.
+        data_dirs: folder names looked for under ``--data-root`` (first that exists wins).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    splits: ClassVar[tuple[str, ...]]
+    max_new_tokens: ClassVar[int] = 16
+    primary_metric: ClassVar[str]
+    data_dirs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def default_split(self) -> str:
+        return self.splits[0]
+
+    def data_dir(self, root: str | Path) -> Path:
+        """This benchmark's folder under ``root`` (``root`` itself when none of :attr:`data_dirs` exists)."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data root {root} is not a directory")
+        for name in self.data_dirs:
+            if (root / name).is_dir():
+                return root / name
+        return root
+
+    @abstractmethod
+    def load(self, root: str | Path, split: str | None = None) -> list[Sample]:
+        """All samples of ``split`` (default :attr:`default_split`) found under the data root.
+
+        Raises:
+            DataError: missing or malformed files (named in the message).
+            ValueError: an unknown split.
+        """
+
+    @abstractmethod
+    def score(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """The benchmark's metrics for ``records`` (see :meth:`Sample.record`); must include
+        :attr:`primary_metric`. Records whose ``target`` is None are not scorable: a benchmark
+        whose split has no answers returns an empty dict."""
+
+    def write_submission(self, records: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+        """Write the file the benchmark's server expects, if it has one; return its path or None."""
+        return None
+
+    def check_split(self, split: str | None) -> str:
+        split = split or self.default_split
+        if split not in self.splits:
+            raise ValueError(f"{self.name}: unknown split {split!r}; known: {', '.join(self.splits)}")
+        return split
+
+
+_REGISTRY: dict[str, type[Benchmark]] = {}
+
+
+def register_benchmark(cls: type[Benchmark]) -> type[Benchmark]:
+    """Class decorator: make ``cls`` available by ``cls.name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def benchmark_names() -> list[str]:
+    """Registered benchmark names, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """A fresh instance of the benchmark called ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    _load_builtin()
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]()
+
+
+def _load_builtin() -> None:
+    from . import benchmarks  # noqa: F401  (registers the built-in benchmarks)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers shared by the benchmarks. Each names the file in its errors.
+# --------------------------------------------------------------------------------------------
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """``path`` if it is a file, else a DataError saying what was expected there."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"missing {what}: expected a file at {path}")
+    return path
+
+
+def find_first(folder: str | Path, candidates: Iterable[str], what: str) -> Path:
+    """The first of ``candidates`` (relative paths or glob patterns) that exists under ``folder``."""
+    folder = Path(folder)
+    tried = []
+    for pattern in candidates:
+        tried.append(pattern)
+        matches = sorted(folder.glob(pattern)) if any(c in pattern for c in "*?[") else [folder / pattern]
+        for m in matches:
+            if m.exists():
+                return m
+    raise DataError(f"missing {what} under {folder}: looked for {', '.join(tried)}")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({what}): {e}") from None
+
+
+def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
+    """Every line of a JSON-lines file as a dict (blank lines skipped)."""
+    path = require_file(path, what)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: not valid JSON ({what}): {e}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {n}: expected a JSON object ({what}), got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_tsv(path: str | Path, what: str) -> list[dict[str, str]]:
+    """A tab-separated file with a header row (MMBench's format), as dicts of strings."""
+    import csv
+    import sys
+
+    path = require_file(path, what)
+    csv.field_size_limit(sys.maxsize)  # base64 images are long
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty file, expected a header row ({what})")
+        return [dict(row) for row in reader]
+
+
+def read_table(path: str | Path, what: str) -> list[dict[str, Any]]:
+    """Rows of a parquet file, an Arrow file written by ``datasets.save_to_disk``, or a folder of
+    them (all ``*.parquet`` / ``*.arrow`` files under it, sorted by path), as dicts.
+
+    Needs ``pyarrow`` (``pip install 'globalcom2[eval]'``).
+    """
+    try:
+        import pyarrow.ipc as ipc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} ({what}) needs pyarrow: pip install 'globalcom2[eval]'") from None
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow") and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"missing {what}: no .parquet or .arrow files under {path}")
+    else:
+        files = [require_file(path, what)]
+    rows: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            if file.suffix == ".parquet":
+                table = pq.read_table(file)
+            else:
+                with open(file, "rb") as f:
+                    try:
+                        table = ipc.open_stream(f).read_all()
+                    except Exception:
+                        f.seek(0)
+                        table = ipc.open_file(f).read_all()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{file}: cannot read as {file.suffix[1:]} ({what}): {e}") from None
+        rows.extend(table.to_pylist())
+    return rows
+
+
+def require_keys(row: dict[str, Any], keys: Iterable[str], where: str) -> None:
+    """DataError naming ``where`` (file and line/row) when ``row`` lacks any of ``keys``."""
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {', '.join(missing)}; has: {', '.join(sorted(map(str, row)))}")
+
+
+def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
+    """Open an :data:`ImageRef` as an RGB PIL image (None stays None).
+
+    Accepts a path, raw bytes, ``"base64:..."`` text, a PIL image, or a ``{"bytes": ..., "path": ...}``
+    dict as ``datasets`` stores images in parquet.
+    """
+    if ref is None:
+        return None
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    if isinstance(ref, dict):
+        if ref.get("bytes"):
+            return decode_image(ref["bytes"], what)
+        if ref.get("path"):
+            return decode_image(ref["path"], what)
+        raise DataError(f"{what}: an image dict without bytes or path")
+    try:
+        if isinstance(ref, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(ref))
+        elif isinstance(ref, str) and ref.startswith("base64:"):
+            img = Image.open(io.BytesIO(base64.b64decode(ref[len("base64:"):])))
+        else:
+            path = Path(ref)
+            if not path.is_file():
+                raise DataError(f"missing {what}: expected an image file at {path}")
+            img = Image.open(path)
+        img.load()
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, binascii.Error...
+        raise DataError(f"{what}: cannot decode the image ({e})") from None
+    return img.convert("RGB")
+
+
+# lmms-lab hub copies on disk, shared by the benchmarks.
+
+
+def find_hf_split(folder: Path, split: str, subdirs: Sequence[str]) -> list[Path]:
+    """The files holding ``split`` of a Hugging Face dataset copy under ``folder``.
+
+    For each ``folder / sub`` in ``subdirs`` order (``"."`` is ``folder`` itself) the first match
+    wins:
+
+    * parquet shards as the hub stores them: ``<sub>/<split>-00000-of-00003.parquet`` ... or
+      ``<sub>/<split>.parquet``;
+    * a ``datasets.save_to_disk`` DatasetDict: ``<sub>/<split>/`` holding ``*.arrow`` files;
+    * a ``datasets.save_to_disk`` single Dataset: ``<sub>/state.json`` next to ``*.arrow`` files.
+
+    Returns an empty list when nothing matches (the caller raises with its own message).
+    """
+    for sub in subdirs:
+        base = folder if sub == "." else folder / sub
+        if not base.is_dir():
+            continue
+        shards = sorted(base.glob(f"{split}-*.parquet")) or sorted(base.glob(f"{split}.parquet"))
+        if shards:
+            return shards
+        split_dir = base / split
+        if split_dir.is_dir() and any(split_dir.glob("*.arrow")):
+            return [split_dir]
+        if (base / "state.json").is_file() and any(base.glob("*.arrow")):
+            return [base]
+    return []
+
+
+def read_tables(paths: Sequence[Path], what: str) -> list[dict[str, Any]]:
+    """All rows of ``paths`` (parquet files or arrow folders, see :func:`read_table`), in order."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows.extend(read_table(path, what))
+    return rows
+
+
+def hf_split_candidates(subdirs: Sequence[str], split: str) -> str:
+    """A readable list of the places :func:`find_hf_split` looked at, for error messages."""
+    return ", ".join(
+        f"{'' if s == '.' else s + '/'}{split}-*.parquet or {'' if s == '.' else s + '/'}{split}/*.arrow"
+        for s in subdirs
+    )
+
+
+def is_blank(value: Any) -> bool:
+    """LLaVA's ``is_none`` for table cells: None, NaN, ``""``, ``"nan"`` or ``"none"`` (any case)."""
+    if value is None:
+        return True
+    if isinstance(value, float) and value != value:  # NaN
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("", "nan", "none"):
+        return True
+    return False
+
+
+def lmms_split_files(folder: Path, hf_split: str, subdirs: Sequence[str], bench: str, llava_hint: str) -> list[Path]:
+    """The parquet shards / arrow folder of ``hf_split`` of an lmms-lab copy under ``folder``.
+
+    Raises:
+        DataError: nothing found; the message lists the LLaVA files (``llava_hint``) and the
+            lmms-lab places looked at.
+    """
+    files = find_hf_split(folder, hf_split, subdirs)
+    if not files:
+        raise DataError(
+            f"{bench}: no data under {folder}: expected {llava_hint}, or an lmms-lab copy "
+            f"({hf_split_candidates(subdirs, hf_split)})"
+        )
+    return files
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else a DataError saying what was expected there."""
+    if not path.is_dir():
+        raise DataError(f"missing {what}: expected a folder at {path}")
+    return path
+
+
+def image_cell(row: dict[str, Any], where: str) -> Any:
+    """The ``image`` cell of an lmms-lab row (a ``{"bytes", "path"}`` dict), which must be set."""
+    image = row.get("image")
+    if image is None:
+        raise DataError(f"{where}: the row has no image")
+    return image
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``items`` of length ``size`` (the last one shorter)."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

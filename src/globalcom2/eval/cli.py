@@ -1,0 +1,283 @@
+"""``globalcom2 eval``: the paper's benchmarks, per method and retention ratio (see
+:mod:`globalcom2.eval.runner` for the files, resuming and sharding).
+
+The command's parser is added to the main ``globalcom2`` parser by :func:`add_parser`; :func:`run`
+executes it. Importing this module is cheap (torch, transformers and the benchmarks are imported
+inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.cli.CLIError`
+(one ``globalcom2: error: ...`` line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RATIOS = "1.0,0.25"
+DEFAULT_OUTPUT = "globalcom2-eval"
+EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+
+
+def _para(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    from ..cli import DEVICE_CHOICES, DTYPE_CHOICES, FORMAT_CHOICES, add_method_arguments
+
+    common = (
+        f"--model {EXAMPLE_MODEL} \\\n      --benchmarks textvqa,mme,pope --data-root ./playground/data/eval "
+        "--retention-ratio 1.0,0.25,0.1"
+    )
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate on the paper's benchmarks (TextVQA, MME, POPE, ...) per method and retention ratio",
+        description=(
+            _para(
+                "Evaluate a LLaVA-NeXT checkpoint on the paper's benchmarks at each retention ratio: "
+                "ratio 1.0 is the vanilla model (the 100% reference), every other ratio each --method. "
+                "Prompts and max_new_tokens follow LLaVA-NeXT's own evaluation, wrapped in the "
+                "checkpoint's chat template; greedy decoding. Predictions are appended to "
+                "<output-dir>/predictions/<benchmark>-<split>/<method>-R<ratio>.jsonl as they are "
+                "produced: an interrupted run resumes where it stopped, re-running a finished one only "
+                "re-scores. Prints (and writes to summary.md / summary.json) each score, the score "
+                "relative to the vanilla run, the mean visual tokens per sample and the median "
+                "generate latency per sample."
+            )
+            + "\n\n"
+            + _para(
+                "Under torchrun or accelerate launch the questions are split across the processes "
+                "(one GPU each, cuda:LOCAL_RANK) and the shards merged at the end; a run resumes with "
+                "any number of processes."
+            )
+        ),
+        epilog=(
+            "The methods run at every ratio below 1; ratio 1.0 is the vanilla model, run once.\n\n"
+            "examples:\n"
+            f"  globalcom2 eval {common}\n"
+            f"  globalcom2 eval {common} \\\n      --method globalcom2,fastervlm --method-arg layout=spatial --limit 100\n"
+            f"  torchrun --nproc_per_node=8 -m globalcom2.cli eval {common}\n"
+            f"  accelerate launch --num_processes 8 -m globalcom2.cli eval {common}\n"
+            "  globalcom2 eval --rescore --output-dir globalcom2-eval    # score existing predictions only\n"
+            "  globalcom2 eval --list-benchmarks\n\n"
+            + _para(
+                "data: --data-root holds each benchmark's folder as LLaVA's evaluation guide lays it out "
+                "(playground/data/eval/<benchmark>/...) or the lmms-lab parquet copies; see "
+                "'globalcom2 eval --list-benchmarks' for the folder names looked for."
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, metavar="ID_OR_PATH",
+                   help=f"hub id or checkpoint directory (e.g. {EXAMPLE_MODEL}); 'tiny': the random demo model")
+    p.add_argument("--benchmarks", default=None, metavar="NAME[,NAME...]",
+                   help="comma-separated benchmark names (see --list-benchmarks)")
+    p.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the benchmarks' data")
+    p.add_argument("--retention-ratio", default=DEFAULT_RATIOS, metavar="R[,R...]",
+                   help=f"comma-separated ratios in (0, 1]; 1.0 is the vanilla model (default: {DEFAULT_RATIOS})")
+    add_method_arguments(p)  # --method, --method-arg (as bench and visualize have them)
+    p.add_argument("--split", action="append", default=[], metavar="BENCH=SPLIT",
+                   help="the split of a benchmark, repeatable (default: each benchmark's default split)")
+    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, metavar="DIR",
+                   help=f"predictions, submissions and summaries (default: ./{DEFAULT_OUTPUT})")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of each benchmark")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="questions per generate call (default: 1)")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto: cuda when available, else cpu; distributed: cuda:LOCAL_RANK (default: auto)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
+    p.add_argument("--rescore", action="store_true",
+                   help="only re-score every run found in --output-dir (no model, data or --benchmarks needed)")
+    p.add_argument("--judge-url", default=None, metavar="URL",
+                   help="OpenAI-compatible base URL of the judge model for MM-Vet")
+    p.add_argument("--judge-model", default=None, metavar="NAME", help="the judge model's name (MM-Vet)")
+    p.add_argument("--judge-api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the judge's API key (MM-Vet)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or status lines")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="printed summary format (default: table)")
+    p.set_defaults(func=run)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _parse_pairs(items: list[str], option: str) -> dict[str, str]:
+    from ..cli import CLIError
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CLIError(f"{option}: expected BENCH=SPLIT, got {item!r}")
+        out[key.strip().lower()] = value.strip()
+    return out
+
+
+def _judge(args: argparse.Namespace) -> dict[str, Any] | None:
+    import os
+
+    from ..cli import CLIError
+
+    if args.judge_url is None and args.judge_model is None and args.judge_api_key_env is None:
+        return None
+    api_key = None
+    if args.judge_api_key_env is not None:
+        api_key = os.environ.get(args.judge_api_key_env)
+        if not api_key:
+            raise CLIError(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
+    return {"base_url": args.judge_url, "model": args.judge_model, "api_key": api_key}
+
+
+def _check_output_dir(path: str) -> Path:
+    from ..cli import CLIError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output-dir {path} exists and is not a directory")
+    return out
+
+
+def _list_benchmarks() -> int:
+    from ..cli import _echo
+    from .base import benchmark_names, get_benchmark
+
+    rows = []
+    for name in benchmark_names():
+        b = get_benchmark(name)
+        rows.append((name, getattr(b, "title", name), ",".join(b.splits), b.primary_metric,
+                     str(b.max_new_tokens), ",".join(b.data_dirs) or "-"))
+    headers = ("name", "title", "splits", "metric", "max_new_tokens", "folders under --data-root")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    _echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        _echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``globalcom2 eval`` (raises :class:`globalcom2.cli.CLIError` on bad input)."""
+    from ..cli import PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, parse_method_arguments
+
+    if args.list_benchmarks:
+        return _list_benchmarks()
+
+    from ..efficiency import parse_ratios
+    from . import runner
+    from .base import DataError, get_benchmark
+
+    # 1. Cheap checks first: every option, then the data, then (only when needed) the model.
+    out = _check_output_dir(args.output_dir)
+    judge = _judge(args)
+    show = not args.no_progress
+    if args.rescore:
+        try:
+            summary = runner.score_outputs(out, judge=judge, progress=show)
+        except (FileNotFoundError, DataError, ValueError) as e:
+            raise CLIError(f"--rescore: {e}") from None
+        _print(summary, args.format, out)
+        return 0
+
+    names = _split_list(args.benchmarks)
+    if not names:
+        raise CLIError("--benchmarks: give at least one benchmark (see --list-benchmarks)")
+    for name in names:
+        try:
+            get_benchmark(name)
+        except ValueError as e:
+            raise CLIError(f"--benchmarks: {e}") from None
+    try:
+        ratios = parse_ratios(args.retention_ratio)
+    except ValueError as e:
+        raise CLIError(f"--retention-ratio: {e}") from None
+    methods, options = parse_method_arguments(args)
+    try:
+        runs = runner.plan_runs(ratios, methods, options)
+    except ValueError as e:
+        raise CLIError(f"--method/--method-arg: {e}") from None
+    splits = _parse_pairs(args.split, "--split")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.model:
+        raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
+    if not args.data_root:
+        raise CLIError("--data-root is required: the folder holding the benchmarks' data")
+    root = Path(args.data_root).expanduser()
+    if not root.is_dir():
+        raise CLIError(f"--data-root {args.data_root} is not a directory")
+    try:
+        dist = runner.DistEnv.from_env()
+    except ValueError as e:
+        raise CLIError(f"distributed launch: {e}") from None
+    talk = show and dist.is_main
+
+    try:
+        loaded = runner.load_benchmarks(names, root, splits, args.limit, judge)
+    except ValueError as e:  # DataError included
+        raise CLIError(_one_line(str(e), 1000)) from None
+    missing = runner.pending(loaded, runs, out)
+
+    # 2. The model, on this rank's device (not loaded when everything is answered already).
+    model = processor = None
+    device = _pick_device(args.device)
+    if dist.is_distributed and device == "cuda":
+        import torch
+
+        if dist.local_rank >= torch.cuda.device_count():
+            raise CLIError(
+                f"LOCAL_RANK={dist.local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                "start at most one process per GPU (e.g. torchrun --nproc_per_node=<number of GPUs>)"
+            )
+        device_name = f"cuda:{dist.local_rank}"
+    else:
+        device_name = device
+    try:
+        dist.init("nccl" if device == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"cannot join the distributed job: {_one_line(str(e))}") from None
+    try:
+        dist.barrier()  # every rank has read the state of the output folder before rank 0 changes it
+        if missing:
+            if talk:
+                _status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
+            model, processor = get_model(args.model, device_name, _pick_dtype(args.dtype, device))
+        elif talk:
+            _status(f"{PROG}: every prediction exists in {out}: re-scoring only")
+        try:
+            summary = runner.run_eval(
+                model, processor, loaded, root, ratios, methods, options, output_dir=out, limit=None,
+                batch_size=args.batch_size, progress=show, judge=judge, dist=dist,
+            )
+        except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
+            raise CLIError(_one_line(str(e), 1000)) from None
+        except OSError as e:
+            raise CLIError(f"cannot write to {out}: {_one_line(e.strerror or str(e))}") from None
+    finally:
+        dist.shutdown()
+    if dist.is_main:
+        _print(summary, args.format, out)
+    return 0
+
+
+def _print(summary: Any, fmt: str, out: Path) -> None:
+    from ..cli import _echo, _status
+
+    _echo(summary.format(fmt))
+    if fmt == "table":
+        _status(f"summary written to {out / 'summary.md'} and {out / 'summary.json'}")
