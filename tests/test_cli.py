@@ -270,3 +270,20 @@ def test_single_view_picture_and_atomic_save(tmp_path):
         save_png(img, tmp_path / "sub")  # a directory: nothing is left behind
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["one.png"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_python_dash_m_entry_points_give_one_error_line(tmp_path):
+    """`python -m globalcom2` and `python -m globalcom2.cli` (the torchrun/accelerate lines) behave
+    like the console script, including subcommand errors (regression: a second copy of cli.py)."""
+    import subprocess
+    import sys
+
+    for module in ("globalcom2", "globalcom2.cli"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "eval", "--model", "tiny", "--benchmarks", "nope", "--data-root", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            line for line in proc.stderr.strip().splitlines() if line.startswith("globalcom2: error: --benchmarks")
+        ]
