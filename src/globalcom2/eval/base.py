@@ -22,6 +22,7 @@ whose message names the file and what was expected.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 from abc import ABC, abstractmethod
@@ -227,14 +228,66 @@ def read_tsv(path: str | Path, what: str) -> list[dict[str, str]]:
         return [dict(row) for row in reader]
 
 
-def read_table(path: str | Path, what: str) -> list[dict[str, Any]]:
+#: Columns that :func:`read_table` leaves on disk until a sample needs them (the images: an
+#: lmms-lab copy of VQAv2 val holds ~34 GB of them, one per question row).
+LAZY_COLUMNS: tuple[str, ...] = ("image",)
+
+
+class TableCell:
+    """A cell of a parquet / Arrow file read on demand (see :data:`LAZY_COLUMNS`).
+
+    Reading one cell reads its parquet row group (or memory-maps its Arrow file); the last few
+    are cached, so samples taken in file order (as the runner and every shard do) read each row
+    group once.
+    """
+
+    __slots__ = ("path", "group", "row", "column")
+
+    def __init__(self, path: Path, group: int, row: int, column: str) -> None:
+        self.path, self.group, self.row, self.column = path, group, row, column
+
+    def load(self) -> Any:
+        return _column_chunk(str(self.path), self.group, self.column)[self.row].as_py()
+
+    def __repr__(self) -> str:
+        return f"TableCell({self.path.name}, group={self.group}, row={self.row}, column={self.column!r})"
+
+    def __reduce__(self) -> Any:  # picklable (e.g. for DataLoader workers)
+        return (TableCell, (self.path, self.group, self.row, self.column))
+
+
+@functools.lru_cache(maxsize=4)
+def _column_chunk(path: str, group: int, column: str) -> Any:
+    """One column of one parquet row group (``group >= 0``) or of a whole Arrow file (``-1``)."""
+    if group >= 0:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column)
+    return _read_arrow(Path(path), memory_map=True).column(column)
+
+
+def _read_arrow(path: Path, memory_map: bool = False) -> Any:
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    source = pa.memory_map(str(path)) if memory_map else open(path, "rb")
+    try:
+        return ipc.open_stream(source).read_all()
+    except Exception:
+        source.seek(0)
+        return ipc.open_file(source).read_all()
+
+
+def read_table(path: str | Path, what: str, lazy: Sequence[str] = LAZY_COLUMNS) -> list[dict[str, Any]]:
     """Rows of a parquet file, an Arrow file written by ``datasets.save_to_disk``, or a folder of
     them (all ``*.parquet`` / ``*.arrow`` files under it, sorted by path), as dicts.
+
+    Cells of the ``lazy`` columns are :class:`TableCell` references (None where the cell is null),
+    read when a sample's image is decoded, so a large image set is never held in memory at once.
 
     Needs ``pyarrow`` (``pip install 'globalcom2[eval]'``).
     """
     try:
-        import pyarrow.ipc as ipc
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} ({what}) needs pyarrow: pip install 'globalcom2[eval]'") from None
@@ -249,17 +302,28 @@ def read_table(path: str | Path, what: str) -> list[dict[str, Any]]:
     for file in files:
         try:
             if file.suffix == ".parquet":
-                table = pq.read_table(file)
+                pf = pq.ParquetFile(file)
+                names = pf.schema_arrow.names
+                deferred = [c for c in lazy if c in names]
+                part = pf.read(columns=[n for n in names if n not in deferred]).to_pylist()
+                offset = 0
+                for group in range(pf.num_row_groups):
+                    n_rows = pf.metadata.row_group(group).num_rows
+                    for column in deferred:  # only the null flags are kept, group by group
+                        nulls = pf.read_row_group(group, columns=[column]).column(column).is_null().to_pylist()
+                        for i, null in enumerate(nulls):
+                            part[offset + i][column] = None if null else TableCell(file, group, i, column)
+                    offset += n_rows
             else:
-                with open(file, "rb") as f:
-                    try:
-                        table = ipc.open_stream(f).read_all()
-                    except Exception:
-                        f.seek(0)
-                        table = ipc.open_file(f).read_all()
+                table = _read_arrow(file, memory_map=True)  # zero-copy: the file stays on disk
+                deferred = [c for c in lazy if c in table.column_names]
+                part = table.drop_columns(deferred).to_pylist()
+                for column in deferred:
+                    for i, null in enumerate(table.column(column).is_null().to_pylist()):
+                        part[i][column] = None if null else TableCell(file, -1, i, column)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"{file}: cannot read as {file.suffix[1:]} ({what}): {e}") from None
-        rows.extend(table.to_pylist())
+        rows.extend(part)
     return rows
 
 
@@ -278,6 +342,13 @@ def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
     """
     if ref is None:
         return None
+    if isinstance(ref, TableCell):
+        try:
+            ref = ref.load()
+        except Exception as e:  # the file changed or vanished since it was listed
+            raise DataError(f"{what}: cannot read {ref!r}: {e}") from None
+        if ref is None:
+            return None
     if isinstance(ref, Image.Image):
         return ref.convert("RGB")
     if isinstance(ref, dict):
