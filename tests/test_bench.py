@@ -159,3 +159,10 @@ def test_bench_cli_method_comparison(capsys):
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(",")[0] for line in lines[-3:]] == ["vanilla", "globalcom2 R=0.25", "random R=0.25"]
+
+
+def test_efficiency_cli_fastv_layer(capsys):
+    assert main(["efficiency", "--ratios", "0.25", "--fastv-layer", "2", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1].startswith("0.25,720,11.6")
+    assert main(["efficiency", "--fastv-layer", "0"]) == 1
+    assert "--fastv-layer" in capsys.readouterr().err

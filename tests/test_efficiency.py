@@ -129,3 +129,18 @@ def test_vocab_size_matters_for_decode_time_only():
     assert eff.prefill_flops(small, 720) == eff.prefill_flops(big_vocab, 720)
     extra = (big_vocab.vocab_size - small.vocab_size) * 4096 * 2 / hw.bandwidth
     assert eff.decode_seconds(big_vocab, 720, hw) - eff.decode_seconds(small, 720, hw) == pytest.approx(extra, rel=0.01)
+
+
+def test_fastv_costs_the_first_k_layers_at_full_length():
+    arch = eff.resolve_arch("llava-hf/llava-v1.6-vicuna-7b-hf")
+    plain = eff.analyze(arch, [1.0, 0.25], text_tokens=10)
+    fastv = eff.analyze(arch, [1.0, 0.25], text_tokens=10, fastv_layer=2)
+    assert fastv[0] == plain[0]  # R = 1: nothing is pruned anywhere
+    L, full, kept = arch.num_layers, 2880 + 10, 720 + 10
+    per_layer = lambda n: eff.prefill_flops(arch, n) / L  # noqa: E731
+    assert fastv[1].prefill_tflops * 1e12 == pytest.approx(2 * per_layer(full) + (L - 2) * per_layer(kept))
+    assert fastv[1].kv_cache_mib == pytest.approx((2 * full + (L - 2) * kept) / L * plain[0].kv_cache_mib / full)
+    assert plain[1].prefill_tflops < fastv[1].prefill_tflops < plain[0].prefill_tflops
+    assert plain[1].prefill_ms < fastv[1].prefill_ms < plain[0].prefill_ms
+    with pytest.raises(ValueError, match="fastv_layer"):
+        eff.analyze(arch, [0.5], fastv_layer=L)

@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="roofline profile: A100-40GB, A100-80GB, H100, H200 (default: A100-80GB)")
     eff.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                      help="weights/activations/KV cache precision (default: bfloat16)")
+    eff.add_argument("--fastv-layer", type=int, default=None, metavar="K",
+                     help="cost FastV instead: the ratio applies inside the language model from layer K on "
+                          "(layers before K see every visual token)")
     eff.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
     eff.set_defaults(func=cmd_efficiency)
 
@@ -677,14 +680,20 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     bytes_per_value = 4.0 if args.dtype == "float32" else 2.0
-    rows = [r.to_dict() for r in eff.analyze(arch, ratios, args.text_tokens, hardware, bytes_per_value)]
+    try:
+        rows = [r.to_dict() for r in eff.analyze(arch, ratios, args.text_tokens, hardware, bytes_per_value,
+                                                 fastv_layer=args.fastv_layer)]
+    except ValueError as e:
+        raise CLIError(f"--fastv-layer: {e}" if args.fastv_layer is not None else str(e)) from None
     if args.format == "table":
         _echo(
             f"{args.model}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_heads} heads "
             f"({arch.num_kv_heads} KV), MLP {arch.intermediate_size}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab_size}"
         )
+        where = (f"FastV: layers 0-{args.fastv_layer - 1} see all {eff.MAX_VISUAL_TOKENS} visual tokens, the rest R x "
+                 f"{eff.MAX_VISUAL_TOKENS}" if args.fastv_layer else f"R x {eff.MAX_VISUAL_TOKENS} visual tokens")
         _echo(
-            f"prefill of R x {eff.MAX_VISUAL_TOKENS} visual tokens + {args.text_tokens} text tokens; "
+            f"prefill of {where} + {args.text_tokens} text tokens; "
             f"roofline on {hardware.name} ({hardware.peak_tflops:g} TFLOP/s, {hardware.bandwidth_gbs:g} GB/s), {args.dtype}"
         )
         _echo("")

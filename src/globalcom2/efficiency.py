@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 MIB = 1024 * 1024
@@ -252,27 +252,43 @@ def analyze(
     hardware: str | Hardware = "A100-80GB",
     bytes_per_value: float = 2.0,
     max_visual_tokens: int = MAX_VISUAL_TOKENS,
+    fastv_layer: int | None = None,
 ) -> list[Row]:
-    """Cost rows, one per retention ratio (``relative_tflops`` is relative to ratio 1.0)."""
+    """Cost rows, one per retention ratio (``relative_tflops`` is relative to ratio 1.0).
+
+    By default the ratio applies before the language model (GlobalCom2 and the other vision-side
+    methods): every layer sees ``R x max_visual_tokens`` visual tokens. With ``fastv_layer=K`` it
+    applies inside it, as FastV does: layers ``0..K-1`` see all ``max_visual_tokens``, layers
+    ``K..L-1`` (and their KV cache) ``R x max_visual_tokens``; ``visual_tokens`` is then the
+    count after layer K.
+    """
     hw = hardware if isinstance(hardware, Hardware) else resolve_hardware(hardware)
     if text_tokens < 0:
         raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
-    full = prefill_flops(arch, max_visual_tokens + text_tokens)
+    if fastv_layer is not None and not 1 <= fastv_layer <= arch.num_layers - 1:
+        raise ValueError(f"fastv_layer must be in [1, {arch.num_layers - 1}] for {arch.name or 'this model'}, got {fastv_layer}")
+    full_n = max_visual_tokens + text_tokens
+    full = prefill_flops(arch, full_n)
+    head_s = lm_head_op(arch, bytes_per_value).seconds(hw)
+    # (layers, tokens) segments of the stack; the LM head is counted once.
+    early = replace(arch, num_layers=fastv_layer) if fastv_layer else None
+    late = replace(arch, num_layers=arch.num_layers - fastv_layer) if fastv_layer else arch
     rows = []
     for r in ratios:
         if not 0 < r <= 1:
             raise ValueError(f"ratios must be in (0, 1], got {r}")
         n = visual_tokens_for(r, max_visual_tokens) + text_tokens
-        flops = prefill_flops(arch, n)
+        parts = [(late, n)] + ([(early, full_n)] if early is not None else [])
+        flops = sum(prefill_flops(a, t) for a, t in parts)
         rows.append(
             Row(
                 ratio=float(r),
                 visual_tokens=n - text_tokens,
                 text_tokens=text_tokens,
                 prefill_tflops=flops / 1e12,
-                kv_cache_mib=kv_cache_bytes(arch, n, bytes_per_value) / MIB,
-                prefill_ms=prefill_seconds(arch, n, hw, bytes_per_value) * 1e3,
-                decode_ms_per_token=decode_seconds(arch, n, hw, bytes_per_value) * 1e3,
+                kv_cache_mib=sum(kv_cache_bytes(a, t, bytes_per_value) for a, t in parts) / MIB,
+                prefill_ms=(sum(prefill_seconds(a, t, hw, bytes_per_value) - head_s for a, t in parts) + head_s) * 1e3,
+                decode_ms_per_token=(sum(decode_seconds(a, t, hw, bytes_per_value) - head_s for a, t in parts) + head_s) * 1e3,
                 relative_tflops=flops / full if full else 0.0,
                 hardware=hw.name,
                 model=arch.name,
