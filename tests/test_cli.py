@@ -287,3 +287,23 @@ def test_python_dash_m_entry_points_give_one_error_line(tmp_path):
         assert proc.stderr.strip().splitlines() == [
             line for line in proc.stderr.strip().splitlines() if line.startswith("globalcom2: error: --benchmarks")
         ]
+
+
+@pytest.mark.parametrize("method, marker", [("fastervlm", "== fastervlm (retention ratio 0.25, layout spatial) =="),
+                                            ("fastv", "after layer 2 (FastV)"),
+                                            ("pooling", "== pooling (retention ratio 0.25) ==")])
+def test_generate_with_another_method(saved_models, capsys, method, marker):
+    code = main(["generate", "--model", str(saved_models["plain"]), "--image", SAMPLE, "--prompt", "hi",
+                 "--max-new-tokens", "2", "--method", method, "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert marker in captured.out and "answer: " in captured.out
+    assert ("per-crop retention" in captured.out) == (method == "fastervlm")
+
+
+def test_generate_method_errors(saved_models, capsys):
+    model = str(saved_models["plain"])
+    for extra, expected in [(["--method", "tome"], "unknown method"), (["--method", "pooling", "--layout", "spatial"], "layout"),
+                            (["--method-arg", "scoring=nope"], "scoring")]:
+        assert main(["generate", "--model", model, "--image", SAMPLE, "--prompt", "hi", *extra]) == 1
+        assert expected in _error_line(capsys)

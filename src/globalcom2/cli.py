@@ -178,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
     )
     gen.add_argument(
-        "--layout", choices=LAYOUT_CHOICES, default="official",
-        help="official: the published implementation token for token (default); spatial: tokens at their true positions",
+        "--layout", choices=LAYOUT_CHOICES, default=None,
+        help="official: the published implementation token for token (GlobalCom2's default); spatial: tokens at "
+             "their true positions",
     )
+    add_method_arguments(gen, several=False)
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (default: 128)")
     gen.add_argument(
         "--compare", action="store_true",
@@ -577,13 +579,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .config import GlobalCom2Config
+    from .methods import make_config, vision_config
 
     # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
+    methods, options = parse_method_arguments(args, several=False)
+    if args.layout is not None:
+        options["layout"] = args.layout
     try:
-        cfg = GlobalCom2Config(retention_ratio=args.retention_ratio, layout=args.layout)
+        cfg = make_config(methods[0], **{**options, "retention_ratio": args.retention_ratio})
     except ValueError as e:
-        raise CLIError(f"--retention-ratio: {e}") from None
+        raise CLIError(f"--retention-ratio: {e}" if "retention_ratio" in str(e) else str(e)) from None
+    vcfg = vision_config(cfg)
+    title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
+    settings = f"retention ratio {cfg.retention_ratio:g}" + (
+        f", layout {vcfg.layout}" if vcfg is not None and hasattr(vcfg, "layout") else "")
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.timing_runs < 1:
@@ -607,17 +616,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
 
-    # 3. GlobalCom2.
+    # 3. The method.
     try:
         globalcom2.apply(model, cfg)
     except (ValueError, RuntimeError) as e:
-        raise CLIError(f"cannot apply GlobalCom2 to {args.model!r}: {_one_line(str(e))}") from None
-    _status(f"{PROG}: generating with GlobalCom2 (R={cfg.retention_ratio:g}, layout={cfg.layout}) ...")
+        raise CLIError(f"cannot apply {title} to {args.model!r}: {_one_line(str(e))}") from None
+    _status(f"{PROG}: generating with {title} ({settings}) ...")
     answer, gen_s = _generate(model, processor, inputs, args.max_new_tokens)
+    stats = globalcom2.last_stats(model)
     last = globalcom2.get_adapter(model).last
-    kept, vanilla = int(last.counts[0]), int(last.vanilla_counts[0])
-    plan = last.plans[0]
-    geom = plan.geometry
+    kept, vanilla = int(stats.visual_tokens[0]), int(stats.vanilla_visual_tokens[0])
+    lm_kept = None if stats.lm_visual_tokens is None else int(stats.lm_visual_tokens[0])
+    plan = last.plans[0] if last is not None and vcfg is not None else None
+    has_plan = plan is not None and hasattr(plan, "crop_keep")
+    adapter = globalcom2.get_adapter(model)
+    image_hw = tuple(int(v) for v in inputs["image_sizes"][0])
+    grid = adapter.grid_shape(image_hw) if adapter.num_views(image_hw) > 1 else None
 
     results = {"globalcom2": {"answer": answer, "kept": kept, "vanilla": vanilla, "generate_s": gen_s}}
     if args.compare:
@@ -633,14 +647,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 4. Report.
     dtype_name = str(model.dtype).replace("torch.", "")
     _echo(f"model:   {args.model} ({dtype_name} on {device})")
-    views = "1 view" if geom is None else f"thumbnail + {geom.grid_h}x{geom.grid_w} crops"
+    views = "1 view" if grid is None else f"thumbnail + {grid[0]}x{grid[1]} crops"
     _echo(f"image:   {args.image} ({image.width}x{image.height}, {views})")
     _echo(f"prompt:  {_printable(args.prompt)}")
     _echo("")
     r = results["globalcom2"]
-    _echo(f"== GlobalCom2 (retention ratio {cfg.retention_ratio:g}, layout {cfg.layout}) ==")
+    _echo(f"== {title} ({settings}) ==")
     _echo(f"visual tokens: {kept:,} of {vanilla:,} ({kept / vanilla:.1%})")
-    if geom is not None:
+    if lm_kept is not None:
+        _echo(f"after layer {cfg.fastv.layer if hasattr(cfg, 'fastv') else cfg.layer} (FastV): {lm_kept:,} visual tokens; "
+              f"layer average {stats.effective_visual_tokens[0]:,.1f}")
+    if has_plan and plan.geometry is not None:
         crops = ", ".join(
             f"{ratio:.2f} ({int(k)}/{int(t)})"
             for ratio, k, t in zip(plan.crop_ratios.tolist(), plan.crop_keep.sum(1).tolist(), plan.crop_valid.sum(1).tolist())
@@ -661,7 +678,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _echo("")
         speedup = v["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] > 0 else float("inf")
         _echo(
-            f"summary: GlobalCom2 keeps {kept:,} of {vanilla:,} visual tokens ({kept / vanilla:.1%}); "
+            f"summary: {title} keeps {kept:,} of {vanilla:,} visual tokens ({kept / vanilla:.1%}); "
             f"prefill {r['prefill_ms']:.1f} ms vs {v['prefill_ms']:.1f} ms ({speedup:.2f}x); "
             f"answers {'identical' if r['answer'] == v['answer'] else 'differ'}"
         )
