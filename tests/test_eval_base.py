@@ -7,7 +7,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
-from globalcom2.eval.base import DataError, Sample, TableCell, decode_image, read_table
+from globalcom2.eval.base import DataError, Sample, TableCell, decode_image, read_table, table_rows
 
 from conftest import make_image
 
@@ -67,3 +67,15 @@ def test_corrupt_table_names_the_file(tmp_path):
     bad.write_bytes(b"not parquet")
     with pytest.raises(DataError, match="bad.parquet"):
         read_table(bad, "fixture")
+
+
+def test_table_rows_number_rows_across_shards_and_name_a_missing_field(tmp_path):
+    table = _table()
+    pq.write_table(table.slice(0, 3), tmp_path / "test-00000-of-00002.parquet")
+    pq.write_table(table.slice(3), tmp_path / "test-00001-of-00002.parquet")
+    shards = sorted(tmp_path.glob("test-*.parquet"))
+    got = list(table_rows(shards, "lmms-lab Toy", ("question_id", "question")))
+    assert [r["question_id"] for r, _ in got] == list(range(5))
+    assert [w for _, w in got] == [f"{tmp_path} (lmms-lab Toy), row {n}" for n in range(5)]
+    with pytest.raises(DataError, match=r"\(lmms-lab Toy\), row 0: missing field\(s\) answer"):
+        list(table_rows(shards, "lmms-lab Toy", ("question_id", "answer")))

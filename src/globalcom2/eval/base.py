@@ -414,6 +414,19 @@ def read_tables(paths: Sequence[Path], what: str) -> list[dict[str, Any]]:
     return rows
 
 
+def table_rows(paths: Sequence[Path], what: str, keys: Iterable[str]) -> Iterator[tuple[dict[str, Any], str]]:
+    """``(row, where)`` for each row of :func:`read_tables`, after :func:`require_keys`.
+
+    ``where`` names the row for error messages: ``<folder> (<what>), row <n>``, n counting from 0
+    over all of ``paths``.
+    """
+    keys = tuple(keys)
+    for n, row in enumerate(read_tables(paths, what)):
+        where = f"{paths[0].parent} ({what}), row {n}"
+        require_keys(row, keys, where)
+        yield row, where
+
+
 def hf_split_candidates(subdirs: Sequence[str], split: str) -> str:
     """A readable list of the places :func:`find_hf_split` looked at, for error messages."""
     return ", ".join(

@@ -6,9 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base import Benchmark, DataError, Sample, find_first, read_json, read_jsonl, register_benchmark, require_keys
-from ..base import read_tables
-from ..base import image_cell, lmms_split_files, require_dir
+from ..base import Benchmark, DataError, Sample, find_first, image_cell, lmms_split_files, read_json, read_jsonl
+from ..base import register_benchmark, require_dir, require_keys, table_rows
 from .vqa import SHORT_ANSWER
 
 
@@ -100,14 +99,11 @@ class GQA(Benchmark):
         instr = lmms_split_files(folder, "testdev", self._INSTR_SUBDIRS, "GQA", hint)
         imgs = lmms_split_files(folder, "testdev", self._IMAGE_SUBDIRS, "GQA", hint)
         images: dict[str, Any] = {}
-        for n, row in enumerate(read_tables(imgs, "lmms-lab GQA testdev_balanced_images")):
-            where = f"{imgs[0].parent} (lmms-lab GQA images), row {n}"
-            require_keys(row, ("id", "image"), where)
+        for row, where in table_rows(imgs, "lmms-lab GQA testdev_balanced_images", ("id", "image")):
             images[str(row["id"])] = image_cell(row, where)
         samples = []
-        for n, row in enumerate(read_tables(instr, "lmms-lab GQA testdev_balanced_instructions")):
-            where = f"{instr[0].parent} (lmms-lab GQA instructions), row {n}"
-            require_keys(row, ("id", "imageId", "question", "answer"), where)
+        keys = ("id", "imageId", "question", "answer")
+        for row, where in table_rows(instr, "lmms-lab GQA testdev_balanced_instructions", keys):
             if row.get("isBalanced") is False:
                 continue
             image_id = str(row["imageId"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
-from ..base import find_hf_split, hf_split_candidates, read_tables
+from ..base import find_hf_split, hf_split_candidates, table_rows
 
 #: MME's official subtask names (eval_tool/calculation.py ``eval_type_dict``), in its order.
 PERCEPTION_SUBTASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -216,9 +216,8 @@ class MME(Benchmark):
     def _load_lmms(self, files: Sequence[Path]) -> list[Sample]:
         seen: dict[str, int] = defaultdict(int)
         samples = []
-        for n, row in enumerate(read_tables(files, "lmms-lab MME")):
-            where = f"{files[0].parent}, row {n}"
-            require_keys(row, ("question_id", "category", "question", "answer", "image"), where)
+        keys = ("question_id", "category", "question", "answer", "image")
+        for row, where in table_rows(files, "lmms-lab MME", keys):
             answer = str(row["answer"]).strip().lower().replace(".", "")
             if answer not in ("yes", "no"):
                 raise DataError(f"{where}: answer {row['answer']!r} is not Yes/No")

@@ -17,9 +17,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, MutableMapping, Sequence
 
-from ..base import Benchmark, DataError, Sample, find_first, read_json, register_benchmark, require_keys
-from ..base import read_tables
-from ..base import image_cell, lmms_split_files, require_dir
+from ..base import Benchmark, DataError, Sample, find_first, image_cell, lmms_split_files, read_json
+from ..base import register_benchmark, require_dir, require_keys, table_rows
 
 #: MM-Vet's six capabilities, in the paper's order.
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
@@ -335,9 +334,8 @@ class MMVet(Benchmark):
             return self._load_llava(folder)
         files = lmms_split_files(folder, "test", self._LMMS_SUBDIRS, "MM-Vet", "mm-vet.json + images/")
         samples = []
-        for n, row in enumerate(read_tables(files, "lmms-lab MMVet")):
-            where = f"{files[0].parent} (lmms-lab MMVet), row {n}"
-            require_keys(row, ("question_id", "image", "question", "answer", "capability"), where)
+        keys = ("question_id", "image", "question", "answer", "capability")
+        for row, where in table_rows(files, "lmms-lab MMVet", keys):
             samples.append(self._sample(mmvet_key(row["question_id"]), row, image_cell(row, where)))
         return samples
 

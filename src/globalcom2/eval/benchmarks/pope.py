@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
-from ..base import find_hf_split, hf_split_candidates, read_tables
+from ..base import find_hf_split, hf_split_candidates, table_rows
 
 #: The three COCO subsets, in POPE's order.
 POPE_SUBSETS = ("random", "popular", "adversarial")
@@ -185,11 +185,9 @@ class POPE(Benchmark):
     # -- lmms-lab layout ---------------------------------------------------------------------
 
     def _load_lmms(self, files: Sequence[Path], subsets: Sequence[str]) -> list[Sample]:
-        rows = read_tables(files, "lmms-lab POPE")
         samples = []
-        for n, row in enumerate(rows):
-            where = f"{files[0].parent}, row {n}"
-            require_keys(row, ("question_id", "question", "answer", "image", "category"), where)
+        keys = ("question_id", "question", "answer", "image", "category")
+        for row, where in table_rows(files, "lmms-lab POPE", keys):
             if row["category"] not in subsets:
                 continue
             answer = str(row["answer"]).strip().lower()

@@ -1,8 +1,4 @@
-"""ScienceQA-IMG: the image questions of ScienceQA's test split, answered with an option letter.
-
-Also home to two small helpers the other multiple-choice / yes-no benchmarks of this package share
-(:func:`find_hf_split`, :func:`read_tables`): locating one split of an lmms-lab hub copy on disk.
-"""
+"""ScienceQA-IMG: the image questions of ScienceQA's test split, answered with an option letter."""
 
 from __future__ import annotations
 
@@ -17,9 +13,9 @@ from ..base import (
     read_json,
     find_hf_split,
     hf_split_candidates,
-    read_tables,
     register_benchmark,
     require_keys,
+    table_rows,
 )
 
 #: LLaVA's single-prediction instruction for multiple choice (``model_vqa_science.py
@@ -201,11 +197,9 @@ class ScienceQA(Benchmark):
     # -- lmms-lab layout ---------------------------------------------------------------------
 
     def _load_lmms(self, files: Sequence[Path]) -> list[Sample]:
-        rows = read_tables(files, "lmms-lab ScienceQA-IMG")
         samples = []
-        for n, row in enumerate(rows):
-            where = f"{files[0].parent}, row {n}"
-            require_keys(row, ("image", "question", "choices", "answer", "hint"), where)
+        keys = ("image", "question", "choices", "answer", "hint")
+        for n, (row, where) in enumerate(table_rows(files, "lmms-lab ScienceQA-IMG", keys)):
             if row["image"] is None:  # ScienceQA-FULL rows without an image
                 continue
             prompt = build_sqa_prompt(row["question"], row["choices"], row.get("hint"))

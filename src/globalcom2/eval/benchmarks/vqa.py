@@ -19,11 +19,15 @@ from ..base import (
     find_first,
     read_json,
     read_jsonl,
+    find_hf_split,
+    image_cell,
+    lmms_split_files,
     register_benchmark,
+    require_dir,
     require_keys,
+    table_rows,
 )
 from ..vqa_metric import normalize_answer, vqa_accuracy
-from ..base import find_hf_split, image_cell, lmms_split_files, read_tables, require_dir
 
 #: The short-answer instruction appended to the question (LLaVA docs/Evaluation.md "Short-answer";
 #: lmms-eval's ``post_prompt`` of textvqa / vqav2 / gqa, after ``"\n"``).
@@ -141,11 +145,9 @@ class TextVQA(Benchmark):
             return self._load_llava(folder)
         files = lmms_split_files(folder, "validation", self._LMMS_SUBDIRS, "TextVQA",
                                  f"LLaVA's {self.ANNOTATION_FILE} + {self.IMAGE_DIR}/")
-        rows = read_tables(files, "lmms-lab TextVQA")
         samples = []
-        for n, row in enumerate(rows):
-            where = f"{files[0].parent} (lmms-lab TextVQA), row {n}"
-            require_keys(row, ("question_id", "question", "image", "answers"), where)
+        keys = ("question_id", "question", "image", "answers")
+        for row, where in table_rows(files, "lmms-lab TextVQA", keys):
             samples.append(self._sample(row, image_cell(row, where), where))
         return samples
 
@@ -229,11 +231,9 @@ class VizWiz(Benchmark):
         if any((folder / a).is_file() for a in self._ANNOTATIONS):
             return self._load_llava(folder)
         files = lmms_split_files(folder, "val", self._LMMS_SUBDIRS, "VizWiz", "val.json + val/ images")
-        rows = read_tables(files, "lmms-lab VizWiz-VQA")
         samples = []
-        for n, row in enumerate(rows):
-            where = f"{files[0].parent} (lmms-lab VizWiz-VQA), row {n}"
-            require_keys(row, ("question_id", "question", "image", "answers"), where)
+        keys = ("question_id", "question", "image", "answers")
+        for row, where in table_rows(files, "lmms-lab VizWiz-VQA", keys):
             qid = str(row["question_id"])
             qid = qid[: -len(".jpg")] if qid.endswith(".jpg") else qid
             samples.append(self._sample(qid, row["question"], image_cell(row, where), row["answers"],
@@ -354,13 +354,11 @@ class VQAv2(Benchmark):
         hint = (f"{self.VAL_ANNOTATIONS} + {self.VAL_QUESTIONS} + val2014/" if split == "val"
                 else f"LLaVA's {self.TESTDEV_LLAVA} + test2015/")
         files = lmms_split_files(folder, self._HF_SPLIT[split], self._LMMS_SUBDIRS, f"VQAv2 ({split})", hint)
-        rows = read_tables(files, f"lmms-lab VQAv2 {split}")
         if split == "test-dev":
             self.submission_question_ids = self._lmms_test_ids(folder)
+        keys = ("question_id", "question", "image") + (("answers",) if split == "val" else ())
         samples = []
-        for n, row in enumerate(rows):
-            where = f"{files[0].parent} (lmms-lab VQAv2 {split}), row {n}"
-            require_keys(row, ("question_id", "question", "image") + (("answers",) if split == "val" else ()), where)
+        for row, where in table_rows(files, f"lmms-lab VQAv2 {split}", keys):
             answers = answer_strings(row["answers"], where) if split == "val" else None
             samples.append(self._sample(row["question_id"], row["question"], image_cell(row, where), answers,
                                         row.get("answer_type"), where))
