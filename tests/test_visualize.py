@@ -13,6 +13,7 @@ import globalcom2
 from globalcom2 import ops
 from globalcom2.adapters import LlavaNextAdapter
 from globalcom2.cli import main
+from globalcom2.picture import wrap_words
 from globalcom2.visualize import RatioMasks, _kept_pixels, _model_views, _to_grid, visualize
 
 from conftest import make_image
@@ -106,6 +107,13 @@ def test_joint_grid_mapping_by_hand():
     assert np.array_equal(_to_grid(x, geom), _joint_by_hand(x, 2, 3, 4))
     # One token by hand: crop 4 (row 1, column 1), local index 6 (row 1, column 2) -> (5, 6).
     assert _to_grid(x, geom)[5, 6] == x[4, 6]
+
+
+def test_wrap_words_fills_greedily_keeps_long_words_and_paragraphs():
+    too_wide = lambda line: len(line) > 10  # noqa: E731
+    assert wrap_words("aa bb cc dd ee", too_wide) == ["aa bb cc", "dd ee"]
+    assert wrap_words("a verylongwordindeed b", too_wide) == ["a", "verylongwordindeed", "b"]
+    assert wrap_words("one\ntwo three", too_wide) == ["one", "two three"]
 
 
 def test_kept_tokens_have_the_best_scores(tiny):

@@ -22,7 +22,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -79,20 +79,26 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Any) -> tuple[int, in
     return int(right - left), int(bottom - top)
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
-    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+def wrap_words(text: str, too_wide: Callable[[str], bool]) -> list[str]:
+    """Greedy word wrap: each ``"\\n"``-separated paragraph filled word by word while
+    ``too_wide(line)`` is false (a word longer than a line stays whole on its own line)."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split(" "):
             trial = word if not line else f"{line} {word}"
-            if line and _text_size(draw, trial, font)[0] > width:
+            if line and too_wide(trial):
                 lines.append(line)
                 line = word
             else:
                 line = trial
         lines.append(line)
     return lines
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide."""
+    return wrap_words(text, lambda line: _text_size(draw, line, font)[0] > width)
 
 
 def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int = 336) -> dict[str, int]:

@@ -29,7 +29,7 @@ import torch
 from . import ops
 from ._io import atomic_path
 from .config import GlobalCom2Config
-from .picture import canvas_layout
+from .picture import canvas_layout, wrap_words
 
 __all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize", "RANDOM_WEIGHTS_NOTE"]
 
@@ -310,18 +310,7 @@ class _Type:
 
     def wrap(self, text: str, width: float, size: float, weight: str = "normal") -> list[str]:
         """Greedy word wrap to at most ``width`` inches per line (a longer word stays whole)."""
-        lines: list[str] = []
-        for paragraph in text.split("\n"):
-            line = ""
-            for word in paragraph.split(" "):
-                trial = word if not line else f"{line} {word}"
-                if line and self.width(trial, size, weight) > width:
-                    lines.append(line)
-                    line = word
-                else:
-                    line = trial
-            lines.append(line)
-        return lines
+        return wrap_words(text, lambda line: self.width(line, size, weight) > width)
 
 
 class _Sheet:
