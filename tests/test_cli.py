@@ -307,3 +307,16 @@ def test_generate_method_errors(saved_models, capsys):
                             (["--method-arg", "scoring=nope"], "scoring")]:
         assert main(["generate", "--model", model, "--image", SAMPLE, "--prompt", "hi", *extra]) == 1
         assert expected in _error_line(capsys)
+
+
+def test_parse_method_arguments_adds_the_commands_layout_flag():
+    import argparse
+
+    from globalcom2.cli import parse_method_arguments
+
+    ns = argparse.Namespace(method="globalcom2", method_arg=["layout=official", "allocation=uniform"], layout="spatial")
+    assert parse_method_arguments(ns) == (["globalcom2"], {"layout": "spatial", "allocation": "uniform"})
+    ns.layout = None
+    assert parse_method_arguments(ns)[1] == {"layout": "official", "allocation": "uniform"}
+    del ns.layout  # eval has no --layout flag
+    assert parse_method_arguments(ns)[1] == {"layout": "official", "allocation": "uniform"}

@@ -64,7 +64,10 @@ def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) 
 
 
 def parse_method_arguments(args: argparse.Namespace, several: bool = True) -> tuple[list[str], dict[str, Any]]:
-    """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError)."""
+    """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError).
+
+    A command's own ``--layout`` flag, where it has one and it is given, is added to the options
+    (after the ``--method-arg`` checks, so it overrides a ``layout=`` given there)."""
     from .methods import method_names, option_names, parse_method_options
 
     names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
@@ -85,6 +88,9 @@ def parse_method_arguments(args: argparse.Namespace, several: bool = True) -> tu
         raise CLIError(
             f"--method-arg: unknown option(s) {', '.join(unknown)} for {', '.join(names)}; known: {', '.join(sorted(known))}"
         )
+    layout = getattr(args, "layout", None)
+    if layout is not None:
+        options["layout"] = layout
     return names, options
 
 
@@ -583,8 +589,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
     methods, options = parse_method_arguments(args, several=False)
-    if args.layout is not None:
-        options["layout"] = args.layout
     try:
         cfg = make_config(methods[0], **{**options, "retention_ratio": args.retention_ratio})
     except ValueError as e:
@@ -735,8 +739,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     methods, options = parse_method_arguments(args)
-    if args.layout is not None:
-        options["layout"] = args.layout
     from .bench import method_settings
 
     try:
@@ -806,8 +808,6 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from .methods import make_config
 
     methods, options = parse_method_arguments(args, several=False)
-    if args.layout is not None:
-        options["layout"] = args.layout
     try:
         ratios = parse_ratios(args.retention_ratio)
     except ValueError as e:
