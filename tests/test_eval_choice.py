@@ -472,3 +472,15 @@ def test_mme_errors(tmp_path):
     shutil.rmtree(tmp_path / "MME" / "MME_Benchmark_release_version")
     with pytest.raises(DataError, match="MME_Benchmark_release_version"):
         bench.load(tmp_path)
+
+
+@pytest.mark.parametrize("name, folder, expected", [
+    ("pope", "pope", r"POPE: no data under .*pope: expected LLaVA's llava_pope_test.jsonl .* \(data/test-\*.parquet"),
+    ("mme", "MME", r"MME: no data under .*MME: expected LLaVA's llava_mme.jsonl .* \(data/test-\*.parquet"),
+    ("scienceqa", "scienceqa", r"ScienceQA: no data under .*scienceqa: expected LLaVA's problems.json .* "
+                               r"\(ScienceQA-IMG/test-\*.parquet"),
+])
+def test_an_empty_folder_names_both_layouts(tmp_path, name, folder, expected):
+    (tmp_path / folder).mkdir()
+    with pytest.raises(DataError, match=expected):
+        get_benchmark(name).load(tmp_path)

@@ -263,14 +263,15 @@ def _column_chunk(path: str, group: int, column: str) -> Any:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(column)
-    return _read_arrow(Path(path), memory_map=True).column(column)
+    return _read_arrow(Path(path)).column(column)
 
 
-def _read_arrow(path: Path, memory_map: bool = False) -> Any:
+def _read_arrow(path: Path) -> Any:
+    """An Arrow stream or file, memory-mapped (zero-copy: the data stays on disk)."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    source = pa.memory_map(str(path)) if memory_map else open(path, "rb")
+    source = pa.memory_map(str(path))
     try:
         return ipc.open_stream(source).read_all()
     except Exception:
@@ -315,7 +316,7 @@ def read_table(path: str | Path, what: str, lazy: Sequence[str] = LAZY_COLUMNS) 
                             part[offset + i][column] = None if null else TableCell(file, group, i, column)
                     offset += n_rows
             else:
-                table = _read_arrow(file, memory_map=True)  # zero-copy: the file stays on disk
+                table = _read_arrow(file)
                 deferred = [c for c in lazy if c in table.column_names]
                 part = table.drop_columns(deferred).to_pylist()
                 for column in deferred:

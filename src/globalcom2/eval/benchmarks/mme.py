@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
-from ..base import find_hf_split, hf_split_candidates, table_rows
+from ..base import lmms_split_files, table_rows
 
 #: MME's official subtask names (eval_tool/calculation.py ``eval_type_dict``), in its order.
 PERCEPTION_SUBTASKS = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
@@ -124,13 +124,8 @@ class MME(Benchmark):
             return self._load_llava(llava_file, release)
         if release is not None:
             return self._load_release(release)
-        files = find_hf_split(folder, split, self._LMMS_SUBDIRS)
-        if files:
-            return self._load_lmms(files)
-        raise DataError(
-            f"MME: no data under {folder}: expected LLaVA's llava_mme.jsonl + {_RELEASE_DIR}/, "
-            f"or lmms-lab parquet ({hf_split_candidates(self._LMMS_SUBDIRS, split)})"
-        )
+        hint = f"LLaVA's llava_mme.jsonl + {_RELEASE_DIR}/"
+        return self._load_lmms(lmms_split_files(folder, split, self._LMMS_SUBDIRS, "MME", hint))
 
     # -- the official release folder ---------------------------------------------------------
 

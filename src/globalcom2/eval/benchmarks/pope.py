@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
-from ..base import find_hf_split, hf_split_candidates, table_rows
+from ..base import lmms_split_files, table_rows
 
 #: The three COCO subsets, in POPE's order.
 POPE_SUBSETS = ("random", "popular", "adversarial")
@@ -116,14 +116,8 @@ class POPE(Benchmark):
         elif any((folder / "coco" / f"coco_pope_{s}.json").is_file() for s in POPE_SUBSETS):
             samples = self._load_annotations(folder, subsets)
         else:
-            files = find_hf_split(folder, "test", self._LMMS_SUBDIRS)
-            if not files:
-                raise DataError(
-                    f"POPE: no data under {folder}: expected LLaVA's llava_pope_test.jsonl + "
-                    f"coco/coco_pope_<subset>.json + val2014/, or lmms-lab parquet "
-                    f"({hf_split_candidates(self._LMMS_SUBDIRS, 'test')})"
-                )
-            samples = self._load_lmms(files, subsets)
+            hint = "LLaVA's llava_pope_test.jsonl + coco/coco_pope_<subset>.json + val2014/"
+            samples = self._load_lmms(lmms_split_files(folder, "test", self._LMMS_SUBDIRS, "POPE", hint), subsets)
         if not samples:
             raise DataError(f"POPE: no questions of subset(s) {', '.join(subsets)} under {folder}")
         return samples

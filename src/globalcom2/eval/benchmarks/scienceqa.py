@@ -10,9 +10,8 @@ from ..base import (
     Benchmark,
     DataError,
     Sample,
+    lmms_split_files,
     read_json,
-    find_hf_split,
-    hf_split_candidates,
     register_benchmark,
     require_keys,
     table_rows,
@@ -134,13 +133,8 @@ class ScienceQA(Benchmark):
         folder = self.data_dir(root)
         if (folder / "problems.json").is_file():
             return self._load_llava(folder, split)
-        files = find_hf_split(folder, split, self._LMMS_SUBDIRS)
-        if files:
-            return self._load_lmms(files)
-        raise DataError(
-            f"ScienceQA: no data under {folder}: expected LLaVA's problems.json + pid_splits.json "
-            f"(+ images/{split}/), or lmms-lab parquet ({hf_split_candidates(self._LMMS_SUBDIRS, split)})"
-        )
+        hint = f"LLaVA's problems.json + pid_splits.json (+ images/{split}/)"
+        return self._load_lmms(lmms_split_files(folder, split, self._LMMS_SUBDIRS, "ScienceQA", hint))
 
     # -- LLaVA layout ------------------------------------------------------------------------
 
