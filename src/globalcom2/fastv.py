@@ -65,7 +65,7 @@ from torch import nn
 
 from .config import MethodConfig, check_int, check_ratio
 
-__all__ = ["FastVConfig", "FastVPatch"]
+__all__ = ["FastVConfig", "FastVPatch", "kept_count"]
 
 _SUPPORTED_ATTN = ("sdpa", "eager")
 
@@ -91,6 +91,11 @@ class FastVConfig(MethodConfig):
     def __post_init__(self) -> None:
         self._set("retention_ratio", check_ratio(self.retention_ratio))
         check_int(self.layer, "layer", minimum=1)
+
+
+def kept_count(n_visual: int, retention_ratio: float) -> int:
+    """Visual tokens FastV keeps of ``n_visual``: ``round(R * n)``, at least 1 when ``n > 0``."""
+    return max(1, round(retention_ratio * n_visual)) if n_visual > 0 else 0
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +202,15 @@ class FastVPatch:
         self._call: _Call | None = None
 
     @property
+    def n_layers(self) -> int:
+        """The decoder layers FastV counts (the first ``config.num_hidden_layers`` of them)."""
+        return len(self._decoder_layers())
+
+    def _decoder_layers(self) -> list[nn.Module]:
+        lm = self.language_model
+        return list(lm.layers[: getattr(lm.config, "num_hidden_layers", len(lm.layers))])
+
+    @property
     def last_kept_positions(self) -> list[torch.Tensor] | None:
         """Per prepared row, the (k,) sorted positions of the visual tokens kept at the last prefill."""
         if self.last_kept_mask is None:
@@ -235,8 +249,7 @@ class FastVPatch:
         Raises:
             ValueError: as :meth:`install`.
         """
-        lm = self.language_model
-        layers = list(lm.layers[: getattr(lm.config, "num_hidden_layers", len(lm.layers))])
+        layers = self._decoder_layers()
         n_layers = len(layers)
         k = self.config.layer
         if k > n_layers - 1:
@@ -269,7 +282,6 @@ class FastVPatch:
         self._n_heads, self._n_kv, self._head_dim = n_heads, n_kv, head_dim
         self._scaling = getattr(attn, "scaling", None) or head_dim**-0.5
         self._rank_attn = attn
-        self._n_layers = n_layers
         window = getattr(cfg, "sliding_window", None)
         self._window = int(window) if window else None
 
@@ -468,7 +480,7 @@ class FastVPatch:
         n_vis_rows, n_valid = counts
         n_vis = n_vis_rows[::group]
         r = self.config.retention_ratio
-        keep_n = [max(1, round(r * n)) if n > 0 else 0 for n in n_vis]
+        keep_n = [kept_count(n, r) for n in n_vis]
         self.last_visual = list(n_vis)
         self.last_kept = list(n_vis)
         self.last_kept_mask = visual[::group]

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import methods, ops
 from ..config import MethodConfig
+from ..fastv import FastVPatch, kept_count
 from ..sequence import shrink_placeholders
 from .base import Adapter, CompressionStats, bind_arguments
 
@@ -118,14 +119,20 @@ class LlavaNextAdapter(Adapter):
         self.inner = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
         self.vision_config: MethodConfig | None = methods.vision_config(config)
         self.fastv_config = methods.fastv_config(config)
-        self.fastv: Any = None
+        self.fastv = FastVPatch(self.inner.language_model, self.fastv_config) if self.fastv_config is not None else None
         #: Plans of the images of the most recent call (for inspection, demos and pictures).
         self.last: CompressedImages | None = None
         #: Visual-token counts of the most recent prefill (see :func:`globalcom2.last_stats`).
         self.stats: CompressionStats | None = None
-        self._vanilla_rows: list[int] | None = None
-        #: Per batch row, the positions of the image tokens in the language model's input (last prefill).
-        self.last_visual_positions: list[torch.Tensor] | None = None
+        self._vanilla_rows: torch.Tensor | None = None  # (B,) image tokens before compression
+        self._last_visual: torch.Tensor | None = None  # (B, T) bool, image tokens of the last prefill
+
+    @property
+    def last_visual_positions(self) -> list[torch.Tensor] | None:
+        """Per batch row, the positions of the image tokens in the language model's input (last prefill)."""
+        if self._last_visual is None:
+            return None
+        return [row.nonzero().flatten() for row in self._last_visual]
 
     # -- identification and checks --------------------------------------------------------------
     @classmethod
@@ -154,10 +161,7 @@ class LlavaNextAdapter(Adapter):
         return found
 
     def validate(self) -> None:
-        if self.fastv_config is not None:
-            from ..fastv import FastVPatch
-
-            self.fastv = FastVPatch(self.inner.language_model, self.fastv_config)
+        if self.fastv is not None:
             self.fastv.validate()  # fail at apply, before anything is patched
         if self.vision_config is None:
             return
@@ -330,7 +334,7 @@ class LlavaNextAdapter(Adapter):
             )
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=compressed.tokens)}
         self.last = compressed
-        self._vanilla_rows = (input_ids == self.hf_config.image_token_id).sum(1).tolist()
+        self._vanilla_rows = (input_ids == self.hf_config.image_token_id).sum(1)
         return kwargs
 
     # -- patching -------------------------------------------------------------------------------
@@ -359,17 +363,19 @@ class LlavaNextAdapter(Adapter):
     def _on_prefill(self, input_ids: torch.Tensor) -> None:
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
         visual = input_ids == self.hf_config.image_token_id  # (B, T)
-        rows = visual.sum(1).tolist()
-        self.last_visual_positions = [row.nonzero().flatten() for row in visual]
-        vanilla = self._vanilla_rows if self._vanilla_rows is not None and len(self._vanilla_rows) == len(rows) else rows
+        self._last_visual = visual
+        counts = visual.sum(1)  # (B,)
+        before = self._vanilla_rows
         self._vanilla_rows = None
+        if before is None or before.shape != counts.shape:  # no compression on this call
+            before = counts
+        rows, vanilla = torch.stack([counts, before.to(counts.device)]).tolist()  # one host sync
         lm_rows: list[int] | None = None
         effective = [float(r) for r in rows]
         if self.fastv is not None:
             self.fastv.prepare(visual)
-            k = self.fastv_config.layer
-            n_layers = len(self.inner.language_model.layers)
-            lm_rows = [max(1, round(self.fastv_config.retention_ratio * r)) if r else 0 for r in rows]
+            k, n_layers = self.fastv_config.layer, self.fastv.n_layers
+            lm_rows = [kept_count(r, self.fastv_config.retention_ratio) for r in rows]
             effective = [(k * r + (n_layers - k) * kept) / n_layers for r, kept in zip(rows, lm_rows)]
         self.stats = CompressionStats(
             method=self.config.method,
