@@ -168,12 +168,12 @@ def test_plan_runs():
 def test_build_prompt(tiny):
     _, processor = tiny
     assert build_prompt(processor, "Q?") == "<image>\nQ?"
-    assert build_prompt(processor, "Q?", has_image=False) == "Q?"
+    assert build_prompt(processor, "Q?", num_images=0) == "Q?"
     old = processor.chat_template
     try:
         processor.chat_template = CHAT_TEMPLATE
         assert build_prompt(processor, "Q?") == "USER: <image>\nQ? ASSISTANT:"
-        assert build_prompt(processor, "Q?", has_image=False) == "USER: Q? ASSISTANT:"
+        assert build_prompt(processor, "Q?", num_images=0) == "USER: Q? ASSISTANT:"
     finally:
         processor.chat_template = old
 

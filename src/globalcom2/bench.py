@@ -18,13 +18,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ._io import atomic_path
+from .generation import sync
 
 MIB = 1024 * 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, Any]:
@@ -34,10 +30,10 @@ def median_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: in
         out = fn()
     times = []
     for _ in range(max(1, runs)):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), out
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn, Sequence
 
 from . import __version__
+from .generation import build_prompt, greedy_kwargs, sync, to_model
 
 PROG = "globalcom2"
 LAYOUT_CHOICES = ("official", "spatial")
@@ -497,22 +498,6 @@ def get_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     return load_model(model_id, device, dtype)
 
 
-def build_prompt(processor: Any, prompt: str) -> str:
-    """The model's chat format when the processor has a chat template, else ``<image>\\n{prompt}``."""
-    if getattr(processor, "chat_template", None):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    return f"{image_token}\n{prompt}"
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _prefill_ms(model: Any, inputs: Any, device: str, runs: int) -> float:
     """Median wall time of one forward pass over the whole prompt (image encoding included)."""
     import torch
@@ -520,10 +505,10 @@ def _prefill_ms(model: Any, inputs: Any, device: str, runs: int) -> float:
     times = []
     with torch.no_grad():
         for _ in range(max(1, runs)):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             model(**inputs, use_cache=False, logits_to_keep=1)
-            _sync(device)
+            sync(device)
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
@@ -531,12 +516,7 @@ def _prefill_ms(model: Any, inputs: Any, device: str, runs: int) -> float:
 def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[str, float]:
     import torch
 
-    tok = getattr(processor, "tokenizer", processor)
-    pad = getattr(tok, "pad_token_id", None)
-    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
-    if pad is not None:
-        kwargs["pad_token_id"] = pad
+    kwargs = greedy_kwargs(getattr(processor, "tokenizer", processor), max_new_tokens)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(**inputs, **kwargs)
@@ -616,9 +596,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         inputs = processor(images=image, text=text, return_tensors="pt")
     except Exception as e:
         raise CLIError(f"the processor of {args.model!r} failed on this image/prompt: {_one_line(str(e))}") from None
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = to_model(inputs, model)
 
     # 3. The method.
     try:
@@ -771,8 +749,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         inputs = processor(images=batch_images, text=[text] * len(batch_images), return_tensors="pt", padding=True)
     except Exception as e:
         raise CLIError(f"the processor failed on these images/prompt: {_one_line(str(e))}") from None
-    inputs = inputs.to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = to_model(inputs, model)
 
     from tqdm import tqdm
 

@@ -176,11 +176,12 @@ def parse_method_options(items: list[str] | None) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"method option {item!r} must look like KEY=VALUE")
-        out[key] = _coerce(raw.strip())
+        out[key] = coerce_value(raw.strip())
     return out
 
 
-def _coerce(raw: str) -> Any:
+def coerce_value(raw: str) -> Any:
+    """``raw`` as a bool (``true``/``false``, any case), int or float when it reads as one, else itself."""
     low = raw.lower()
     if low in ("true", "false"):
         return low == "true"

@@ -788,7 +788,7 @@ def _fastv_masks(
     """
     import globalcom2
 
-    from .cli import build_prompt
+    from .generation import build_prompt
 
     if plan is not None and not isinstance(plan, ops.CompressionPlan):
         raise ValueError("drawing FastV after pooling is not supported (pooled tokens have no single source)")

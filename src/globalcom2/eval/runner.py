@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .._io import atomic_path
+from ..generation import build_prompt, greedy_kwargs, sync, to_model
 from .base import Benchmark, DataError, Sample, benchmark_names, get_benchmark, iter_chunks
 
 #: The method name of the unmodified model, run at retention ratio 1.0.
@@ -555,19 +556,6 @@ def pending(loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec], output_d
 # ------------------------------------------------------------------------------------------------
 
 
-def build_prompt(processor: Any, prompt: str, has_image: bool = True) -> str:
-    """The checkpoint's chat format when the processor has a template, else ``<image>\\n{prompt}``
-    (``processor.image_token``); a text-only question gets no image."""
-    if getattr(processor, "chat_template", None):
-        content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
-        content.append({"type": "text", "text": prompt})
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-    if not has_image:
-        return prompt
-    image_token = getattr(processor, "image_token", None) or "<image>"
-    return f"{image_token}\n{prompt}"
-
-
 @dataclass
 class Answer:
     """One generated answer and its costs."""
@@ -576,13 +564,6 @@ class Answer:
     visual_tokens: int | None
     effective_visual_tokens: float | None
     latency_ms: float
-
-
-def _sync(device: Any) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)).startswith("cuda") and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
 
 
 def generate_batch(model: Any, processor: Any, samples: Sequence[Sample], max_new_tokens: int) -> list[Answer]:
@@ -597,7 +578,7 @@ def generate_batch(model: Any, processor: Any, samples: Sequence[Sample], max_ne
         img = s.load_image()
         if img is not None:
             images.append(img)
-        texts.append(build_prompt(processor, s.prompt, img is not None))
+        texts.append(build_prompt(processor, s.prompt, num_images=int(img is not None)))
     tok = getattr(processor, "tokenizer", processor)
     old_side = getattr(tok, "padding_side", None)
     try:
@@ -611,25 +592,17 @@ def generate_batch(model: Any, processor: Any, samples: Sequence[Sample], max_ne
     finally:
         if old_side is not None:
             tok.padding_side = old_side
-    device = model.device
-    inputs = inputs.to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = to_model(inputs, model)
     input_ids = inputs["input_ids"]
-
-    kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": False, "num_beams": 1}
-    pad = getattr(tok, "pad_token_id", None)
-    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
-    if pad is not None:
-        kwargs["pad_token_id"] = pad
+    kwargs = greedy_kwargs(tok, max_new_tokens)
 
     applied = globalcom2.is_applied(model)
     before = globalcom2.last_stats(model) if applied else None
     with torch.no_grad():
-        _sync(device)
+        sync(model.device)
         t0 = time.perf_counter()
         out = model.generate(**inputs, **kwargs)
-        _sync(device)
+        sync(model.device)
         seconds = time.perf_counter() - t0
     seqs = out if torch.is_tensor(out) else out.sequences
     texts_out = processor.batch_decode(seqs[:, input_ids.shape[1] :], skip_special_tokens=True)

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence, Union
 
+from ..generation import build_prompt, pad_token_id
+
 #: The name lmms-eval knows the model by (``--model globalcom2_llava_next``).
 MODEL_NAME = "globalcom2_llava_next"
 #: The checkpoint loaded when ``pretrained`` is not given.
@@ -127,9 +129,9 @@ def _coerce(value: Any) -> Any:
     """A string value as lmms-eval's own parser reads it (bool, int, float or string)."""
     if not isinstance(value, str):
         return value
-    from ..methods import parse_method_options
+    from ..methods import coerce_value
 
-    return parse_method_options([f"x={value}"])["x"]
+    return coerce_value(value.strip())
 
 
 def split_arg_string(arg_string: str) -> dict[str, Any]:
@@ -409,9 +411,6 @@ class LlavaNextRunner:
     def image_token(self) -> str:
         return getattr(self.processor, "image_token", None) or "<image>"
 
-    def _template(self) -> str | None:
-        return self.chat_template or getattr(self.processor, "chat_template", None)
-
     def build_prompt(self, context: str, num_images: int) -> str:
         """The checkpoint's chat prompt for ``context`` with ``num_images`` images before it.
 
@@ -419,14 +418,7 @@ class LlavaNextRunner:
         template: ``<image>\\n`` per image, then the context.
         """
         images = 0 if self.image_token in context else num_images
-        template = self._template()
-        if template:
-            content: list[dict[str, Any]] = [{"type": "image"} for _ in range(images)]
-            content.append({"type": "text", "text": context})
-            return self.processor.apply_chat_template(
-                [{"role": "user", "content": content}], chat_template=template, add_generation_prompt=True, tokenize=False
-            )
-        return "".join(f"{self.image_token}\n" for _ in range(images)) + context
+        return build_prompt(self.processor, context, images, chat_template=self.chat_template)
 
     def _inputs(self, prompts: list[str], images: list[Any]) -> Any:
         inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
@@ -467,6 +459,7 @@ class LlavaNextRunner:
 
         results: list[str | None] = [None] * len(requests)
         batches = list(self._batches(requests))
+        pad_id = pad_token_id(self.tokenizer)
         bar = _progress(len(batches), self.show_progress)
         for batch in batches:
             hf_kwargs, stops = generation_settings(requests[batch[0]].gen_kwargs, self.max_new_tokens)
@@ -475,7 +468,6 @@ class LlavaNextRunner:
             inputs = self._inputs(prompts, [im for v in visuals for im in v])
             if stops:
                 hf_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
-            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **hf_kwargs, use_cache=self.use_cache, pad_token_id=pad_id)
             self._record_stats([bool(v) for v in visuals])
@@ -536,20 +528,10 @@ class LlavaNextRunner:
         return results
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, show: bool) -> Any:
-    if not show:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="Model Responding")
+    return tqdm(total=total, desc="Model Responding", disable=not show)
 
 
 # ------------------------------------------------------------------------------------------------
