@@ -10,22 +10,16 @@ inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.
 from __future__ import annotations
 
 import argparse
-import textwrap
 from pathlib import Path
 from typing import Any
 
 DEFAULT_RATIOS = "1.0,0.25"
 DEFAULT_OUTPUT = "globalcom2-eval"
-EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
-
-
-def _para(text: str) -> str:
-    return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from ..cli import DEVICE_CHOICES, DTYPE_CHOICES, FORMAT_CHOICES, add_method_arguments
+    from ..cli import DEVICE_CHOICES, DTYPE_CHOICES, EXAMPLE_MODEL, FORMAT_CHOICES, _para, add_method_arguments
 
     common = (
         f"--model {EXAMPLE_MODEL} \\\n      --benchmarks textvqa,mme,pope --data-root ./playground/data/eval "
@@ -178,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..efficiency import parse_ratios
     from . import runner
-    from .base import DataError, get_benchmark
+    from .base import get_benchmark
 
     # 1. Cheap checks first: every option, then the data, then (only when needed) the model.
     out = _check_output_dir(args.output_dir)
@@ -187,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rescore:
         try:
             summary = runner.score_outputs(out, judge=judge, progress=show)
-        except (FileNotFoundError, DataError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:  # DataError included
             raise CLIError(f"--rescore: {e}") from None
         _print(summary, args.format, out)
         return 0
@@ -230,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         loaded = runner.load_benchmarks(names, root, splits, args.limit, judge)
     except ValueError as e:  # DataError included
-        raise CLIError(_one_line(str(e), 1000)) from None
+        raise CLIError(str(e)) from None  # main() makes it one line
     missing = runner.pending(loaded, runs, out)
 
     # 2. The model, on this rank's device (not loaded when everything is answered already).
@@ -244,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
                 f"LOCAL_RANK={dist.local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): "
                 "start at most one process per GPU (e.g. torchrun --nproc_per_node=<number of GPUs>)"
             )
-        device_name = f"cuda:{dist.local_rank}"
+        device_name = dist.device()
     else:
         device_name = device
     try:
@@ -265,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, progress=show, judge=judge, dist=dist,
             )
         except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
-            raise CLIError(_one_line(str(e), 1000)) from None
+            raise CLIError(str(e)) from None  # main() makes it one line
         except OSError as e:
             raise CLIError(f"cannot write to {out}: {_one_line(e.strerror or str(e))}") from None
     finally:

@@ -165,11 +165,10 @@ class DistEnv:
             return
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        kwargs: dict[str, Any] = {}
         if backend == "nccl":
             torch.cuda.set_device(self.local_rank)
         dist.init_process_group(
-            backend, init_method="env://", rank=self.rank, world_size=self.world_size, timeout=BARRIER_TIMEOUT, **kwargs
+            backend, init_method="env://", rank=self.rank, world_size=self.world_size, timeout=BARRIER_TIMEOUT
         )
         self._owns_group = True
 
@@ -485,11 +484,7 @@ def plan_runs(ratios: Sequence[float], methods: Sequence[str], method_options: d
         mine = {k: v for k, v in options.items() if k in accepted[m]}
         for r in seen_ratios:
             cfg = make_config(m, retention_ratio=r, **mine)  # validates the values
-            try:
-                resolved = json.loads(json.dumps(config_to_dict(cfg), default=str))
-            except Exception:  # a config without a full dict form: what was asked for
-                resolved = {"method": m, "retention_ratio": r, **mine}
-            runs.append(RunSpec(m, r, resolved, mine))
+            runs.append(RunSpec(m, r, config_to_dict(cfg), mine))
     return runs
 
 
@@ -500,7 +495,7 @@ def _model_name(model: Any) -> str:
     return name
 
 
-def _check_meta(main: Path, bench: LoadedBenchmark, run: RunSpec, model_name: str) -> None:
+def _check_meta(main: Path, run: RunSpec, model_name: str) -> None:
     """Refuse to resume predictions made with another method config or model."""
     path = meta_path(main)
     if not path.is_file() or not (main.exists() or shard_files(main)):
@@ -955,7 +950,7 @@ def run_eval(
     model_name = _model_name(model) if model is not None else ""
     for lb in loaded:  # every rank checks (read only): all fail together, before any work
         for run in runs:
-            _check_meta(predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio), lb, run, model_name)
+            _check_meta(predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio), run, model_name)
     on_cuda = model is not None and getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     dist.init("nccl" if on_cuda else "gloo")  # a no-op when single-process or already joined
     talk = progress and dist.is_main
