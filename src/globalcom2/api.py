@@ -9,7 +9,6 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adapters.base import STATE_ATTR, Adapter, CompressionStats
-from .config import GlobalCom2Config  # noqa: F401  (documented return type)
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -565,7 +565,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .methods import make_config, vision_config
+    from .methods import fastv_config, make_config, vision_config
 
     # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
     methods, options = parse_method_arguments(args, several=False)
@@ -637,7 +637,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _echo(f"== {title} ({settings}) ==")
     _echo(f"visual tokens: {kept:,} of {vanilla:,} ({kept / vanilla:.1%})")
     if lm_kept is not None:
-        _echo(f"after layer {cfg.fastv.layer if hasattr(cfg, 'fastv') else cfg.layer} (FastV): {lm_kept:,} visual tokens; "
+        _echo(f"after layer {fastv_config(cfg).layer} (FastV): {lm_kept:,} visual tokens; "
               f"layer average {stats.effective_visual_tokens[0]:,.1f}")
     if has_plan and plan.geometry is not None:
         crops = ", ".join(

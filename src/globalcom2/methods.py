@@ -97,11 +97,6 @@ def _normalise(method: str) -> str:
     return name
 
 
-def config_method(config: Any) -> str:
-    """The method name of a config object."""
-    return config.method
-
-
 def make_config(method: str = "globalcom2", config: Any = None, **options: Any) -> Any:
     """The validated config of ``method``, from an optional ``config`` plus keyword overrides.
 

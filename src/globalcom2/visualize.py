@@ -731,8 +731,9 @@ def visualize(
         guide = adapter.compress(encoded, GlobalCom2Config()).plans[0]  # GlobalCom2's signals, for the maps
         plans = [adapter.compress(encoded, v).plans[0] if v is not None else None for v in vcfgs]
     vanilla = encoded.vanilla_counts[0]
-    side = math.isqrt(int(encoded.importance[0].shape[-1]))
     geom = encoded.geometries[0]
+    vc = adapter.hf_config.vision_config
+    view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
     if uses_fastv:
         masks = [
             _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla)
@@ -742,8 +743,6 @@ def visualize(
         masks = [_masks(p, cfg.retention_ratio, vanilla, side) for p, cfg in zip(plans, configs)]
     maps = _importance_maps(guide, encoded.importance[0][1:])
 
-    vc = adapter.hf_config.vision_config
-    view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
     cell = view // side
     thumb_px, canvas_px, lay = _model_views(image, geom, view)
 
@@ -789,24 +788,18 @@ def _fastv_masks(
     import globalcom2
 
     from .generation import build_prompt
+    from .methods import fastv_config
 
     if plan is not None and not isinstance(plan, ops.CompressionPlan):
         raise ValueError("drawing FastV after pooling is not supported (pooled tokens have no single source)")
-    previous = globalcom2.get_config(model)
     text = build_prompt(processor, prompt)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
-    try:
-        globalcom2.apply(model, config)
+    with globalcom2.compressed(model, config), torch.no_grad():
         adapter = globalcom2.get_adapter(model)
-        with torch.no_grad():
-            model(**inputs)
+        model(**inputs)
         kept_positions = adapter.fastv.last_kept_positions[0].cpu()  # (k,) sorted positions in the LM input
         visual_positions = adapter.last_visual_positions[0].cpu()  # (n,) positions of the image tokens
         used = adapter.last.plans[0] if plan is not None else _vanilla_plan(guide)
-    finally:
-        globalcom2.remove(model)
-        if previous is not None:
-            globalcom2.apply(model, previous)
     index = used.index.cpu()
     kept_visual = torch.isin(visual_positions, kept_positions)  # (n,)
     rows = index[kept_visual]  # table rows that survive layer K
@@ -819,9 +812,8 @@ def _fastv_masks(
     crop = np.zeros((c, n), dtype=bool)
     in_crop = rows[(rows >= n) & (rows < n + c * n)] - n
     crop.reshape(-1)[in_crop.numpy()] = True
-    ratio = float(config.retention_ratio) if hasattr(config, "retention_ratio") else float(config.vision.retention_ratio)
-    k_layer = (config.fastv if hasattr(config, "fastv") else config).layer
-    note = f"kept = still in the sequence after layer {k_layer} ({int(kept_visual.sum())} of {index.numel()} visual tokens)"
+    ratio = float(config.retention_ratio)
+    note = f"kept = still in the sequence after layer {fastv_config(config).layer} ({int(kept_visual.sum())} of {index.numel()} visual tokens)"
     if geom is None:
         empty = np.zeros((0, 0), dtype=bool)
         return RatioMasks(ratio, thumb.reshape(side, side), empty, empty, np.zeros(0), [], [],
