@@ -215,12 +215,20 @@ def run_bench(
     """
     import globalcom2
 
+    from .adapters import adapter_for
+    from .config import GlobalCom2Config
+
     options = dict(options or {})
     if layout is not None:
         options["layout"] = layout
-    plan = [("vanilla", "globalcom2", 1.0, {})] + method_settings(methods, ratios, options)
+    plan: list[tuple[str, str | None, float, dict[str, Any]]] = [("vanilla", None, 1.0, {})]
+    plan += method_settings(methods, ratios, options)
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
+    # A never-applied adapter times the vision side (encode, then each method's compression step)
+    # the same way for every setting, FastV and vanilla included.
+    timer = adapter_for(model)(model, GlobalCom2Config())
+    timer.validate()
     batch = int(inputs["input_ids"].shape[0])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     rows: list[BenchRow] = []
@@ -228,27 +236,17 @@ def run_bench(
     try:
         for label, method, ratio, opts in iterator:
             globalcom2.remove(model)
-            vanilla = label == "vanilla"
-            # A GlobalCom2 adapter times the vision side for settings without a vision-side step.
-            globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
-            adapter = globalcom2.get_adapter(model)
-            assert adapter is not None
-            has_vision_step = adapter.vision_config is not None and not vanilla
+            vision = None
+            if method is not None:
+                globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
+                vision = globalcom2.get_adapter(model).vision_config
             with torch.no_grad():
-                if adapter.vision_config is None:
-                    globalcom2.apply(model, method="globalcom2")
-                    timer = globalcom2.get_adapter(model)
-                else:
-                    timer = adapter
                 vision_ms, encoded = median_ms(
                     lambda: timer.encode(inputs["pixel_values"], inputs["image_sizes"]), device, runs, warmup
                 )
                 compress_ms = 0.0
-                if has_vision_step:
-                    compress_ms, _ = median_ms(lambda: adapter.compress(encoded), device, runs, warmup)
-                globalcom2.remove(model)
-                if not vanilla:
-                    globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
+                if vision is not None:
+                    compress_ms, _ = median_ms(lambda: timer.compress(encoded, vision), device, runs, warmup)
                 prefill_ms, out = median_ms(lambda: model(**inputs, use_cache=True), device, runs, warmup)
                 kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
                 del out
