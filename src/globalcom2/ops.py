@@ -572,18 +572,17 @@ def plan_joint(scores: torch.Tensor, geom: CropGeometry, retention_ratio: float,
     v, n = scores.shape
     dev = scores.device
     valid = torch.cat([torch.ones((1, n), dtype=torch.bool, device=dev), _valid_mask(geom, dev)])  # (V, N)
-    flat = scores.float().masked_fill(~valid, float("-inf")).reshape(-1)  # (V * N,)
-    k = _floor_count(valid.sum(), float(retention_ratio))
-    order = torch.argsort(flat, descending=True, stable=True)
+    masked = scores.float().masked_fill(~valid, float("-inf"))  # (V, N)
+    k = _floor_count(n + geom.valid_rows * geom.valid_cols, float(retention_ratio))  # host int: no sync
+    order = torch.argsort(masked.reshape(-1), descending=True, stable=True)  # (V * N,)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(v * n, device=dev))
-    keep = ((rank < k) & valid.reshape(-1)).reshape(v, n)  # (V, N)
-    thumb_flags, crop_keep = keep[0], keep[1:]
-    # Thumbnail tokens most important first (the official order), like GlobalCom2's thumbnail.
-    thumb_keep = order[(order < n) & thumb_flags.reshape(-1)[order.clamp(max=n - 1)]]
+    crop_keep = ((rank < k) & valid.reshape(-1)).reshape(v, n)[1:]  # (C, N)
+    # Thumbnail tokens among the top k, most important first (the official order), like GlobalCom2's.
+    top = order[:k]
+    thumb_keep = top[top < n]
     n_valid = valid[1:].sum(1).to(torch.float64)
     crop_ratios = crop_keep.sum(1).to(torch.float64) / n_valid.clamp_min(1.0)
-    score = scores[1:].float().masked_fill(~valid[1:], float("-inf"))
-    return assemble_plan(thumb_keep, crop_keep, valid[1:], geom, layout, crop_ratios, scores[0], score)
+    return assemble_plan(thumb_keep, crop_keep, valid[1:], geom, layout, crop_ratios, scores[0], masked[1:])
 
 
 def pooled_side(n: int, retention_ratio: float) -> int:
