@@ -79,3 +79,18 @@ def test_table_rows_number_rows_across_shards_and_name_a_missing_field(tmp_path)
     assert [w for _, w in got] == [f"{tmp_path} (lmms-lab Toy), row {n}" for n in range(5)]
     with pytest.raises(DataError, match=r"\(lmms-lab Toy\), row 0: missing field\(s\) answer"):
         list(table_rows(shards, "lmms-lab Toy", ("question_id", "answer")))
+
+
+def test_null_flags_come_from_a_small_child_not_the_image_bytes(tmp_path):
+    from globalcom2.eval.base import _null_probe
+
+    images = [{"bytes": b"x" * 10, "path": None}, None, {"bytes": None, "path": "a.png"}, {"bytes": b"y", "path": "b"}]
+    table = pa.table({"id": [0, 1, 2, 3], "image": images, "plain": [b"1", None, b"3", b"4"]})
+    assert _null_probe(table.schema.field("image")) == "image.path"
+    assert _null_probe(table.schema.field("plain")) == "plain"
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=3)
+    rows = read_table(path, "fixture", lazy=("image", "plain"))
+    assert [r["image"] is None for r in rows] == [False, True, False, False]
+    assert [r["plain"] is None for r in rows] == [False, True, False, False]
+    assert all(isinstance(r["image"], TableCell) for r in rows if r["image"] is not None)

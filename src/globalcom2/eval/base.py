@@ -308,10 +308,11 @@ def read_table(path: str | Path, what: str, lazy: Sequence[str] = LAZY_COLUMNS) 
                 deferred = [c for c in lazy if c in names]
                 part = pf.read(columns=[n for n in names if n not in deferred]).to_pylist()
                 offset = 0
+                probes = {c: _null_probe(pf.schema_arrow.field(c)) for c in deferred}
                 for group in range(pf.num_row_groups):
                     n_rows = pf.metadata.row_group(group).num_rows
                     for column in deferred:  # only the null flags are kept, group by group
-                        nulls = pf.read_row_group(group, columns=[column]).column(column).is_null().to_pylist()
+                        nulls = pf.read_row_group(group, columns=[probes[column]]).column(column).is_null().to_pylist()
                         for i, null in enumerate(nulls):
                             part[offset + i][column] = None if null else TableCell(file, group, i, column)
                     offset += n_rows
@@ -326,6 +327,18 @@ def read_table(path: str | Path, what: str, lazy: Sequence[str] = LAZY_COLUMNS) 
             raise DataError(f"{file}: cannot read as {file.suffix[1:]} ({what}): {e}") from None
         rows.extend(part)
     return rows
+
+
+def _null_probe(field: Any) -> str:
+    """The parquet column to read for ``field``'s null flags: for a struct (``datasets`` images are
+    ``{bytes, path}``) one small child, whose levels carry the struct's nulls, not the image bytes."""
+    import pyarrow as pa
+
+    if not pa.types.is_struct(field.type) or field.type.num_fields == 0:
+        return field.name
+    children = [field.type.field(i).name for i in range(field.type.num_fields)]
+    small = [c for c in children if c != "bytes"]
+    return f"{field.name}.{(small or children)[0]}"
 
 
 def require_keys(row: dict[str, Any], keys: Iterable[str], where: str) -> None:
