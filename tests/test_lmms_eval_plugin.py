@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,40 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def lmms_eval_error(log: str) -> str | None:
+    """The exception that ended the last traceback in ``log`` ("ModuleNotFoundError: ..."), or None."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip().startswith("Traceback (most recent call last)")]
+    if not starts:
+        return None
+    for line in lines[starts[-1] + 1:]:
+        text = line.strip()
+        if text and not line.startswith((" ", "\t")) and re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", text):
+            return text
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Without lmms-eval
 # ------------------------------------------------------------------------------------------------
+
+
+def test_lmms_eval_error_names_the_exception_behind_a_silent_failure():
+    log = (
+        "INFO start\nTraceback (most recent call last):\n  File \"a.py\", line 1, in f\n    import filelock._api\n"
+        "ModuleNotFoundError: No module named 'filelock._api'\nINFO done\n"
+    )
+    assert lmms_eval_error(log) == "ModuleNotFoundError: No module named 'filelock._api'"
+    assert lmms_eval_error("all fine\n") is None
+
+
+def test_ci_pins_what_the_lmms_eval_venv_needs():
+    """lmms-eval 0.7.3 imports filelock._api (gone in filelock 4): the CI venv is constrained."""
+    root = Path(__file__).resolve().parents[1]
+    constraints = (root / ".ci" / "lmms-eval-constraints.txt").read_text()
+    pins = {line.split("#")[0].strip() for line in constraints.splitlines()} - {""}
+    assert {"filelock<4", "lmms-eval==0.7.3", "torch==2.13.0"} <= pins, pins
+    assert "-c .ci/lmms-eval-constraints.txt" in (root / ".ci" / "run").read_text()
 
 
 def test_importing_globalcom2_and_the_registration_modules_does_not_import_lmms_eval():
@@ -484,7 +516,8 @@ def test_lmms_eval_command_runs_a_local_task(lmms_eval, checkpoint, image_factor
     log = (run.stdout + run.stderr)[-6000:]
     assert run.returncode == 0, log
     results = sorted(out_dir.rglob("*results*.json"))
-    assert results, log
+    # lmms-eval logs some of its own failures and still exits 0: name the cause, not just "no results".
+    assert results, f"lmms-eval wrote no results: {lmms_eval_error(run.stdout + run.stderr) or 'no error logged'}\n{log}"
     payload = json.loads(results[-1].read_text())
     assert "exact_match,none" in payload["results"]["gc2_tiny_gen"], payload["results"]
     assert "acc,none" in payload["results"]["gc2_tiny_mc"], payload["results"]
