@@ -159,27 +159,16 @@ BENCH_COLUMNS = [
 
 
 def method_settings(
-    methods: Sequence[str], ratios: Sequence[float], options: dict[str, Any] | None = None
+    methods: Sequence[str], ratios: Sequence[float], options: dict[str, Any] | None = None,
+    ratio_flag: str | None = None,
 ) -> list[tuple[str, str, float, dict[str, Any]]]:
-    """The (label, method, ratio, options) settings of a comparison, each validated up front.
+    """The (label, method, ratio, options) settings of a comparison, each validated up front by
+    :func:`globalcom2.methods.plan_settings` (``options`` go to every method that has them, e.g.
+    ``layout`` to the selection methods, not to pooling; ``retention_ratio`` is never one; an
+    option no method knows is a ``ValueError`` naming it)."""
+    from .methods import plan_settings
 
-    ``options`` go to every method that has them (e.g. ``layout`` to the selection methods, not
-    to pooling); an option no method knows is a ``ValueError`` naming it.
-    """
-    from .methods import make_config, option_names
-
-    options = dict(options or {})
-    known = {name for m in methods for name in option_names(m)}
-    unknown = sorted(set(options) - known - {"retention_ratio"})
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for method(s) {', '.join(methods)}")
-    settings = []
-    for m in methods:
-        mine = {k: v for k, v in options.items() if k in option_names(m)}
-        for r in ratios:
-            make_config(m, **{**mine, "retention_ratio": float(r)})  # validate now, not mid-run
-            settings.append((f"{m} R={r:g}", m, float(r), mine))
-    return settings
+    return [(s.label, s.method, s.ratio, s.options) for s in plan_settings(methods, ratios, options, ratio_flag)]
 
 
 def run_bench(

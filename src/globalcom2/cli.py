@@ -64,12 +64,18 @@ def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) 
     )
 
 
-def parse_method_arguments(args: argparse.Namespace, several: bool = True) -> tuple[list[str], dict[str, Any]]:
+def parse_method_arguments(
+    args: argparse.Namespace, several: bool = True, ratio_flag: str = "--retention-ratio"
+) -> tuple[list[str], dict[str, Any]]:
     """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError).
+
+    The option rule is :func:`globalcom2.methods.check_method_options`'s, the same for every
+    command: ``retention_ratio`` is never a ``--method-arg`` (it is given with ``ratio_flag``,
+    the command's own flag), and an option none of the methods has is an error.
 
     A command's own ``--layout`` flag, where it has one and it is given, is added to the options
     (after the ``--method-arg`` checks, so it overrides a ``layout=`` given there)."""
-    from .methods import method_names, option_names, parse_method_options
+    from .methods import check_method_options, method_names, parse_method_options
 
     names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
     if not names:
@@ -81,18 +87,29 @@ def parse_method_arguments(args: argparse.Namespace, several: bool = True) -> tu
             raise CLIError(f"--method: unknown method {m!r}; known: {', '.join(method_names())}")
     try:
         options = parse_method_options(args.method_arg)
+        check_method_options(names, options, ratio_flag)
     except ValueError as e:
         raise CLIError(f"--method-arg: {e}") from None
-    known = {o for m in names for o in option_names(m)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise CLIError(
-            f"--method-arg: unknown option(s) {', '.join(unknown)} for {', '.join(names)}; known: {', '.join(sorted(known))}"
-        )
     layout = getattr(args, "layout", None)
     if layout is not None:
         options["layout"] = layout
     return names, options
+
+
+def method_settings(
+    args: argparse.Namespace, ratios: Sequence[float], ratio_flag: str, several: bool = True
+) -> tuple[list[str], dict[str, Any], list[Any]]:
+    """(method names, options, validated settings) of a command: :func:`parse_method_arguments`,
+    then every (method, ratio) setting checked by :func:`globalcom2.methods.plan_settings`, the
+    one validation path of generate, bench, visualize and eval (CLIError on any problem)."""
+    from .methods import plan_settings
+
+    names, options = parse_method_arguments(args, several=several, ratio_flag=ratio_flag)
+    try:
+        settings = plan_settings(names, ratios, options, ratio_flag=ratio_flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return names, options, settings
 
 
 def _para(text: str) -> str:
@@ -565,14 +582,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .methods import fastv_config, make_config, vision_config
+    from .methods import fastv_config, vision_config
 
     # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
-    methods, options = parse_method_arguments(args, several=False)
-    try:
-        cfg = make_config(methods[0], **{**options, "retention_ratio": args.retention_ratio})
-    except ValueError as e:
-        raise CLIError(f"--retention-ratio: {e}" if "retention_ratio" in str(e) else str(e)) from None
+    _, _, planned = method_settings(args, [args.retention_ratio], "--retention-ratio", several=False)
+    cfg = planned[0].config
     vcfg = vision_config(cfg)
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
     settings = f"retention ratio {cfg.retention_ratio:g}" + (
@@ -716,13 +730,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
-    methods, options = parse_method_arguments(args)
-    from .bench import method_settings
-
-    try:
-        method_settings(methods, ratios, options)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    methods, options, _ = method_settings(args, ratios, "--ratios")
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise CLIError("--plot needs matplotlib: pip install 'globalcom2[plot]'")
@@ -782,18 +790,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from .efficiency import parse_ratios
 
     # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
-    from .methods import make_config
-
-    methods, options = parse_method_arguments(args, several=False)
     try:
         ratios = parse_ratios(args.retention_ratio)
     except ValueError as e:
         raise CLIError(f"--retention-ratio: {e}") from None
-    try:
-        for r in ratios:
-            make_config(methods[0], **{**options, "retention_ratio": r})
-    except ValueError as e:
-        raise CLIError(str(e)) from None
+    methods, options, _ = method_settings(args, ratios, "--retention-ratio", several=False)
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
     out = Path(args.output).expanduser()

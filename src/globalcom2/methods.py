@@ -29,7 +29,7 @@ counts every image placeholder (newlines included) as a visual token and keeps
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -196,6 +196,99 @@ def option_names(method: str) -> list[str]:
     if name == FASTV:
         return [f.name for f in fields(_fastv_config_cls())]
     return option_names(name.split("+")[0]) + [f"fastv_{n}" for n in option_names(FASTV)]
+
+
+#: The option every config has but no command takes as a method option: the retention ratio is
+#: given on its own (``--retention-ratio`` / ``--ratios``), so that one setting has one ratio.
+RATIO_OPTION = "retention_ratio"
+
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """One validated (method, retention ratio) setting of a command.
+
+    Attributes:
+        method: the normalised method name (see :func:`method_names`).
+        ratio: the retention ratio R, ``0 < R <= 1``.
+        options: the options of this method (those of the command's options it has), to pass to
+            ``globalcom2.apply(model, method=method, retention_ratio=ratio, **options)``.
+        config: the method's validated config (:func:`make_config`).
+    """
+
+    method: str
+    ratio: float
+    options: dict[str, Any]
+    config: Any
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} R={self.ratio:g}"
+
+
+def check_method_options(
+    methods: Sequence[str], options: Mapping[str, Any] | None, ratio_flag: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each method's share of ``options`` (an option goes to every method that has it).
+
+    The rule, the same for every command: ``retention_ratio`` is never a method option (the ratio
+    is given by itself: ``ratio_flag`` names the command's flag, e.g. ``--retention-ratio``); an
+    option that none of ``methods`` has is an error. Values are not checked here (see
+    :func:`plan_settings`).
+
+    Raises:
+        ValueError: an unknown method, ``retention_ratio`` among the options, or an option none of
+            the methods has (the message names it and the methods' options).
+    """
+    names = [_normalise(m) for m in methods]
+    options = dict(options or {})
+    if RATIO_OPTION in options:
+        where = (f"give it with {ratio_flag}, not --method-arg" if ratio_flag
+                 else "give the ratios themselves")
+        raise ValueError(f"{RATIO_OPTION} is not a method option: {where}")
+    accepted = {m: [o for o in option_names(m) if o != RATIO_OPTION] for m in names}
+    unused = sorted(k for k in options if not any(k in acc for acc in accepted.values()))
+    if unused:
+        known = sorted(set().union(*accepted.values())) if accepted else []
+        raise ValueError(
+            f"option(s) {', '.join(unused)} belong to none of the methods {', '.join(names) or '(none)'}; "
+            f"their options: {', '.join(known) or 'none'}"
+        )
+    return {m: {k: v for k, v in options.items() if k in accepted[m]} for m in names}
+
+
+def plan_settings(
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    options: Mapping[str, Any] | None = None,
+    ratio_flag: str | None = None,
+) -> list[MethodSetting]:
+    """Every (method, ratio) setting of a command, validated before any work: method-major, in
+    the order given (a repeated ratio stays: the caller decides). The one validation path of
+    ``generate``, ``bench``, ``visualize`` and ``eval`` (and of
+    :func:`globalcom2.bench.method_settings` and :func:`globalcom2.eval.runner.plan_runs`).
+
+    Args:
+        methods: method names (case-insensitive).
+        ratios: retention ratios, each in (0, 1].
+        options: method options, each given to the methods that have it (see
+            :func:`check_method_options`: ``retention_ratio`` is never one).
+        ratio_flag: the command's ratio flag, named in the messages (None: the Python API).
+
+    Raises:
+        ValueError: see :func:`check_method_options`; a bad ratio (prefixed with ``ratio_flag``)
+            or a bad option value (named by the config).
+    """
+    shares = check_method_options(methods, options, ratio_flag)
+    settings: list[MethodSetting] = []
+    for name, mine in shares.items():
+        for r in ratios:
+            try:
+                make_config(name, retention_ratio=r)  # the ratio alone first: its error names its flag
+            except ValueError as e:
+                raise ValueError(f"{ratio_flag}: {e}" if ratio_flag else str(e)) from None
+            ratio = float(r)
+            settings.append(MethodSetting(name, ratio, mine, make_config(name, retention_ratio=ratio, **mine)))
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------

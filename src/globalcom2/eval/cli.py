@@ -198,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
         ratios = parse_ratios(args.retention_ratio)
     except ValueError as e:
         raise CLIError(f"--retention-ratio: {e}") from None
-    methods, options = parse_method_arguments(args)
-    try:
-        runs = runner.plan_runs(ratios, methods, options)
+    methods, options = parse_method_arguments(args, ratio_flag="--retention-ratio")
+    try:  # plan_runs checks every setting with globalcom2.methods.plan_settings, as the other commands do
+        runs = runner.plan_runs(ratios, methods, options, ratio_flag="--retention-ratio")
     except ValueError as e:
         raise CLIError(f"--method/--method-arg: {e}") from None
     splits = _parse_pairs(args.split, "--split")

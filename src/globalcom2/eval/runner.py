@@ -433,18 +433,26 @@ def load_benchmarks(
     return out
 
 
-def plan_runs(ratios: Sequence[float], methods: Sequence[str], method_options: dict[str, Any] | None = None) -> list[RunSpec]:
+def plan_runs(
+    ratios: Sequence[float],
+    methods: Sequence[str],
+    method_options: dict[str, Any] | None = None,
+    ratio_flag: str | None = None,
+) -> list[RunSpec]:
     """The runs of every benchmark: vanilla (when 1.0 is among the ratios, or ``vanilla`` among the
     methods) first, then each method at each ratio below 1, in the order given.
 
     Each of ``method_options`` goes to the methods that have that option (``seed`` to ``random``,
     ``layout`` to the selection methods, ``fastv_layer`` to compositions...).
 
+    ``ratio_flag``: the command's ratio flag, named in the message for a ``retention_ratio``
+    option (None: the Python API).
+
     Raises:
-        ValueError: a ratio outside (0, 1], an unknown method, an option none of the methods
-            has, or a bad option value.
+        ValueError: a ratio outside (0, 1], an unknown method, ``retention_ratio`` among the
+            options, an option none of the methods has, or a bad option value.
     """
-    from ..methods import config_to_dict, make_config, method_names, option_names
+    from ..methods import check_method_options, config_to_dict, method_names, plan_settings
 
     if not ratios:
         raise ValueError("no retention ratio given")
@@ -460,17 +468,10 @@ def plan_runs(ratios: Sequence[float], methods: Sequence[str], method_options: d
             names.append(key)
     if not names:
         raise ValueError("no method given")
-    options = dict(method_options or {})
-    if "retention_ratio" in options:
-        raise ValueError("retention_ratio is not a method option: give the ratios themselves")
-    accepted = {m: set(option_names(m)) for m in names if m != VANILLA}
-    unused = sorted(k for k in options if not any(k in acc for acc in accepted.values()))
-    if unused:
-        known = sorted(set().union(*accepted.values()) - {"retention_ratio"}) if accepted else []
-        raise ValueError(
-            f"option(s) {', '.join(unused)} belong to none of the methods {', '.join(names)}; "
-            f"their options: {', '.join(known) or 'none'}"
-        )
+    methods_run = [m for m in names if m != VANILLA]
+    # the same option rule as every command (globalcom2.methods.plan_settings): retention_ratio is
+    # never a method option, each option goes to the methods that have it
+    check_method_options(methods_run, method_options, ratio_flag)
     runs: list[RunSpec] = []
     if VANILLA in names or any(float(r) == REFERENCE_RATIO for r in ratios):
         runs.append(RunSpec(VANILLA, REFERENCE_RATIO, None))
@@ -478,13 +479,8 @@ def plan_runs(ratios: Sequence[float], methods: Sequence[str], method_options: d
     for r in ratios:
         if float(r) != REFERENCE_RATIO and float(r) not in seen_ratios:
             seen_ratios.append(float(r))
-    for m in names:
-        if m == VANILLA:
-            continue
-        mine = {k: v for k, v in options.items() if k in accepted[m]}
-        for r in seen_ratios:
-            cfg = make_config(m, retention_ratio=r, **mine)  # validates the values
-            runs.append(RunSpec(m, r, config_to_dict(cfg), mine))
+    for s in plan_settings(methods_run, seen_ratios, method_options, ratio_flag):
+        runs.append(RunSpec(s.method, s.ratio, config_to_dict(s.config), s.options))
     return runs
 
 

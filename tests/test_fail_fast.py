@@ -1,0 +1,104 @@
+"""Fail fast, with one clear line: every mistake the user can make is found before any work (no
+model loaded, nothing written) and reported as one ``globalcom2: error: ...`` line."""
+
+from __future__ import annotations
+
+import pytest
+
+from globalcom2.cli import main
+from globalcom2.demo import sample_image_path
+
+SAMPLE = str(sample_image_path())
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Nothing may try the network: the env var, and the hub's constant read at import time."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any command gets as far as loading (or building) a model."""
+    import globalcom2.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "get_model", refuse)
+    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(cli, "check_model_type", refuse)
+
+
+def _error_line(capsys) -> str:
+    """The one 'globalcom2: error:' line on stderr (no traceback, nothing on stdout)."""
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.startswith("globalcom2: error:")]
+    assert len(lines) == 1, captured.err
+    assert captured.out == ""
+    return lines[0]
+
+
+# -- 2. retention_ratio is never a --method-arg --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "--model", "./some-checkpoint", "--image", SAMPLE, "--prompt", "hi"], "--retention-ratio"),
+        (["bench"], "--ratios"),
+        (["visualize", "--image", SAMPLE], "--retention-ratio"),
+        (["eval", "--model", "tiny", "--benchmarks", "mme", "--data-root", "."], "--retention-ratio"),
+        (["bench", "--method", "fastv"], "--ratios"),  # FastV's own ratio too
+    ],
+)
+def test_method_arg_retention_ratio_names_the_ratio_flag(argv, flag, capsys, no_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main([*argv, "--method-arg", "retention_ratio=0.5"])
+    line = _error_line(capsys)
+    assert code == 1
+    assert "--method-arg: retention_ratio is not a method option" in line
+    assert f"give it with {flag}, not --method-arg" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_plan_settings_is_the_one_rule():
+    from globalcom2.methods import MethodSetting, plan_settings
+
+    settings = plan_settings(["globalcom2", "pooling", "random"], [0.5, 0.25], {"layout": "spatial", "seed": 3})
+    assert [(s.method, s.ratio, s.options) for s in settings] == [
+        ("globalcom2", 0.5, {"layout": "spatial"}), ("globalcom2", 0.25, {"layout": "spatial"}),
+        ("pooling", 0.5, {}), ("pooling", 0.25, {}),
+        ("random", 0.5, {"layout": "spatial", "seed": 3}), ("random", 0.25, {"layout": "spatial", "seed": 3}),
+    ]
+    assert all(isinstance(s, MethodSetting) and s.config.retention_ratio == s.ratio for s in settings)
+    assert settings[0].label == "globalcom2 R=0.5"
+    # a composition's FastV ratio is an option of its own
+    (comp,) = plan_settings(["globalcom2+fastv"], [0.25], {"fastv_retention_ratio": 0.5})
+    assert comp.config.fastv.retention_ratio == 0.5 and comp.config.retention_ratio == 0.25
+    with pytest.raises(ValueError, match="retention_ratio is not a method option: give the ratios themselves"):
+        plan_settings(["globalcom2"], [0.5], {"retention_ratio": 0.5})
+    with pytest.raises(ValueError, match="give it with --ratios"):
+        plan_settings(["fastv"], [0.5], {"retention_ratio": 0.5}, ratio_flag="--ratios")
+    with pytest.raises(ValueError, match="^--retention-ratio: retention_ratio must be in"):
+        plan_settings(["globalcom2"], [1.5], ratio_flag="--retention-ratio")
+    with pytest.raises(ValueError, match="bogus belong to none of the methods pooling"):
+        plan_settings(["pooling"], [0.5], {"bogus": 1})
+
+
+def test_every_command_uses_the_same_rule():
+    """bench.method_settings and eval's plan_runs are plan_settings underneath (same errors)."""
+    from globalcom2.bench import method_settings
+    from globalcom2.eval.runner import plan_runs
+
+    for fn in (lambda o: method_settings(["globalcom2"], [0.5], o), lambda o: plan_runs([0.5], ["globalcom2"], o)):
+        with pytest.raises(ValueError, match="retention_ratio is not a method option"):
+            fn({"retention_ratio": 0.5})
+        with pytest.raises(ValueError, match="bogus belong to none of the methods globalcom2"):
+            fn({"bogus": 1})
+    assert method_settings(["pooling"], [0.5]) == [("pooling R=0.5", "pooling", 0.5, {})]
