@@ -102,3 +102,73 @@ def test_every_command_uses_the_same_rule():
         with pytest.raises(ValueError, match="bogus belong to none of the methods globalcom2"):
             fn({"bogus": 1})
     assert method_settings(["pooling"], [0.5]) == [("pooling R=0.5", "pooling", 0.5, {})]
+
+
+# -- 4. output paths are checked before any work ------------------------------------------------------
+
+
+def _outputs(tmp_path, blocker):
+    """argv of every command writing into ``blocker/...`` (a file standing where a folder must be)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    return [
+        ["demo", "--output-dir", str(blocker / "demo")],
+        ["bench", "--plot", str(blocker / "bench.png")],
+        ["visualize", "--image", SAMPLE, "--output", str(blocker / "kept.png")],
+        ["eval", "--model", "tiny", "--benchmarks", "mme", "--data-root", str(data), "--output-dir", str(blocker / "ev")],
+    ]
+
+
+@pytest.fixture
+def no_work(monkeypatch, no_model):
+    import globalcom2.demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the demo ran before its output folder was checked")
+
+    monkeypatch.setattr(globalcom2.demo, "run_demo", refuse)
+
+
+def test_a_file_in_the_way_of_an_output_is_named_before_any_work(tmp_path, capsys, no_work):
+    blocker = tmp_path / "FILE"
+    blocker.write_text("x")
+    for argv in _outputs(tmp_path, blocker):
+        assert main(argv) == 1, argv
+        line = _error_line(capsys)
+        assert f"{blocker} is a file, not a directory" in line, (argv, line)
+        assert "does not exist" not in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "data"] and blocker.read_text() == "x"
+
+
+def test_a_missing_or_wrong_output_is_reported_before_any_work(tmp_path, capsys, no_work):
+    """A file option's folder must exist (not created); a file option must not be a folder; a
+    folder option must not be a file. All found before a model is loaded."""
+    missing = tmp_path / "no-such-dir"
+    cases = [
+        (["bench", "--plot", str(missing / "b.png")], f"--plot: directory {missing} does not exist"),
+        (["visualize", "--image", SAMPLE, "--output", str(missing / "v.png")], f"--output: directory {missing} does not exist"),
+        (["bench", "--plot", str(tmp_path)], f"--plot: {tmp_path} is a directory"),
+        (["visualize", "--image", SAMPLE, "--output", str(tmp_path)], f"--output: {tmp_path} is a directory"),
+    ]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    cases += [
+        (["demo", "--output-dir", str(plain)], "--output-dir " + str(plain) + " exists and is not a directory"),
+        (["eval", "--model", "tiny", "--benchmarks", "mme", "--data-root", str(tmp_path), "--output-dir", str(plain)],
+         "exists and is not a directory"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 1, argv
+        line = _error_line(capsys)
+        assert expected in line, (argv, line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+def test_eval_output_dir_is_created_only_when_written(tmp_path, capsys, no_work):
+    """A missing --output-dir is fine (eval creates it when it writes), but a run that fails on
+    another check leaves no empty folder behind."""
+    out = tmp_path / "new" / "out"
+    assert main(["eval", "--model", "tiny", "--benchmarks", "mme", "--data-root", str(tmp_path / "nope"),
+                 "--output-dir", str(out)]) == 1
+    assert "--data-root" in _error_line(capsys)
+    assert not (tmp_path / "new").exists()

@@ -377,6 +377,28 @@ def _status(text: str) -> None:
     _echo(text, sys.stderr)
 
 
+def _output_file(path: str, flag: str) -> Path:
+    """A file option (``--output``, ``--plot``) checked before any work: its folder must exist
+    (it is not created) and be writable, and it must not be a folder (see :mod:`globalcom2._io`)."""
+    from ._io import check_output_file
+
+    try:
+        return check_output_file(path, flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _output_dir(path: str, flag: str, writable: bool = True) -> Path:
+    """A folder option (``--output-dir``) checked before any work: it is, or can be created as, a
+    writable folder (no file in the way); the command creates it (see :mod:`globalcom2._io`)."""
+    from ._io import check_output_dir
+
+    try:
+        return check_output_dir(path, flag, writable=writable)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _is_url(s: str) -> bool:
     return bool(re.match(r"^https?://", s, flags=re.IGNORECASE))
 
@@ -563,9 +585,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise CLIError("--ratios: give at least one retention ratio")
     if args.image is not None:
         load_image(args.image)  # a clear error for a missing or unreadable file
-    out_dir = Path(args.output_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CLIError(f"--output-dir {args.output_dir} exists and is not a directory")
+    out_dir = _output_dir(args.output_dir, "--output-dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -734,9 +754,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise CLIError("--plot needs matplotlib: pip install 'globalcom2[plot]'")
-        parent = Path(args.plot).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise CLIError(f"--plot: directory {parent} does not exist")
+        _output_file(args.plot, "--plot")
     from .demo import sample_image_path
 
     sources = args.image or [str(sample_image_path())]
@@ -797,11 +815,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     methods, options, _ = method_settings(args, ratios, "--retention-ratio", several=False)
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
-    out = Path(args.output).expanduser()
-    if out.is_dir():
-        raise CLIError(f"--output: {args.output} is a directory")
-    if not out.resolve().parent.is_dir():
-        raise CLIError(f"--output: directory {out.resolve().parent} does not exist")
+    out = _output_file(args.output, "--output")
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("visualize needs matplotlib: pip install 'globalcom2[plot]'")
     image = load_image(args.image)

@@ -132,13 +132,13 @@ def _judge(args: argparse.Namespace) -> dict[str, Any] | None:
     return {"base_url": args.judge_url, "model": args.judge_model, "api_key": api_key}
 
 
-def _check_output_dir(path: str) -> Path:
-    from ..cli import CLIError
+def _check_output_dir(path: str, writable: bool = True) -> Path:
+    """``--output-dir``, checked before any data or model is read: a folder, or one that can be
+    created (it is created when the first prediction is written); ``writable`` False for
+    ``--rescore``, which only reads it (and writes the summaries)."""
+    from ..cli import _output_dir
 
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--output-dir {path} exists and is not a directory")
-    return out
+    return _output_dir(path, "--output-dir", writable=writable)
 
 
 def _list_benchmarks() -> int:
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from .base import get_benchmark
 
     # 1. Cheap checks first: every option, then the data, then (only when needed) the model.
-    out = _check_output_dir(args.output_dir)
+    out = _check_output_dir(args.output_dir, writable=not args.rescore)
     judge = _judge(args)
     show = not args.no_progress
     if args.rescore:
