@@ -89,8 +89,11 @@ class FastVConfig(MethodConfig):
     layer: int = 2
 
     def __post_init__(self) -> None:
+        # Numeric options as in :mod:`globalcom2.config` (NumPy / 0-d torch scalars accepted,
+        # stored as plain float / int; None, bools and integral floats for ``layer`` rejected).
+        self._reject_none()
         self._set("retention_ratio", check_ratio(self.retention_ratio))
-        check_int(self.layer, "layer", minimum=1)
+        self._set("layer", check_int(self.layer, "layer", minimum=1))
 
 
 def kept_count(n_visual: int, retention_ratio: float) -> int:
