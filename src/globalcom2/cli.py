@@ -75,7 +75,7 @@ def parse_method_arguments(
 
     A command's own ``--layout`` flag, where it has one and it is given, is added to the options
     (after the ``--method-arg`` checks, so it overrides a ``layout=`` given there)."""
-    from .methods import check_method_options, method_names, parse_method_options
+    from .methods import UnknownOptionError, check_method_options, method_names, parse_method_options
 
     names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
     if not names:
@@ -88,6 +88,11 @@ def parse_method_arguments(
     try:
         options = parse_method_options(args.method_arg)
         check_method_options(names, options, ratio_flag)
+    except UnknownOptionError as e:
+        raise CLIError(
+            f"--method-arg: unknown option(s) {', '.join(e.unknown)} for {', '.join(e.methods)}; "
+            f"known: {', '.join(e.known) or 'none'}"
+        ) from None
     except ValueError as e:
         raise CLIError(f"--method-arg: {e}") from None
     layout = getattr(args, "layout", None)

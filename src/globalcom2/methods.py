@@ -203,6 +203,20 @@ def option_names(method: str) -> list[str]:
 RATIO_OPTION = "retention_ratio"
 
 
+class UnknownOptionError(ValueError):
+    """Options that none of the methods has (:func:`check_method_options`).
+
+    Attributes: ``unknown`` (the options), ``methods`` (the method names), ``known`` (their
+    options, sorted; ``retention_ratio`` excluded)."""
+
+    def __init__(self, unknown: Sequence[str], methods: Sequence[str], known: Sequence[str]) -> None:
+        self.unknown, self.methods, self.known = list(unknown), list(methods), list(known)
+        super().__init__(
+            f"option(s) {', '.join(self.unknown)} belong to none of the methods {', '.join(self.methods) or '(none)'}; "
+            f"their options: {', '.join(self.known) or 'none'}"
+        )
+
+
 @dataclass(frozen=True)
 class MethodSetting:
     """One validated (method, retention ratio) setting of a command.
@@ -236,8 +250,9 @@ def check_method_options(
     :func:`plan_settings`).
 
     Raises:
-        ValueError: an unknown method, ``retention_ratio`` among the options, or an option none of
-            the methods has (the message names it and the methods' options).
+        ValueError: an unknown method, or ``retention_ratio`` among the options.
+        UnknownOptionError: an option none of the methods has (a ValueError naming it and the
+            methods' options).
     """
     names = [_normalise(m) for m in methods]
     options = dict(options or {})
@@ -248,11 +263,7 @@ def check_method_options(
     accepted = {m: [o for o in option_names(m) if o != RATIO_OPTION] for m in names}
     unused = sorted(k for k in options if not any(k in acc for acc in accepted.values()))
     if unused:
-        known = sorted(set().union(*accepted.values())) if accepted else []
-        raise ValueError(
-            f"option(s) {', '.join(unused)} belong to none of the methods {', '.join(names) or '(none)'}; "
-            f"their options: {', '.join(known) or 'none'}"
-        )
+        raise UnknownOptionError(unused, names, sorted(set().union(*accepted.values())) if accepted else [])
     return {m: {k: v for k, v in options.items() if k in accepted[m]} for m in names}
 
 
