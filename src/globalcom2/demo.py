@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -101,7 +102,7 @@ def run_demo(
     from PIL import Image
 
     import globalcom2
-    from .picture import render_kept_tokens, save_png
+    from .picture import full_ratio_note, render_kept_tokens, save_png
     from .tiny import build_tiny_llava_next
 
     configs = [GlobalCom2Config(retention_ratio=r, layout=l) for r in ratios for l in layouts]  # validate first
@@ -188,6 +189,9 @@ def run_demo(
             f"{layout_counts} of {run.vanilla_tokens:,} in vanilla LLaVA-NeXT (thumbnail + unpadded crops + row newlines).",
             note="Demo model with RANDOM weights: the importance pattern (which tokens are kept) is meaningless; "
             "the counts and per-crop budgets follow the method exactly.",
+            retention_ratio=r,
+            temperature=configs[0].temperature,
+            allocation=configs[0].allocation,
         )
         pictures.append(save_png(img, out_dir / f"kept_tokens_{_ratio_tag(r)}.png"))
 
@@ -218,8 +222,15 @@ def run_demo(
             )
             echo(f"  {r:5.2f}  {f'{x.thumbnail_kept}/{x.thumbnail_total}':>11}{cells}")
         echo("  r_j = min(1, R * (1 + sigma_j - mean(sigma))), sigma = softmax of the thumbnail's importance summed")
-        echo("  over each crop's region (tau = 10): crops the thumbnail rates low get less than R, so even")
-        echo("  R = 1 drops some of their tokens.")
+        echo(f"  over each crop's region (tau = {configs[0].temperature:g}): crops the thumbnail rates low get less than R.")
+        for r in plans:
+            x = next(x for x in runs if x.retention_ratio == r)
+            why = full_ratio_note(r, x.crop_ratios, x.crop_kept, x.crop_total,
+                                  temperature=configs[0].temperature, allocation=configs[0].allocation)
+            if why:
+                echo("")
+                for line in textwrap.wrap(why, width=98, initial_indent="  ", subsequent_indent="  "):
+                    echo(line)
 
     summary = {
         "image": str(image_path),

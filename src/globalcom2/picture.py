@@ -10,7 +10,10 @@ The picture shows the image the way LLaVA-NeXT's processor hands it to the visio
 Every ViT patch (14 x 14 px for CLIP-336/14) is one visual token. Kept tokens are drawn as they
 are, dropped tokens are dimmed, and padding that the model removes before the language model
 sees it (unpadding) is hatched. Each crop is labelled with its retention ratio ``r_j`` and how
-many of its unpadded tokens it keeps.
+many of its unpadded tokens it keeps. Given ``retention_ratio=1``, the picture also says why some
+crops still lose tokens (:func:`full_ratio_note`): GlobalCom2 gives crop j
+``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``, below 1 for the crops the thumbnail rates below
+average, even at R = 1.
 
 >>> plan = globalcom2.get_adapter(model).last.plans[0]               # doctest: +SKIP
 >>> save_png(render_kept_tokens(image, plan), "kept.png")            # doctest: +SKIP
@@ -22,7 +25,7 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -32,7 +35,7 @@ from ._io import atomic_path
 if TYPE_CHECKING:  # pragma: no cover
     from .ops import CompressionPlan
 
-__all__ = ["canvas_layout", "render_kept_tokens", "save_png"]
+__all__ = ["canvas_layout", "full_ratio_note", "picture_notes", "render_kept_tokens", "save_png"]
 
 # Colours (RGB).
 _BACKGROUND = (255, 255, 255)
@@ -58,6 +61,90 @@ _EXPLANATION = (
     "itself keeps floor(R x {n}) of its {n} tokens."
 )
 _GAP = 32
+
+# How each allocation sets r_j (see globalcom2.ops.crop_retention_ratios), for full_ratio_note.
+_ALLOCATION_RULES = {
+    "softmax_sum": (
+        "r_j = min(1, R x (1 + sigma_j - mean(sigma))), sigma = softmax over the crops of the thumbnail's "
+        "importance summed over each crop's region (tau = {tau:g})",
+        "A crop the thumbnail rates below average (sigma_j < mean(sigma)) gets r_j < 1",
+    ),
+    "softmax_max": (
+        "r_j = min(1, R x (1 + sigma_j - mean(sigma))), sigma = softmax over the crops of the thumbnail's "
+        "largest importance inside each crop's region (tau = {tau:g})",
+        "A crop the thumbnail rates below average (sigma_j < mean(sigma)) gets r_j < 1",
+    ),
+    "topk_count": (
+        "r_j = min(1, R x C x c_j / sum(c)), c_j = how many of the thumbnail's kept tokens fall in crop j's region",
+        "A crop whose region holds fewer of them than the average crop gets r_j < 1",
+    ),
+}
+
+
+def full_ratio_note(
+    retention_ratio: float,
+    crop_ratios: Sequence[float],
+    crop_kept: Sequence[int],
+    crop_total: Sequence[int],
+    *,
+    temperature: float = 10.0,
+    allocation: str = "softmax_sum",
+) -> str | None:
+    """Why some crop tokens are dropped at ``R = 1``, or None when that needs no explaining.
+
+    At ``R = 1`` GlobalCom2 still gives every crop its own ratio ``r_j`` (for the method,
+    ``min(1, R * (1 + sigma_j - mean(sigma)))``): the crops the thumbnail rates below average get
+    ``r_j < 1`` and keep ``floor(r_j * n_j) < n_j`` tokens, while the ratios above 1 are capped,
+    so R = 1 keeps fewer tokens than vanilla. The note says so and names the crops it concerns.
+    It is None for ``R < 1`` (dropping tokens is then what was asked for) and when every crop
+    keeps all its tokens.
+
+    Args:
+        retention_ratio: R.
+        crop_ratios, crop_kept, crop_total: per crop (row by row), ``r_j``, the kept and the
+            unpadded token counts.
+        temperature, allocation: the config's, to state the rule that set ``r_j``.
+    """
+    if retention_ratio < 1.0:
+        return None
+    short = [(j, r, k, t) for j, (r, k, t) in enumerate(zip(crop_ratios, crop_kept, crop_total)) if k < t]
+    if not short:
+        return None
+    rule, who = _ALLOCATION_RULES.get(allocation, ("each crop gets its own ratio r_j", "A crop"))
+    crops = ", ".join(f"crop {j + 1} (r = {r:.3f}, kept {k}/{t})" for j, r, k, t in short)
+    return (
+        f"Why tokens are dropped at R = 1: GlobalCom2 still gives each crop j its own retention ratio, "
+        f"{rule.format(tau=temperature)}. {who} and keeps floor(r_j x n_j) < n_j of its n_j tokens; "
+        f"the crops above average are capped at r_j = 1, so R = 1 keeps fewer tokens than vanilla. "
+        f"Here: {crops}."
+    )
+
+
+def picture_notes(
+    plan: "CompressionPlan",
+    *,
+    note: str | None = None,
+    retention_ratio: float | None = None,
+    temperature: float = 10.0,
+    allocation: str = "softmax_sum",
+) -> list[str]:
+    """The paragraphs :func:`render_kept_tokens` writes under the legend, in order: the
+    :func:`full_ratio_note` of ``plan`` at ``retention_ratio`` (when there is one) and ``note``."""
+    notes: list[str] = []
+    if retention_ratio is not None and plan.geometry is not None:
+        why = full_ratio_note(
+            retention_ratio,
+            [float(v) for v in plan.crop_ratios.tolist()],
+            [int(v) for v in plan.crop_keep.sum(dim=1).tolist()],
+            [int(v) for v in plan.crop_valid.sum(dim=1).tolist()],
+            temperature=temperature,
+            allocation=allocation,
+        )
+        if why:
+            notes.append(why)
+    if note:
+        notes.append(note)
+    return notes
 
 
 @lru_cache(maxsize=None)
@@ -173,6 +260,9 @@ def render_kept_tokens(
     subtitle: str | None = None,
     note: str | None = None,
     explain: bool = True,
+    retention_ratio: float | None = None,
+    temperature: float = 10.0,
+    allocation: str = "softmax_sum",
 ) -> Image.Image:
     """Draw the thumbnail and crop grid of ``image`` with GlobalCom2's kept tokens highlighted.
 
@@ -184,6 +274,9 @@ def render_kept_tokens(
         title, subtitle: text above the picture.
         note: an optional warning printed in red under the legend.
         explain: write a short "how to read" text under the thumbnail when there is room.
+        retention_ratio: the R the plan was made with; at R = 1 the picture explains (under the
+            legend) why some crop tokens are still dropped (see :func:`full_ratio_note`).
+        temperature, allocation: the config's, for that explanation.
 
     Returns:
         An RGB :class:`PIL.Image.Image`.
@@ -247,8 +340,10 @@ def render_kept_tokens(
     panels_h = max(view, crops_h)
 
     footer_lines: list[tuple[str, Any, tuple[int, int, int]]] = []
-    if note:
-        footer_lines = [(line, f_small_b, _NOTE) for line in _wrap(probe, note, f_small_b, text_w)]
+    for text in picture_notes(plan, note=note, retention_ratio=retention_ratio, temperature=temperature,
+                              allocation=allocation):
+        font, colour = (f_small_b, _NOTE) if text == note else (f_small, _TEXT)
+        footer_lines += [(line, font, colour) for line in _wrap(probe, text, font, text_w)]
     footer_h = 28 + sum(line_h[id(f)] for _, f, _ in footer_lines) + (6 if footer_lines else 0)
 
     height = _MARGIN + header_h + caption_h + panels_h + 14 + footer_h + _MARGIN
