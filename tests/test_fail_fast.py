@@ -3,6 +3,8 @@ model loaded, nothing written) and reported as one ``globalcom2: error: ...`` li
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from globalcom2.cli import main
@@ -172,3 +174,55 @@ def test_eval_output_dir_is_created_only_when_written(tmp_path, capsys, no_work)
                  "--output-dir", str(out)]) == 1
     assert "--data-root" in _error_line(capsys)
     assert not (tmp_path / "new").exists()
+
+
+# -- 5. eval: every image file exists before the model is loaded --------------------------------------
+
+
+def test_eval_names_the_missing_images_before_loading_the_model(tmp_path, capsys, no_model):
+    from _eval_entry import make_toy
+
+    data = make_toy(tmp_path / "data")  # 6 questions, 4 with an image: 0, 1, 3, 4.png
+    images = data / "toyqa" / "images"
+    (images / "1.png").unlink()
+    (images / "4.png").unlink()
+    out = tmp_path / "out"
+    code = main(["eval", "--model", "tiny", "--benchmarks", "toyqa", "--data-root", str(data), "--output-dir", str(out),
+                 "--retention-ratio", "1.0,0.5"])
+    line = _error_line(capsys)
+    assert code == 1
+    assert f"2 of 4 images are missing, first: {images / '1.png'} (ToyQA val, sample 'q1')" in line
+    assert not out.exists()  # nothing written
+
+
+def test_check_images_skips_answered_and_embedded_images(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from _eval_entry import make_toy
+    from globalcom2.eval import runner
+    from globalcom2.eval.base import DataError, Sample, TableCell, image_file
+
+    data = make_toy(tmp_path / "data")
+    (data / "toyqa" / "images" / "1.png").unlink()
+    (lb,) = runner.load_benchmarks(["toyqa"], data)
+    runs = runner.plan_runs([1.0], ["globalcom2"])
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"^1 of 4 images are missing, first: .*1\.png"):
+        runner.check_images([lb], runs, out)
+    # a finished run re-scores without its images: only questions still to answer are checked
+    main_file = runner.predictions_path(out, "toyqa", "val", "vanilla", 1.0)
+    runner.append_records(main_file, [s.record("dog") for s in lb.samples])
+    runner.check_images([lb], runs, out)
+    with pytest.raises(DataError, match="1 of 4"):
+        runner.check_images([lb])  # without runs: every sample
+    # embedded images need no file
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    for ref in (png.getvalue(), {"bytes": png.getvalue(), "path": "/gone.png"}, "base64:AAAA", Image.new("RGB", (2, 2)),
+                TableCell(tmp_path / "x.parquet", 0, 0, "image"), None):
+        assert image_file(ref) is None
+    assert image_file({"bytes": None, "path": "/gone.png"}) == image_file("/gone.png") == image_file(Path("/gone.png"))
+    embedded = runner.LoadedBenchmark(lb.bench, "val", [Sample("e", "q", png.getvalue())])
+    runner.check_images([embedded])

@@ -389,6 +389,34 @@ def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
     return img.convert("RGB")
 
 
+def image_file(ref: ImageRef) -> Path | None:
+    """The file an :data:`ImageRef` will be read from, or None when it needs no file: embedded
+    bytes, ``base64:`` text, a decoded image, a lazy table cell (parquet / Arrow bytes), None."""
+    if isinstance(ref, dict):
+        return None if ref.get("bytes") else image_file(ref.get("path"))
+    if isinstance(ref, Path):
+        return ref
+    if isinstance(ref, str) and ref and not ref.startswith("base64:"):
+        return Path(ref)
+    return None
+
+
+def missing_image_files(samples: Iterable[Sample]) -> tuple[list[tuple[Sample, Path]], int]:
+    """The samples whose image file does not exist (with that file; each file once, in sample
+    order), and how many distinct image files the samples refer to. Only stats files: no image
+    is opened."""
+    seen: dict[Path, bool] = {}
+    missing: list[tuple[Sample, Path]] = []
+    for s in samples:
+        path = image_file(s.image)
+        if path is None or path in seen:
+            continue
+        seen[path] = path.is_file()
+        if not seen[path]:
+            missing.append((s, path))
+    return missing, len(seen)
+
+
 # lmms-lab hub copies on disk, shared by the benchmarks.
 
 

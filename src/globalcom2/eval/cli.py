@@ -226,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # DataError included
         raise CLIError(str(e)) from None  # main() makes it one line
     missing = runner.pending(loaded, runs, out)
+    try:  # every image file of a question still to answer, before the model is loaded
+        runner.check_images(loaded, runs, out)
+    except ValueError as e:  # DataError
+        raise CLIError(str(e)) from None
 
     # 2. The model, on this rank's device (not loaded when everything is answered already).
     model = processor = None

@@ -542,6 +542,39 @@ def pending(loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec], output_d
     return missing
 
 
+def check_images(
+    loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec] | None = None, output_dir: str | Path | None = None
+) -> None:
+    """Fail before any model work when image files are missing (read only: files are stat'ed,
+    not opened).
+
+    Only samples still to be answered are checked when ``runs`` and ``output_dir`` are given (a
+    finished run re-scores without its images); embedded images (parquet / Arrow bytes, base64)
+    need no check. Counts are of distinct files, over every benchmark.
+
+    Raises:
+        DataError: ``"N of M images are missing, first: PATH (benchmark split, sample ID)"``.
+    """
+    from .base import missing_image_files
+
+    missing: list[tuple[LoadedBenchmark, Sample, Path]] = []
+    total = 0
+    for lb in loaded:
+        samples: Iterable[Sample] = lb.samples
+        if runs is not None and output_dir is not None:
+            done = [done_ids(predictions_path(output_dir, lb.name, lb.split, r.method, r.ratio)) for r in runs]
+            samples = [s for s in lb.samples if not all(s.id in d for d in done)]
+        gone, n = missing_image_files(samples)
+        missing += [(lb, s, p) for s, p in gone]
+        total += n
+    if missing:
+        lb, s, path = missing[0]
+        raise DataError(
+            f"{len(missing)} of {total} images are missing, first: {path} "
+            f"({lb.bench.title} {lb.split}, sample {s.id!r})"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Generation
 # ------------------------------------------------------------------------------------------------
@@ -947,6 +980,7 @@ def run_eval(
     for lb in loaded:  # every rank checks (read only): all fail together, before any work
         for run in runs:
             _check_meta(predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio), run, model_name)
+    check_images(loaded, runs, output_dir)
     on_cuda = model is not None and getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
     dist.init("nccl" if on_cuda else "gloo")  # a no-op when single-process or already joined
     talk = progress and dist.is_main
