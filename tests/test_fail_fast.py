@@ -226,3 +226,141 @@ def test_check_images_skips_answered_and_embedded_images(tmp_path):
     assert image_file({"bytes": None, "path": "/gone.png"}) == image_file("/gone.png") == image_file(Path("/gone.png"))
     embedded = runner.LoadedBenchmark(lb.bench, "val", [Sample("e", "q", png.getvalue())])
     runner.check_images([embedded])
+
+
+# -- 3. every image mode keeps its real range ----------------------------------------------------------
+
+
+def _gradient16(height: int = 24, width: int = 64):
+    """(H, W) uint16 left-to-right ramp over the whole 16-bit range, and its 8-bit equivalent."""
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, width).round().astype(np.uint16)
+    values = np.broadcast_to(ramp, (height, width)).copy()
+    return values, np.rint(values / 65535 * 255).astype(np.uint8)
+
+
+def _loaders():
+    """Every image loader of the package, as ``path -> RGB PIL image``."""
+    from PIL import Image
+
+    from globalcom2.cli import load_image
+    from globalcom2.eval.base import decode_image
+    from globalcom2.integrations.lmms_eval import normalize_visuals
+
+    def opened(path):
+        with Image.open(path) as im:
+            im.load()
+            return decode_image(im)
+
+    return {
+        "cli.load_image": lambda p: load_image(str(p)),
+        "eval decode_image(path)": lambda p: decode_image(str(p)),
+        "eval decode_image(bytes)": lambda p: decode_image(p.read_bytes()),
+        "eval decode_image(PIL)": opened,
+        "lmms_eval normalize_visuals(path)": lambda p: normalize_visuals(str(p))[0],
+        "lmms_eval normalize_visuals(PIL)": lambda p: normalize_visuals(Image.open(p))[0],
+    }
+
+
+def test_16_bit_png_keeps_its_range_in_every_loader(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    values, expected = _gradient16()
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(values).save(path)  # a real 16-bit greyscale PNG
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I")  # what PIL decodes 16-bit PNGs to
+        assert np.asarray(im.convert("RGB")).mean() > 250  # the bug: plain convert is (almost) white
+    for name, load in _loaders().items():
+        rgb = load(path)
+        assert rgb.mode == "RGB", name
+        pixels = np.asarray(rgb)
+        assert np.array_equal(pixels, np.repeat(expected[:, :, None], 3, axis=2)), name
+        assert abs(pixels.mean() - 127.5) < 2, name
+
+
+@pytest.mark.parametrize("kind", ["I;16B", "I;16", "I (16-bit data)", "I (wide)", "F [0,1]", "F (wide)", "F NaN"])
+def test_wide_modes_convert_by_their_range(kind):
+    import numpy as np
+    from PIL import Image
+
+    from globalcom2._io import to_rgb
+
+    values, expected = _gradient16()
+    if kind == "I;16B":
+        image = Image.fromarray(values.astype(">u2"))
+    elif kind == "I;16":
+        image = Image.fromarray(values)
+    elif kind == "I (16-bit data)":
+        image = Image.fromarray(values.astype(np.int32))
+    elif kind == "I (wide)":  # negative and beyond 16 bits: its min..max
+        image = Image.fromarray(values.astype(np.int32) * 1000 - 7_000_000)
+    elif kind == "F [0,1]":
+        image = Image.fromarray((values / 65535).astype(np.float32))
+    elif kind == "F (wide)":
+        image = Image.fromarray((values.astype(np.float32) - 30000) / 7)
+    else:
+        f = (values / 65535).astype(np.float32)
+        f[0, 0] = np.nan
+        image = Image.fromarray(f)
+        expected = expected.copy()
+        expected[0, 0] = 0
+    assert image.mode == kind.split()[0]
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb is not image and image.mode == kind.split()[0]
+    got = np.asarray(rgb).astype(int)
+    assert np.abs(got - expected[:, :, None]).max() <= 1, kind  # float rounding of the stretch
+
+
+def test_tiff_32_bit_files_in_the_cli_loader(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from globalcom2.cli import load_image
+
+    values, expected = _gradient16()
+    for mode, data in (("I", values.astype(np.int32)), ("F", (values / 65535).astype(np.float32))):
+        path = tmp_path / f"{mode}.tif"
+        Image.fromarray(data).save(path)
+        with Image.open(path) as im:
+            assert im.mode == mode
+        assert np.abs(np.asarray(load_image(str(path))).astype(int) - expected[:, :, None]).max() <= 1, mode
+
+
+def test_alpha_and_palette_transparency_are_dropped_not_composited(tmp_path):
+    """The documented choice: transparency is dropped (as LLaVA's own evaluation does), the same
+    in every loader; RGBA/LA keep their colours, a palette image its palette colours."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from globalcom2._io import to_rgb
+
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    la = Image.new("LA", (4, 4), (90, 0))
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
+    pal.info["transparency"] = 1
+    path = tmp_path / "pal.png"
+    pal.save(path, transparency=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PIL palette-transparency warning either
+        assert to_rgb(rgba).getpixel((0, 0)) == (10, 20, 30)
+        assert to_rgb(la).getpixel((0, 0)) == (90, 90, 90)
+        assert to_rgb(pal).getpixel((0, 0)) == (200, 100, 50)
+        for name, load in _loaders().items():
+            assert np.asarray(load(path))[0, 0].tolist() == [200, 100, 50], name
+
+
+def test_visualize_draws_a_16_bit_image_as_it_is():
+    import numpy as np
+    from PIL import Image
+
+    from globalcom2.visualize import _model_views
+
+    values, expected = _gradient16(336, 336)
+    thumb, _, _ = _model_views(Image.fromarray(values), None, 336)
+    assert abs(thumb.mean() - expected.mean()) < 2 and thumb.mean() < 200  # not white

@@ -414,6 +414,8 @@ def load_image(source: str) -> Any:
 
     from PIL import Image, UnidentifiedImageError
 
+    from ._io import to_rgb
+
     if _is_url(source):
         import urllib.error
         import urllib.request
@@ -441,7 +443,7 @@ def load_image(source: str) -> Any:
     try:
         with Image.open(stream) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)  # 16-bit and float images keep their range (see globalcom2._io.to_rgb)
     except UnidentifiedImageError:
         raise CLIError(f"cannot read image {name}: not an image format PIL can open") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files

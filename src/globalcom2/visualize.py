@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import ops
-from ._io import atomic_path
+from ._io import atomic_path, to_rgb
 from .config import GlobalCom2Config
 from .picture import canvas_layout, wrap_words
 
@@ -239,7 +239,7 @@ def _model_views(image: Any, geom: ops.CropGeometry | None, view: int) -> tuple[
     kept) into the best resolution and centred on a zero-padded canvas."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     thumb = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
     if geom is None:
         return thumb, None, None
@@ -721,7 +721,7 @@ def visualize(
     # not, its config, its adapter's `.last`) is not touched.
     adapter = adapter_for(model)(model, GlobalCom2Config())
     adapter.validate()
-    image = image.convert("RGB")
+    image = to_rgb(image)  # 16-bit and float images keep their range
     image_token = getattr(processor, "image_token", None) or "<image>"
     inputs = processor(images=[image], text=[image_token], return_tensors="pt")
     param = next(adapter.inner.vision_tower.parameters())

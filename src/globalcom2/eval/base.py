@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 from PIL import Image
 
+from .._io import to_rgb
+
 #: What :attr:`Sample.image` may hold: a file path, encoded image bytes (PNG/JPEG, or base64 text
 #: prefixed with ``base64:``), an already decoded image, or None for a text-only question.
 ImageRef = Any
@@ -349,7 +351,8 @@ def require_keys(row: dict[str, Any], keys: Iterable[str], where: str) -> None:
 
 
 def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
-    """Open an :data:`ImageRef` as an RGB PIL image (None stays None).
+    """Open an :data:`ImageRef` as an RGB PIL image (None stays None), converted by
+    :func:`globalcom2._io.to_rgb` (a 16-bit PNG keeps its range; transparency is dropped).
 
     Accepts a path, raw bytes, ``"base64:..."`` text, a PIL image, or a ``{"bytes": ..., "path": ...}``
     dict as ``datasets`` stores images in parquet.
@@ -364,7 +367,7 @@ def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
         if ref is None:
             return None
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return to_rgb(ref)
     if isinstance(ref, dict):
         if ref.get("bytes"):
             return decode_image(ref["bytes"], what)
@@ -386,7 +389,7 @@ def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
         raise
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, binascii.Error...
         raise DataError(f"{what}: cannot decode the image ({e})") from None
-    return img.convert("RGB")
+    return to_rgb(img)  # 16-bit and float images keep their range
 
 
 def image_file(ref: ImageRef) -> Path | None:

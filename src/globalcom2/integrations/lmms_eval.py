@@ -296,6 +296,8 @@ def normalize_visuals(visuals: Any) -> list[Any]:
     """
     from PIL import Image
 
+    from .._io import to_rgb
+
     out: list[Any] = []
 
     def add(v: Any) -> None:
@@ -305,12 +307,12 @@ def normalize_visuals(visuals: Any) -> list[Any]:
             for item in v:
                 add(item)
         elif isinstance(v, Image.Image):
-            out.append(v if v.mode == "RGB" else v.convert("RGB"))
+            out.append(v if v.mode == "RGB" else to_rgb(v))
         elif isinstance(v, (str, Path)):
             if Path(v).suffix.lower() not in _IMAGE_SUFFIXES:
                 raise ValueError(f"{MODEL_NAME} takes images; got the non-image visual {str(v)!r} (videos are not supported)")
             with Image.open(v) as im:
-                out.append(im.convert("RGB"))
+                out.append(to_rgb(im))
         elif isinstance(v, dict) and ("array" in v or "sampling_rate" in v):
             raise ValueError(f"{MODEL_NAME} takes images; audio visuals are not supported")
         else:
