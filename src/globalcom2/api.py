@@ -30,9 +30,30 @@ def _check_transformers() -> None:
         )
 
 
+def unwrap_model(model: Any) -> Any:
+    """The model that :func:`apply` patches inside a wrapper: a PEFT ``PeftModel`` (its base model,
+    LoRA layers included), a ``torch.compile``-d module (its ``_orig_mod``), or a
+    ``DistributedDataParallel`` / ``DataParallel`` module (its ``module``); ``model`` otherwise.
+
+    Calls through the wrapper reach the patched ``forward`` / ``generate`` of the unwrapped model,
+    which are instance attributes, so the wrapper itself is left untouched.
+    """
+    seen: set[int] = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        d = getattr(model, "__dict__", {})
+        if "_orig_mod" in d.get("_modules", {}):  # torch.compile's OptimizedModule
+            model = d["_modules"]["_orig_mod"]
+        elif type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+    return model
+
+
 def get_adapter(model: nn.Module) -> Adapter | None:
-    """The adapter applied to ``model``, or None."""
-    return model.__dict__.get(STATE_ATTR)
+    """The adapter applied to ``model`` (or to the model inside its PEFT / compile wrapper), or None."""
+    return unwrap_model(model).__dict__.get(STATE_ATTR)
 
 
 def is_applied(model: nn.Module) -> bool:
@@ -66,7 +87,9 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
     patched. Applying again replaces the earlier method and settings.
 
     Args:
-        model: a supported model (``LlavaNextForConditionalGeneration`` or ``LlavaNextModel``).
+        model: a supported model (``LlavaNextForConditionalGeneration`` or ``LlavaNextModel``), or
+            one wrapped by PEFT, ``torch.compile`` or (Distributed)DataParallel: the model inside
+            is patched (see :func:`unwrap_model`) and ``model`` is returned as given.
         config: a full method config (e.g. :class:`GlobalCom2Config`); keyword options override
             its fields. Its type decides the method when ``method`` is not given.
         method: ``"globalcom2"`` (default), ``"fastervlm"``, ``"random"``, ``"pooling"``,
@@ -90,17 +113,22 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
         if method is None:
             raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
     cfg = make_config(method, config, **options)
-    adapter_cls = adapter_for(model)
+    target = unwrap_model(model)
+    adapter_cls = adapter_for(target)
     _check_transformers()
-    adapter = adapter_cls(model, cfg)
+    adapter = adapter_cls(target, cfg)
     adapter.validate()
-    remove(model)
+    remove(target)
     adapter.patch()
     return model
 
 
 def remove(model: M) -> M:
-    """Undo :func:`apply`: the model behaves exactly as before. Harmless on an unpatched model."""
+    """Undo :func:`apply`: the model behaves exactly as before. Harmless on an unpatched model.
+
+    A wrapper set on the patched model afterwards (accelerate's ``prepare`` wraps ``forward``)
+    stays in place and keeps working: the method inside it passes straight through again.
+    """
     adapter = get_adapter(model)
     if adapter is not None:
         adapter.unpatch()

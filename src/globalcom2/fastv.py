@@ -63,6 +63,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from ._patching import PatchedMethod
 from .config import MethodConfig, check_int, check_ratio
 
 __all__ = ["FastVConfig", "FastVPatch", "kept_count"]
@@ -386,27 +387,26 @@ class FastVPatch:
             sig = inspect.signature(orig)
         except (TypeError, ValueError):  # pragma: no cover - builtins only
             sig = None
+        # An object, not a closure: a deep copy of the model gets a forward bound to its own patch.
+        return PatchedMethod(self, "_lm_forward", orig, (sig,))
 
-        def fastv_language_model_forward(*args: Any, **kwargs: Any) -> Any:
-            values = dict(kwargs)
-            if args and sig is not None:
-                try:
-                    values = {**sig.bind_partial(*args, **kwargs).arguments, **kwargs}
-                except TypeError:
-                    values = dict(kwargs)
-            call = self._begin_call(values)
-            self._call = call
+    def _lm_forward(self, orig: Callable, sig: inspect.Signature | None, *args: Any, **kwargs: Any) -> Any:
+        values = dict(kwargs)
+        if args and sig is not None:
             try:
-                return orig(*args, **kwargs)
-            finally:
-                self._call = None
-                if call.mode == "prefill":
-                    cache = call.cache
-                    if cache is not None and call.slot_valid is not None:
-                        self._prompt = _Prompt(weakref.ref(cache), call.valid.shape[1], call.slot_valid)
-
-        fastv_language_model_forward.__wrapped__ = orig  # type: ignore[attr-defined]
-        return fastv_language_model_forward
+                values = {**sig.bind_partial(*args, **kwargs).arguments, **kwargs}
+            except TypeError:
+                values = dict(kwargs)
+        call = self._begin_call(values)
+        self._call = call
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            self._call = None
+            if call.mode == "prefill":
+                cache = call.cache
+                if cache is not None and call.slot_valid is not None:
+                    self._prompt = _Prompt(weakref.ref(cache), call.valid.shape[1], call.slot_valid)
 
     def _begin_call(self, values: dict) -> _Call:
         """Classify the call (prefill / decode / pass-through) and set up its state."""
@@ -595,36 +595,35 @@ class FastVPatch:
 
     # ------------------------------------------------------------------ decoder layers K..L-1
     def _make_layer_forward(self, orig: Callable, first: bool, last: bool) -> Callable:
-        def fastv_layer_forward(*args: Any, **kwargs: Any) -> Any:
-            call = self._call
-            if call is None or call.mode is None:
-                return orig(*args, **kwargs)
-            if args:
-                hidden, rest = args[0], args[1:]
-            else:
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            if rest:
-                raise RuntimeError("FastV expects decoder layers to be called as layer(hidden_states, **kwargs)")
-            if call.mode == "prefill":
-                if first:
-                    self._enter_prefill(call, hidden, kwargs)
-                    hidden = _gather_seq(hidden, call.kept_idx)
-                kwargs["position_embeddings"] = call.pos_emb
-                if call.pos_ids is not None:
-                    kwargs["position_ids"] = call.pos_ids
-            else:  # decode
-                if first:
-                    call.mask = self._decode_mask(call, hidden.shape[1], hidden.dtype, hidden.device)
-            kwargs["attention_mask"] = call.mask
-            out = orig(hidden, **kwargs)
-            if call.mode == "prefill" and last:
-                if isinstance(out, tuple):
-                    return (self._scatter_back(call, out[0]), *out[1:])
-                return self._scatter_back(call, out)
-            return out
+        return PatchedMethod(self, "_layer_forward", orig, (first, last))
 
-        fastv_layer_forward.__wrapped__ = orig  # type: ignore[attr-defined]
-        return fastv_layer_forward
+    def _layer_forward(self, orig: Callable, first: bool, last: bool, *args: Any, **kwargs: Any) -> Any:
+        call = self._call
+        if call is None or call.mode is None:
+            return orig(*args, **kwargs)
+        if args:
+            hidden, rest = args[0], args[1:]
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if rest:
+            raise RuntimeError("FastV expects decoder layers to be called as layer(hidden_states, **kwargs)")
+        if call.mode == "prefill":
+            if first:
+                self._enter_prefill(call, hidden, kwargs)
+                hidden = _gather_seq(hidden, call.kept_idx)
+            kwargs["position_embeddings"] = call.pos_emb
+            if call.pos_ids is not None:
+                kwargs["position_ids"] = call.pos_ids
+        else:  # decode
+            if first:
+                call.mask = self._decode_mask(call, hidden.shape[1], hidden.dtype, hidden.device)
+        kwargs["attention_mask"] = call.mask
+        out = orig(hidden, **kwargs)
+        if call.mode == "prefill" and last:
+            if isinstance(out, tuple):
+                return (self._scatter_back(call, out[0]), *out[1:])
+            return self._scatter_back(call, out)
+        return out
 
     def _enter_prefill(self, call: _Call, hidden: torch.Tensor, kwargs: dict) -> None:
         """At layer K (prefill): rank, choose, and build the pruned layers' mask and positions."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable, ClassVar
 
@@ -10,10 +9,38 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .._patching import PatchedMethod
+
 #: Attribute under which an applied adapter lives on a model instance.
 STATE_ATTR = "_globalcom2_adapter"
 
-_MISSING = object()
+
+class _Missing:
+    """"No instance attribute was there before patching": one object that copies and pickles as itself
+    (a plain ``object()`` sentinel would be duplicated by ``copy.deepcopy`` and then restored as the
+    model's ``forward``)."""
+
+    _instance: "_Missing | None" = None
+
+    def __new__(cls) -> "_Missing":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
 
 
 @dataclass
@@ -61,24 +88,27 @@ class Adapter:
     def validate(self) -> None:
         """Raise ``ValueError`` if this model instance cannot be compressed (checked at apply)."""
 
-    def patched_methods(self) -> dict[str, Callable[..., Any]]:  # pragma: no cover - abstract
-        """Map of method name -> replacement builder ``f(original_bound_method) -> wrapper``."""
+    def patched_methods(self) -> dict[str, str]:  # pragma: no cover - abstract
+        """Map of instance method name -> name of this adapter's handler, called as
+        ``handler(original_bound_method, *args, **kwargs)`` (see :class:`PatchedMethod`)."""
         raise NotImplementedError
 
     # -- patching -------------------------------------------------------------------------------
     def patch(self) -> None:
-        for name, make_wrapper in self.patched_methods().items():
+        for name, handler in self.patched_methods().items():
             original = getattr(self.model, name)
-            self._saved[name] = self.model.__dict__.get(name, _MISSING)
-            wrapper = make_wrapper(original)
-            functools.update_wrapper(wrapper, original)
-            # Keep ``inspect.signature(model.forward)`` exactly the original's (HF inspects it).
-            wrapper.__signature__ = inspect.signature(original)  # type: ignore[attr-defined]
-            setattr(self.model, name, wrapper)
+            self._saved[name] = (self.model.__dict__.get(name, _MISSING), PatchedMethod(self, handler, original))
+            setattr(self.model, name, self._saved[name][1])
         setattr(self.model, STATE_ATTR, self)
 
     def unpatch(self) -> None:
-        for name, saved in self._saved.items():
+        """Restore what was there before :meth:`patch`. Where something else wrapped a patched
+        method afterwards (accelerate's ``prepare`` wraps ``forward``), that wrapper stays and ours,
+        inside it, becomes a pass-through to the original."""
+        for name, (saved, ours) in self._saved.items():
+            ours.active = False
+            if self.model.__dict__.get(name) is not ours:
+                continue  # wrapped by someone else since: keep their wrapper, ours now passes through
             if saved is _MISSING:
                 self.model.__dict__.pop(name, None)
             else:
