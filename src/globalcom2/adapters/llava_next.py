@@ -21,6 +21,7 @@ registered only while the tower runs: the tower keeps its attention implementati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -126,6 +127,8 @@ class LlavaNextAdapter(Adapter):
         self.stats: CompressionStats | None = None
         self._vanilla_rows: torch.Tensor | None = None  # (B,) image tokens before compression
         self._last_visual: torch.Tensor | None = None  # (B, T) bool, image tokens of the last prefill
+        self._turn: _Turn | None = None  # the last compressed generate's prompt, for chat continuations
+        self._warned_context = False
 
     @property
     def last_visual_positions(self) -> list[torch.Tensor] | None:
@@ -256,7 +259,7 @@ class LlavaNextAdapter(Adapter):
         cfg = config or self.vision_config
         if cfg is None:
             raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        newline = self.inner.image_newline
+        newline = self.image_newline()
         tokens, plans = [], []
         for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
             t, p = methods.compress_image(feats, imp, geom, newline, cfg)
@@ -264,11 +267,27 @@ class LlavaNextAdapter(Adapter):
             plans.append(p)
         return CompressedImages(tokens=tokens, plans=plans, vanilla_counts=encoded.vanilla_counts)
 
+    def image_newline(self) -> torch.Tensor:
+        """The (D,) image-newline embedding, also when accelerate offloads it (``device_map`` with
+        ``"disk"``/``"cpu"`` entries keeps it on the meta device between forward passes): then it is
+        read through the inner model's own hook, as the vanilla forward would have it loaded."""
+        newline = self.inner.image_newline
+        if newline.device.type != "meta":
+            return newline
+        hook = getattr(self.inner, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None and "image_newline" in weights:
+                device = getattr(h, "execution_device", None)
+                value = weights["image_newline"]
+                return value.to(device) if device is not None else value
+        raise ValueError("the model's image_newline is on the meta device and no accelerate hook holds its weights")
+
     def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
         """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
         sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
         packed, _ = self.inner.pack_image_features(
-            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.inner.image_newline
+            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
         )
         return list(packed)
 
@@ -333,15 +352,33 @@ class LlavaNextAdapter(Adapter):
                 shrunk.input_ids
             )
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=compressed.tokens)}
-        self.last = compressed
+        # Kept for inspection: detached, so that it never holds the caller's autograd graph.
+        self.last = CompressedImages(
+            tokens=[t.detach() for t in compressed.tokens], plans=compressed.plans, vanilla_counts=compressed.vanilla_counts
+        )
+        self._check_context(shrunk.input_ids.shape[1])
         self._vanilla_rows = (input_ids == self.hf_config.image_token_id).sum(1)
         return kwargs
 
+    def _check_context(self, length: int) -> None:
+        """Warn once per applied adapter when a prompt (visual tokens included) exceeds the language
+        model's context window (``max_position_embeddings``)."""
+        limit = getattr(self.hf_config.text_config, "max_position_embeddings", None)
+        if self._warned_context or not isinstance(limit, int) or length <= limit:
+            return
+        self._warned_context = True
+        warnings.warn(
+            f"the prompt is {length} tokens long with its compressed visual tokens, more than the language model's "
+            f"context window of {limit} (max_position_embeddings); expect degraded answers (this warning is shown once)",
+            UserWarning,
+            stacklevel=4,
+        )
+
     # -- patching -------------------------------------------------------------------------------
-    def patched_methods(self) -> dict[str, Callable[..., Any]]:
-        methods: dict[str, Callable[..., Any]] = {"forward": self._wrap_forward}
+    def patched_methods(self) -> dict[str, str]:
+        methods = {"forward": "_patched_forward"}
         if hasattr(self.model, "generate"):
-            methods["generate"] = self._wrap_generate
+            methods["generate"] = "_patched_generate"
         return methods
 
     @staticmethod
@@ -349,16 +386,14 @@ class LlavaNextAdapter(Adapter):
         pv = kwargs.get("pixel_values")
         return pv is not None and pv.shape[0] > 0
 
-    def _wrap_forward(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            call = bind_arguments(original, args, kwargs)
-            if self.vision_config is not None and self._has_images(call):
-                call = self.prepare_inputs(call)
-            if _is_prefill(call) and call.get("input_ids") is not None:
-                self._on_prefill(call["input_ids"])
-            return original(**call)
-
-        return forward
+    def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode)."""
+        call = bind_arguments(original, args, kwargs)
+        if self.vision_config is not None and self._has_images(call):
+            call = self.prepare_inputs(call)
+        if _is_prefill(call) and call.get("input_ids") is not None:
+            self._on_prefill(call["input_ids"])
+        return original(**call)
 
     def _on_prefill(self, input_ids: torch.Tensor) -> None:
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
@@ -400,23 +435,186 @@ class LlavaNextAdapter(Adapter):
             self.fastv.uninstall()
         super().unpatch()
 
-    def _wrap_generate(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            call = bind_arguments(original, args, kwargs)
-            input_ids = call.pop("inputs", None)
-            if input_ids is None:
-                input_ids = call.pop("input_ids", None)
-            if input_ids is None or not self._has_images(call) or self.vision_config is None:
-                if input_ids is not None:
-                    call["inputs"] = input_ids
-                return original(**call)
-            call["input_ids"] = input_ids
-            prepared = self.prepare_inputs(call)
-            short_ids = prepared.pop("input_ids")
-            out = original(short_ids, **prepared)
-            return _restore_prompt(out, input_ids, short_ids.shape[1])
+    def _patched_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``generate``: compress once (without a graph, as the vanilla ``generate`` runs), generate on
+        the shorter prompt, and give the caller's prompt back in front of the new tokens.
 
-        return generate
+        Everything that counts the prompt means what it means on the vanilla model: ``max_length`` /
+        ``min_length`` (given or from the generation config), the caller's stopping criteria and
+        logits processors (they see the vanilla prompt), and a streamer (its first ``put`` is the
+        caller's prompt). A later turn that passes the returned ``past_key_values`` with the
+        returned sequences (plus new text) is continued on the compressed cache.
+        """
+        call = bind_arguments(original, args, kwargs)
+        input_ids = call.pop("inputs", None)
+        if input_ids is None:
+            input_ids = call.pop("input_ids", None)
+        if input_ids is not None and self.vision_config is not None and _cache_length(_given_cache(call)) > 0:
+            return self._continue_turn(original, input_ids, call)
+        if input_ids is None or not self._has_images(call) or self.vision_config is None:
+            if input_ids is not None:
+                call["inputs"] = input_ids
+            return original(**call)
+        call["input_ids"] = input_ids
+        with torch.no_grad():
+            prepared = self.prepare_inputs(call)
+        short_ids = prepared.pop("input_ids")
+        return self._generate_short(original, input_ids, short_ids, prepared)
+
+    def _generate_short(
+        self, original: Callable[..., Any], input_ids: torch.Tensor, short_ids: torch.Tensor, call: dict[str, Any]
+    ) -> Any:
+        """Run the original ``generate`` on ``short_ids`` (B, T1) standing for ``input_ids`` (B, T0)."""
+        _vanilla_lengths(call, input_ids.shape[1] - short_ids.shape[1], getattr(self.model, "generation_config", None))
+        _vanilla_prompt_views(call, input_ids, short_ids.shape[1])
+        out = original(short_ids, **call)
+        self._turn = _Turn(input_ids, short_ids, call.get("attention_mask"))
+        return _restore_prompt(out, input_ids, short_ids.shape[1])
+
+    def _continue_turn(self, original: Callable[..., Any], input_ids: torch.Tensor, call: dict[str, Any]) -> Any:
+        """A chat turn on the ``past_key_values`` of an earlier compressed ``generate``.
+
+        ``input_ids`` (B, T) must start with that call's prompt (the sequences it returned start
+        with it): the prompt is swapped for its compressed form, which the cache holds, and
+        generation goes on from there, as running the whole conversation afresh with the image would.
+        """
+        image_id = self.hf_config.image_token_id
+        turn = self._turn
+        if turn is not None and turn.matches(input_ids):
+            if self.fastv is not None:
+                raise ValueError(
+                    "continuing a FastV generate from its past_key_values is not supported (its cache is pruned "
+                    "per layer); pass the whole conversation with pixel_values and no past_key_values"
+                )
+            t0 = turn.original_ids.shape[1]
+            short_ids = torch.cat([turn.short_ids.to(input_ids.device), input_ids[:, t0:]], dim=1)
+            mask = call.get("attention_mask")
+            if mask is not None:
+                head = turn.short_mask if turn.short_mask is not None else torch.ones_like(turn.short_ids)
+                call["attention_mask"] = torch.cat([head.to(mask), mask[:, t0:]], dim=1)
+            # The images are in the cache already (the vanilla generate ignores them on a continued cache too).
+            for key in ("pixel_values", "image_sizes"):
+                call.pop(key, None)
+            return self._generate_short(original, input_ids, short_ids, call)
+        cached = _cache_length(_given_cache(call))
+        if bool((input_ids[:, cached:] == image_id).any()):
+            raise ValueError(
+                "past_key_values were given with image placeholders beyond the cached tokens, but they do not "
+                "continue this model's last compressed generate call: pass that call's returned sequences (plus "
+                "the new turn) with its past_key_values, or the whole conversation with pixel_values and no "
+                "past_key_values"
+            )
+        call["inputs"] = input_ids
+        return original(**call)
+
+
+@dataclass
+class _Turn:
+    """The prompt of the last compressed ``generate`` call: what the caller passed and what the
+    language model (and so the KV cache) saw instead."""
+
+    original_ids: torch.Tensor  # (B, T0)
+    short_ids: torch.Tensor  # (B, T1)
+    short_mask: torch.Tensor | None  # (B, T1)
+
+    def matches(self, input_ids: torch.Tensor) -> bool:
+        t0 = self.original_ids.shape[1]
+        return (
+            input_ids.shape[0] == self.original_ids.shape[0]
+            and input_ids.shape[1] >= t0
+            and torch.equal(input_ids[:, :t0], self.original_ids.to(input_ids.device))
+        )
+
+
+def _given_cache(call: dict[str, Any]) -> Any:
+    """The KV cache a ``generate`` call was given (``cache``, or the older ``past_key_values``)."""
+    cache = call.get("cache")
+    return cache if cache is not None else call.get("past_key_values")
+
+
+def _cache_length(cache: Any) -> int:
+    get_len = getattr(cache, "get_seq_length", None)
+    return int(get_len()) if get_len is not None else 0
+
+
+def _vanilla_lengths(call: dict[str, Any], delta: int, model_config: Any) -> None:
+    """Shift ``max_length`` / ``min_length`` (total lengths, prompt included) by the ``delta`` tokens
+    the prompt lost, so they allow as many new tokens as on the vanilla model. Given as arguments
+    or set in the generation config in use; ``max_new_tokens`` / ``min_new_tokens`` need nothing,
+    and neither does transformers' model-agnostic default ``max_length`` (it adds the prompt length)."""
+    if delta == 0:
+        return
+    from transformers import GenerationConfig
+
+    config = call.get("generation_config") or model_config
+    for key, new_key in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        if call.get(new_key) is not None:
+            continue
+        if call.get(key) is not None:
+            call[key] = max(int(call[key]) - delta, 0)
+            continue
+        if config is None or getattr(config, new_key, None) is not None:
+            continue
+        value = getattr(config, key, None)
+        if not value or (key == "max_length" and value == GenerationConfig().max_length):
+            continue
+        call[key] = max(int(value) - delta, 0)
+
+
+def _vanilla_prompt_views(call: dict[str, Any], input_ids: torch.Tensor, short_len: int) -> None:
+    """Let the caller's stopping criteria, logits processors and streamer see the caller's prompt."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    for key, kind, view in (
+        ("stopping_criteria", StoppingCriteriaList, _CriteriaView),
+        ("logits_processor", LogitsProcessorList, _ProcessorView),
+    ):
+        items = call.get(key)
+        if items:
+            call[key] = kind([view(item, input_ids, short_len) for item in items])
+    if call.get("streamer") is not None:
+        call["streamer"] = _PromptStreamer(call["streamer"], input_ids)
+
+
+def _vanilla_ids(ids: torch.Tensor, prompt: torch.Tensor, short_len: int) -> torch.Tensor:
+    """(B', T1 + n) running sequences with the caller's (B, T0) prompt in place of the short one."""
+    prefix = prompt.to(ids.device).repeat_interleave(ids.shape[0] // prompt.shape[0], dim=0)
+    return torch.cat([prefix, ids[:, short_len:]], dim=1)
+
+
+class _CriteriaView:
+    def __init__(self, criteria: Any, prompt: torch.Tensor, short_len: int) -> None:
+        self.criteria, self.prompt, self.short_len = criteria, prompt, short_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
+        return self.criteria(_vanilla_ids(input_ids, self.prompt, self.short_len), scores, **kwargs)
+
+
+class _ProcessorView:
+    def __init__(self, processor: Any, prompt: torch.Tensor, short_len: int) -> None:
+        self.processor, self.prompt, self.short_len = processor, prompt, short_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(_vanilla_ids(input_ids, self.prompt, self.short_len), scores)
+
+
+class _PromptStreamer:
+    """A streamer whose first ``put`` (the prompt) is the caller's prompt, not the shortened one."""
+
+    def __init__(self, streamer: Any, prompt: torch.Tensor) -> None:
+        self.streamer, self.prompt, self._first = streamer, prompt, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._first:
+            self._first = False
+            value = self.prompt.to(value.device)
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.streamer, name)
 
 
 def _is_prefill(call: dict[str, Any]) -> bool:
