@@ -364,3 +364,106 @@ def test_visualize_draws_a_16_bit_image_as_it_is():
     values, expected = _gradient16(336, 336)
     thumb, _, _ = _model_views(Image.fromarray(values), None, 336)
     assert abs(thumb.mean() - expected.mean()) < 2 and thumb.mean() < 200  # not white
+
+
+# -- 1. --model: not found at once ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_hub_answers(monkeypatch):
+    import globalcom2.cli as cli
+
+    monkeypatch.setattr(cli, "_HUB_CHECKED", {}, raising=False)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("./nope-dir", "model directory not found: ./nope-dir"),
+        ("~/nope-dir", "model directory not found: ~/nope-dir"),
+        ("a/b/nope-dir", "model directory not found: a/b/nope-dir"),
+        ("nope-dir", "model not found: no local directory 'nope-dir', and hub ids look like org/name"),
+        ("tiny", "hub ids look like org/name (e.g. llava-hf/llava-v1.6-vicuna-7b-hf) ('tiny', the built-in"),
+    ],
+)
+def test_generate_model_not_found_at_once(model, expected, tmp_path, monkeypatch, capsys, fresh_hub_answers):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # even online: no hub request for what cannot be a hub model
+    t0 = time.perf_counter()
+    code = main(["generate", "--model", model, "--image", SAMPLE, "--prompt", "hi"])
+    line = _error_line(capsys)
+    assert code == 1 and expected in line, line
+    assert time.perf_counter() - t0 < 10  # sanity bound: no hub retries
+
+
+@pytest.mark.parametrize("command", [["bench"], ["visualize", "--image", SAMPLE]])
+def test_bench_and_visualize_model_not_found(command, tmp_path, monkeypatch, capsys, fresh_hub_answers):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--model", "nope-dir"]) == 1
+    assert "model not found: no local directory 'nope-dir'" in _error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_model_not_found_before_the_data_is_read(tmp_path, capsys, fresh_hub_answers):
+    (tmp_path / "data").mkdir()  # no MME data in it: the model is named first
+    assert main(["eval", "--model", "./nope-dir", "--benchmarks", "mme", "--data-root", str(tmp_path / "data"),
+                 "--output-dir", str(tmp_path / "out")]) == 1
+    assert "model directory not found: ./nope-dir" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_and_not_cached_says_so(tmp_path, monkeypatch, capsys, fresh_hub_answers):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--model", "nobody-here/no-such-model", "--image", SAMPLE, "--prompt", "hi"]) == 1
+    line = _error_line(capsys)
+    assert "cannot load model 'nobody-here/no-such-model': not in the local cache" in line
+    assert "HF_HUB_OFFLINE=1" in line and "local directory" in line
+
+
+def _unreachable_hub(monkeypatch, tmp_path):
+    """Online mode, with the hub at a local port nothing listens on (refused at once)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    return f"http://127.0.0.1:{port}"
+
+
+def test_an_unreachable_hub_is_one_quick_line(tmp_path, monkeypatch, capsys, fresh_hub_answers):
+    import time
+
+    endpoint = _unreachable_hub(monkeypatch, tmp_path)
+    t0 = time.perf_counter()
+    code = main(["generate", "--model", "nobody-here/no-such-model", "--image", SAMPLE, "--prompt", "hi"])
+    line = _error_line(capsys)
+    assert code == 1
+    assert f"the Hugging Face hub ({endpoint}) is unreachable" in line
+    assert "set HF_HUB_OFFLINE=1 to use cached models only, or pass a local directory" in line
+    assert time.perf_counter() - t0 < 10  # sanity bound: one attempt, no retries
+
+
+def test_an_unreachable_hub_uses_a_cached_copy(tmp_path, monkeypatch, capsys, fresh_hub_answers):
+    from globalcom2.cli import hub_access
+
+    _unreachable_hub(monkeypatch, tmp_path)
+    snapshot = tmp_path / "cache" / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "cache" / "models--org--cached" / "refs").mkdir()
+    (tmp_path / "cache" / "models--org--cached" / "refs" / "main").write_text("abc123")
+    assert hub_access("org/cached") == {"local_files_only": True}
+    assert "unreachable; using the cached copy of org/cached" in capsys.readouterr().err
+    assert hub_access("org/cached") == {"local_files_only": True}  # asked once per process
+    assert capsys.readouterr().err == ""

@@ -451,23 +451,137 @@ def load_image(source: str) -> Any:
 
 
 def _looks_like_path(model: str) -> bool:
-    """True for what cannot be a hub id ("org/name" or "name"): ./x, /x, ~/x, a/b/c, a\\b."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
+    """True for what cannot be a hub id ("org/name"): ./x, /x, ~/x, a/b/c, a\\b (see :func:`locate_model`)."""
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1
+            or (os.sep != "/" and os.sep in model) or "\\" in model)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def locate_model(model: str) -> str:
+    """Where ``--model`` is, without any network access: ``"local"`` or ``"hub"`` (CLIError if neither).
+
+    The rule, for every command:
+
+    1. an argument that exists on disk is local: a checkpoint directory (it needs a
+       ``config.json``; a file is refused);
+    2. one that looks like a path (it starts with ``.``, ``/`` or ``~``, has more than one ``/``,
+       or an OS separator / backslash) and does not exist is "model directory not found";
+    3. a bare name without ``/`` that does not exist locally is "not found" too: LLaVA-NeXT
+       checkpoints on the hub have an owner, hub ids look like ``org/name`` (the rare legacy ids
+       without an org are not LLaVA-NeXT models);
+    4. anything else (``org/name``) is a hub id, resolved by :func:`hub_access`.
+
+    ``tiny`` (the built-in demo model) is handled by :func:`get_model` before this.
+    """
+    local = Path(model).expanduser()
+    if local.exists():
+        if local.is_file():
+            raise CLIError(f"--model expects a hub id or a checkpoint directory, got the file {model}")
+        if not (local / "config.json").is_file():
+            raise CLIError(f"not a model directory: {model} has no config.json (expected a saved LLaVA-NeXT checkpoint)")
+        return "local"
+    if _looks_like_path(model):
+        raise CLIError(f"model directory not found: {model}")
+    if "/" not in model:
+        hint = " ('tiny', the built-in random demo model, is for demo, bench, visualize and eval)" if model == "tiny" else ""
+        raise CLIError(
+            f"model not found: no local directory {model!r}, and hub ids look like org/name "
+            f"(e.g. {EXAMPLE_MODEL}){hint}"
+        )
+    return "hub"
+
+
+_HUB_CHECKED: dict[str, dict[str, Any]] = {}
+
+
+def hub_access(model: str) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword arguments for a hub id (``{}`` or ``{"local_files_only": True}``),
+    after one quick look at the hub; CLIError with one line when the model cannot be had.
+
+    * ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``): the model must be in the local cache
+      ("not in the local cache" otherwise); the hub is not contacted.
+    * Otherwise one HEAD request for its ``config.json``, without retries, timeout
+      ``HF_HUB_ETAG_TIMEOUT`` (default here: 5 s): a hub that cannot be reached is reported at
+      once (set ``HF_HUB_OFFLINE=1`` or pass a local directory), unless the model is cached, in
+      which case the cached copy is used; an unknown, gated or config-less repository is named.
+
+    The answer is kept for the process (``load_model`` after ``check_model_type`` asks again).
+    """
+    if model in _HUB_CHECKED:
+        return _HUB_CHECKED[model]
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached() -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(model, "config.json", cache_dir=constants.HF_HUB_CACHE), str)
+        except Exception:  # an id the cache layout cannot hold
+            return False
+
+    offline = bool(constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if offline:
+        if not cached():
+            raise CLIError(
+                f"cannot load model {model!r}: not in the local cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                "forbids downloading it; unset HF_HUB_OFFLINE to download it, or pass a local directory"
+            )
+        kwargs: dict[str, Any] = {}
+    else:
+        kwargs = _probe_hub(model, cached)
+    _HUB_CHECKED[model] = kwargs
+    return kwargs
+
+
+def _probe_hub(model: str, cached: Any) -> dict[str, Any]:
+    """One HEAD request for ``model``'s config.json (see :func:`hub_access`)."""
+    from huggingface_hub import constants, get_hf_file_metadata
+    from huggingface_hub import errors as hf_errors
+
+    endpoint = str(constants.ENDPOINT).rstrip("/")
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 5)
+    try:
+        get_hf_file_metadata(f"{endpoint}/{model}/resolve/main/config.json", timeout=timeout, retry_on_errors=False)
+    except hf_errors.GatedRepoError:
+        if cached():
+            return {}
+        raise CLIError(
+            f"cannot load model {model!r}: it is gated on the hub: accept its terms at {endpoint}/{model} "
+            "and log in (hf auth login, or set HF_TOKEN)"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise CLIError(
+            f"cannot load model {model!r}: no such model on the hub ({endpoint}/{model}), or it is private "
+            "and you are not logged in (hf auth login, or set HF_TOKEN)"
+        ) from None
+    except (hf_errors.EntryNotFoundError, hf_errors.RevisionNotFoundError):
+        raise CLIError(f"cannot load model {model!r}: the hub repository has no config.json (not a transformers checkpoint)") from None
+    except hf_errors.HfHubHTTPError:
+        return {}  # another answer from the hub (rate limit, server error): from_pretrained reports it
+    except Exception as e:  # no answer at all: DNS, refused connection, timeout, proxy, TLS
+        if cached():
+            _status(f"{PROG}: the hub ({endpoint}) is unreachable; using the cached copy of {model}")
+            return {"local_files_only": True}
+        reason = _one_line(str(e)) or type(e).__name__
+        raise CLIError(
+            f"cannot load model {model!r}: the Hugging Face hub ({endpoint}) is unreachable ({reason}) and the model "
+            "is not in the local cache; set HF_HUB_OFFLINE=1 to use cached models only, or pass a local directory"
+        ) from None
+    return {}
 
 
 def check_model_type(model: str) -> Any:
-    """Load only the model's config and check it is LLaVA-NeXT; returns the config."""
+    """Load only the model's config and check it is LLaVA-NeXT; returns the config.
+
+    Where the model is comes from :func:`locate_model` (no network) then, for a hub id,
+    :func:`hub_access` (one quick look): a mistake is reported at once, never after the hub
+    client's retries."""
     from transformers import AutoConfig
 
-    local = Path(model).expanduser()
-    if _looks_like_path(model) and not local.exists():
-        raise CLIError(f"model directory not found: {model}")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise CLIError(f"not a model directory: {model} has no config.json (expected a saved LLaVA-NeXT checkpoint)")
-    if local.is_file():
-        raise CLIError(f"--model expects a hub id or a checkpoint directory, got the file {model}")
+    kwargs = hub_access(model) if locate_model(model) == "hub" else {}
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **kwargs)
     except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
         raise CLIError(f"cannot load model {model!r}: {_one_line(str(e)) or type(e).__name__}") from None
     model_type = getattr(config, "model_type", None)
@@ -502,13 +616,14 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     _status(f"{PROG}: loading {model_id} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
-    load_kwargs: dict[str, Any] = {"dtype": dtype}
+    hub = hub_access(model_id) if locate_model(model_id) == "hub" else {}  # kept from check_model_type
+    load_kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
     on_device = str(device).startswith("cuda") and importlib.util.find_spec("accelerate") is not None
     if on_device:
         load_kwargs["device_map"] = device
     try:
-        processor = AutoProcessor.from_pretrained(model_id)
+        processor = AutoProcessor.from_pretrained(model_id, **hub)
         model = LlavaNextForConditionalGeneration.from_pretrained(model_id, **load_kwargs)
     except Exception as e:
         raise CLIError(f"cannot load model {model_id!r}: {_one_line(str(e)) or type(e).__name__}") from None

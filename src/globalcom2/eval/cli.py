@@ -165,7 +165,9 @@ def _list_benchmarks() -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 eval`` (raises :class:`globalcom2.cli.CLIError` on bad input)."""
-    from ..cli import PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, parse_method_arguments
+    from ..cli import (
+        PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, locate_model, parse_method_arguments,
+    )
 
     if args.list_benchmarks:
         return _list_benchmarks()
@@ -210,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.model:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
+    if args.model != "tiny":
+        locate_model(args.model)  # a missing directory or a bare name: reported now, not after the data is read
     if not args.data_root:
         raise CLIError("--data-root is required: the folder holding the benchmarks' data")
     root = Path(args.data_root).expanduser()
