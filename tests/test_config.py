@@ -216,8 +216,6 @@ def test_none_retention_ratio_names_the_field():
         GlobalCom2Config(retention_ratio=None)
 
 
-@pytest.mark.xfail(strict=True, reason="methods.make_config still drops None options (it owns that line); "
-                   "remove this marker once it passes them to the config")
 def test_make_config_does_not_treat_none_as_the_default():
     with pytest.raises(ValueError, match="retention_ratio must not be None"):
         make_config("globalcom2", retention_ratio=None)

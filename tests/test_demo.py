@@ -86,3 +86,20 @@ def test_the_demo_says_why_r1_drops_crop_tokens(tmp_path):
     assert RULE in note
     assert json.loads((tmp_path / "summary.json").read_text())["runs"] == summary["runs"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["kept_tokens_R0.50.png", "kept_tokens_R1.00.png"]
+
+
+
+def test_the_demo_reads_a_16_bit_image_with_its_range(tmp_path, monkeypatch):
+    """demo.py converted with PIL's convert("RGB"), which turns 16-bit PNGs pure white."""
+    import numpy as np
+    from PIL import Image
+
+    import globalcom2.demo as demo
+
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(np.linspace(0, 65535, 400 * 500).reshape(400, 500).astype(np.uint16)).save(path)
+    seen = []
+    real = demo.to_rgb
+    monkeypatch.setattr(demo, "to_rgb", lambda im: seen.append(np.asarray(real(im))) or real(im))
+    demo.run_demo(tmp_path / "out", image=path, ratios=[0.5], layouts=["spatial"], echo=lambda *_: None)
+    assert seen and seen[0].min() == 0 and seen[0].max() == 255  # a ramp, not pure white

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ._io import atomic_path
+from ._io import atomic_path, to_rgb
 from .config import LAYOUTS, GlobalCom2Config
 
 __all__ = ["DEFAULT_RATIOS", "DemoRun", "REAL_CHECKPOINT_HINT", "RANDOM_WEIGHTS_NOTE", "run_demo", "sample_image_path"]
@@ -112,7 +112,7 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path = Path(image) if image is not None else sample_image_path()
     with Image.open(image_path) as im:
-        picture = im.convert("RGB")
+        picture = to_rgb(im)
 
     echo("GlobalCom2 offline demo")
     echo("=======================")

@@ -103,11 +103,13 @@ def make_config(method: str = "globalcom2", config: Any = None, **options: Any) 
     For a composition ``"<vision>+fastv"``, options prefixed with ``fastv_`` configure FastV
     (``fastv_retention_ratio``, ``fastv_layer``) and the others the vision method.
 
+    ``None`` is not "the default": leave an option out to get its default (a ``None`` value is a
+    ``ValueError`` naming the option, raised by the config).
+
     Raises:
         ValueError: an unknown method, a config of the wrong type, or a bad/unknown option (named).
     """
     name = _normalise(method)
-    options = {k: v for k, v in options.items() if v is not None}
     if name in VISION_METHODS or name == FASTV:
         cls = VISION_METHODS.get(name) or _fastv_config_cls()
         if config is not None and not isinstance(config, cls):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ._io import atomic_path
+from ._io import atomic_path, to_rgb
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ops import CompressionPlan
@@ -281,7 +281,7 @@ def render_kept_tokens(
     Returns:
         An RGB :class:`PIL.Image.Image`.
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     n = int(plan.thumb_importance.shape[-1])
     side = math.isqrt(n)
     if side * side != n or view % side:
