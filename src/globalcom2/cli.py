@@ -117,6 +117,35 @@ def method_settings(
     return names, options, settings
 
 
+def add_visual_tokens_argument(group: Any, ratio_flag: str) -> None:
+    """``--visual-tokens N[,N...]``, the field's way of naming a budget (LLaVA-NeXT at 640 / 320 /
+    160 tokens), as an alternative to ``ratio_flag`` in the same mutually exclusive group."""
+    group.add_argument(
+        "--visual-tokens", default=None, metavar="N[,N...]",
+        help=f"visual tokens per image instead of {ratio_flag} (e.g. 640,320,160), converted to ratios "
+             "with the model's own maximum (2880 = 5 x 576 for LLaVA-NeXT); both are shown",
+    )
+
+
+def parse_budget(args: argparse.Namespace, ratio_flag: str, model: str | None = None) -> list[float]:
+    """The retention ratios of a command: ``--visual-tokens`` converted with the model's maximum
+    (reported on stderr), or the ratio flag's own values. Raises :class:`CLIError`."""
+    from . import efficiency as eff
+
+    if getattr(args, "visual_tokens", None) is not None:
+        maximum = eff.max_visual_tokens_for_model(model) if model and model != "tiny" else eff.MAX_VISUAL_TOKENS
+        try:
+            ratios = eff.parse_visual_tokens(args.visual_tokens, maximum)
+        except ValueError as e:
+            raise CLIError(f"--visual-tokens: {e}") from None
+        _status(f"{PROG}: {eff.describe_visual_tokens(ratios, maximum)}")
+        return ratios
+    try:
+        return eff.parse_ratios(getattr(args, ratio_flag.lstrip("-").replace("-", "_")))
+    except ValueError as e:
+        raise CLIError(f"{ratio_flag}: {e}") from None
+
+
 def _para(text: str) -> str:
     """A paragraph wrapped for help output (the raw formatter keeps it as written)."""
     return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
@@ -253,12 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eff.add_argument("--model", default=EXAMPLE_MODEL, metavar="ID_OR_PATH",
                      help=f"hub id, checkpoint directory or config.json (default: {EXAMPLE_MODEL})")
-    eff.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1", metavar="R[,R...]",
-                     help="comma-separated retention ratios (default: 1,0.75,0.5,0.25,0.1)")
+    ratio_group = eff.add_mutually_exclusive_group()
+    ratio_group.add_argument("--ratios", default="1,0.75,0.5,0.25,0.1", metavar="R[,R...]",
+                             help="comma-separated retention ratios (default: 1,0.75,0.5,0.25,0.1)")
+    add_visual_tokens_argument(ratio_group, "--ratios")
     eff.add_argument("--text-tokens", type=int, default=0, metavar="N",
                      help="text tokens added to every prompt (default: 0, the paper's convention)")
     eff.add_argument("--hardware", default="A100-80GB", metavar="NAME",
-                     help="roofline profile: A100-40GB, A100-80GB, H100, H200 (default: A100-80GB)")
+                     help="roofline profile: A100-40GB, A100-80GB, H100, H100-PCIe (LLM-Viewer's figures), "
+                          "H200 (NVIDIA's datasheet) (default: A100-80GB)")
+    eff.add_argument("--flash-attention", action="store_true",
+                     help="cost LLM-Viewer's fused attention (no score-matrix traffic) instead of "
+                          "qk_matmul, softmax and sv_matmul")
+    eff.add_argument("--breakdown", action="store_true",
+                     help="also print the per-operator roofline of one decoder block and the LM head, per ratio")
     eff.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                      help="weights/activations/KV cache precision (default: bfloat16)")
     eff.add_argument("--fastv-layer", type=int, default=None, metavar="K",
@@ -290,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
                        help="image(s) to use, repeat for several prompts (default: the shipped sample image)")
     bench.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the prompt of every image")
-    bench.add_argument("--ratios", default="0.5,0.25,0.1", metavar="R[,R...]",
-                       help="retention ratios to compare with vanilla (default: 0.5,0.25,0.1)")
+    ratio_group = bench.add_mutually_exclusive_group()
+    ratio_group.add_argument("--ratios", default="0.5,0.25,0.1", metavar="R[,R...]",
+                             help="retention ratios to compare with vanilla (default: 0.5,0.25,0.1)")
+    add_visual_tokens_argument(ratio_group, "--ratios")
     bench.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
                        help="layout of the selection methods (default: each method's own: official for globalcom2)")
     add_method_arguments(bench)
@@ -332,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
     vis.add_argument("--model", default="tiny", metavar="ID_OR_PATH",
                      help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
-    vis.add_argument("--retention-ratio", default="0.25", metavar="R[,R...]",
-                     help="one or more comma-separated ratios in (0, 1], one row each (default: 0.25)")
+    ratio_group = vis.add_mutually_exclusive_group()
+    ratio_group.add_argument("--retention-ratio", default="0.25", metavar="R[,R...]",
+                             help="one or more comma-separated ratios in (0, 1], one row each (default: 0.25)")
+    add_visual_tokens_argument(ratio_group, "--retention-ratio")
     vis.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
                      help="layout used for the token counts (the kept tokens are the same in both; default: the "
                           "method's own, official for globalcom2)")
@@ -826,8 +867,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_efficiency(args: argparse.Namespace) -> int:
     from . import efficiency as eff
 
+    ratios = parse_budget(args, "--ratios", args.model)
+    if args.breakdown and args.fastv_layer is not None:
+        raise CLIError("--breakdown costs one stack of identical blocks; it cannot be combined with --fastv-layer")
     try:
-        ratios = eff.parse_ratios(args.ratios)
         if args.text_tokens < 0:
             raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
         hardware = eff.resolve_hardware(args.hardware)
@@ -836,8 +879,9 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     bytes_per_value = 4.0 if args.dtype == "float32" else 2.0
     try:
-        rows = [r.to_dict() for r in eff.analyze(arch, ratios, args.text_tokens, hardware, bytes_per_value,
-                                                 fastv_layer=args.fastv_layer)]
+        maximum = eff.max_visual_tokens_for_model(args.model)
+        rows = [r.to_dict() for r in eff.analyze(arch, ratios, args.text_tokens, hardware, bytes_per_value, maximum,
+                                                 fastv_layer=args.fastv_layer, flash_attention=args.flash_attention)]
     except ValueError as e:
         raise CLIError(f"--fastv-layer: {e}" if args.fastv_layer is not None else str(e)) from None
     if args.format == "table":
@@ -845,14 +889,26 @@ def cmd_efficiency(args: argparse.Namespace) -> int:
             f"{args.model}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_heads} heads "
             f"({arch.num_kv_heads} KV), MLP {arch.intermediate_size}{' gated' if arch.gated_mlp else ''}, vocab {arch.vocab_size}"
         )
-        where = (f"FastV: layers 0-{args.fastv_layer - 1} see all {eff.MAX_VISUAL_TOKENS} visual tokens, the rest R x "
-                 f"{eff.MAX_VISUAL_TOKENS}" if args.fastv_layer else f"R x {eff.MAX_VISUAL_TOKENS} visual tokens")
+        where = (f"FastV: layers 0-{args.fastv_layer - 1} see all {maximum} visual tokens, the rest R x "
+                 f"{maximum}" if args.fastv_layer else f"R x {maximum} visual tokens")
+        attention = "fused flash attention" if args.flash_attention else "unfused attention (scores written, softmax, read)"
         _echo(
             f"prefill of {where} + {args.text_tokens} text tokens; "
-            f"roofline on {hardware.name} ({hardware.peak_tflops:g} TFLOP/s, {hardware.bandwidth_gbs:g} GB/s), {args.dtype}"
+            f"roofline on {hardware.name} ({hardware.peak_tflops:g} TFLOP/s, {hardware.bandwidth_gbs:g} GB/s; "
+            f"{hardware.source or 'source not recorded'}), {args.dtype}, {attention}"
         )
         _echo("")
     _echo(eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, args.format))
+    if args.breakdown:
+        for row in rows:
+            ops = eff.operator_breakdown(arch, row["visual_tokens"] + args.text_tokens, hardware,
+                                         bytes_per_value=bytes_per_value, flash_attention=args.flash_attention)
+            if args.format == "table":
+                _echo("")
+                _echo(f"per operator at R = {row['ratio']:g} ({row['visual_tokens']} visual + {args.text_tokens} text "
+                      f"tokens), prefill; block operators run {arch.num_layers} times:")
+            data = [{"ratio": row["ratio"], **op.to_dict()} for op in ops]
+            _echo(eff.format_rows(data, eff.BREAKDOWN_COLUMNS, args.format))
     return 0
 
 
@@ -862,12 +918,9 @@ def _positive(name: str, value: int) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .efficiency import format_rows, parse_ratios
+    from .efficiency import format_rows
 
-    try:
-        ratios = parse_ratios(args.ratios)
-    except ValueError as e:
-        raise CLIError(f"--ratios: {e}") from None
+    ratios = parse_budget(args, "--ratios", args.model)
     for name in ("batch_size", "max_new_tokens", "runs"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
@@ -927,13 +980,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from .efficiency import parse_ratios
-
     # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
-    try:
-        ratios = parse_ratios(args.retention_ratio)
-    except ValueError as e:
-        raise CLIError(f"--retention-ratio: {e}") from None
+    ratios = parse_budget(args, "--retention-ratio", args.model)
     methods, options, _ = method_settings(args, ratios, "--retention-ratio", several=False)
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")

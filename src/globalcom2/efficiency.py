@@ -522,6 +522,60 @@ def parse_ratios(text: str) -> list[float]:
     return out
 
 
+def max_visual_tokens_of(config: Any) -> int:
+    """A LLaVA-NeXT config's most visual tokens for one image, without newlines: the thumbnail plus
+    the most crops any ``image_grid_pinpoints`` entry gives, times ``(image_size / patch_size)^2``
+    (5 x 576 = 2,880 for the llava-hf checkpoints). Takes a config object or its dict."""
+
+    def get(obj: Any, key: str, default: Any = None) -> Any:
+        return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
+
+    vision = get(config, "vision_config")
+    size, patch = get(vision, "image_size"), get(vision, "patch_size")
+    pinpoints = get(config, "image_grid_pinpoints")
+    if not (isinstance(size, int) and isinstance(patch, int) and pinpoints):
+        raise ValueError("the config has no vision_config.image_size/patch_size or image_grid_pinpoints")
+    crops = max((int(h) // size) * (int(w) // size) for h, w in pinpoints)
+    return (1 + crops) * (size // patch) ** 2
+
+
+def max_visual_tokens_for_model(model: str) -> int:
+    """:func:`max_visual_tokens_of` a local checkpoint's ``config.json`` (a directory or the file);
+    :data:`MAX_VISUAL_TOKENS` for the known llava-hf ids and anything else (all share that geometry)."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if model not in KNOWN_MODELS and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return max_visual_tokens_of(json.load(fh))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+    return MAX_VISUAL_TOKENS
+
+
+def parse_visual_tokens(text: str, maximum: int) -> list[float]:
+    """``"640,320,160"`` visual tokens per image -> retention ratios of ``maximum`` (e.g. 2,880):
+    ``[0.2222..., 0.1111..., 0.0555...]``. The field's convention since 2025 for LLaVA-NeXT."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(f"visual token count {part!r} is not a whole number") from None
+        if not 1 <= value <= maximum:
+            raise ValueError(f"visual token count {value} is not in [1, {maximum}] (this model's maximum per image)")
+        out.append(value / maximum)
+    if not out:
+        raise ValueError("no visual token count given")
+    return out
+
+
+def describe_visual_tokens(ratios: Sequence[float], maximum: int) -> str:
+    """``"640 = R 0.2222, 320 = R 0.1111 visual tokens of 2880"`` for status lines."""
+    pairs = ", ".join(f"{visual_tokens_for(r, maximum)} = R {r:.4g}" for r in ratios)
+    return f"visual tokens {pairs} (of {maximum} per image)"
+
+
 def format_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]], fmt: str) -> str:
     """Render rows as a Markdown-compatible table, JSON (array of objects) or CSV.
 
