@@ -265,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="analytic prefill FLOPs, KV cache and roofline times per retention ratio",
         description=_para(
             "Theoretical cost of the language model's prefill and decode for each retention ratio, "
-            "LLM-Viewer's way: 2 FLOPs per multiply-add over every linear layer of every decoder block "
-            "plus QK^T and AV; KV cache = 2 x layers x kv_heads x head_dim x bytes per token; a "
-            "per-operator roofline on the chosen hardware. By default (--text-tokens 0) it follows the "
+            "LLM-Viewer's way, operator for operator: every decoder block's linear layers (2 FLOPs per "
+            "multiply-add), QK^T, softmax, AV, both RMSNorms, both residual adds and the MLP activation, plus "
+            "the LM head on one position; KV cache = 2 x layers x kv_heads x head_dim x bytes per token; a "
+            "per-operator roofline on the chosen hardware (LLM-Viewer's figures where it has the card). By default (--text-tokens 0) it follows the "
             "paper's convention: only the R x 2880 retained visual tokens of one 4-crop image. Works "
             "offline for the public llava-hf LLaVA-NeXT checkpoints and for any local config.json."
         ),
