@@ -107,6 +107,7 @@ class Adapter:
         inside it, becomes a pass-through to the original."""
         for name, (saved, ours) in self._saved.items():
             ours.active = False
+            ours.owner = None  # a pass-through left inside someone's wrapper must not keep this adapter alive
             if self.model.__dict__.get(name) is not ours:
                 continue  # wrapped by someone else since: keep their wrapper, ours now passes through
             if saved is _MISSING:
