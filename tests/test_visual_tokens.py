@@ -107,3 +107,28 @@ def test_efficiency_breakdown_and_sources(capsys):
 def test_breakdown_with_fastv_is_refused(capsys):
     assert main(["efficiency", "--breakdown", "--fastv-layer", "2"]) != 0
     assert "--fastv-layer" in capsys.readouterr().err
+
+
+def test_eval_accepts_visual_tokens(tmp_path, capsys, monkeypatch):
+    from test_eval_runner import _run, make_toy
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = make_toy(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--benchmarks", "toyqa", "--data-root", str(data), "--output-dir", str(out),
+            "--visual-tokens", "2880,640", "--method", "globalcom2", "--no-progress", "--format", "json"]
+    assert _run(argv) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["rows"]
+    assert [(r["method"], r["retention_ratio"]) for r in rows] == [("vanilla", 1.0), ("globalcom2", pytest.approx(640 / 2880))]
+    assert "640 = R 0.2222" in captured.err
+    assert _run([*argv[:-2], "--format", "json"]) == 0  # resumes under the same settings: nothing new to answer
+    assert [r["samples"] for r in json.loads(capsys.readouterr().out)["rows"]] == [2, 2]
+
+
+def test_eval_checks_visual_tokens_first(tmp_path, capsys):
+    from globalcom2.cli import CLIError
+    from test_eval_runner import _run
+
+    with pytest.raises(CLIError, match="--visual-tokens"):
+        _run(["--model", "tiny", "--benchmarks", "mme", "--data-root", str(tmp_path / "none"), "--visual-tokens", "0"])

@@ -19,7 +19,10 @@ DEFAULT_OUTPUT = "globalcom2-eval"
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from ..cli import DEVICE_CHOICES, DTYPE_CHOICES, EXAMPLE_MODEL, FORMAT_CHOICES, _para, add_method_arguments
+    from ..cli import (
+        DEVICE_CHOICES, DTYPE_CHOICES, EXAMPLE_MODEL, FORMAT_CHOICES, _para, add_method_arguments,
+        add_visual_tokens_argument,
+    )
 
     common = (
         f"--model {EXAMPLE_MODEL} \\\n      --benchmarks textvqa,mme,pope --data-root ./playground/data/eval "
@@ -70,8 +73,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="comma-separated benchmark names (see --list-benchmarks)")
     p.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
     p.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the benchmarks' data")
-    p.add_argument("--retention-ratio", default=DEFAULT_RATIOS, metavar="R[,R...]",
-                   help=f"comma-separated ratios in (0, 1]; 1.0 is the vanilla model (default: {DEFAULT_RATIOS})")
+    ratio_group = p.add_mutually_exclusive_group()
+    ratio_group.add_argument("--retention-ratio", default=DEFAULT_RATIOS, metavar="R[,R...]",
+                             help=f"comma-separated ratios in (0, 1]; 1.0 is the vanilla model (default: {DEFAULT_RATIOS})")
+    add_visual_tokens_argument(ratio_group, "--retention-ratio (the model's maximum, 2880, is the vanilla model)")
     add_method_arguments(p)  # --method, --method-arg (as bench and visualize have them)
     p.add_argument("--split", action="append", default=[], metavar="BENCH=SPLIT",
                    help="the split of a benchmark, repeatable (default: each benchmark's default split)")
@@ -166,13 +171,13 @@ def _list_benchmarks() -> int:
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 eval`` (raises :class:`globalcom2.cli.CLIError` on bad input)."""
     from ..cli import (
-        PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, locate_model, parse_method_arguments,
+        PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, locate_model, parse_budget,
+        parse_method_arguments,
     )
 
     if args.list_benchmarks:
         return _list_benchmarks()
 
-    from ..efficiency import parse_ratios
     from . import runner
     from .base import get_benchmark
 
@@ -196,10 +201,7 @@ def run(args: argparse.Namespace) -> int:
             get_benchmark(name)
         except ValueError as e:
             raise CLIError(f"--benchmarks: {e}") from None
-    try:
-        ratios = parse_ratios(args.retention_ratio)
-    except ValueError as e:
-        raise CLIError(f"--retention-ratio: {e}") from None
+    ratios = parse_budget(args, "--retention-ratio", args.model)
     methods, options = parse_method_arguments(args, ratio_flag="--retention-ratio")
     try:  # plan_runs checks every setting with globalcom2.methods.plan_settings, as the other commands do
         runs = runner.plan_runs(ratios, methods, options, ratio_flag="--retention-ratio")
