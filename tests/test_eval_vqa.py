@@ -116,7 +116,7 @@ def test_vqa_accuracy_edge_cases():
 @pytest.mark.parametrize("layout, arrow", [("llava", False), ("lmms", False), ("lmms", True)])
 def test_textvqa_load(tmp_path, layout, arrow):
     make_textvqa(tmp_path, layout, arrow=arrow)
-    bench = get_benchmark("textvqa")
+    bench = get_benchmark("textvqa", protocol="lmms-eval")  # its prompt: no OCR tokens
     samples = bench.load(tmp_path)
     assert [s.id for s in samples] == [str(q["question_id"]) for q in TEXTVQA_QUESTIONS]
     # lmms-eval: question.capitalize() (rest lower-cased) + instruction

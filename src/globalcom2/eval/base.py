@@ -72,6 +72,23 @@ class Sample:
         return {"id": self.id, "prediction": prediction, "target": self.target, "meta": self.meta, **extra}
 
 
+#: The evaluation protocols (``globalcom2 eval --protocol``): ``llava``, the paper's (LLaVA's own
+#: ``scripts/v1_5/eval/*.sh`` and ``llava/eval/*.py``: their prompts, their ``max_new_tokens``, the
+#: official scorers), and ``lmms-eval``, lmms-eval's task settings. The first is the default.
+PROTOCOLS: tuple[str, ...] = ("llava", "lmms-eval")
+DEFAULT_PROTOCOL = PROTOCOLS[0]
+
+
+def check_protocol(protocol: str | None) -> str:
+    """``protocol`` (None: :data:`DEFAULT_PROTOCOL`) if known, else a ValueError listing the known ones."""
+    if protocol is None:
+        return DEFAULT_PROTOCOL
+    key = str(protocol).strip().lower()
+    if key not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    return key
+
+
 class Benchmark(ABC):
     """One benchmark: how to load it, how to prompt for it, how to score it.
 
@@ -79,31 +96,58 @@ class Benchmark(ABC):
         name: registry key, lowercase (``"textvqa"``).
         title: display name (``"TextVQA"``).
         splits: the splits :meth:`load` understands; ``default_split`` first.
-        max_new_tokens: generation budget, as LLaVA-NeXT's own evaluation uses it.
+        token_budgets: ``max_new_tokens`` per protocol (see :data:`PROTOCOLS`): LLaVA's scripts
+            under ``llava``, lmms-eval's task under ``lmms-eval``; :attr:`max_new_tokens` is the
+            one of :attr:`protocol`. A subclass may instead set ``max_new_tokens`` itself.
         primary_metric: the key of :meth:`score`'s result shown in summary tables.
-        data_dirs: folder names looked for under ``--data-root`` (first that exists wins).
+        data_dirs: folder names looked for under ``--data-root`` (the first that holds this
+            benchmark's data wins, see :meth:`has_data`; else the first that exists).
+
+    Instance attribute ``protocol`` (default :data:`DEFAULT_PROTOCOL`; set by
+    :func:`get_benchmark`) selects the prompts, the budget and, where the two differ, the scorer.
     """
 
     name: ClassVar[str]
     title: ClassVar[str]
     splits: ClassVar[tuple[str, ...]]
-    max_new_tokens: ClassVar[int] = 16
+    token_budgets: ClassVar[dict[str, int]] = {"llava": 16, "lmms-eval": 16}
     primary_metric: ClassVar[str]
     data_dirs: ClassVar[tuple[str, ...]] = ()
+    protocol: str = DEFAULT_PROTOCOL
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The generation budget under :attr:`protocol` (settable, e.g. to shorten a test run)."""
+        override = self.__dict__.get("_max_new_tokens")
+        if override is not None:
+            return int(override)
+        budgets = self.token_budgets
+        return int(budgets.get(self.protocol, budgets.get(DEFAULT_PROTOCOL, 16)))
+
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int) -> None:
+        self.__dict__["_max_new_tokens"] = int(value)
 
     @property
     def default_split(self) -> str:
         return self.splits[0]
 
+    def has_data(self, folder: Path) -> bool:
+        """Whether ``folder`` holds this benchmark's data (used to pick among :attr:`data_dirs`);
+        the default: any folder does."""
+        return True
+
     def data_dir(self, root: str | Path) -> Path:
-        """This benchmark's folder under ``root`` (``root`` itself when none of :attr:`data_dirs` exists)."""
+        """This benchmark's folder under ``root``: the first of :attr:`data_dirs` that holds its
+        data (:meth:`has_data`), else the first that exists, else ``root`` itself."""
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"data root {root} is not a directory")
-        for name in self.data_dirs:
-            if (root / name).is_dir():
-                return root / name
-        return root
+        existing = [root / name for name in self.data_dirs if (root / name).is_dir()]
+        for folder in existing:
+            if self.has_data(folder):
+                return folder
+        return existing[0] if existing else root
 
     @abstractmethod
     def load(self, root: str | Path, split: str | None = None) -> list[Sample]:
@@ -146,17 +190,20 @@ def benchmark_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_benchmark(name: str) -> Benchmark:
-    """A fresh instance of the benchmark called ``name`` (case-insensitive).
+def get_benchmark(name: str, protocol: str | None = None) -> Benchmark:
+    """A fresh instance of the benchmark called ``name`` (case-insensitive), set to ``protocol``
+    (default :data:`DEFAULT_PROTOCOL`, see :data:`PROTOCOLS`).
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ValueError: an unknown name (the message lists the known ones) or protocol.
     """
     _load_builtin()
     key = name.strip().lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[key]()
+    bench = _REGISTRY[key]()
+    bench.protocol = check_protocol(protocol)
+    return bench
 
 
 def _load_builtin() -> None:

@@ -15,6 +15,23 @@ from typing import Any
 
 DEFAULT_RATIOS = "1.0,0.25"
 DEFAULT_OUTPUT = "globalcom2-eval"
+#: --protocol's choices, the default first (kept in step with globalcom2.eval.base.PROTOCOLS,
+#: which this cheap module does not import).
+PROTOCOL_CHOICES = ("llava", "lmms-eval")
+
+PROTOCOL_HELP = "evaluation protocol (default: llava); see 'protocols' below"
+
+#: The epilog's paragraphs on the two protocols.
+PROTOCOL_EPILOG = (
+    "llava (default), the paper's protocol: LLaVA's own evaluation scripts (scripts/v1_5/eval/*.sh, "
+    "llava/eval/*.py): their prompts (TextVQA with its 'Reference OCR token:' line), their "
+    "max_new_tokens (128 for the short answers, 1024 for ScienceQA, MMBench and MM-Vet) and the "
+    "official scorers (VQAv2 val as vqaEval.py).",
+    "lmms-eval: lmms-eval's task settings (TextVQA without OCR tokens; 16 new tokens for GQA, MME, "
+    "VQAv2 and ScienceQA; VQAv2 answers always normalised).",
+    "The protocol is recorded in summary.json and in each run's meta file; resuming an --output-dir "
+    "under another protocol is refused.",
+)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -35,8 +52,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             _para(
                 "Evaluate a LLaVA-NeXT checkpoint on the paper's benchmarks at each retention ratio: "
                 "ratio 1.0 is the vanilla model (the 100% reference), every other ratio each --method. "
-                "Prompts and max_new_tokens follow LLaVA-NeXT's own evaluation, wrapped in the "
-                "checkpoint's chat template; greedy decoding. Predictions are appended to "
+                "Prompts, max_new_tokens and scorers follow --protocol: llava (default), the paper's "
+                "numbers, from LLaVA's own evaluation scripts; or lmms-eval, its task settings. "
+                "Prompts are wrapped in the checkpoint's chat template; greedy decoding. Predictions are appended to "
                 "<output-dir>/predictions/<benchmark>-<split>/<method>-R<ratio>.jsonl as they are "
                 "produced: an interrupted run resumes where it stopped, re-running a finished one only "
                 "re-scores. Prints (and writes to summary.md / summary.json) each score, the score "
@@ -59,6 +77,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             f"  accelerate launch --num_processes 8 -m globalcom2.cli eval {common}\n"
             "  globalcom2 eval --rescore --output-dir globalcom2-eval    # score existing predictions only\n"
             "  globalcom2 eval --list-benchmarks\n\n"
+            "protocols (--protocol):\n"
+            + "\n".join(_para(text) for text in PROTOCOL_EPILOG)
+            + "\n\n"
             + _para(
                 "data: --data-root holds each benchmark's folder as LLaVA's evaluation guide lays it out "
                 "(playground/data/eval/<benchmark>/...) or the lmms-lab parquet copies; see "
@@ -78,6 +99,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              help=f"comma-separated ratios in (0, 1]; 1.0 is the vanilla model (default: {DEFAULT_RATIOS})")
     add_visual_tokens_argument(ratio_group, "--retention-ratio (the model's maximum, 2880, is the vanilla model)")
     add_method_arguments(p)  # --method, --method-arg (as bench and visualize have them)
+    p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default=PROTOCOL_CHOICES[0], help=PROTOCOL_HELP)
     p.add_argument("--split", action="append", default=[], metavar="BENCH=SPLIT",
                    help="the split of a benchmark, repeatable (default: each benchmark's default split)")
     p.add_argument("--output-dir", default=DEFAULT_OUTPUT, metavar="DIR",
@@ -152,10 +174,12 @@ def _list_benchmarks() -> int:
 
     rows = []
     for name in benchmark_names():
+        budgets = "/".join(str(get_benchmark(name, protocol).max_new_tokens) for protocol in PROTOCOL_CHOICES)
         b = get_benchmark(name)
         rows.append((name, getattr(b, "title", name), ",".join(b.splits), b.primary_metric,
-                     str(b.max_new_tokens), ",".join(b.data_dirs) or "-"))
-    headers = ("name", "title", "splits", "metric", "max_new_tokens", "folders under --data-root")
+                     budgets, ",".join(b.data_dirs) or "-"))
+    headers = ("name", "title", "splits", "metric", "max_new_tokens (" + "/".join(PROTOCOL_CHOICES) + ")",
+               "folders under --data-root")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     _echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
@@ -216,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
     if args.model != "tiny":
         locate_model(args.model)  # a missing directory or a bare name: reported now, not after the data is read
+    try:  # an --output-dir of another protocol is refused before any data or model is read
+        runner.check_output_protocol(out, args.protocol)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     if not args.data_root:
         raise CLIError("--data-root is required: the folder holding the benchmarks' data")
     root = Path(args.data_root).expanduser()
@@ -228,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     talk = show and dist.is_main
 
     try:
-        loaded = runner.load_benchmarks(names, root, splits, args.limit, judge)
+        loaded = runner.load_benchmarks(names, root, splits, args.limit, judge, protocol=args.protocol)
     except ValueError as e:  # DataError included
         raise CLIError(str(e)) from None  # main() makes it one line
     missing = runner.pending(loaded, runs, out)
@@ -266,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             summary = runner.run_eval(
                 model, processor, loaded, root, ratios, methods, options, output_dir=out, limit=None,
-                batch_size=args.batch_size, progress=show, judge=judge, dist=dist,
+                batch_size=args.batch_size, progress=show, judge=judge, dist=dist, protocol=args.protocol,
             )
         except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
             raise CLIError(str(e)) from None  # main() makes it one line

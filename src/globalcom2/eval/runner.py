@@ -34,6 +34,12 @@ re-scored from its JSONL alone (:func:`score_outputs`)::
 batch's ``generate`` wall time (CUDA synchronised before each clock read) / batch size. Each
 process generates its first batch once untimed before, so that no latency holds the warm-up.
 
+**Protocol.** ``protocol`` (``llava``, the default, or ``lmms-eval``; see
+:data:`globalcom2.eval.base.PROTOCOLS`) selects each benchmark's prompts, ``max_new_tokens`` and,
+where they differ, its scorer. It is recorded in every run's ``.meta.json`` and in
+``summary.json``; an output directory holding runs of another protocol is refused
+(:func:`check_output_protocol`), and :func:`score_outputs` re-scores each run under its own.
+
 **Resuming.** Records are appended as they are produced (one ``write`` + flush + fsync per
 batch). On start, a run's done ids are those of its main file plus any leftover shard files (from
 a crash, possibly with another world size); only the other samples are generated. A torn last
@@ -72,7 +78,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .._io import atomic_path
 from ..generation import build_prompt, greedy_kwargs, sync, to_model
-from .base import Benchmark, DataError, Sample, benchmark_names, get_benchmark, iter_chunks
+from .base import (
+    DEFAULT_PROTOCOL, Benchmark, DataError, Sample, benchmark_names, check_protocol, get_benchmark, iter_chunks,
+)
+
+#: The protocol of a run whose meta file predates ``--protocol`` (those runs followed lmms-eval).
+LEGACY_PROTOCOL = "lmms-eval"
 
 #: The method name of the unmodified model, run at retention ratio 1.0.
 VANILLA = "vanilla"
@@ -393,9 +404,11 @@ def load_benchmarks(
     split: dict[str, str] | None = None,
     limit: int | None = None,
     judge: dict[str, Any] | None = None,
+    protocol: str | None = None,
 ) -> list[LoadedBenchmark]:
     """Instantiate and load each benchmark (``split``: per-benchmark split names; ``limit``: the
-    first N samples). ``judge`` is set on each instance as the attribute ``judge``.
+    first N samples) under ``protocol`` (default :data:`~globalcom2.eval.base.DEFAULT_PROTOCOL`).
+    ``judge`` is set on each instance as the attribute ``judge``.
 
     Raises:
         ValueError: an unknown benchmark or split, a split for a benchmark not selected, a bad limit.
@@ -403,6 +416,7 @@ def load_benchmarks(
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    protocol = check_protocol(protocol)
     keys = []
     for name in names:
         key = get_benchmark(name).name
@@ -416,7 +430,7 @@ def load_benchmarks(
         raise ValueError(f"split given for {', '.join(unknown)}, which is not among the benchmarks run ({', '.join(keys)})")
     out = []
     for key in keys:
-        bench = get_benchmark(key)
+        bench = get_benchmark(key, protocol)
         if judge is not None:
             bench.judge = judge  # type: ignore[attr-defined]
         sp = bench.check_split(splits.get(key))
@@ -517,6 +531,7 @@ def _write_meta(main: Path, bench: LoadedBenchmark, run: RunSpec, model_name: st
         "retention_ratio": run.ratio,
         "config": run.config,
         "model": model_name or None,
+        "protocol": bench.bench.protocol,
         "max_new_tokens": bench.bench.max_new_tokens,
     }
     try:
@@ -530,6 +545,56 @@ def _write_meta(main: Path, bench: LoadedBenchmark, run: RunSpec, model_name: st
             return
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def run_protocol(main: Path) -> str | None:
+    """The protocol recorded in the meta file of the predictions file ``main``:
+    :data:`LEGACY_PROTOCOL` for a meta file without one, None when there is no readable meta."""
+    path = meta_path(main)
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return str(meta.get("protocol") or LEGACY_PROTOCOL)
+
+
+def check_output_protocol(output_dir: str | Path, protocol: str | None) -> None:
+    """Refuse an output directory whose runs (their meta files, or ``summary.json``) were made
+    under another protocol than ``protocol``; read only, nothing there is fine.
+
+    Raises:
+        ValueError: one line naming both protocols.
+    """
+    protocol = check_protocol(protocol)
+    out = Path(output_dir).expanduser()
+    found: list[tuple[str, Path]] = []
+    root = out / "predictions"
+    if root.is_dir():
+        for meta_file in sorted(root.glob("*/*.meta.json")):
+            main = meta_file.with_name(meta_file.name[: -len(".meta.json")] + ".jsonl")
+            if not (main.exists() or shard_files(main)):
+                continue
+            old = run_protocol(main)
+            if old is not None:
+                found.append((old, main))
+    summary = out / "summary.json"
+    if summary.is_file():
+        try:
+            old_summary = json.loads(summary.read_text(encoding="utf-8")).get("protocol")
+        except (OSError, ValueError, AttributeError):
+            old_summary = None
+        if old_summary:
+            found.append((str(old_summary), summary))
+    for old, where in found:
+        if old != protocol:
+            raise ValueError(
+                f"{out} holds runs made under --protocol {old} ({where}), not --protocol {protocol}: "
+                f"resume them with --protocol {old}, or use another --output-dir"
+            )
 
 
 def pending(loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec], output_dir: str | Path) -> int:
@@ -727,9 +792,12 @@ class EvalSummary:
 
     rows: list[RunResult]
     output_dir: str
+    #: the protocol of every run (``llava`` / ``lmms-eval``); None when the runs disagree (a
+    #: directory assembled by hand) or none is known.
+    protocol: str | None = DEFAULT_PROTOCOL
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output_dir": self.output_dir, "rows": [r.to_dict() for r in self.rows]}
+        return {"output_dir": self.output_dir, "protocol": self.protocol, "rows": [r.to_dict() for r in self.rows]}
 
     def row(self, benchmark: str, method: str, ratio: float) -> RunResult | None:
         for r in self.rows:
@@ -807,7 +875,8 @@ class EvalSummary:
             return "# Evaluation summary\n\nNo predictions.\n"
         return (
             "# Evaluation summary\n\n"
-            "Score (relative to the vanilla model at R=1, %); Avg.: mean relative score; Tokens: mean visual tokens "
+            + (f"Protocol: {self.protocol} (globalcom2 eval --protocol).\n\n" if self.protocol else "")
+            + "Score (relative to the vanilla model at R=1, %); Avg.: mean relative score; Tokens: mean visual tokens "
             "per sample (layer-averaged for FastV).\n\n"
             f"{self.paper_table()}\n\n## Runs\n\n"
             "Visual tokens: mean per sample entering the language model; Latency: median generate time per sample.\n\n"
@@ -932,9 +1001,10 @@ def run_eval(
     progress: bool = True,
     judge: dict[str, Any] | None = None,
     dist: DistEnv | None = None,
+    protocol: str | None = None,
 ) -> EvalSummary:
     """Evaluate ``model`` on ``benchmarks`` at each retention ratio with each method (see the
-    module docstring for the runs, the files, resuming and sharding).
+    module docstring for the runs, the files, the protocol, resuming and sharding).
 
     Args:
         model, processor: a LLaVA-NeXT model (unpatched; it is left unpatched) and its processor.
@@ -953,6 +1023,9 @@ def run_eval(
             each benchmark instance as ``judge``.
         dist: the process's :class:`DistEnv` (default: read from the environment); the process
             group is joined when distributed.
+        protocol: ``"llava"`` (default) or ``"lmms-eval"``: the benchmarks loaded by name use it;
+            :class:`LoadedBenchmark` inputs keep theirs (None: theirs), which must all agree and
+            equal ``protocol`` when both are given.
 
     Returns:
         The summary (also written to ``summary.json`` / ``summary.md``). On ranks other than 0 it
@@ -967,16 +1040,23 @@ def run_eval(
         loaded = list(benchmarks)  # type: ignore[arg-type]
         if limit is not None:
             loaded = [LoadedBenchmark(lb.bench, lb.split, lb.samples[:limit], lb.total) for lb in loaded]
+        theirs = sorted({lb.bench.protocol for lb in loaded})
+        if len(theirs) > 1 or (protocol is not None and theirs != [check_protocol(protocol)]):
+            wanted = f"protocol {check_protocol(protocol)!r}" if protocol is not None else "one protocol"
+            raise ValueError(f"the loaded benchmarks use protocol(s) {', '.join(theirs)}, not {wanted}")
+        protocol = theirs[0]
     else:
         if data_root is None:
             raise ValueError("data_root is required to load benchmarks by name")
-        loaded = load_benchmarks([str(b) for b in benchmarks], data_root, split, limit, judge)
+        protocol = check_protocol(protocol)
+        loaded = load_benchmarks([str(b) for b in benchmarks], data_root, split, limit, judge, protocol)
     if judge is not None:
         for lb in loaded:
             lb.bench.judge = judge  # type: ignore[attr-defined]
     dist = dist or DistEnv.from_env()
     output_dir = Path(output_dir).expanduser()
     model_name = _model_name(model) if model is not None else ""
+    check_output_protocol(output_dir, protocol)  # every rank (read only), before any work
     for lb in loaded:  # every rank checks (read only): all fail together, before any work
         for run in runs:
             _check_meta(predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio), run, model_name)
@@ -1027,14 +1107,14 @@ def run_eval(
 
     if not dist.is_main:
         dist.shutdown()
-        return EvalSummary(rows=[], output_dir=str(output_dir))
+        return EvalSummary(rows=[], output_dir=str(output_dir), protocol=protocol)
     rows = []
     for lb, run, main in ordered:
         wanted = {s.id for s in lb.samples}
         records = [r for r in read_records(main)[0] if str(r["id"]) in wanted]
         rows.append(summarize_run(lb.bench, lb.split, run.method, run.ratio, records, main, output_dir, len(wanted)))
     _add_relative(rows)
-    summary = EvalSummary(rows=rows, output_dir=str(output_dir))
+    summary = EvalSummary(rows=rows, output_dir=str(output_dir), protocol=protocol)
     summary.write(output_dir)
     dist.shutdown()
     return summary
@@ -1119,6 +1199,7 @@ def score_outputs(output_dir: str | Path, judge: dict[str, Any] | None = None, p
     (leftover shards are merged first), rewrite the submissions and the summaries.
 
     Every record in a file counts (a run made with ``limit`` is scored on what it answered).
+    Each run is scored under the protocol its meta file records (no meta file: the default).
 
     Raises:
         FileNotFoundError: no predictions folder.
@@ -1129,6 +1210,7 @@ def score_outputs(output_dir: str | Path, judge: dict[str, Any] | None = None, p
     if not root.is_dir():
         raise FileNotFoundError(f"no predictions under {out} (expected the folder {root})")
     rows: list[RunResult] = []
+    protocols: set[str] = set()
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         stems = set()
         for p in folder.iterdir():
@@ -1151,10 +1233,12 @@ def score_outputs(output_dir: str | Path, judge: dict[str, Any] | None = None, p
                 continue
             if judge is not None:
                 bench.judge = judge  # type: ignore[attr-defined]
+            bench.protocol = check_protocol(run_protocol(main))  # no meta: the default
+            protocols.add(bench.protocol)
             records = consolidate(main)
             rows.append(summarize_run(bench, split, method, ratio, records, main, out))
     rows.sort(key=lambda r: (r.benchmark, r.split, r.method != VANILLA, r.method, -r.retention_ratio))
     _add_relative(rows)
-    summary = EvalSummary(rows=rows, output_dir=str(out))
+    summary = EvalSummary(rows=rows, output_dir=str(out), protocol=protocols.pop() if len(protocols) == 1 else None)
     summary.write(out)
     return summary

@@ -22,8 +22,16 @@ Pure functions, no state:
   3 -> 0.9, >=4 -> 1.
 
 Difference from the official ``vqaEval.py``: it normalises only when the ten answers are not all
-identical and skips step 1; like LLaVA (which also normalises VQAv2 answers before submitting them)
-and lmms-eval's TextVQA/VizWiz tasks, we always normalise both sides with the full processor.
+identical and skips step 1; :func:`vqa_accuracy` (TextVQA and VizWiz, as LLaVA's ``m4c_evaluator.py``;
+VQAv2 val under ``--protocol lmms-eval``) always normalises both sides with the full processor.
+
+* :func:`official_vqa_accuracy` is the official VQA evaluation (GT-Vision-Lab/VQA
+  ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, the scorer of the VQAv2 server), used for
+  VQAv2 val under ``--protocol llava``: the prediction gets newlines/tabs -> spaces, strip, then
+  steps 2 and 3 (no step 1; its digit-comma test is a single comma between two digits); the human
+  answers get step 2 only, and only when they are not all the same string. So ``"T-shirt"``
+  against ten ``"t-shirt"`` scores 0 there (the prediction becomes ``"t shirt"``, the answers stay
+  as they are) and 1 with :func:`vqa_accuracy`.
 """
 
 from __future__ import annotations
@@ -192,12 +200,12 @@ def _tokenize(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def _punctuation(text: str) -> str:
+def _punctuation(text: str, digit_comma_re: re.Pattern[str] = _DIGIT_COMMA) -> str:
     """Step 2: punctuation deleted or turned into spaces, then periods not before a digit deleted.
 
     Whether a character is deleted or spaced out is decided on the text as it was on entry.
     """
-    digit_comma = _DIGIT_COMMA.search(text) is not None
+    digit_comma = digit_comma_re.search(text) is not None
     out = text
     for p in _PUNCTUATION:
         if p + " " in text or " " + p in text or digit_comma:
@@ -228,6 +236,32 @@ def normalize_answer(s: str) -> str:
     '3.5'
     """
     return _digits_articles_contractions(_punctuation(_tokenize(str(s))))
+
+
+# The official vqaEval.py's digit-comma test: exactly one comma between two digits.
+_OFFICIAL_DIGIT_COMMA = re.compile(r"\d,\d")
+
+
+def official_vqa_accuracy(prediction: str, gt_answers: Iterable[str]) -> float:
+    """VQA accuracy in [0, 1] as the official ``vqaEval.py`` computes it (see the module docstring):
+    the prediction cleaned and normalised without step 1, the human answers only punctuation-
+    processed and only when they disagree; leave-one-out ``min(1, matches / 3)``. No answers -> 0.0.
+
+    >>> official_vqa_accuracy("T-shirt", ["t-shirt"] * 10)
+    0.0
+    >>> official_vqa_accuracy("Two", ["2"] * 9 + ["two"])
+    1.0
+    """
+    pred = str(prediction).replace("\n", " ").replace("\t", " ").strip()
+    pred = _digits_articles_contractions(_punctuation(pred, _OFFICIAL_DIGIT_COMMA))
+    gts = [str(a) for a in gt_answers]
+    if not gts:
+        return 0.0
+    if len(set(gts)) > 1:
+        gts = [_punctuation(g, _OFFICIAL_DIGIT_COMMA) for g in gts]
+    matches = sum(g == pred for g in gts)
+    total = sum(min(1.0, (matches - (g == pred)) / 3.0) for g in gts)
+    return total / len(gts)
 
 
 def vqa_accuracy(prediction: str, gt_answers: Iterable[str]) -> float:

@@ -35,8 +35,9 @@ class GQA(Benchmark):
       as ``datasets.save_to_disk`` output (``<config>/testdev/*.arrow``).
 
     Prompt (lmms-eval ``gqa`` ``doc_to_text``; LLaVA's ``llava_gqa_testdev_balanced.jsonl``):
-    ``question + "\\nAnswer the question using a single word or phrase."``. ``max_new_tokens`` 16
-    (lmms-eval ``gqa.yaml``).
+    ``question + "\\nAnswer the question using a single word or phrase."``. ``max_new_tokens``
+    128 under ``--protocol llava`` (``model_vqa_loader.py``'s default, used by ``gqa.sh``), 16 under
+    ``lmms-eval`` (``gqa.yaml``).
 
     Metric: GQA's ``eval.py`` accuracy (%): a prediction is right when, cleaned as LLaVA does
     (:func:`clean_gqa_prediction`), it equals the answer. Breakdown as ``eval.py`` reports it where
@@ -47,7 +48,7 @@ class GQA(Benchmark):
     name = "gqa"
     title = "GQA"
     splits = ("testdev",)
-    max_new_tokens = 16
+    token_budgets = {"llava": 128, "lmms-eval": 16}  # model_vqa_loader.py default / lmms-eval gqa
     primary_metric = "accuracy"
     data_dirs = ("gqa", "GQA")
 

@@ -92,7 +92,8 @@ class MME(Benchmark):
 
     Prompt when built here: the question without " Please answer yes or no." +
     ``"\\nAnswer the question using a single word or phrase."`` (lmms-eval ``mme``, LLaVA's
-    short-answer format). ``max_new_tokens`` 16 (lmms-eval ``mme``). Sample ids
+    short-answer format). ``max_new_tokens`` 128 under ``--protocol llava`` (``model_vqa_loader.py``'s
+    default, used by ``mme.sh``), 16 under ``lmms-eval`` (``mme``). Sample ids
     ``<subtask>/<image file>/<k>``, k = 0, 1 for the image's two questions.
 
     Metric (MME ``eval_tool/calculation.py``): replies read by :func:`parse_mme_answer`; per
@@ -107,7 +108,7 @@ class MME(Benchmark):
     name = "mme"
     title = "MME"
     splits = ("test",)
-    max_new_tokens = 16
+    token_budgets = {"llava": 128, "lmms-eval": 16}  # model_vqa_loader.py default / lmms-eval mme
     primary_metric = "perception"
     data_dirs = ("MME", "mme")
 

@@ -89,7 +89,7 @@ class POPE(Benchmark):
     name = "pope"
     title = "POPE"
     splits = ("all",) + POPE_SUBSETS
-    max_new_tokens = 128
+    token_budgets = {"llava": 128, "lmms-eval": 128}
     primary_metric = "f1"
     data_dirs = ("pope", "POPE")
 

@@ -111,8 +111,8 @@ class ScienceQA(Benchmark):
 
     Prompt: context + question + lettered options + ``"Answer with the option's letter from the
     given choices directly."`` (LLaVA ``model_vqa_science.py --single-pred-prompt``; lmms-eval
-    ``scienceqa_img``). ``max_new_tokens`` 16 as lmms-eval's ``scienceqa_img`` (LLaVA's script
-    allows 1024; a letter needs 1-2 tokens).
+    ``scienceqa_img``). ``max_new_tokens`` 1024 under ``--protocol llava`` (``model_vqa_science.py``,
+    hard-coded), 16 under ``lmms-eval`` (``scienceqa_img``).
 
     Metric: accuracy (%) with LLaVA's ``eval_science_qa.py`` parsing (:func:`parse_sqa_letter`),
     plus ScienceQA's breakdown where present: subject (``NAT``/``SOC``/``LAN``), questions with a
@@ -122,7 +122,7 @@ class ScienceQA(Benchmark):
     name = "scienceqa"
     title = "ScienceQA-IMG"
     splits = ("test",)
-    max_new_tokens = 16
+    token_budgets = {"llava": 1024, "lmms-eval": 16}  # model_vqa_science.py / lmms-eval scienceqa_img
     primary_metric = "accuracy"
     data_dirs = ("scienceqa", "ScienceQA", "ScienceQA-IMG", "sqa")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..base import (
     Benchmark,
@@ -27,7 +27,7 @@ from ..base import (
     require_keys,
     table_rows,
 )
-from ..vqa_metric import normalize_answer, vqa_accuracy
+from ..vqa_metric import normalize_answer, official_vqa_accuracy, vqa_accuracy
 
 #: The short-answer instruction appended to the question (LLaVA docs/Evaluation.md "Short-answer";
 #: lmms-eval's ``post_prompt`` of textvqa / vqav2 / gqa, after ``"\n"``).
@@ -70,16 +70,19 @@ def strip_instruction(text: str, instruction: str) -> str:
     return text.strip()
 
 
-def vqa_scores(records: Sequence[dict[str, Any]], group_key: str | None = None) -> dict[str, float]:
+def vqa_scores(records: Sequence[dict[str, Any]], group_key: str | None = None,
+               accuracy: Callable[[str, list[str]], float] = vqa_accuracy) -> dict[str, float]:
     """VQA accuracy (%) over the records with a target, plus per ``meta[group_key]`` values
-    (``answer_type/<value>``) when given. Empty dict when no record has a target."""
+    (``answer_type/<value>``) when given. Empty dict when no record has a target. ``accuracy``:
+    the per-answer scorer (:func:`~globalcom2.eval.vqa_metric.vqa_accuracy` or
+    :func:`~globalcom2.eval.vqa_metric.official_vqa_accuracy`)."""
     overall: list[float] = []
     groups: dict[str, list[float]] = defaultdict(list)
     for rec in records:
         target = rec.get("target")
         if target is None:
             continue
-        acc = vqa_accuracy(str(rec.get("prediction") or ""), [str(a) for a in target])
+        acc = accuracy(str(rec.get("prediction") or ""), [str(a) for a in target])
         overall.append(acc)
         if group_key is not None:
             value = (rec.get("meta") or {}).get(group_key)
@@ -107,17 +110,27 @@ class TextVQA(Benchmark):
     itself when none exists):
 
     * **LLaVA** (docs/Evaluation.md): ``TextVQA_0.5.1_val.json`` (``{"data": [{"question_id",
-      "question", "image_id", "answers", ...}]}``) and the images ``train_images/<image_id>.jpg``.
-      LLaVA's ``llava_textvqa_val_v051_ocr.jsonl`` is not read: its prompts embed OCR tokens,
-      which LLaVA-NeXT's evaluation (lmms-eval, ``ocr: false``) does not use.
+      "question", "image_id", "answers", ...}]}``) and the images ``train_images/<image_id>.jpg``;
+      under ``--protocol llava`` also LLaVA's ``llava_textvqa_val_v051_ocr.jsonl`` (eval.zip): its
+      lines (``question_id`` = the *image* id, ``image``, ``text``) are the prompts, matched to the
+      annotations as ``eval_textvqa.py`` does, by (image id, lower-cased question = the first
+      line of ``text``). Without it the prompt is built from the OCR tokens of the annotation
+      (``ocr_tokens``) or of ``TextVQA_Rosetta_OCR_v0.2_val.json`` (``{"data": [{"image_id",
+      "ocr_tokens"}]}``), else the load fails naming the files.
     * **lmms-lab** (hub ``lmms-lab/textvqa``): ``data/validation-*.parquet`` (or
       ``validation-*.parquet`` at the top), or a ``datasets.save_to_disk`` folder
-      (``validation/*.arrow``). Columns used: ``question_id``, ``question``, ``image``, ``answers``.
+      (``validation/*.arrow``). Columns used: ``question_id``, ``question``, ``image``, ``answers``,
+      and ``ocr_tokens`` under ``--protocol llava``.
 
-    Prompt (lmms-eval ``textvqa`` ``doc_to_text``, default ``post_prompt``, ``ocr: false``):
-    ``question.capitalize() + "\\nAnswer the question using a single word or phrase."``.
-    ``max_new_tokens`` 128: LLaVA's ``model_vqa_loader.py`` default used by its ``textvqa.sh``
-    (lmms-eval sets none for this task).
+    Prompt, ``--protocol llava`` (the text of ``llava_textvqa_val_v051_ocr.jsonl``, the same as
+    lmms-eval's ``textvqa`` with ``ocr: true``)::
+
+        question.capitalize() + "\\nReference OCR token: " + ", ".join(ocr_tokens)
+        + "\\nAnswer the question using a single word or phrase."
+
+    ``--protocol lmms-eval`` (its ``textvqa_val`` default, ``ocr: false``): the same without the OCR
+    line. ``max_new_tokens`` 128 under both: LLaVA's ``model_vqa_loader.py`` default used by its
+    ``textvqa.sh`` (lmms-eval sets none for this task).
 
     Metric: VQA accuracy (%) as LLaVA's ``eval_textvqa.py`` (m4c ``TextVQAAccuracyEvaluator``).
     """
@@ -125,18 +138,27 @@ class TextVQA(Benchmark):
     name = "textvqa"
     title = "TextVQA"
     splits = ("val",)
-    max_new_tokens = 128
+    token_budgets = {"llava": 128, "lmms-eval": 128}
     primary_metric = "accuracy"
     data_dirs = ("textvqa", "TextVQA", "text_vqa")
 
     ANNOTATION_FILE = "TextVQA_0.5.1_val.json"
+    LLAVA_QUESTIONS = "llava_textvqa_val_v051_ocr.jsonl"
+    ROSETTA_OCR = "TextVQA_Rosetta_OCR_v0.2_val.json"
     IMAGE_DIR = "train_images"
     _LMMS_SUBDIRS = ("data", ".")
 
     @staticmethod
-    def build_prompt(question: str) -> str:
-        """lmms-eval: the question capitalised (``str.capitalize``: the rest lower-cased) + instruction."""
-        return f"{question.capitalize()}\n{SHORT_ANSWER}"
+    def build_prompt(question: str, ocr_tokens: Sequence[Any] | None = None) -> str:
+        """The question capitalised (``str.capitalize``: the rest lower-cased), the
+        ``Reference OCR token:`` line when ``ocr_tokens`` is given (``--protocol llava``), the
+        instruction."""
+        ocr = "" if ocr_tokens is None else "\nReference OCR token: " + ", ".join(str(t) for t in ocr_tokens)
+        return f"{question.capitalize()}{ocr}\n{SHORT_ANSWER}"
+
+    @property
+    def uses_ocr(self) -> bool:
+        return self.protocol == "llava"
 
     def load(self, root: str | Path, split: str | None = None) -> list[Sample]:
         self.check_split(split)
@@ -146,10 +168,20 @@ class TextVQA(Benchmark):
         files = lmms_split_files(folder, "validation", self._LMMS_SUBDIRS, "TextVQA",
                                  f"LLaVA's {self.ANNOTATION_FILE} + {self.IMAGE_DIR}/")
         samples = []
-        keys = ("question_id", "question", "image", "answers")
+        keys = ("question_id", "question", "image", "answers") + (("ocr_tokens",) if self.uses_ocr else ())
         for row, where in table_rows(files, "lmms-lab TextVQA", keys):
-            samples.append(self._sample(row, image_cell(row, where), where))
+            prompt = self.build_prompt(str(row["question"]), self._ocr_list(row["ocr_tokens"], where)
+                                       if self.uses_ocr else None)
+            samples.append(self._sample(row, image_cell(row, where), where, prompt))
         return samples
+
+    @staticmethod
+    def _ocr_list(value: Any, where: str) -> list[Any]:
+        if value is None:
+            return []
+        if isinstance(value, str) or not hasattr(value, "__iter__"):
+            raise DataError(f"{where}: ocr_tokens should be a list, got {type(value).__name__}")
+        return list(value)
 
     def _load_llava(self, folder: Path) -> list[Sample]:
         path = folder / self.ANNOTATION_FILE
@@ -157,19 +189,69 @@ class TextVQA(Benchmark):
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise DataError(f"{path}: expected an object with a 'data' list of questions")
         image_dir = require_dir(folder / self.IMAGE_DIR, "TextVQA images (train_images/<image_id>.jpg)")
-        samples = []
+        questions = []
         for n, q in enumerate(data["data"]):
             where = f"{path}, data[{n}]"
             if not isinstance(q, dict):
                 raise DataError(f"{where}: expected an object")
             require_keys(q, ("question_id", "question", "image_id", "answers"), where)
-            samples.append(self._sample(q, str(image_dir / f"{q['image_id']}.jpg"), where))
+            questions.append((q, where))
+        if self.uses_ocr and (folder / self.LLAVA_QUESTIONS).is_file():
+            return self._load_llava_prompts(folder / self.LLAVA_QUESTIONS, questions, image_dir)
+        ocr = self._rosetta_tokens(folder) if self.uses_ocr else {}
+        samples = []
+        for q, where in questions:
+            prompt = None
+            if self.uses_ocr:
+                tokens = q.get("ocr_tokens", ocr.get(str(q["image_id"])))
+                if tokens is None:
+                    raise DataError(
+                        f"TextVQA (--protocol llava): no OCR tokens for question {q['question_id']} "
+                        f"(image {q['image_id']}): expected LLaVA's {folder / self.LLAVA_QUESTIONS}, "
+                        f"or {folder / self.ROSETTA_OCR}, or 'ocr_tokens' in {path}; "
+                        "or use --protocol lmms-eval (no OCR tokens)"
+                    )
+                prompt = self.build_prompt(str(q["question"]), self._ocr_list(tokens, where))
+            samples.append(self._sample(q, str(image_dir / f"{q['image_id']}.jpg"), where, prompt))
         return samples
 
-    def _sample(self, q: dict[str, Any], image: Any, where: str) -> Sample:
+    def _rosetta_tokens(self, folder: Path) -> dict[str, Any]:
+        path = folder / self.ROSETTA_OCR
+        if not path.is_file():
+            return {}
+        data = read_json(path, "TextVQA Rosetta OCR tokens")
+        rows = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected an object with a 'data' list of {{image_id, ocr_tokens}}")
+        out = {}
+        for n, row in enumerate(rows):
+            if isinstance(row, dict) and "image_id" in row and "ocr_tokens" in row:
+                out[str(row["image_id"])] = row["ocr_tokens"]
+        return out
+
+    def _load_llava_prompts(self, path: Path, questions: list[tuple[dict[str, Any], str]],
+                            image_dir: Path) -> list[Sample]:
+        """LLaVA's question file, in its order, each line matched to its annotation as
+        ``eval_textvqa.py`` matches a result: by (image id, lower-cased question)."""
+        by_key: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
+        for q, where in questions:
+            by_key.setdefault((str(q["image_id"]), str(q["question"]).lower()), (q, where))
+        samples = []
+        for n, row in enumerate(read_jsonl(path, "LLaVA TextVQA questions")):
+            where = f"{path}, line {n + 1}"
+            require_keys(row, ("question_id", "image", "text"), where)
+            text = str(row["text"]).replace("<image>", "").strip()
+            key = (str(row["question_id"]), _llava_textvqa_question(text).lower())
+            if key not in by_key:
+                raise DataError(f"{where}: no question {key[1]!r} on image {key[0]} in {self.ANNOTATION_FILE}")
+            q, q_where = by_key[key]
+            samples.append(self._sample(q, str(image_dir / str(row["image"])), q_where, text))
+        return samples
+
+    def _sample(self, q: dict[str, Any], image: Any, where: str, prompt: str | None = None) -> Sample:
         return Sample(
             id=str(q["question_id"]),
-            prompt=self.build_prompt(str(q["question"])),
+            prompt=self.build_prompt(str(q["question"])) if prompt is None else prompt,
             image=image,
             target=answer_strings(q["answers"], where),
             meta={"question_id": q["question_id"]},
@@ -178,6 +260,16 @@ class TextVQA(Benchmark):
     def score(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         """``accuracy`` (%): mean VQA accuracy; ``count``."""
         return vqa_scores(records)
+
+
+def _llava_textvqa_question(prompt: str) -> str:
+    """The question of a LLaVA TextVQA prompt, as ``eval_textvqa.py``'s ``prompt_processor`` finds
+    it: with a ``Reference OCR token:`` line and three lines, the line that is not the OCR one
+    among the first two; with two lines, the first; otherwise the whole prompt's first line."""
+    lines = prompt.split("\n")
+    if "Reference OCR token: " in prompt and len(lines) == 3:
+        return lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,11 +287,17 @@ class VizWiz(Benchmark):
     * **LLaVA-style** (the official VizWiz files, placed as LLaVA's guide places the test split):
       ``val.json`` (or ``Annotations/val.json``; a list of ``{"image", "question", "answers":
       [{"answer", "answer_confidence"}], "answer_type", "answerable"}``) and the images
-      ``val/<image>`` (``VizWiz_val_00000000.jpg`` ...). LLaVA itself only runs the test split
-      (``llava_test.jsonl``), which has no public answers.
-    * **lmms-lab** (hub ``lmms-lab/VizWiz-VQA``): ``data/val-*.parquet`` (or ``val-*.parquet``),
-      or a ``datasets.save_to_disk`` folder (``val/*.arrow``). Columns used: ``question_id``,
-      ``image``, ``question``, ``answers`` (strings), ``category`` (the answer type).
+      ``val/<image>`` (``VizWiz_val_00000000.jpg`` ...).
+    * **LLaVA**, split ``test`` (what LLaVA's ``vizwiz.sh`` runs; no public answers):
+      ``llava_test.jsonl`` (``question_id``, ``image``, ``text`` = question + instruction; its text
+      is the prompt) or the official ``test.json`` (``[{"image", "question"}]``), and the images
+      ``test/<image>``. :meth:`write_submission` writes the EvalAI file as LLaVA's
+      ``convert_vizwiz_for_submission.py`` does: ``[{"image": "VizWiz_test_00000000.jpg",
+      "answer": <normalised answer>}, ...]`` in question order.
+    * **lmms-lab** (hub ``lmms-lab/VizWiz-VQA``): ``data/val-*.parquet`` / ``data/test-*.parquet``
+      (or at the top), or a ``datasets.save_to_disk`` folder (``val/*.arrow``). Columns used:
+      ``question_id``, ``image``, ``question``, ``answers`` (strings; val), ``category`` (the
+      answer type).
 
     Prompt (lmms-eval ``vizwiz_vqa`` ``doc_to_text`` + ``post_prompt``; the same instruction as in
     LLaVA's ``llava_test.jsonl``): ``question.capitalize() + "\\nWhen the provided information is
@@ -213,12 +311,14 @@ class VizWiz(Benchmark):
 
     name = "vizwiz"
     title = "VizWiz"
-    splits = ("val",)
-    max_new_tokens = 128
+    splits = ("val", "test")
+    token_budgets = {"llava": 128, "lmms-eval": 128}
     primary_metric = "accuracy"
     data_dirs = ("vizwiz", "VizWiz", "VizWiz-VQA", "vizwiz_vqa")
 
     _ANNOTATIONS = ("val.json", "Annotations/val.json")
+    TEST_LLAVA = "llava_test.jsonl"
+    _TEST_OFFICIAL = ("test.json", "Annotations/test.json")
     _LMMS_SUBDIRS = ("data", ".")
 
     @staticmethod
@@ -226,18 +326,53 @@ class VizWiz(Benchmark):
         return f"{question.capitalize()}\n{VIZWIZ_INSTRUCTION}"
 
     def load(self, root: str | Path, split: str | None = None) -> list[Sample]:
-        self.check_split(split)
+        split = self.check_split(split)
         folder = self.data_dir(root)
-        if any((folder / a).is_file() for a in self._ANNOTATIONS):
+        if split == "test":
+            if (folder / self.TEST_LLAVA).is_file() or any((folder / a).is_file() for a in self._TEST_OFFICIAL):
+                return self._load_test_llava(folder)
+        elif any((folder / a).is_file() for a in self._ANNOTATIONS):
             return self._load_llava(folder)
-        files = lmms_split_files(folder, "val", self._LMMS_SUBDIRS, "VizWiz", "val.json + val/ images")
+        hint = ("val.json + val/ images" if split == "val"
+                else f"LLaVA's {self.TEST_LLAVA} (or test.json) + test/ images")
+        files = lmms_split_files(folder, split, self._LMMS_SUBDIRS, f"VizWiz ({split})", hint)
         samples = []
-        keys = ("question_id", "question", "image", "answers")
-        for row, where in table_rows(files, "lmms-lab VizWiz-VQA", keys):
+        keys = ("question_id", "question", "image") + (("answers",) if split == "val" else ())
+        for row, where in table_rows(files, f"lmms-lab VizWiz-VQA {split}", keys):
             qid = str(row["question_id"])
             qid = qid[: -len(".jpg")] if qid.endswith(".jpg") else qid
-            samples.append(self._sample(qid, row["question"], image_cell(row, where), row["answers"],
-                                        row.get("category"), where))
+            answers = row["answers"] if split == "val" else None
+            samples.append(self._sample(qid, row["question"], image_cell(row, where), answers,
+                                        row.get("category"), where, image_name=f"{qid}.jpg"))
+        return samples
+
+    def _load_test_llava(self, folder: Path) -> list[Sample]:
+        image_dir = require_dir(folder / "test", "VizWiz test images (test/<image>)")
+        samples = []
+        if (folder / self.TEST_LLAVA).is_file():
+            path = folder / self.TEST_LLAVA
+            for n, row in enumerate(read_jsonl(path, "LLaVA VizWiz test questions")):
+                where = f"{path}, line {n + 1}"
+                require_keys(row, ("question_id", "image", "text"), where)
+                name = str(row["image"])
+                text = str(row["text"]).replace("<image>", "").strip()
+                prompt = text if self.protocol == "llava" else None
+                question = strip_instruction(text, VIZWIZ_INSTRUCTION)
+                samples.append(self._sample(Path(name).stem, question, str(image_dir / name), None, None, where,
+                                            image_name=name, prompt=prompt))
+            return samples
+        path = find_first(folder, self._TEST_OFFICIAL, "VizWiz test questions")
+        data = read_json(path, "VizWiz test questions")
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of questions")
+        for n, q in enumerate(data):
+            where = f"{path}, entry {n}"
+            if not isinstance(q, dict):
+                raise DataError(f"{where}: expected an object")
+            require_keys(q, ("image", "question"), where)
+            name = str(q["image"])
+            samples.append(self._sample(Path(name).stem, q["question"], str(image_dir / name), None, None, where,
+                                        image_name=name))
         return samples
 
     def _load_llava(self, folder: Path) -> list[Sample]:
@@ -257,18 +392,41 @@ class VizWiz(Benchmark):
                                         q.get("answer_type"), where))
         return samples
 
-    def _sample(self, qid: str, question: Any, image: Any, answers: Any, answer_type: Any, where: str) -> Sample:
+    def _sample(self, qid: str, question: Any, image: Any, answers: Any, answer_type: Any, where: str,
+                image_name: str | None = None, prompt: str | None = None) -> Sample:
+        meta: dict[str, Any] = {"question_id": qid, "answer_type": str(answer_type) if answer_type else None}
+        if answers is None:  # test: the submission names each question by its image file
+            meta["image"] = image_name or f"{qid}.jpg"
         return Sample(
             id=qid,
-            prompt=self.build_prompt(str(question)),
+            prompt=self.build_prompt(str(question)) if prompt is None else prompt,
             image=image,
-            target=answer_strings(answers, where),
-            meta={"question_id": qid, "answer_type": str(answer_type) if answer_type else None},
+            target=None if answers is None else answer_strings(answers, where),
+            meta=meta,
         )
 
     def score(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """``accuracy`` (%), ``answer_type/<type>`` (%) where types are known, ``count``."""
+        """val: ``accuracy`` (%), ``answer_type/<type>`` (%) where types are known, ``count``;
+        test: ``{}`` (no public answers)."""
         return vqa_scores(records, group_key="answer_type")
+
+    def write_submission(self, records: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+        """test records (no target): the EvalAI file of LLaVA's ``convert_vizwiz_for_submission.py``,
+        ``[{"image": str, "answer": str}]``, answers normalised by
+        :func:`~globalcom2.eval.vqa_metric.normalize_answer` (its ``EvalAIAnswerProcessor``), in
+        record (= question) order. val records: nothing (None)."""
+        test = [rec for rec in records if rec.get("target") is None]
+        if not test:
+            return None
+        out = []
+        for rec in test:
+            meta = rec.get("meta") or {}
+            image = meta.get("image") or f"{meta.get('question_id', rec['id'])}.jpg"
+            out.append({"image": str(image), "answer": normalize_answer(str(rec.get("prediction") or ""))})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out), encoding="utf-8")
+        return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,11 +462,14 @@ class VQAv2(Benchmark):
       when present, pad the submission as above (only that column is read).
 
     Prompt (lmms-eval ``vqav2`` ``doc_to_text`` + ``post_prompt``; LLaVA's question files):
-    ``question + "\\nAnswer the question using a single word or phrase."``. ``max_new_tokens`` 16
-    (lmms-eval's ``vqav2`` ``generation_kwargs``).
+    ``question + "\\nAnswer the question using a single word or phrase."``. ``max_new_tokens``
+    128 under ``--protocol llava`` (``model_vqa_loader.py``'s default, used by ``vqav2.sh``), 16 under
+    ``lmms-eval`` (its ``vqav2`` ``generation_kwargs``).
 
     Metric (val): VQA accuracy (%) overall and per answer type (``yes/no``, ``number``,
-    ``other``). test-dev: :meth:`score` returns ``{}``; :meth:`write_submission` writes
+    ``other``), as the official ``vqaEval.py`` under ``--protocol llava``, with both sides
+    normalised under ``lmms-eval`` (see :meth:`score`). test-dev: :meth:`score` returns ``{}``;
+    :meth:`write_submission` writes
     ``[{"question_id": int, "answer": str}]`` with answers normalised by
     :func:`~globalcom2.eval.vqa_metric.normalize_answer`, as LLaVA does before submitting.
 
@@ -322,7 +483,7 @@ class VQAv2(Benchmark):
     name = "vqav2"
     title = "VQAv2"
     splits = ("val", "test-dev")
-    max_new_tokens = 16
+    token_budgets = {"llava": 128, "lmms-eval": 16}  # model_vqa_loader.py default / lmms-eval vqav2
     primary_metric = "accuracy"
     data_dirs = ("vqav2", "VQAv2", "vqa_v2")
 
@@ -492,8 +653,14 @@ class VQAv2(Benchmark):
         )
 
     def score(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """val: ``accuracy`` (%), ``answer_type/<type>`` (%), ``count``; test-dev: ``{}``."""
-        return vqa_scores(records, group_key="answer_type")
+        """val: ``accuracy`` (%), ``answer_type/<type>`` (%), ``count``; test-dev: ``{}``.
+
+        ``--protocol llava``: the official ``vqaEval.py`` scoring
+        (:func:`~globalcom2.eval.vqa_metric.official_vqa_accuracy`: the human answers are left as
+        they are when all agree); ``lmms-eval``: both sides fully normalised
+        (:func:`~globalcom2.eval.vqa_metric.vqa_accuracy`)."""
+        accuracy = official_vqa_accuracy if self.protocol == "llava" else vqa_accuracy
+        return vqa_scores(records, group_key="answer_type", accuracy=accuracy)
 
     def write_submission(self, records: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
         """test-dev records (no target): the EvalAI file ``[{"question_id": int, "answer": str}]``,
