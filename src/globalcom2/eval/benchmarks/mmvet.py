@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, MutableMapping, Sequence
 
-from ..base import Benchmark, DataError, Sample, find_first, image_cell, lmms_split_files, read_json
+from ..base import Benchmark, DataError, Sample, find_first, find_hf_split, image_cell, lmms_split_files, read_json
 from ..base import register_benchmark, require_dir, require_keys, table_rows
 
 #: MM-Vet's six capabilities, in the paper's order.
@@ -89,15 +89,20 @@ def grader_query(question: str, answer: str, prediction: str, retry: bool = Fals
 
 
 def parse_grade(content: str | None) -> float | None:
-    """The score of a judge reply: its first word as a float in [0, 1]; None otherwise."""
-    words = (content or "").split()
-    if not words:
+    """The score of a judge reply as the official evaluator (``mm-vet_evaluator.py``) reads it:
+    the text before the first *space* (``split(" ")[0]``), stripped, as a float, refused only when
+    above 1 or below 0. So ``" 0.5"`` (empty first piece) and ``"0.5\\nok"`` are not scores (the
+    judge is asked again), while ``"nan"`` is accepted as NaN (NaN fails neither comparison).
+    None: not a score."""
+    if content is None:
         return None
     try:
-        score = float(words[0])
+        score = float(str(content).split(" ")[0].strip())
     except ValueError:
         return None
-    return score if 0.0 <= score <= 1.0 else None
+    if score > 1.0 or score < 0.0:
+        return None
+    return score
 
 
 def chat_endpoint(base_url: str) -> str:
@@ -286,8 +291,9 @@ def mmvet_key(question_id: Any) -> str:
 class MMVet(Benchmark):
     """MM-Vet (218 questions), graded by an LLM judge.
 
-    Accepted layouts under ``<data-root>/mm-vet`` (or ``mmvet``, ``MMVet``, ``MM-Vet``; the data
-    root itself when none exists):
+    Accepted layouts under ``<data-root>/mm-vet`` (or ``mmvet``, ``MMVet``, ``MM-Vet``: the first
+    that holds the data, so an ``mm-vet/`` with only LLaVA's ``llava-mm-vet.jsonl`` is passed over
+    for the ``mmvet/`` of LLaVA's guide; the data root itself when none exists):
 
     * **LLaVA** (docs/Evaluation.md: ``mm-vet.zip`` extracted): ``mm-vet.json`` (or
       ``mm-vet/mm-vet.json``; ``{"v1_0": {"imagename", "question", "answer", "capability": [...]}}``)
@@ -314,7 +320,7 @@ class MMVet(Benchmark):
     name = "mmvet"
     title = "MM-Vet"
     splits = ("test",)
-    max_new_tokens = 1024
+    token_budgets = {"llava": 1024, "lmms-eval": 1024}
     primary_metric = "total"
     data_dirs = ("mm-vet", "mmvet", "MMVet", "MM-Vet")
 
@@ -326,6 +332,12 @@ class MMVet(Benchmark):
         self.judge: dict[str, Any] | None = None
         # grades already obtained from the judge, see score_with_judge(cache=...)
         self._grades: dict[tuple[str, str, str, str], float] = {}
+
+    def has_data(self, folder: Path) -> bool:
+        """``mm-vet.json`` or an lmms-lab copy is there: LLaVA's eval.zip creates ``mm-vet/`` holding
+        only ``llava-mm-vet.jsonl`` while its guide extracts the data to ``mmvet/``."""
+        return any((folder / m).is_file() for m in self.METADATA) or bool(
+            find_hf_split(folder, "test", self._LMMS_SUBDIRS))
 
     def load(self, root: str | Path, split: str | None = None) -> list[Sample]:
         self.check_split(split)
