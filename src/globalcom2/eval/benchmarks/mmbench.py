@@ -80,6 +80,22 @@ def build_mmbench_prompt(question: str, hint: Any, options: Sequence[str], lang:
     return text + "\n" + MMBENCH_INSTRUCTION[lang]
 
 
+def stored_rotation(original: Sequence[str] | None, options: Sequence[str], copy: int, taken: set[int]) -> int:
+    """The rotation r of a stored circular copy in *our* convention (options ``r, r+1, ..., r-1``
+    of the original under A, B, ...), found by comparing its options with the original row's, so
+    that sample ``<index>/<r>`` shows the same arrangement whether the copies came with the data
+    or were generated here, whichever way the data rotates. Among several matches (repeated
+    option texts) the copy number ``copy`` (index // 1e6) is preferred, then the smallest not
+    ``taken``; the copy number when the original row is absent or the options are no rotation."""
+    if original is None or len(original) != len(options):
+        return copy
+    k = len(original)
+    matches = [r for r in range(k) if list(original[r:]) + list(original[:r]) == list(options) and r not in taken]
+    if not matches:
+        return copy
+    return copy if copy in matches else matches[0]
+
+
 def _cell(row: dict[str, Any], *names: str) -> Any:
     """The first of ``names`` present in ``row`` (column names differ in case between releases)."""
     for name in names:
@@ -111,8 +127,11 @@ class MMBench(Benchmark):
       generated here: sample ids ``<index>/<r>``, r = 0..k-1.
     * If the data already holds MMBench's circular copies (rows with index >= 1e6, copy r of
       question i stored as ``i + r*1e6``, as in the lmms-lab parquet), those rows are used as they
-      are, nothing is generated: sample ``<i>/<r>`` is the row with index ``i + r*1e6`` and the
-      question is judged on all of its stored copies.
+      are, nothing is generated, and the question is judged on all of its stored copies. Sample
+      ``<i>/<r>`` is the stored copy whose options are rotation r of the original's in the
+      convention above (:func:`stored_rotation`), so an id means the same arrangement in both
+      cases, whichever direction the data rotates (the copy number ``index // 1e6`` only when the
+      original row is missing or the options are not a rotation of it).
 
     Prompt: LLaVA's ``model_vqa_mmbench.py --single-pred-prompt``: ``hint\\n`` (when present)
     + question + ``\\nA. option`` lines + ``\\nAnswer with the option's letter from the given
@@ -129,7 +148,7 @@ class MMBench(Benchmark):
     name = "mmbench"
     title = "MMBench"
     splits = ("en-dev", "cn-dev")
-    max_new_tokens = 1024
+    token_budgets = {"llava": 1024, "lmms-eval": 1024}
     primary_metric = "circular_accuracy"
     data_dirs = ("mmbench", "mmbench_cn", "MMBench", "MMBench_EN", "MMBench_CN")
 
@@ -200,11 +219,15 @@ class MMBench(Benchmark):
             copies: dict[int, int] = defaultdict(int)
             for index, *_ in parsed:
                 copies[index % CIRCULAR_OFFSET] += 1
+            originals = {index: options for index, options, *_ in parsed if index < CIRCULAR_OFFSET}
+            taken: dict[int, set[int]] = defaultdict(set)
         samples = []
         for index, options, answer, row in parsed:
             image = self._image(row["image"])
             if pre_rotated:
-                main, rot = index % CIRCULAR_OFFSET, index // CIRCULAR_OFFSET
+                main = index % CIRCULAR_OFFSET
+                rot = stored_rotation(originals.get(main), options, index // CIRCULAR_OFFSET, taken[main])
+                taken[main].add(rot)
                 samples.append(self._sample(main, rot, copies[main], options, answer, row, image, lang))
                 continue
             k = len(options)
