@@ -19,11 +19,11 @@ from .config import LAYOUTS, FasterVLMConfig, GlobalCom2Config, PoolingConfig, R
 __version__ = "0.1.0"
 
 _API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "last_stats", "remove")
-_LAZY = {"FastVConfig": ".fastv", "ComposedConfig": ".methods", "method_names": ".methods"}
+_LAZY = {"FastVConfig": ".methods", "ComposedConfig": ".methods", "method_names": ".methods"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import apply, compressed, get_adapter, get_config, is_applied, last_stats, remove
-    from .fastv import FastVConfig
+    from .methods import FastVConfig
     from .methods import ComposedConfig, method_names
 
 

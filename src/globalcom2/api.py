@@ -7,8 +7,7 @@ from typing import Any, Iterator, TypeVar
 
 from torch import nn
 
-from .adapters import adapter_for
-from .adapters.base import STATE_ATTR, Adapter, CompressionStats
+from .models import STATE_ATTR, Adapter, CompressionStats, adapter_for
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -71,7 +70,7 @@ def get_config(model: nn.Module) -> Any:
 def last_stats(model: nn.Module) -> CompressionStats | None:
     """Visual-token counts of the model's most recent prefill, per batch row (None before any).
 
-    See :class:`~globalcom2.adapters.base.CompressionStats`: ``visual_tokens`` entering the
+    See :class:`~globalcom2.models.CompressionStats`: ``visual_tokens`` entering the
     language model, ``vanilla_visual_tokens``, ``lm_visual_tokens`` after FastV, and the
     layer-averaged ``effective_visual_tokens``.
     """

@@ -1,5 +1,9 @@
 """The method registry: GlobalCom2 and the baselines it is compared with, behind one ``apply``.
 
+Every method is one module of this package (its validated config with its algorithm, see
+:mod:`globalcom2.methods.base`), registered by ``@register_method`` when imported below;
+compositions ``"<vision>+<language>"`` come from the two registries.
+
 =====================  ==========  ==============================================================
 method                 where       what it keeps at retention ratio R
 =====================  ==========  ==============================================================
@@ -29,28 +33,29 @@ counts every image placeholder (newlines included) as a visual token and keeps
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+from .base import LANGUAGE_METHODS, VISION_METHODS, LanguageMethodConfig, VisionMethodConfig, register_method
 
-from . import ops
-from .config import FasterVLMConfig, GlobalCom2Config, MethodConfig, PoolingConfig, RandomConfig
+# The registry: importing a method's module registers it (@register_method). One line per method;
+# the order here is the order of method_names(), the CLI's help and the tests' matrix.
+from .globalcom2 import GlobalCom2Config  # noqa: E402  (isort: skip)
+from .fastervlm import FasterVLMConfig  # noqa: E402
+from .random import RandomConfig, random_scores  # noqa: E402
+from .pooling import PoolingConfig, PoolingPlan  # noqa: E402
+from .fastv import FastVConfig  # noqa: E402
 
-#: Vision-side methods, by name, and their config classes.
-VISION_METHODS: dict[str, type[MethodConfig]] = {
-    "globalcom2": GlobalCom2Config,
-    "fastervlm": FasterVLMConfig,
-    "random": RandomConfig,
-    "pooling": PoolingConfig,
-}
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
+    from ..core.geometry import CropGeometry
+
+#: The language-model-side method of the compositions (``"<vision>+fastv"``).
 FASTV = "fastv"
 
 
 def _fastv_config_cls() -> type:
-    from .fastv import FastVConfig
-
-    return FastVConfig
+    return LANGUAGE_METHODS[FASTV]
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,11 @@ class ComposedConfig:
         fastv: the :class:`~globalcom2.fastv.FastVConfig` of the language-model side.
     """
 
-    vision: MethodConfig
+    vision: VisionMethodConfig
     fastv: Any
 
     def __post_init__(self) -> None:
-        if not isinstance(self.vision, tuple(VISION_METHODS.values())):
+        if not isinstance(self.vision, VisionMethodConfig):
             raise ValueError(f"vision must be a vision-side method config, got {type(self.vision).__name__}")
         if not isinstance(self.fastv, _fastv_config_cls()):
             raise ValueError(f"fastv must be a FastVConfig, got {type(self.fastv).__name__}")
@@ -79,13 +84,18 @@ class ComposedConfig:
     def retention_ratio(self) -> float:
         return self.vision.retention_ratio
 
+    @property
+    def language(self) -> Any:
+        """The language-model-side half (today always FastV)."""
+        return self.fastv
+
     def to_dict(self) -> dict[str, Any]:
         return {"vision": self.vision.to_dict(), "fastv": self.fastv.to_dict()}
 
 
 def method_names() -> list[str]:
     """Every method :func:`globalcom2.apply` accepts."""
-    return [*VISION_METHODS, FASTV, *(f"{m}+{FASTV}" for m in VISION_METHODS)]
+    return [*VISION_METHODS, *LANGUAGE_METHODS, *(f"{v}+{lang}" for lang in LANGUAGE_METHODS for v in VISION_METHODS)]
 
 
 def _normalise(method: str) -> str:
@@ -110,8 +120,8 @@ def make_config(method: str = "globalcom2", config: Any = None, **options: Any) 
         ValueError: an unknown method, a config of the wrong type, or a bad/unknown option (named).
     """
     name = _normalise(method)
-    if name in VISION_METHODS or name == FASTV:
-        cls = VISION_METHODS.get(name) or _fastv_config_cls()
+    if name in VISION_METHODS or name in LANGUAGE_METHODS:
+        cls = VISION_METHODS.get(name) or LANGUAGE_METHODS[name]
         if config is not None and not isinstance(config, cls):
             raise ValueError(f"config for method {name!r} must be a {cls.__name__}, got {type(config).__name__}")
         known = [f.name for f in fields(cls)]
@@ -147,18 +157,22 @@ def config_from_dict(data: Mapping[str, Any]) -> Any:
     return make_config(name, **data)
 
 
-def vision_config(config: Any) -> MethodConfig | None:
+def vision_config(config: Any) -> VisionMethodConfig | None:
     """The vision-side part of a config (None for FastV alone)."""
     if isinstance(config, ComposedConfig):
         return config.vision
-    return config if isinstance(config, tuple(VISION_METHODS.values())) else None
+    return config if isinstance(config, VisionMethodConfig) else None
 
 
-def fastv_config(config: Any) -> Any:
-    """The FastV part of a config (None for a vision-side method alone)."""
+def language_config(config: Any) -> LanguageMethodConfig | None:
+    """The language-model-side part of a config (None for a vision-side method alone)."""
     if isinstance(config, ComposedConfig):
-        return config.fastv
-    return config if isinstance(config, _fastv_config_cls()) else None
+        return config.language
+    return config if isinstance(config, LanguageMethodConfig) else None
+
+
+#: The FastV part of a config (FastV is the one language-model-side method).
+fastv_config = language_config
 
 
 def parse_method_options(items: list[str] | None) -> dict[str, Any]:
@@ -195,8 +209,8 @@ def option_names(method: str) -> list[str]:
     name = _normalise(method)
     if name in VISION_METHODS:
         return [f.name for f in fields(VISION_METHODS[name])]
-    if name == FASTV:
-        return [f.name for f in fields(_fastv_config_cls())]
+    if name in LANGUAGE_METHODS:
+        return [f.name for f in fields(LANGUAGE_METHODS[name])]
     return option_names(name.split("+")[0]) + [f"fastv_{n}" for n in option_names(FASTV)]
 
 
@@ -304,70 +318,35 @@ def plan_settings(
     return settings
 
 
-# ----------------------------------------------------------------------------------------------
-# Vision side: one image at a time, pure functions of the encoded views.
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PoolingPlan:
-    """What the pooling baseline did to one image (the counterpart of :class:`ops.CompressionPlan`).
-
-    Attributes:
-        thumb_hw: pooled thumbnail (rows, cols). crop_hw: pooled unpadded crop area (rows, cols).
-        geometry: the crop geometry (None for one view). num_tokens: tokens handed to the LM.
-    """
-
-    thumb_hw: tuple[int, int]
-    crop_hw: tuple[int, int]
-    geometry: ops.CropGeometry | None
-    num_tokens: int
-    layout: str = "pooled"
-
-
-def random_scores(views: int, n: int, seed: int, device: torch.device | str) -> torch.Tensor:
-    """(V, N) uniform scores from a private CPU generator seeded with ``seed`` (device-independent)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.rand((views, n), generator=gen).to(device)
-
-
 def compress_image(
-    features: torch.Tensor,
-    importance: torch.Tensor,
-    geom: ops.CropGeometry | None,
-    newline: torch.Tensor | None,
-    config: MethodConfig,
-) -> tuple[torch.Tensor, Any]:
-    """Compress one image with any vision-side method.
+    features: "torch.Tensor",
+    importance: "torch.Tensor",
+    geom: "CropGeometry | None",
+    newline: "torch.Tensor | None",
+    config: VisionMethodConfig,
+) -> tuple["torch.Tensor", Any]:
+    """Compress one image with any vision-side method (``config.compress``).
 
     Args:
         features: (V, N, D) projected features, thumbnail first.
-        importance: (V, N) [CLS] logits of the same views.
+        importance: (V, N) importance of the same views.
         geom: crop geometry (None for a single view).
-        newline: (D,) image-newline embedding.
+        newline: (D,) image-newline embedding (None for families without one).
         config: a vision-side method config.
 
     Returns:
         tokens: (L, D) the image's sequence for the language model.
-        plan: an :class:`ops.CompressionPlan` (selection methods) or :class:`PoolingPlan`.
+        plan: what was kept (``plan.kept_masks()``, ``plan.num_tokens``).
     """
-    if isinstance(config, GlobalCom2Config):
-        return ops.compress_image(
-            features, importance, geom, newline, config.retention_ratio, config.layout, config.temperature,
-            allocation=config.allocation, scoring=config.scoring,
-        )
-    if isinstance(config, PoolingConfig):
-        tokens, thumb_hw, crop_hw = ops.pool_image(features, geom, newline, config.retention_ratio)
-        return tokens, PoolingPlan(thumb_hw, crop_hw, geom, int(tokens.shape[0]))
-    if isinstance(config, (FasterVLMConfig, RandomConfig)):
-        if isinstance(config, RandomConfig):
-            scores = random_scores(importance.shape[0], importance.shape[1], config.seed, importance.device)
-        else:
-            scores = importance
-        if geom is None or features.shape[0] == 1:
-            plan = ops.plan_single_view(scores[0], config.retention_ratio, config.layout)
-        else:
-            plan = ops.plan_joint(scores, geom, config.retention_ratio, config.layout)
-        return ops.gather_features(features, newline, plan.index), plan
-    raise ValueError(f"not a vision-side method config: {type(config).__name__}")
+    if not isinstance(config, VisionMethodConfig):
+        raise ValueError(f"not a vision-side method config: {type(config).__name__}")
+    return config.compress(features, importance, geom, newline)
 
+
+__all__ = [
+    "ComposedConfig", "FASTV", "FasterVLMConfig", "FastVConfig", "GlobalCom2Config", "LANGUAGE_METHODS",
+    "LanguageMethodConfig", "MethodSetting", "PoolingConfig", "PoolingPlan", "RandomConfig", "UnknownOptionError",
+    "VISION_METHODS", "VisionMethodConfig", "check_method_options", "coerce_value", "compress_image",
+    "config_from_dict", "config_to_dict", "fastv_config", "language_config", "make_config", "method_names",
+    "option_names", "parse_method_options", "plan_settings", "random_scores", "register_method", "vision_config",
+]

@@ -1,37 +1,210 @@
-"""GlobalCom2 for Hugging Face LLaVA-NeXT (``LlavaNextForConditionalGeneration``, ``LlavaNextModel``).
+"""What every model family shares: reversible per-instance patching, the family registry, and
+:class:`Family`, which runs any method on a model (input preparation, placeholder shrinking,
+``forward`` / ``generate`` wrapping, prefill detection, stats). A family module
+(``globalcom2/models/<family>.py``) adds only what is family-specific.
 
-How it plugs in, per model instance (the class is never touched):
-
-* ``forward``: when ``pixel_values`` come with ``input_ids``, the images are encoded once, the
-  [CLS] logits of the vision tower's last layer are captured on the way, GlobalCom2 compresses
-  every image, the surplus image placeholders are removed from ``input_ids`` (and
-  ``attention_mask``/``labels``), and the original forward runs on the shorter sequence with the
-  compressed features passed as ``mm_encoder_outputs``. Logits therefore have the compressed
-  length.
-* ``generate``: the same preparation happens once, before generation; the generation loop then
-  runs on the shorter prompt with a KV cache of the compressed size. The returned sequences start
-  with the caller's original ``input_ids`` so that ``out[:, inputs.input_ids.shape[1]:]`` is the
-  answer, exactly as with the vanilla model.
-
-[CLS] logits come from two forward hooks on the last layer's ``q_proj`` and ``k_proj``,
-registered only while the tower runs: the tower keeps its attention implementation (SDPA), no
-``output_attentions`` is requested, and no N x N attention map is ever built.
+Importing this module loads neither torch nor transformers (tensor code is imported when it runs).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
 import warnings
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
-from torch import nn
+from .. import methods
+from .._lazy import lazy_module
+from .._patching import PatchedMethod
+from ..methods.base import VisionMethodConfig
 
-from .. import methods, ops
-from ..config import MethodConfig
-from ..fastv import FastVPatch, kept_count
-from ..sequence import shrink_placeholders
-from .base import Adapter, CompressionStats, bind_arguments
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..core.geometry import CropGeometry
+
+torch = lazy_module("torch")
+sequence = lazy_module("globalcom2.core.sequence")
+
+#: Attribute under which an applied adapter lives on a model instance.
+STATE_ATTR = "_globalcom2_adapter"
+
+
+class _Missing:
+    """"No instance attribute was there before patching": one object that copies and pickles as itself
+    (a plain ``object()`` sentinel would be duplicated by ``copy.deepcopy`` and then restored as the
+    model's ``forward``)."""
+
+    _instance: "_Missing | None" = None
+
+    def __new__(cls) -> "_Missing":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+@dataclass
+class CompressionStats:
+    """Visual-token counts of the most recent prefill, one entry per batch row.
+
+    Attributes:
+        method: the method's name.
+        visual_tokens: image placeholders entering the language model (after vision-side
+            compression; newlines included).
+        vanilla_visual_tokens: what the vanilla model would have used for the same prompts.
+        lm_visual_tokens: for FastV, the visual tokens left in layers ``K..L-1``; else None.
+        effective_visual_tokens: layer-averaged visual tokens (equals ``visual_tokens`` without FastV).
+    """
+
+    method: str
+    visual_tokens: list[int]
+    vanilla_visual_tokens: list[int]
+    lm_visual_tokens: list[int] | None
+    effective_visual_tokens: list[float]
+
+
+class Adapter:
+    """Base class of what patches one model instance (see :class:`Family` for a model family).
+
+    Subclasses set :attr:`model_names` (the class names they handle, for error messages),
+    implement :meth:`supports`, and list in :meth:`patched_methods` the instance methods they
+    replace. Patching is per instance: the class, and every other model in the process, is left
+    alone. :meth:`unpatch` restores exactly what was there before (including a method that an
+    earlier wrapper such as accelerate's hooks had set on the instance).
+    """
+
+    model_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        self.model = model
+        self.config = config
+        self._saved: dict[str, Any] = {}
+
+    # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if this model instance cannot be compressed (checked at apply)."""
+
+    def patched_methods(self) -> dict[str, str]:  # pragma: no cover - abstract
+        """Map of instance method name -> name of this adapter's handler, called as
+        ``handler(original_bound_method, *args, **kwargs)`` (see :class:`PatchedMethod`)."""
+        raise NotImplementedError
+
+    # -- patching -------------------------------------------------------------------------------
+    def patch(self) -> None:
+        for name, handler in self.patched_methods().items():
+            original = getattr(self.model, name)
+            self._saved[name] = (self.model.__dict__.get(name, _MISSING), PatchedMethod(self, handler, original))
+            setattr(self.model, name, self._saved[name][1])
+        setattr(self.model, STATE_ATTR, self)
+
+    def unpatch(self) -> None:
+        """Restore what was there before :meth:`patch`. Where something else wrapped a patched
+        method afterwards (accelerate's ``prepare`` wraps ``forward``), that wrapper stays and ours,
+        inside it, becomes a pass-through to the original."""
+        for name, (saved, ours) in self._saved.items():
+            ours.active = False
+            ours.owner = None  # a pass-through left inside someone's wrapper must not keep this adapter alive
+            if self.model.__dict__.get(name) is not ours:
+                continue  # wrapped by someone else since: keep their wrapper, ours now passes through
+            if saved is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                setattr(self.model, name, saved)
+        self._saved.clear()
+        self.model.__dict__.pop(STATE_ATTR, None)
+
+
+_REGISTRY: dict[str, type["Family"]] = {}
+
+
+def register_family(cls: type["Family"]) -> type["Family"]:
+    """Class decorator: register a model family under its ``model_type`` (a later registration
+    of the same ``model_type`` replaces the earlier one)."""
+    if not cls.model_type:
+        raise ValueError(f"{cls.__name__}.model_type must be set")
+    _REGISTRY[cls.model_type] = cls
+    return cls
+
+
+def families() -> list[type["Family"]]:
+    """Every registered family, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def supported_model_types() -> list[str]:
+    """``config.model_type`` of every supported family (no import of torch or transformers)."""
+    return list(_REGISTRY)
+
+
+def supported_model_names() -> list[str]:
+    return [name for cls in _REGISTRY.values() for name in cls.model_names]
+
+
+def describe_supported() -> str:
+    """"LLaVA-NeXT (model_type 'llava_next', e.g. llava-hf/...)", one entry per family."""
+    return "; ".join(
+        f"{c.display_name} (model_type {c.model_type!r}, e.g. {c.example_checkpoint})" for c in _REGISTRY.values()
+    )
+
+
+def family_for_model_type(model_type: Any) -> type["Family"]:
+    """The family of a checkpoint's ``config.model_type``, or a ``ValueError`` naming the supported ones."""
+    cls = _REGISTRY.get(model_type) if isinstance(model_type, str) else None
+    if cls is None:
+        raise ValueError(f"a {model_type!r} model is not supported; globalcom2 supports {describe_supported()}")
+    return cls
+
+
+def adapter_for(model: Any) -> type["Family"]:
+    """The family class that handles ``model``, or a ``ValueError`` naming what is supported."""
+    for cls in reversed(list(_REGISTRY.values())):
+        if cls.supports(model):
+            return cls
+    raise ValueError(
+        f"GlobalCom2 does not support {type(model).__name__}; supported model classes: "
+        f"{', '.join(supported_model_names())} (Hugging Face transformers)"
+    )
+
+
+#: The family class that handles a model instance (same as :func:`adapter_for`).
+family_for = adapter_for
+
+
+def bind_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Name every argument of a call to ``fn`` (positional ones included), flattening ``**kwargs``."""
+    if not args:
+        return dict(kwargs)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        param = sig.parameters[name]
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{getattr(fn, '__name__', 'function')}() got unexpected extra positional arguments")
+        else:
+            out[name] = value
+    return out
 
 
 @dataclass
@@ -39,35 +212,30 @@ class EncodedImages:
     """The vision side's output, per image.
 
     Attributes:
-        features: per image, (V_i, N, D) projected features (thumbnail first, then crops).
-        importance: per image, (V_i, N) float32 [CLS] logits of the last vision layer.
-        geometries: per image, its :class:`~globalcom2.ops.CropGeometry` (None for one view).
+        features: per image, (V_i, N, D) projected features (in the family's view order).
+        importance: per image, (V_i, N) float32 importance (e.g. [CLS] logits of the last vision layer).
+        geometries: per image, its :class:`~globalcom2.core.geometry.CropGeometry` (None for one view).
         image_sizes: per image, (height, width) in pixels.
+        vanilla_counts: per image, the placeholder tokens the vanilla model uses (what the processor wrote).
     """
 
-    features: list[torch.Tensor]
-    importance: list[torch.Tensor]
-    geometries: list[ops.CropGeometry | None]
+    features: list["torch.Tensor"]
+    importance: list["torch.Tensor"]
+    geometries: "list[CropGeometry | None]"
     image_sizes: list[tuple[int, int]]
-
-    @property
-    def vanilla_counts(self) -> list[int]:
-        """Placeholder tokens per image in the vanilla model (what the processor wrote)."""
-        counts = []
-        for feats, geom in zip(self.features, self.geometries):
-            counts.append(feats.shape[1] + 1 if geom is None else geom.vanilla_num_tokens())
-        return counts
+    vanilla_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
 class CompressedImages:
     """A vision-side method's output for a batch: tokens and the plans behind them, per image.
 
-    ``plans`` hold :class:`~globalcom2.ops.CompressionPlan` objects for the selection methods
-    (globalcom2, fastervlm, random) and :class:`~globalcom2.methods.PoolingPlan` for pooling.
+    ``plans`` hold what each image's method decided (a :class:`~globalcom2.core.plans.CompressionPlan`
+    for the selection methods, :class:`~globalcom2.methods.PoolingPlan` for pooling); every plan
+    has ``num_tokens`` and ``kept_masks()``.
     """
 
-    tokens: list[torch.Tensor]
+    tokens: list["torch.Tensor"]
     plans: list[Any]
     vanilla_counts: list[int] = field(default_factory=list)
 
@@ -76,8 +244,9 @@ class CompressedImages:
         return [t.shape[0] for t in self.tokens]
 
 
-class _CLSCapture:
-    """Temporarily hooks one attention module to keep its CLS query and all keys."""
+class CLSCapture:
+    """Temporarily hooks one attention module (``q_proj``/``k_proj``) to keep the [CLS] query (token 0)
+    and all keys of the views it runs on: enough for the [CLS] row of attention, O(T) per view."""
 
     def __init__(self, attn: nn.Module) -> None:
         self.attn = attn
@@ -85,7 +254,7 @@ class _CLSCapture:
         self.keys: torch.Tensor | None = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "_CLSCapture":
+    def __enter__(self) -> "CLSCapture":
         def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
             self.q_cls = out[:, 0]  # (V, D)
 
@@ -104,23 +273,42 @@ class _CLSCapture:
         self._handles = []
 
 
-class LlavaNextAdapter(Adapter):
-    """Adapter for ``transformers`` LLaVA-NeXT models, for every method of :mod:`globalcom2.methods`.
+class Family(Adapter):
+    """Everything generic about running a method on a vision-language model; one subclass per
+    model family (``globalcom2/models/<family>.py``) supplies only what is family-specific.
 
     A vision-side method (``config`` or ``config.vision``) compresses the images before the
-    language model; FastV (``config`` or ``config.fastv``) is installed on the language model's
-    decoder layers (:class:`~globalcom2.fastv.FastVPatch`) and told, at every prefill, where the
-    visual tokens are.
+    language model; a language-model-side method (FastV: ``config`` or ``config.fastv``) is
+    installed on the language model's decoder layers and told, at every prefill, where the visual
+    tokens are. This class wraps ``forward`` and ``generate`` of one model instance: it encodes the
+    images once (:meth:`encode`), compresses them, shortens the image placeholders of
+    ``input_ids`` / ``attention_mask`` / ``labels`` and passes the compressed features as
+    ``mm_encoder_outputs``; ``generate`` gives the caller's prompt back in front of the new tokens.
+
+    A family subclass sets the class attributes below and implements :meth:`encode` (and, where
+    they apply, :meth:`check_vision`, :meth:`image_newline`, :meth:`vanilla_pack`) plus the
+    classmethods the tools use: :meth:`load`, :meth:`build_tiny`, :meth:`max_visual_tokens`,
+    :meth:`picture_views`. See ``CONTRIBUTING.md``.
     """
 
-    model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    #: ``config.model_type`` of the family's checkpoints (the registry key).
+    model_type: ClassVar[str] = ""
+    #: How people call the family, for messages ("LLaVA-NeXT").
+    display_name: ClassVar[str] = ""
+    #: A public checkpoint, for messages and help texts.
+    example_checkpoint: ClassVar[str] = ""
+    #: The sequence layouts the family supports (the first is its default).
+    layouts: ClassVar[tuple[str, ...]] = ("spatial",)
+    #: Keyword arguments of ``forward`` that describe the images, consumed with ``pixel_values``
+    #: and handed to :meth:`encode`.
+    image_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__(model, config)
         self.inner = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
-        self.vision_config: MethodConfig | None = methods.vision_config(config)
-        self.fastv_config = methods.fastv_config(config)
-        self.fastv = FastVPatch(self.inner.language_model, self.fastv_config) if self.fastv_config is not None else None
+        self.vision_config: VisionMethodConfig | None = methods.vision_config(config)
+        self.fastv_config = methods.language_config(config)
+        self.fastv = self.fastv_config.make_patch(self.language_model()) if self.fastv_config is not None else None
         #: Plans of the images of the most recent call (for inspection, demos and pictures).
         self.last: CompressedImages | None = None
         #: Visual-token counts of the most recent prefill (see :func:`globalcom2.last_stats`).
@@ -137,124 +325,103 @@ class LlavaNextAdapter(Adapter):
             return None
         return [row.nonzero().flatten() for row in self._last_visual]
 
+    # -- to implement by a family ---------------------------------------------------------------
+    @classmethod
+    def hf_classes(cls) -> tuple[type, ...]:  # pragma: no cover - abstract
+        """The ``transformers`` model classes of the family (imported when asked)."""
+        raise NotImplementedError
+
+    def encode(self, pixel_values: "torch.Tensor", **image_inputs: Any) -> EncodedImages:  # pragma: no cover
+        """Run the vision side on a batch's images, capturing the importance signal.
+
+        Args:
+            pixel_values: the processor's ``pixel_values``.
+            **image_inputs: the call's :attr:`image_inputs` (None where not given).
+
+        Returns:
+            :class:`EncodedImages`: per image its (V_i, N, D) features, (V_i, N) importance,
+            geometry and the placeholders the vanilla model uses for it.
+        """
+        raise NotImplementedError
+
+    def check_vision(self) -> None:
+        """Raise ``ValueError`` if this model's vision side cannot be compressed (checked at apply)."""
+
+    def check_layout(self, layout: str | None) -> None:
+        """A vision method's layout must be one the family has (``ValueError`` naming the family)."""
+        if layout is not None and layout not in self.layouts:
+            raise ValueError(
+                f"layout {layout!r} is not available on {self.display_name} ({type(self.model).__name__}); "
+                f"its layouts: {', '.join(self.layouts)}"
+            )
+
+    def image_newline(self) -> "torch.Tensor | None":
+        """The (D,) image-newline embedding, or None for a family without one."""
+        return None
+
+    def language_model(self) -> nn.Module:
+        """The decoder-only base model a language-model-side method patches."""
+        return self.inner.language_model
+
+    @classmethod
+    def load(cls, model_id: str, dtype: Any = "auto", device_map: Any = None, **hub: Any) -> tuple[Any, Any]:
+        """``(model, processor)`` of a checkpoint, as ``from_pretrained`` loads them (eval mode).
+
+        ``dtype``, ``device_map`` and ``hub`` (``local_files_only``, ``revision``...) go to
+        ``from_pretrained``."""
+        from transformers import AutoProcessor
+
+        kwargs: dict[str, Any] = {"dtype": dtype, **hub}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        processor = AutoProcessor.from_pretrained(model_id, **hub)
+        model = cls.hf_classes()[0].from_pretrained(model_id, **kwargs)
+        return model.eval(), processor
+
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:  # pragma: no cover
+        """A tiny random model of the family with its real geometry, and its processor (no download)."""
+        raise NotImplementedError
+
+    @classmethod
+    def max_visual_tokens(cls, config: Any) -> int:  # pragma: no cover - abstract
+        """The most visual tokens one image can have, without newlines (a config or its dict)."""
+        raise NotImplementedError
+
+    @classmethod
+    def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:  # pragma: no cover
+        """What pictures draw for an image, as the processor makes its views: (thumbnail pixels
+        (view, view, 3), crop canvas pixels or None, canvas layout dict or None)."""
+        raise NotImplementedError
+
     # -- identification and checks --------------------------------------------------------------
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
         try:
-            from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
-        except ImportError:  # pragma: no cover - transformers is a dependency
+            classes = cls.hf_classes()
+        except ImportError:  # pragma: no cover - an older transformers without the family
             return False
-        return isinstance(model, (LlavaNextForConditionalGeneration, LlavaNextModel))
+        return isinstance(model, classes)
 
     @property
     def hf_config(self) -> Any:
         return self.inner.config
 
-    def last_attention(self) -> nn.Module:
-        """The vision tower's last self-attention module (it must expose q_proj and k_proj)."""
-        found = None
-        for module in self.inner.vision_tower.modules():
-            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
-                found = module
-        if found is None:
-            raise ValueError(
-                f"GlobalCom2 needs a ViT vision tower whose attention has q_proj/k_proj (CLIP-like); "
-                f"{type(self.inner.vision_tower).__name__} has none"
-            )
-        return found
+    @property
+    def image_token_id(self) -> int:
+        return self.hf_config.image_token_id
 
     def validate(self) -> None:
         if self.fastv is not None:
             self.fastv.validate()  # fail at apply, before anything is patched
         if self.vision_config is None:
             return
-        strategy = self.hf_config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                "GlobalCom2 needs a vision tower with a [CLS] token (vision_feature_select_strategy='default'); "
-                f"this model uses {strategy!r}"
-            )
-        self.last_attention()
+        field = self.vision_config.layout_field
+        self.check_layout(getattr(self.vision_config, field) if field else None)
+        self.check_vision()
 
     # -- vision side ----------------------------------------------------------------------------
-    def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """(rows, columns) of the AnyRes crop grid the model uses for an image of this size."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
-        vc = self.hf_config.vision_config
-        return get_anyres_image_grid_shape(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
-
-    def num_views(self, image_hw: tuple[int, int]) -> int:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        vc = self.hf_config.vision_config
-        return image_size_to_num_patches(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
-
-    def encode(
-        self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | list[Any],
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-    ) -> EncodedImages:
-        """Run the vision tower and projector, capturing the last layer's [CLS] logits.
-
-        Args:
-            pixel_values: (B, P, 3, h, w) as the processor pads them, or (sum V_i, 3, h, w).
-            image_sizes: (B, 2) original (height, width) of each image.
-
-        Returns:
-            :class:`EncodedImages` with per-image features (V_i, N, D) and importance (V_i, N).
-
-        Like the model's own ``get_image_features`` this runs under the caller's grad mode, so
-        gradients reach the projector (and the tower) when training with ``labels``; the [CLS]
-        importance only decides which tokens are kept and is never differentiated.
-        """
-        cfg = self.hf_config
-        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
-        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
-        views = [self.num_views(s) for s in sizes]
-        if pixel_values.dim() == 5:
-            pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)
-        elif pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
-        if pixel_values.shape[0] != sum(views):
-            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes imply {sum(views)}")
-
-        tower = self.inner.vision_tower
-        attn = self.last_attention()
-        with _CLSCapture(attn) as cap:
-            out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
-        if isinstance(layer, int):
-            hidden = out.hidden_states[layer]
-        else:
-            hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
-        if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
-            raise RuntimeError("the vision tower's last attention layer did not run")
-        importance = ops.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
-
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        geoms: list[ops.CropGeometry | None] = []
-        for s, v in zip(sizes, views):
-            if v == 1:
-                geoms.append(None)
-                continue
-            grid = self.grid_shape(s)
-            if grid[0] * grid[1] != v - 1:
-                raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
-            geoms.append(ops.crop_geometry(s, grid, side))
-        return EncodedImages(
-            features=list(torch.split(feats, views, dim=0)),
-            importance=list(torch.split(importance.to(feats.device), views, dim=0)),
-            geometries=geoms,
-            image_sizes=sizes,
-        )
-
-    def compress(self, encoded: EncodedImages, config: MethodConfig | None = None) -> CompressedImages:
+    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None) -> CompressedImages:
         """Apply a vision-side method (default: this adapter's) to every encoded image."""
         cfg = config or self.vision_config
         if cfg is None:
@@ -266,30 +433,6 @@ class LlavaNextAdapter(Adapter):
             tokens.append(t)
             plans.append(p)
         return CompressedImages(tokens=tokens, plans=plans, vanilla_counts=encoded.vanilla_counts)
-
-    def image_newline(self) -> torch.Tensor:
-        """The (D,) image-newline embedding, also when accelerate offloads it (``device_map`` with
-        ``"disk"``/``"cpu"`` entries keeps it on the meta device between forward passes): then it is
-        read through the inner model's own hook, as the vanilla forward would have it loaded."""
-        newline = self.inner.image_newline
-        if newline.device.type != "meta":
-            return newline
-        hook = getattr(self.inner, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-            weights = getattr(h, "weights_map", None)
-            if weights is not None and "image_newline" in weights:
-                device = getattr(h, "execution_device", None)
-                value = weights["image_newline"]
-                return value.to(device) if device is not None else value
-        raise ValueError("the model's image_newline is on the meta device and no accelerate hook holds its weights")
-
-    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
-        """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
-        sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
-        packed, _ = self.inner.pack_image_features(
-            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
-        )
-        return list(packed)
 
     # -- language side --------------------------------------------------------------------------
     def _pad_token_id(self) -> int:
@@ -309,9 +452,7 @@ class LlavaNextAdapter(Adapter):
 
         kwargs = dict(kwargs)
         pixel_values = kwargs.pop("pixel_values")
-        image_sizes = kwargs.pop("image_sizes", None)
-        layer = kwargs.pop("vision_feature_layer", None)
-        strategy = kwargs.pop("vision_feature_select_strategy", None)
+        image_inputs = {name: kwargs.pop(name, None) for name in self.image_inputs}
         input_ids = kwargs.get("input_ids")
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
@@ -320,19 +461,17 @@ class LlavaNextAdapter(Adapter):
                 "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
                 "(inputs_embeds are not supported: the placeholders must be shortened)"
             )
-        if image_sizes is None:
-            raise ValueError("LLaVA-NeXT needs image_sizes together with pixel_values")
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)} when pixel_values are given"
             )
 
-        encoded = self.encode(pixel_values, image_sizes, layer, strategy)
+        encoded = self.encode(pixel_values, **image_inputs)
         compressed = self.compress(encoded)
-        shrunk = shrink_placeholders(
+        shrunk = sequence.shrink_placeholders(
             input_ids,
-            self.hf_config.image_token_id,
+            self.image_token_id,
             compressed.vanilla_counts,
             compressed.counts,
             attention_mask=mask,
@@ -357,7 +496,7 @@ class LlavaNextAdapter(Adapter):
             tokens=[t.detach() for t in compressed.tokens], plans=compressed.plans, vanilla_counts=compressed.vanilla_counts
         )
         self._check_context(shrunk.input_ids.shape[1])
-        self._vanilla_rows = (input_ids == self.hf_config.image_token_id).sum(1)
+        self._vanilla_rows = (input_ids == self.image_token_id).sum(1)
         return kwargs
 
     def _check_context(self, length: int) -> None:
@@ -397,7 +536,7 @@ class LlavaNextAdapter(Adapter):
 
     def _on_prefill(self, input_ids: torch.Tensor) -> None:
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
-        visual = input_ids == self.hf_config.image_token_id  # (B, T)
+        visual = input_ids == self.image_token_id  # (B, T)
         self._last_visual = visual
         counts = visual.sum(1)  # (B,)
         before = self._vanilla_rows
@@ -409,9 +548,8 @@ class LlavaNextAdapter(Adapter):
         effective = [float(r) for r in rows]
         if self.fastv is not None:
             self.fastv.prepare(visual)
-            k, n_layers = self.fastv_config.layer, self.fastv.n_layers
-            lm_rows = [kept_count(r, self.fastv_config.retention_ratio) for r in rows]
-            effective = [(k * r + (n_layers - k) * kept) / n_layers for r, kept in zip(rows, lm_rows)]
+            lm_rows = [self.fastv_config.kept(r) for r in rows]
+            effective = [self.fastv_config.effective(r, kept, self.fastv.n_layers) for r, kept in zip(rows, lm_rows)]
         self.stats = CompressionStats(
             method=self.config.method,
             visual_tokens=rows,
@@ -478,7 +616,7 @@ class LlavaNextAdapter(Adapter):
         with it): the prompt is swapped for its compressed form, which the cache holds, and
         generation goes on from there, as running the whole conversation afresh with the image would.
         """
-        image_id = self.hf_config.image_token_id
+        image_id = self.image_token_id
         turn = self._turn
         if turn is not None and turn.matches(input_ids):
             if self.fastv is not None:
@@ -493,7 +631,7 @@ class LlavaNextAdapter(Adapter):
                 head = turn.short_mask if turn.short_mask is not None else torch.ones_like(turn.short_ids)
                 call["attention_mask"] = torch.cat([head.to(mask), mask[:, t0:]], dim=1)
             # The images are in the cache already (the vanilla generate ignores them on a continued cache too).
-            for key in ("pixel_values", "image_sizes"):
+            for key in ("pixel_values", *self.image_inputs):
                 call.pop(key, None)
             return self._generate_short(original, input_ids, short_ids, call)
         cached = _cache_length(_given_cache(call))

@@ -1,0 +1,114 @@
+"""What a method is: a validated config that carries its algorithm, registered by a decorator.
+
+A method lives in one file, ``globalcom2/methods/<name>.py``: a frozen config dataclass derived
+from :class:`VisionMethodConfig` (it compresses an image's encoded views before the language
+model) or :class:`LanguageMethodConfig` (it acts inside the language model), decorated with
+:func:`register_method`. The config's own methods are the algorithm, so nothing dispatches on
+config types (the handler-per-config-type idea of torchao's ``quantize_``, one press per file as
+in kvpress). Importing a method module loads neither torch nor numpy: tensor code is imported
+when it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..core.config import MethodConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..core.geometry import CropGeometry
+    from ..core.plans import KeptMasks
+
+__all__ = [
+    "LANGUAGE_METHODS", "VISION_METHODS", "LanguageMethodConfig", "VisionMethodConfig", "register_method",
+]
+
+
+@dataclass(frozen=True)
+class VisionMethodConfig(MethodConfig):
+    """Base of the vision-side methods: they decide, per image, which visual tokens the language
+    model receives.
+
+    Subclasses set ``method`` (the registered name) and implement :meth:`compress`. A method that
+    arranges kept tokens in several ways has a ``layout`` field; ``layout_field`` names it (None:
+    the method has one fixed arrangement).
+    """
+
+    layout_field: ClassVar[str | None] = "layout"
+
+    def compress(
+        self,
+        features: "torch.Tensor",
+        importance: "torch.Tensor",
+        geom: "CropGeometry | None",
+        newline: "torch.Tensor | None",
+    ) -> tuple["torch.Tensor", Any]:
+        """Compress one image.
+
+        Args:
+            features: (V, N, D) projected features of the image's views, thumbnail first.
+            importance: (V, N) float32 importance of the same tokens (higher: more important).
+            geom: the crop geometry (None for an image seen as one view).
+            newline: (D,) the image-newline embedding (None for families without one).
+
+        Returns:
+            tokens: (L, D) the image's sequence for the language model.
+            plan: what was kept; every plan has ``num_tokens``, ``geometry`` and
+            ``kept_masks()`` (a :class:`~globalcom2.core.plans.KeptMasks`).
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+@dataclass(frozen=True)
+class LanguageMethodConfig(MethodConfig):
+    """Base of the language-model-side methods: they act inside the language model's layers.
+
+    Subclasses implement :meth:`make_patch` (an object with ``validate()``, ``install()``,
+    ``uninstall()``, ``prepare(visual)`` and ``n_layers``), :meth:`kept` and
+    :meth:`effective`.
+    """
+
+    def make_patch(self, language_model: Any) -> Any:  # pragma: no cover - abstract
+        """The reversible patch of ``language_model`` that runs this method."""
+        raise NotImplementedError
+
+    def kept(self, visual_tokens: int) -> int:  # pragma: no cover - abstract
+        """Visual tokens left in the layers this method prunes, of ``visual_tokens``."""
+        raise NotImplementedError
+
+    def effective(self, visual_tokens: int, kept: int, n_layers: int) -> float:  # pragma: no cover - abstract
+        """The layer-averaged visual tokens of a row."""
+        raise NotImplementedError
+
+
+#: Vision-side methods by name, in registration order.
+VISION_METHODS: dict[str, type[VisionMethodConfig]] = {}
+#: Language-model-side methods by name, in registration order.
+LANGUAGE_METHODS: dict[str, type[LanguageMethodConfig]] = {}
+
+
+def register_method(cls: type) -> type:
+    """Class decorator: register a method config under its ``method`` name.
+
+    Raises:
+        TypeError: not a :class:`VisionMethodConfig` / :class:`LanguageMethodConfig` subclass, or
+            no ``method`` name.
+        ValueError: the name is taken by another class, or contains ``+`` (it joins compositions).
+    """
+    name = getattr(cls, "method", "")
+    if not isinstance(name, str) or not name or "+" in name or name != name.lower():
+        raise ValueError(f"{cls.__name__}.method must be a lower-case name without '+', got {name!r}")
+    if issubclass(cls, VisionMethodConfig):
+        table: dict[str, Any] = VISION_METHODS
+    elif issubclass(cls, LanguageMethodConfig):
+        table = LANGUAGE_METHODS
+    else:
+        raise TypeError(f"{cls.__name__} must derive from VisionMethodConfig or LanguageMethodConfig")
+    other = VISION_METHODS.get(name) or LANGUAGE_METHODS.get(name)
+    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is already registered by {other.__name__}")
+    table[name] = cls
+    return cls

@@ -1,0 +1,52 @@
+"""FasterVLM-style [CLS] pruning (Zhang et al. 2024) on the AnyRes views: one joint budget.
+
+Keeps the ``floor(R (N + sum_j n_j))`` most important tokens, ranked jointly over the
+thumbnail's N tokens and every crop's unpadded tokens: no per-crop budget, no global guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._lazy import lazy_module
+from ..core.config import LAYOUTS, Layout, check_choice, check_ratio
+from .base import VisionMethodConfig, register_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..core.geometry import CropGeometry
+
+plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+
+
+@register_method
+@dataclass(frozen=True)
+class FasterVLMConfig(VisionMethodConfig):
+    """FasterVLM-style [CLS] pruning (Zhang et al. 2024), on the AnyRes views.
+
+    Keeps the ``floor(R * (N + sum_j n_j))`` tokens with the highest [CLS] importance (the same
+    last-layer logits GlobalCom2 uses), ranked jointly over the thumbnail's N tokens and every
+    crop's unpadded tokens: no per-crop budget and no global guidance.
+
+    Args:
+        retention_ratio: R, ``0 < R <= 1``.
+        layout: arrangement of the kept tokens, as for GlobalCom2 (default ``"spatial"``: true
+            positions, the natural order for a baseline).
+    """
+
+    method: ClassVar[str] = "fastervlm"
+
+    retention_ratio: float = 0.25
+    layout: Layout = "spatial"
+
+    def __post_init__(self) -> None:
+        self._reject_none()
+        self._set("retention_ratio", check_ratio(self.retention_ratio))
+        self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
+
+    def compress(
+        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
+    ) -> tuple["torch.Tensor", Any]:
+        return plans.compress_by_scores(features, importance, geom, newline, self.retention_ratio, self.layout)

@@ -1,0 +1,82 @@
+"""GlobalCom2 (arXiv 2501.05179): the thumbnail commands how many tokens each crop keeps, and which.
+
+For an image of a thumbnail plus C crops, at retention ratio R: the thumbnail keeps its
+``floor(N R)`` most important tokens; crop j gets ``r_j = min(1, R (1 + sigma_j - mean sigma))``
+from a softmax over the thumbnail importance summed in its region, and keeps its
+``floor(n_j r_j)`` best unpadded tokens by global (thumbnail, resized) + local (its own [CLS])
+score. ``SPEC.md`` gives every step; the tensor code is :mod:`globalcom2.core.plans`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._lazy import lazy_module
+from ..core.config import LAYOUTS, Layout, check_choice, check_positive, check_ratio
+from .base import VisionMethodConfig, register_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..core.geometry import CropGeometry
+
+plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+
+#: How GlobalCom2 splits the crop budget (paper's ablation; ``softmax_sum`` is the method).
+ALLOCATIONS: tuple[str, ...] = ("softmax_sum", "softmax_max", "uniform", "topk_count")
+
+#: How GlobalCom2 scores crop tokens (paper's ablation; ``global_local`` is the method).
+SCORINGS: tuple[str, ...] = ("global_local", "global_only", "local_only")
+
+
+@register_method
+@dataclass(frozen=True)
+class GlobalCom2Config(VisionMethodConfig):
+    """Settings of GlobalCom2 (arXiv 2501.05179).
+
+    Args:
+        retention_ratio: R, the fraction of visual tokens kept, ``0 < R <= 1``. The thumbnail keeps
+            ``floor(N * R)`` of its ``N`` tokens; each crop ``j`` keeps ``floor(n_j * r_j)`` of its
+            ``n_j`` unpadded tokens with ``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``.
+        layout: how the kept tokens are arranged for the language model. ``"official"`` (default)
+            reproduces the published implementation token for token, quirks included;
+            ``"spatial"`` keeps every token at its true position (the vanilla LLaVA-NeXT
+            arrangement with the dropped tokens removed).
+        temperature: tau of the softmax over the crops' summed thumbnail importance (paper: 10).
+        allocation: how the crop budget is split (an ablation; the method is ``"softmax_sum"``):
+            ``"softmax_sum"``: sigma over each crop region's *summed* thumbnail importance;
+            ``"softmax_max"``: the same over each region's *maximum*;
+            ``"uniform"``: every crop keeps ``r_j = R``;
+            ``"topk_count"``: ``r_j = min(1, R * C * c_j / sum(c))`` where ``c_j`` counts the
+            thumbnail's kept (global top-``floor(N*R)``) tokens that fall in crop j's region
+            (``R`` for every crop when none is kept).
+        scoring: how crop tokens are ranked (an ablation; the method is ``"global_local"``):
+            the L2-normalised local [CLS] importance plus the L2-normalised global guidance,
+            ``"global_only"`` or ``"local_only"`` one of the two.
+    """
+
+    method: ClassVar[str] = "globalcom2"
+
+    retention_ratio: float = 0.25
+    layout: Layout = "official"
+    temperature: float = 10.0
+    allocation: str = "softmax_sum"
+    scoring: str = "global_local"
+
+    def __post_init__(self) -> None:
+        self._reject_none()
+        # Store plain floats so that equal configs compare (and serialise) equal.
+        self._set("retention_ratio", check_ratio(self.retention_ratio))
+        self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
+        self._set("temperature", check_positive(self.temperature, "temperature"))
+        self._set("allocation", check_choice(self.allocation, ALLOCATIONS, "allocation"))
+        self._set("scoring", check_choice(self.scoring, SCORINGS, "scoring"))
+
+    def compress(
+        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
+    ) -> tuple["torch.Tensor", Any]:
+        return plans.compress_image(
+            features, importance, geom, newline, self.retention_ratio, self.layout, self.temperature,
+            allocation=self.allocation, scoring=self.scoring,
+        )

@@ -1,0 +1,57 @@
+"""Random pruning: FasterVLM's joint budget, tokens drawn at random from a private seeded generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._lazy import lazy_module
+from ..core.config import LAYOUTS, Layout, check_choice, check_int, check_ratio
+from .base import VisionMethodConfig, register_method
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from ..core.geometry import CropGeometry
+
+plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+
+
+def random_scores(views: int, n: int, seed: int, device: Any) -> "torch.Tensor":
+    """(V, N) uniform scores from a private CPU generator seeded with ``seed`` (device-independent)."""
+    torch = lazy_module("torch")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand((views, n), generator=gen).to(device)
+
+
+@register_method
+@dataclass(frozen=True)
+class RandomConfig(VisionMethodConfig):
+    """Random pruning: the same joint budget as :class:`FasterVLMConfig`, tokens drawn at random.
+
+    The draw uses a private generator seeded with ``seed`` for every image (never the global RNG),
+    so the same image is pruned the same way every call, alone or in a batch.
+
+    Args:
+        retention_ratio: R, ``0 < R <= 1``.
+        layout: as for FasterVLM (default ``"spatial"``).
+        seed: the generator's seed (default 0).
+    """
+
+    method: ClassVar[str] = "random"
+
+    retention_ratio: float = 0.25
+    layout: Layout = "spatial"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._reject_none()
+        self._set("retention_ratio", check_ratio(self.retention_ratio))
+        self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
+        self._set("seed", check_int(self.seed, "seed", minimum=0))
+
+    def compress(
+        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
+    ) -> tuple["torch.Tensor", Any]:
+        scores = random_scores(importance.shape[0], importance.shape[1], self.seed, importance.device)
+        return plans.compress_by_scores(features, scores, geom, newline, self.retention_ratio, self.layout)

@@ -1,0 +1,24 @@
+"""Model families: one module per family, registered by ``@register_family`` when imported below.
+
+A family module (``globalcom2/models/<family>.py``) subclasses :class:`~.base.Family` with what is
+specific to it (how to encode views and read the importance signal, the view geometry, the token
+layout, its placeholder count, loading, a tiny in-code test model, what pictures draw); everything
+generic lives in :mod:`.base`. The CLI, bench, visualize, efficiency, eval and the lmms-eval plugin
+ask this registry, never a family by name. Importing it loads neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    STATE_ATTR, Adapter, CompressedImages, CompressionStats, EncodedImages, Family, adapter_for, describe_supported,
+    families, family_for, family_for_model_type, register_family, supported_model_names, supported_model_types,
+)
+
+# The registry: one line per family.
+from .llava_next import LlavaNextAdapter  # noqa: E402
+
+__all__ = [
+    "STATE_ATTR", "Adapter", "CompressedImages", "CompressionStats", "EncodedImages", "Family", "LlavaNextAdapter",
+    "adapter_for", "describe_supported", "families", "family_for", "family_for_model_type", "register_family",
+    "supported_model_names", "supported_model_types",
+]

@@ -1,0 +1,358 @@
+"""GlobalCom2 for Hugging Face LLaVA-NeXT (``LlavaNextForConditionalGeneration``, ``LlavaNextModel``).
+
+How it plugs in, per model instance (the class is never touched):
+
+* ``forward``: when ``pixel_values`` come with ``input_ids``, the images are encoded once, the
+  [CLS] logits of the vision tower's last layer are captured on the way, GlobalCom2 compresses
+  every image, the surplus image placeholders are removed from ``input_ids`` (and
+  ``attention_mask``/``labels``), and the original forward runs on the shorter sequence with the
+  compressed features passed as ``mm_encoder_outputs``. Logits therefore have the compressed
+  length.
+* ``generate``: the same preparation happens once, before generation; the generation loop then
+  runs on the shorter prompt with a KV cache of the compressed size. The returned sequences start
+  with the caller's original ``input_ids`` so that ``out[:, inputs.input_ids.shape[1]:]`` is the
+  answer, exactly as with the vanilla model.
+
+[CLS] logits come from two forward hooks on the last layer's ``q_proj`` and ``k_proj``,
+registered only while the tower runs: the tower keeps its attention implementation (SDPA), no
+``output_attentions`` is requested, and no N x N attention map is ever built.
+"""
+
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._lazy import lazy_module
+from .base import CLSCapture, EncodedImages, Family, register_family
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from ..core.geometry import CropGeometry
+
+# Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
+torch = lazy_module("torch")
+plans = lazy_module("globalcom2.core.plans")
+
+
+@register_family
+class LlavaNextAdapter(Family):
+    """LLaVA-NeXT (``transformers`` ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``): a
+    CLIP tower with [CLS], the thumbnail first, AnyRes crops unpadded, one newline per row; both
+    layouts (``official`` reproduces the published code token for token)."""
+
+    model_type = "llava_next"
+    display_name = "LLaVA-NeXT"
+    example_checkpoint = "llava-hf/llava-v1.6-vicuna-7b-hf"
+    model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    layouts = ("official", "spatial")
+    image_inputs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    #: The llava-hf checkpoints (one geometry: CLIP-L/14-336, 4 crops at most).
+    checkpoints: ClassVar[tuple[str, ...]] = (
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "llava-hf/llava-v1.6-vicuna-13b-hf",
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        "llava-hf/llava-v1.6-34b-hf",
+    )
+
+    @classmethod
+    def hf_classes(cls) -> tuple[type, ...]:
+        from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+
+        return (LlavaNextForConditionalGeneration, LlavaNextModel)
+
+    def last_attention(self) -> nn.Module:
+        """The vision tower's last self-attention module (it must expose q_proj and k_proj)."""
+        found = None
+        for module in self.inner.vision_tower.modules():
+            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
+                found = module
+        if found is None:
+            raise ValueError(
+                f"GlobalCom2 needs a ViT vision tower whose attention has q_proj/k_proj (CLIP-like); "
+                f"{type(self.inner.vision_tower).__name__} has none"
+            )
+        return found
+
+    def check_vision(self) -> None:
+        strategy = self.hf_config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                "GlobalCom2 needs a vision tower with a [CLS] token (vision_feature_select_strategy='default'); "
+                f"this model uses {strategy!r}"
+            )
+        self.last_attention()
+
+    # -- vision side ----------------------------------------------------------------------------
+    def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of the AnyRes crop grid the model uses for an image of this size."""
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        vc = self.hf_config.vision_config
+        return get_anyres_image_grid_shape(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
+
+    def num_views(self, image_hw: tuple[int, int]) -> int:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        vc = self.hf_config.vision_config
+        return image_size_to_num_patches(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list[Any] | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> EncodedImages:
+        """Run the vision tower and projector, capturing the last layer's [CLS] logits.
+
+        Args:
+            pixel_values: (B, P, 3, h, w) as the processor pads them, or (sum V_i, 3, h, w).
+            image_sizes: (B, 2) original (height, width) of each image.
+
+        Returns:
+            :class:`EncodedImages` with per-image features (V_i, N, D) and importance (V_i, N).
+
+        Like the model's own ``get_image_features`` this runs under the caller's grad mode, so
+        gradients reach the projector (and the tower) when training with ``labels``; the [CLS]
+        importance only decides which tokens are kept and is never differentiated.
+        """
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes together with pixel_values")
+        cfg = self.hf_config
+        layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
+        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        views = [self.num_views(s) for s in sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have 4 or 5 dimensions, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.shape[0] != sum(views):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes imply {sum(views)}")
+
+        tower = self.inner.vision_tower
+        attn = self.last_attention()
+        with CLSCapture(attn) as cap:
+            out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
+        if isinstance(layer, int):
+            hidden = out.hidden_states[layer]
+        else:
+            hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
+        if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
+            raise RuntimeError("the vision tower's last attention layer did not run")
+        importance = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
+
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        geoms: list[CropGeometry | None] = []
+        for s, v in zip(sizes, views):
+            if v == 1:
+                geoms.append(None)
+                continue
+            grid = self.grid_shape(s)
+            if grid[0] * grid[1] != v - 1:
+                raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
+            geoms.append(plans.crop_geometry(s, grid, side))
+        return EncodedImages(
+            features=list(torch.split(feats, views, dim=0)),
+            importance=list(torch.split(importance.to(feats.device), views, dim=0)),
+            geometries=geoms,
+            image_sizes=sizes,
+            vanilla_counts=[side * side + 1 if g is None else g.vanilla_num_tokens() for g in geoms],
+        )
+
+    def image_newline(self) -> torch.Tensor:
+        """The (D,) image-newline embedding, also when accelerate offloads it (``device_map`` with
+        ``"disk"``/``"cpu"`` entries keeps it on the meta device between forward passes): then it is
+        read through the inner model's own hook, as the vanilla forward would have it loaded."""
+        newline = self.inner.image_newline
+        if newline.device.type != "meta":
+            return newline
+        hook = getattr(self.inner, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None and "image_newline" in weights:
+                device = getattr(h, "execution_device", None)
+                value = weights["image_newline"]
+                return value.to(device) if device is not None else value
+        raise ValueError("the model's image_newline is on the meta device and no accelerate hook holds its weights")
+
+    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
+        """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
+        sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
+        packed, _ = self.inner.pack_image_features(
+            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
+        )
+        return list(packed)
+
+    # -- for the tools --------------------------------------------------------------------------
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
+        return build_tiny_llava_next(seed=seed, dtype=dtype or torch.float32, device=device)
+
+    @classmethod
+    def max_visual_tokens(cls, config: Any) -> int:
+        """The thumbnail plus the most crops any ``image_grid_pinpoints`` entry gives, times
+        ``(image_size / patch_size)^2`` (5 x 576 = 2,880 for the llava-hf checkpoints)."""
+        vision = _get(config, "vision_config")
+        size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
+        pinpoints = _get(config, "image_grid_pinpoints")
+        if not (isinstance(size, int) and isinstance(patch, int) and pinpoints):
+            raise ValueError("the config has no vision_config.image_size/patch_size or image_grid_pinpoints")
+        crops = max((int(h) // size) * (int(w) // size) for h, w in pinpoints)
+        return (1 + crops) * (size // patch) ** 2
+
+    @classmethod
+    def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:
+        """The thumbnail is the whole image squeezed to one view; the crops cover the image resized
+        (aspect kept) into the best resolution and centred on a zero-padded canvas."""
+        import numpy as np
+        from PIL import Image
+
+        from .._io import to_rgb
+
+        image = to_rgb(image)
+        thumb = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
+        if geom is None:
+            return thumb, None, None
+        lay = canvas_layout((image.height, image.width), (geom.grid_h, geom.grid_w), view)
+        canvas = np.zeros((lay["height"], lay["width"], 3), np.uint8)
+        resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
+        canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
+        return thumb, canvas, lay
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+
+
+def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int = 336) -> dict[str, int]:
+    """Where LLaVA-NeXT's processor puts an image on its padded crop canvas.
+
+    Same arithmetic as the processor (``get_patch_output_size`` and ``_get_padding_size``): the
+    image is resized to fit ``(grid_h * view, grid_w * view)`` with its aspect ratio kept (the
+    short side rounded up), then centred with zero padding.
+
+    Returns:
+        dict with ``height``, ``width`` (the canvas), ``new_height``, ``new_width`` (the resized
+        image) and ``top``, ``left`` (its offset on the canvas).
+    """
+    h, w = (int(v) for v in image_hw)
+    ch, cw = grid_hw[0] * view, grid_hw[1] * view
+    scale_w, scale_h = cw / w, ch / h
+    if scale_w < scale_h:
+        nw, nh = cw, min(math.ceil(h * scale_w), ch)
+    else:
+        nh, nw = ch, min(math.ceil(w * scale_h), cw)
+    return {"height": ch, "width": cw, "new_height": nh, "new_width": nw, "top": (ch - nh) // 2, "left": (cw - nw) // 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny in-code test model: the real geometry, every width shrunk, random weights.
+# ------------------------------------------------------------------------------------------------
+
+#: AnyRes pinpoints of the public llava-hf LLaVA-NeXT checkpoints, (height, width).
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def build_tokenizer() -> Any:
+    """A byte-level tokenizer (256 byte tokens + specials) built offline with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_processor() -> Any:
+    """A ``LlavaNextProcessor`` configured like the llava-hf checkpoints (336 px views)."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLIP tower's [CLS]
+    )
+
+
+def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text_overrides: Any) -> Any:
+    """The tiny ``LlavaNextConfig``: CLIP-336/14 geometry, widths of a few dozen."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        projection_dim=32,
+    )
+    text_kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=8192,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    text_kwargs.update(text_overrides)
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text_kwargs),
+        image_token_id=image_token_id,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_tiny_llava_next(seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu") -> tuple[Any, Any]:
+    """Build ``(model, processor)``: a random tiny LLaVA-NeXT in eval mode and its processor.
+
+    Args:
+        seed: seed of the weights (a private generator state; the global RNG is restored).
+        dtype: parameter dtype (default float32).
+        device: where the model lives.
+    """
+    from transformers import LlavaNextForConditionalGeneration
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
