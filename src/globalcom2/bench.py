@@ -204,8 +204,8 @@ def run_bench(
     """
     import globalcom2
 
-    from .adapters import adapter_for
-    from .config import GlobalCom2Config
+    from .methods import GlobalCom2Config
+    from .models import adapter_for
 
     options = dict(options or {})
     if layout is not None:
@@ -231,7 +231,7 @@ def run_bench(
                 vision = globalcom2.get_adapter(model).vision_config
             with torch.no_grad():
                 vision_ms, encoded = median_ms(
-                    lambda: timer.encode(inputs["pixel_values"], inputs["image_sizes"]), device, runs, warmup
+                    lambda: timer.encode_inputs(inputs), device, runs, warmup
                 )
                 compress_ms = 0.0
                 if vision is not None:

@@ -1,6 +1,6 @@
 """The offline demo: GlobalCom2 on a shipped sample image and a tiny random LLaVA-NeXT.
 
-Nothing is downloaded. The model comes from :func:`globalcom2.tiny.build_tiny_llava_next`: it has
+Nothing is downloaded. The model comes from :meth:`~globalcom2.models.llava_next.LlavaNextAdapter.build_tiny`: it has
 the real LLaVA-NeXT geometry (336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids) but
 random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
 *which* tokens are kept is meaningless.
@@ -80,8 +80,10 @@ def run_demo(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     layouts: Sequence[str] = LAYOUTS,
     echo: Callable[[str], Any] = print,
+    model_type: str = "llava_next",
 ) -> dict[str, Any]:
-    """Compress one image with the tiny random LLaVA-NeXT and report what GlobalCom2 kept.
+    """Compress one image with a family's tiny random model (default: LLaVA-NeXT) and report what
+    GlobalCom2 kept.
 
     Prints (through ``echo``) the visual-token counts before and after for every ratio and
     layout and the per-crop retention ratios, and writes one PNG per ratio (thumbnail and crop
@@ -93,6 +95,7 @@ def run_demo(
         ratios: retention ratios to show (each validated like :class:`GlobalCom2Config`).
         layouts: layouts to show ("official" and/or "spatial").
         echo: where the report goes, one line per call.
+        model_type: the family whose tiny model runs (see :func:`globalcom2.models.supported_model_types`).
 
     Returns:
         A summary dict (also written as ``summary.json``): ``runs`` (one dict per ratio and
@@ -103,8 +106,9 @@ def run_demo(
 
     import globalcom2
     from .picture import full_ratio_note, render_kept_tokens, save_png
-    from .tiny import build_tiny_llava_next
+    from .models import family_for_model_type
 
+    family = family_for_model_type(model_type)
     configs = [GlobalCom2Config(retention_ratio=r, layout=l) for r in ratios for l in layouts]  # validate first
     if not configs:
         raise ValueError("the demo needs at least one retention ratio and one layout")
@@ -122,8 +126,8 @@ def run_demo(
     echo("")
 
     t0 = time.perf_counter()
-    echo("[1/4] building the tiny random LLaVA-NeXT (no download) ...")
-    model, processor = build_tiny_llava_next(seed=0)
+    echo(f"[1/4] building the tiny random {family.display_name} (no download) ...")
+    model, processor = family.build_tiny(seed=0)
     view = int(model.config.vision_config.image_size)
     echo(f"      done in {time.perf_counter() - t0:.1f} s")
 
@@ -142,7 +146,7 @@ def run_demo(
         seq_len = int(model(**inputs).logits.shape[1])
         adapter = globalcom2.get_adapter(model)
         forward_count = int(adapter.last.counts[0])
-        encoded = adapter.encode(inputs["pixel_values"], inputs["image_sizes"])
+        encoded = adapter.encode_inputs(inputs)
         results = [(cfg, adapter.compress(encoded, cfg)) for cfg in configs]
     echo(f"      a forward pass with the default R = {default.retention_ratio:g} ({default.layout}): the language model "
          f"sees {seq_len:,} tokens instead of {inputs['input_ids'].shape[1]:,} ({forward_count:,} visual)")

@@ -128,17 +128,25 @@ class LMArch:
         )
 
 
-#: Language models of the public LLaVA-NeXT checkpoints (from their config.json files).
-KNOWN_MODELS: dict[str, LMArch] = {
-    "llava-hf/llava-v1.6-vicuna-7b-hf": LMArch("vicuna-7b", 32, 4096, 32, 32, 128, 11008, 32064),
-    "llava-hf/llava-v1.6-vicuna-13b-hf": LMArch("vicuna-13b", 40, 5120, 40, 40, 128, 13824, 32064),
-    "llava-hf/llava-v1.6-mistral-7b-hf": LMArch("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32064),
-    "llava-hf/llama3-llava-next-8b-hf": LMArch("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128320),
-    "llava-hf/llava-v1.6-34b-hf": LMArch("yi-34b", 60, 7168, 56, 8, 128, 20480, 64064),
-}
+def _known_models() -> dict[str, LMArch]:
+    from .models import families
 
-#: Visual tokens of one LLaVA-NeXT image with 4 crops, without newlines: 5 views x 576.
-MAX_VISUAL_TOKENS = 5 * 576
+    return {ckpt: LMArch(*arch) for fam in families() for ckpt, arch in fam.language_models.items()}
+
+
+#: Language models of the public checkpoints of every family (from their config.json files), by hub id.
+KNOWN_MODELS: dict[str, LMArch] = _known_models()
+
+
+def _default_max_visual_tokens() -> int:
+    from .models import family_for_model_type
+
+    return family_for_model_type("llava_next").default_max_visual_tokens()
+
+
+#: Visual tokens of one image of the llava-hf LLaVA-NeXT checkpoints, without newlines (the
+#: thumbnail and 4 crops of 576 tokens: 2,880): the default budget base of ``--visual-tokens``.
+MAX_VISUAL_TOKENS = _default_max_visual_tokens()
 
 
 @dataclass(frozen=True)
@@ -199,8 +207,8 @@ def resolve_arch(model: str) -> LMArch:
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a JSON object")
         text = data.get("text_config", data)
-        if "model_type" not in text and data.get("model_type") == "llava_next":
-            text = {"model_type": "llama", **text}
+        if "model_type" not in text:
+            text = {"model_type": _family_of(data.get("model_type")).default_text_model_type, **text}
         return LMArch.from_text_config(text, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
     if os.path.exists(model) or model.startswith((".", "/")):
         raise ValueError(f"{model} has no config.json")
@@ -522,28 +530,35 @@ def parse_ratios(text: str) -> list[float]:
     return out
 
 
+def _family_of(model_type: Any) -> Any:
+    from .models import family_for_model_type
+
+    return family_for_model_type(model_type if isinstance(model_type, str) else "llava_next")
+
+
 def max_visual_tokens_of(config: Any) -> int:
-    """A LLaVA-NeXT config's most visual tokens for one image, without newlines: the thumbnail plus
-    the most crops any ``image_grid_pinpoints`` entry gives, times ``(image_size / patch_size)^2``
-    (5 x 576 = 2,880 for the llava-hf checkpoints). Takes a config object or its dict."""
-
-    def get(obj: Any, key: str, default: Any = None) -> Any:
-        return obj.get(key, default) if isinstance(obj, Mapping) else getattr(obj, key, default)
-
-    vision = get(config, "vision_config")
-    size, patch = get(vision, "image_size"), get(vision, "patch_size")
-    pinpoints = get(config, "image_grid_pinpoints")
-    if not (isinstance(size, int) and isinstance(patch, int) and pinpoints):
-        raise ValueError("the config has no vision_config.image_size/patch_size or image_grid_pinpoints")
-    crops = max((int(h) // size) * (int(w) // size) for h, w in pinpoints)
-    return (1 + crops) * (size // patch) ** 2
+    """A checkpoint config's most visual tokens for one image, without newlines, as its family
+    counts them (LLaVA-NeXT: the thumbnail plus the most crops any ``image_grid_pinpoints`` entry
+    gives, times ``(image_size / patch_size)^2``: 5 x 576 = 2,880 for the llava-hf checkpoints).
+    Takes a config object or its dict; a config without ``model_type`` is read as LLaVA-NeXT's."""
+    model_type = config.get("model_type") if isinstance(config, Mapping) else getattr(config, "model_type", None)
+    try:
+        family = _family_of(model_type)
+    except ValueError:
+        family = _family_of(None)
+    return family.max_visual_tokens(config)
 
 
 def max_visual_tokens_for_model(model: str) -> int:
     """:func:`max_visual_tokens_of` a local checkpoint's ``config.json`` (a directory or the file);
-    :data:`MAX_VISUAL_TOKENS` for the known llava-hf ids and anything else (all share that geometry)."""
+    a known hub id's family default; :data:`MAX_VISUAL_TOKENS` for anything else."""
+    from .models import families
+
+    for fam in families():
+        if model in fam.language_models:
+            return fam.default_max_visual_tokens()
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-    if model not in KNOWN_MODELS and os.path.isfile(path):
+    if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as fh:
                 return max_visual_tokens_of(json.load(fh))

@@ -33,7 +33,8 @@ Data parallelism works as for lmms-eval's own models: ``accelerate launch --num_
 lmms_eval ...`` (one model per GPU; each process gets its shard of the requests).
 
 The generation and scoring core, :class:`LlavaNextRunner`, needs neither lmms-eval nor a loaded
-checkpoint: it takes any ``(model, processor)`` pair, e.g. :func:`globalcom2.tiny.build_tiny_llava_next`.
+checkpoint: it takes any ``(model, processor)`` pair, e.g. a family's tiny model
+(:func:`globalcom2.tiny.build_tiny`).
 """
 
 from __future__ import annotations
@@ -541,7 +542,7 @@ def _progress(total: int, show: bool) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_llava_next(
+def load_checkpoint(
     pretrained: str,
     *,
     revision: str = "main",
@@ -550,28 +551,30 @@ def load_llava_next(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any]:
-    """Load a LLaVA-NeXT checkpoint and its processor (eval mode; placement by ``device_map``).
+    """Load a checkpoint of a supported family and its processor (eval mode; placement by
+    ``device_map``); the family comes from the checkpoint's ``config.model_type``.
 
     Raises:
-        ValueError: the checkpoint is not a LLaVA-NeXT model.
+        ValueError: the checkpoint is not of a supported family (the message names them).
     """
-    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import AutoConfig
+
+    from ..models import family_for_model_type
 
     config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    model_type = getattr(config, "model_type", None)
-    if model_type != "llava_next":
-        raise ValueError(
-            f"{MODEL_NAME}: {pretrained!r} is a {model_type!r} model; globalcom2 compresses LLaVA-NeXT "
-            f"checkpoints (model_type 'llava_next'), e.g. {DEFAULT_PRETRAINED}"
-        )
-    kwargs: dict[str, Any] = {"revision": revision, "dtype": dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map:
-        kwargs["device_map"] = device_map
-    model = LlavaNextForConditionalGeneration.from_pretrained(pretrained, **kwargs)
-    processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    return model.eval(), processor
+    try:
+        family = family_for_model_type(getattr(config, "model_type", None))
+    except ValueError as e:
+        raise ValueError(f"{MODEL_NAME}: {pretrained!r}: {e}") from None
+    model_kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return family.load(
+        pretrained, dtype=dtype, device_map=device_map or None, model_kwargs=model_kwargs,
+        revision=revision, trust_remote_code=trust_remote_code,
+    )
+
+
+#: The name of 0.1 (LLaVA-NeXT was the only family).
+load_llava_next = load_checkpoint
 
 
 def _read_template(value: str | None) -> str | None:
@@ -667,7 +670,7 @@ class GlobalCom2LlavaNext(_LmmsBase):  # type: ignore[misc,valid-type]
             raise ValueError(f"{MODEL_NAME}: device={device} but CUDA is not available (torch {torch.__version__}); pass device=cpu")
         if not device_map and str(device).startswith("cuda"):
             device_map = device  # load straight onto the GPU
-        self._model, self._processor = load_llava_next(
+        self._model, self._processor = load_checkpoint(
             opts["pretrained"],
             revision=opts["revision"],
             dtype=opts["dtype"],

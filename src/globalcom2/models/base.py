@@ -302,6 +302,11 @@ class Family(Adapter):
     #: Keyword arguments of ``forward`` that describe the images, consumed with ``pixel_values``
     #: and handed to :meth:`encode`.
     image_inputs: ClassVar[tuple[str, ...]] = ()
+    #: Public checkpoints' language models by hub id, as :class:`globalcom2.efficiency.LMArch`
+    #: fields (the efficiency model reads them offline).
+    language_models: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: ``model_type`` of a checkpoint's ``text_config`` when its config.json leaves it out.
+    default_text_model_type: ClassVar[str] = "llama"
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__(model, config)
@@ -344,6 +349,11 @@ class Family(Adapter):
         """
         raise NotImplementedError
 
+    def encode_inputs(self, inputs: Any) -> EncodedImages:
+        """:meth:`encode` the images of a processor's output (``pixel_values`` and the family's
+        :attr:`image_inputs` found in it)."""
+        return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
+
     def check_vision(self) -> None:
         """Raise ``ValueError`` if this model's vision side cannot be compressed (checked at apply)."""
 
@@ -364,18 +374,21 @@ class Family(Adapter):
         return self.inner.language_model
 
     @classmethod
-    def load(cls, model_id: str, dtype: Any = "auto", device_map: Any = None, **hub: Any) -> tuple[Any, Any]:
+    def load(
+        cls, model_id: str, dtype: Any = "auto", device_map: Any = None, model_kwargs: dict[str, Any] | None = None, **hub: Any
+    ) -> tuple[Any, Any]:
         """``(model, processor)`` of a checkpoint, as ``from_pretrained`` loads them (eval mode).
 
-        ``dtype``, ``device_map`` and ``hub`` (``local_files_only``, ``revision``...) go to
-        ``from_pretrained``."""
+        ``hub`` (``local_files_only``, ``revision``, ``trust_remote_code``...) goes to both
+        ``from_pretrained`` calls; ``dtype``, ``device_map`` and ``model_kwargs``
+        (``attn_implementation``...) to the model's only."""
         from transformers import AutoProcessor
 
-        kwargs: dict[str, Any] = {"dtype": dtype, **hub}
+        kwargs: dict[str, Any] = {"dtype": dtype, **hub, **(model_kwargs or {})}
         if device_map is not None:
             kwargs["device_map"] = device_map
-        processor = AutoProcessor.from_pretrained(model_id, **hub)
         model = cls.hf_classes()[0].from_pretrained(model_id, **kwargs)
+        processor = AutoProcessor.from_pretrained(model_id, **hub)
         return model.eval(), processor
 
     @classmethod
@@ -386,6 +399,11 @@ class Family(Adapter):
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:  # pragma: no cover - abstract
         """The most visual tokens one image can have, without newlines (a config or its dict)."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_max_visual_tokens(cls) -> int:  # pragma: no cover - abstract
+        """:meth:`max_visual_tokens` of the family's public checkpoints."""
         raise NotImplementedError
 
     @classmethod

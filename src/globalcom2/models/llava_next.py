@@ -49,13 +49,17 @@ class LlavaNextAdapter(Family):
     model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     layouts = ("official", "spatial")
     image_inputs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
-    #: The llava-hf checkpoints (one geometry: CLIP-L/14-336, 4 crops at most).
-    checkpoints: ClassVar[tuple[str, ...]] = (
-        "llava-hf/llava-v1.6-vicuna-7b-hf",
-        "llava-hf/llava-v1.6-vicuna-13b-hf",
-        "llava-hf/llava-v1.6-mistral-7b-hf",
-        "llava-hf/llava-v1.6-34b-hf",
-    )
+    #: The public llava-hf checkpoints' language models (from their config.json files), as
+    #: :class:`globalcom2.efficiency.LMArch` fields: name, layers, hidden, heads, kv heads,
+    #: head dim, intermediate, vocab. They share one geometry (CLIP-L/14-336, 4 crops at most).
+    language_models = {
+        "llava-hf/llava-v1.6-vicuna-7b-hf": ("vicuna-7b", 32, 4096, 32, 32, 128, 11008, 32064),
+        "llava-hf/llava-v1.6-vicuna-13b-hf": ("vicuna-13b", 40, 5120, 40, 40, 128, 13824, 32064),
+        "llava-hf/llava-v1.6-mistral-7b-hf": ("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32064),
+        "llava-hf/llama3-llava-next-8b-hf": ("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128320),
+        "llava-hf/llava-v1.6-34b-hf": ("yi-34b", 60, 7168, 56, 8, 128, 20480, 64064),
+    }
+    default_text_model_type = "llama"
 
     @classmethod
     def hf_classes(cls) -> tuple[type, ...]:
@@ -208,6 +212,13 @@ class LlavaNextAdapter(Family):
         return (1 + crops) * (size // patch) ** 2
 
     @classmethod
+    def default_max_visual_tokens(cls) -> int:
+        """:meth:`max_visual_tokens` of the llava-hf checkpoints' geometry (2,880)."""
+        return cls.max_visual_tokens(
+            {"vision_config": {"image_size": VIEW_SIZE, "patch_size": PATCH_SIZE}, "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}
+        )
+
+    @classmethod
     def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:
         """The thumbnail is the whole image squeezed to one view; the crops cover the image resized
         (aspect kept) into the best resolution and centred on a zero-padded canvas."""
@@ -258,6 +269,8 @@ def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int
 
 #: AnyRes pinpoints of the public llava-hf LLaVA-NeXT checkpoints, (height, width).
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+#: Their CLIP-L/14-336 tower: view side and patch size in pixels.
+VIEW_SIZE, PATCH_SIZE = 336, 14
 _SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
@@ -289,14 +302,14 @@ def build_processor() -> Any:
     from transformers import LlavaNextImageProcessor, LlavaNextProcessor
 
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
+        size={"shortest_edge": VIEW_SIZE},
+        crop_size={"height": VIEW_SIZE, "width": VIEW_SIZE},
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
     )
     return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
-        patch_size=14,
+        patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLIP tower's [CLS]
     )
@@ -307,8 +320,8 @@ def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
+        image_size=VIEW_SIZE,
+        patch_size=PATCH_SIZE,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
