@@ -116,7 +116,7 @@ def _install_crash() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from globalcom2.cli import CLIError
-    from globalcom2.eval.cli import add_parser
+    from globalcom2.cli.eval import add_parser
 
     parser = argparse.ArgumentParser(prog="globalcom2")
     sub = parser.add_subparsers(dest="command")

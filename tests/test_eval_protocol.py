@@ -230,7 +230,7 @@ def test_protocol_recorded_and_resume_under_another_refused(tiny, tmp_path):
 
 
 def _parse(argv):
-    from globalcom2.eval.cli import add_parser
+    from globalcom2.cli.eval import add_parser
 
     parser = argparse.ArgumentParser(prog="globalcom2")
     add_parser(parser.add_subparsers(dest="command"))
@@ -239,7 +239,7 @@ def _parse(argv):
 
 def test_cli_protocol_option_help_and_refusal(tmp_path, capsys):
     from globalcom2.cli import CLIError
-    from globalcom2.eval.cli import run
+    from globalcom2.cli.eval import run
 
     assert _parse([]).protocol == "llava"
     assert _parse(["--protocol", "lmms-eval"]).protocol == "lmms-eval"

@@ -360,7 +360,7 @@ def test_fastv_effective_tokens_column(tmp_path):
 
 
 def _parse(argv):
-    from globalcom2.eval.cli import add_parser
+    from globalcom2.cli.eval import add_parser
 
     parser = argparse.ArgumentParser(prog="globalcom2")
     add_parser(parser.add_subparsers(dest="command"))
@@ -368,7 +368,7 @@ def _parse(argv):
 
 
 def _run(argv):
-    from globalcom2.eval.cli import run
+    from globalcom2.cli.eval import run
 
     return run(_parse(argv))
 
@@ -437,7 +437,7 @@ def test_cli_error_line_through_an_entry_point(capsys):
 
 
 def test_cli_run_resume_and_rescore(data, tmp_path, capsys, monkeypatch):
-    import globalcom2.cli as main_cli
+    import globalcom2.cli.common as main_cli
 
     out = tmp_path / "out"
     base = ["--model", "tiny", "--benchmarks", "toyqa", "--data-root", str(data), "--output-dir", str(out),

@@ -3,7 +3,7 @@
 
 The command's parser is added to the main ``globalcom2`` parser by :func:`add_parser`; :func:`run`
 executes it. Importing this module is cheap (torch, transformers and the benchmarks are imported
-inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.cli.CLIError`
+inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.cli.common.CLIError`
 (one ``globalcom2: error: ...`` line).
 """
 
@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+
+from . import common
+from .common import (
+    EXAMPLE_MODEL, FORMAT_CHOICES, PROG, TINY_MODEL, CLIError, add_device_arguments, add_method_arguments,
+    add_visual_tokens_argument, cannot_write, check_positive, echo, locate_model, one_line, output_dir, para,
+    parse_budget, parse_method_arguments, pick_device, pick_dtype, status,
+)
 
 DEFAULT_RATIOS = "1.0,0.25"
 DEFAULT_OUTPUT = "globalcom2-eval"
@@ -36,12 +43,7 @@ PROTOCOL_EPILOG = (
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    from ..cli import (
-        DEVICE_CHOICES, DTYPE_CHOICES, EXAMPLE_MODEL, FORMAT_CHOICES, _para, add_method_arguments,
-        add_visual_tokens_argument,
-    )
-
-    common = (
+    example = (
         f"--model {EXAMPLE_MODEL} \\\n      --benchmarks textvqa,mme,pope --data-root ./playground/data/eval "
         "--retention-ratio 1.0,0.25,0.1"
     )
@@ -49,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "eval",
         help="evaluate on the paper's benchmarks (TextVQA, MME, POPE, ...) per method and retention ratio",
         description=(
-            _para(
+            para(
                 "Evaluate a LLaVA-NeXT checkpoint on the paper's benchmarks at each retention ratio: "
                 "ratio 1.0 is the vanilla model (the 100% reference), every other ratio each --method. "
                 "Prompts, max_new_tokens and scorers follow --protocol: llava (default), the paper's "
@@ -62,7 +64,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                 "generate latency per sample."
             )
             + "\n\n"
-            + _para(
+            + para(
                 "Under torchrun or accelerate launch the questions are split across the processes "
                 "(one GPU each, cuda:LOCAL_RANK) and the shards merged at the end; a run resumes with "
                 "any number of processes."
@@ -71,16 +73,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=(
             "The methods run at every ratio below 1; ratio 1.0 is the vanilla model, run once.\n\n"
             "examples:\n"
-            f"  globalcom2 eval {common}\n"
-            f"  globalcom2 eval {common} \\\n      --method globalcom2,fastervlm --method-arg layout=spatial --limit 100\n"
-            f"  torchrun --nproc_per_node=8 -m globalcom2.cli eval {common}\n"
-            f"  accelerate launch --num_processes 8 -m globalcom2.cli eval {common}\n"
+            f"  globalcom2 eval {example}\n"
+            f"  globalcom2 eval {example} \\\n      --method globalcom2,fastervlm --method-arg layout=spatial --limit 100\n"
+            f"  torchrun --nproc_per_node=8 -m globalcom2.cli eval {example}\n"
+            f"  accelerate launch --num_processes 8 -m globalcom2.cli eval {example}\n"
             "  globalcom2 eval --rescore --output-dir globalcom2-eval    # score existing predictions only\n"
             "  globalcom2 eval --list-benchmarks\n\n"
             "protocols (--protocol):\n"
-            + "\n".join(_para(text) for text in PROTOCOL_EPILOG)
+            + "\n".join(para(text) for text in PROTOCOL_EPILOG)
             + "\n\n"
-            + _para(
+            + para(
                 "data: --data-root holds each benchmark's folder as LLaVA's evaluation guide lays it out "
                 "(playground/data/eval/<benchmark>/...) or the lmms-lab parquet copies; see "
                 "'globalcom2 eval --list-benchmarks' for the folder names looked for."
@@ -106,10 +108,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"predictions, submissions and summaries (default: ./{DEFAULT_OUTPUT})")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions of each benchmark")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="questions per generate call (default: 1)")
-    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                   help="auto: cuda when available, else cpu; distributed: cuda:LOCAL_RANK (default: auto)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
+    add_device_arguments(p, "auto: cuda when available, else cpu; distributed: cuda:LOCAL_RANK (default: auto)")
     p.add_argument("--rescore", action="store_true",
                    help="only re-score every run found in --output-dir (no model, data or --benchmarks needed)")
     p.add_argument("--judge-url", default=None, metavar="URL",
@@ -133,8 +132,6 @@ def _split_list(text: str | None) -> list[str]:
 
 
 def _parse_pairs(items: list[str], option: str) -> dict[str, str]:
-    from ..cli import CLIError
-
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -146,8 +143,6 @@ def _parse_pairs(items: list[str], option: str) -> dict[str, str]:
 
 def _judge(args: argparse.Namespace) -> dict[str, Any] | None:
     import os
-
-    from ..cli import CLIError
 
     if args.judge_url is None and args.judge_model is None and args.judge_api_key_env is None:
         return None
@@ -163,14 +158,11 @@ def _check_output_dir(path: str, writable: bool = True) -> Path:
     """``--output-dir``, checked before any data or model is read: a folder, or one that can be
     created (it is created when the first prediction is written); ``writable`` False for
     ``--rescore``, which only reads it (and writes the summaries)."""
-    from ..cli import _output_dir
-
-    return _output_dir(path, "--output-dir", writable=writable)
+    return output_dir(path, "--output-dir", writable=writable)
 
 
 def _list_benchmarks() -> int:
-    from ..cli import _echo
-    from .base import benchmark_names, get_benchmark
+    from ..eval.base import benchmark_names, get_benchmark
 
     rows = []
     for name in benchmark_names():
@@ -181,9 +173,9 @@ def _list_benchmarks() -> int:
     headers = ("name", "title", "splits", "metric", "max_new_tokens (" + "/".join(PROTOCOL_CHOICES) + ")",
                "folders under --data-root")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    _echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
-        _echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
 
 
@@ -193,17 +185,12 @@ def _list_benchmarks() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``globalcom2 eval`` (raises :class:`globalcom2.cli.CLIError` on bad input)."""
-    from ..cli import (
-        PROG, CLIError, _one_line, _pick_device, _pick_dtype, _status, get_model, locate_model, parse_budget,
-        parse_method_arguments,
-    )
-
+    """Execute ``globalcom2 eval`` (raises :class:`CLIError` on bad input)."""
     if args.list_benchmarks:
         return _list_benchmarks()
 
-    from . import runner
-    from .base import get_benchmark
+    from ..eval import runner
+    from ..eval.base import get_benchmark
 
     # 1. Cheap checks first: every option, then the data, then (only when needed) the model.
     out = _check_output_dir(args.output_dir, writable=not args.rescore)
@@ -232,13 +219,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"--method/--method-arg: {e}") from None
     splits = _parse_pairs(args.split, "--split")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None:
+        check_positive("--limit", args.limit)
+    check_positive("--batch-size", args.batch_size)
     if not args.model:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
-    if args.model != "tiny":
+    if args.model != TINY_MODEL:
         locate_model(args.model)  # a missing directory or a bare name: reported now, not after the data is read
     try:  # an --output-dir of another protocol is refused before any data or model is read
         runner.check_output_protocol(out, args.protocol)
@@ -267,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. The model, on this rank's device (not loaded when everything is answered already).
     model = processor = None
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     if dist.is_distributed and device == "cuda":
         import torch
 
@@ -282,15 +268,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         dist.init("nccl" if device == "cuda" else "gloo")
     except (RuntimeError, ValueError) as e:
-        raise CLIError(f"cannot join the distributed job: {_one_line(str(e))}") from None
+        raise CLIError(f"cannot join the distributed job: {one_line(str(e))}") from None
     try:
         dist.barrier()  # every rank has read the state of the output folder before rank 0 changes it
         if missing:
             if talk:
-                _status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
-            model, processor = get_model(args.model, device_name, _pick_dtype(args.dtype, device))
+                status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
+            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device))
         elif talk:
-            _status(f"{PROG}: every prediction exists in {out}: re-scoring only")
+            status(f"{PROG}: every prediction exists in {out}: re-scoring only")
         try:
             summary = runner.run_eval(
                 model, processor, loaded, root, ratios, methods, options, output_dir=out, limit=None,
@@ -299,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
             raise CLIError(str(e)) from None  # main() makes it one line
         except OSError as e:
-            raise CLIError(f"cannot write to {out}: {_one_line(e.strerror or str(e))}") from None
+            raise cannot_write(f"to {out}", e) from None
     finally:
         dist.shutdown()
     if dist.is_main:
@@ -308,8 +294,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(summary: Any, fmt: str, out: Path) -> None:
-    from ..cli import _echo, _status
-
-    _echo(summary.format(fmt))
+    echo(summary.format(fmt))
     if fmt == "table":
-        _status(f"summary written to {out / 'summary.md'} and {out / 'summary.json'}")
+        status(f"summary written to {out / 'summary.md'} and {out / 'summary.json'}")

@@ -1,0 +1,528 @@
+"""What the ``globalcom2`` commands share: errors and output, argument helpers, image loading,
+device and dtype, where a model is (local or hub), and loading it.
+
+Importing this module is cheap: torch, transformers, huggingface_hub and PIL are imported inside
+the functions. The command modules (:mod:`.generate`, :mod:`.bench`, ...) import from here, never
+from the package root.
+
+The functions that know which model families the CLI accepts are in ONE section at the end
+("Model families"): :data:`SUPPORTED_MODEL_TYPES`, :data:`EXAMPLE_MODEL`, :data:`TINY_MODEL`,
+:func:`check_model_type`, :func:`load_model` and :func:`get_model`. Commands call them as
+``common.get_model(...)`` (looked up here at call time, so a test that replaces them on this
+module sees every command use the replacement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator, NoReturn, Sequence
+
+from .. import __version__
+
+PROG = "globalcom2"
+LAYOUT_CHOICES = ("official", "spatial")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+FORMAT_CHOICES = ("table", "json", "csv")
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors, help text and output
+# ------------------------------------------------------------------------------------------------
+
+
+class CLIError(Exception):
+    """A failure to report as one ``globalcom2: error: ...`` line (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """Collapse whitespace (a multi-line exception message becomes one line) and shorten."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def para(text: str) -> str:
+    """A paragraph wrapped for help output (the raw formatter keeps it as written)."""
+    return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one ``globalcom2: error:`` line too (the subcommands'
+    parsers are of this class as well: ``add_subparsers`` uses the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f"see '{self.prog} --help'"
+        self.exit(2, f"{PROG}: error: {one_line(message)} ({hint})\n")
+
+
+def echo(text: str = "", stream: Any = None) -> None:
+    """print() that never fails on a terminal that cannot encode some character."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, file=stream, flush=True)
+    except UnicodeEncodeError:
+        enc = getattr(stream, "encoding", None) or "ascii"
+        print(text.encode(enc, errors="replace").decode(enc, errors="replace"), file=stream, flush=True)
+
+
+def status(text: str) -> None:
+    """Progress lines go to stderr, so that stdout holds the results only."""
+    echo(text, sys.stderr)
+
+
+def cannot_write(what: str, e: OSError) -> CLIError:
+    """The error of a failed write to ``what`` (a file or folder option's value)."""
+    return CLIError(f"cannot write {what}: {one_line(e.strerror or str(e))}")
+
+
+def output_file(path: str, flag: str) -> Path:
+    """A file option (``--output``, ``--plot``) checked before any work: its folder must exist
+    (it is not created) and be writable, and it must not be a folder (see :mod:`globalcom2._io`)."""
+    from .._io import check_output_file
+
+    try:
+        return check_output_file(path, flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def output_dir(path: str, flag: str, writable: bool = True) -> Path:
+    """A folder option (``--output-dir``) checked before any work: it is, or can be created as, a
+    writable folder (no file in the way); the command creates it (see :mod:`globalcom2._io`)."""
+    from .._io import check_output_dir
+
+    try:
+        return check_output_dir(path, flag, writable=writable)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def check_positive(flag: str, value: int) -> None:
+    """``flag``'s whole number must be at least 1 (CLIError)."""
+    if value < 1:
+        raise CLIError(f"{flag} must be >= 1, got {value}")
+
+
+def need_matplotlib(what: str) -> None:
+    """CLIError naming the extra to install when matplotlib is missing (``what`` needs it)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError(f"{what} needs matplotlib: pip install 'globalcom2[plot]'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments several commands share: methods, budgets, device and dtype
+# ------------------------------------------------------------------------------------------------
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) -> None:
+    """``--method`` and ``--method-arg KEY=VALUE`` (shared by bench, visualize and eval)."""
+    what = "comma-separated methods to compare" if several else "the method whose kept tokens are drawn"
+    parser.add_argument(
+        "--method", default="globalcom2", metavar="NAME[,NAME...]" if several else "NAME",
+        help=f"{what}: globalcom2 (default), fastervlm, random, pooling, fastv, or <vision method>+fastv",
+    )
+    parser.add_argument(
+        "--method-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="a method option, repeatable, given to every method that has it: e.g. layout=spatial, "
+             "allocation=uniform, scoring=local_only, seed=1, layer=2 (FastV), fastv_retention_ratio=0.5",
+    )
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """``--device`` (its help: ``device_help``) and ``--dtype``, as the model-running commands have them."""
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=device_help)
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
+
+
+def parse_method_arguments(
+    args: argparse.Namespace, several: bool = True, ratio_flag: str = "--retention-ratio"
+) -> tuple[list[str], dict[str, Any]]:
+    """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError).
+
+    The option rule is :func:`globalcom2.methods.check_method_options`'s, the same for every
+    command: ``retention_ratio`` is never a ``--method-arg`` (it is given with ``ratio_flag``,
+    the command's own flag), and an option none of the methods has is an error.
+
+    A command's own ``--layout`` flag, where it has one and it is given, is added to the options
+    (after the ``--method-arg`` checks, so it overrides a ``layout=`` given there)."""
+    from ..methods import UnknownOptionError, check_method_options, method_names, parse_method_options
+
+    names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
+    if not names:
+        raise CLIError("--method: give at least one method")
+    if not several and len(names) > 1:
+        raise CLIError(f"--method: give one method here, got {args.method!r}")
+    for m in names:
+        if m not in method_names():
+            raise CLIError(f"--method: unknown method {m!r}; known: {', '.join(method_names())}")
+    try:
+        options = parse_method_options(args.method_arg)
+        check_method_options(names, options, ratio_flag)
+    except UnknownOptionError as e:
+        raise CLIError(
+            f"--method-arg: unknown option(s) {', '.join(e.unknown)} for {', '.join(e.methods)}; "
+            f"known: {', '.join(e.known) or 'none'}"
+        ) from None
+    except ValueError as e:
+        raise CLIError(f"--method-arg: {e}") from None
+    layout = getattr(args, "layout", None)
+    if layout is not None:
+        options["layout"] = layout
+    return names, options
+
+
+def method_settings(
+    args: argparse.Namespace, ratios: Sequence[float], ratio_flag: str, several: bool = True
+) -> tuple[list[str], dict[str, Any], list[Any]]:
+    """(method names, options, validated settings) of a command: :func:`parse_method_arguments`,
+    then every (method, ratio) setting checked by :func:`globalcom2.methods.plan_settings`, the
+    one validation path of generate, bench, visualize and eval (CLIError on any problem)."""
+    from ..methods import plan_settings
+
+    names, options = parse_method_arguments(args, several=several, ratio_flag=ratio_flag)
+    try:
+        settings = plan_settings(names, ratios, options, ratio_flag=ratio_flag)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return names, options, settings
+
+
+def add_visual_tokens_argument(group: Any, ratio_flag: str) -> None:
+    """``--visual-tokens N[,N...]``, the field's way of naming a budget (LLaVA-NeXT at 640 / 320 /
+    160 tokens), as an alternative to ``ratio_flag`` in the same mutually exclusive group."""
+    group.add_argument(
+        "--visual-tokens", default=None, metavar="N[,N...]",
+        help=f"visual tokens per image instead of {ratio_flag} (e.g. 640,320,160), converted to ratios "
+             "with the model's own maximum (2880 = 5 x 576 for LLaVA-NeXT); both are shown",
+    )
+
+
+def parse_budget(args: argparse.Namespace, ratio_flag: str, model: str | None = None) -> list[float]:
+    """The retention ratios of a command: ``--visual-tokens`` converted with the model's maximum
+    (reported on stderr), or the ratio flag's own values. Raises :class:`CLIError`."""
+    from .. import efficiency as eff
+
+    if getattr(args, "visual_tokens", None) is not None:
+        maximum = eff.max_visual_tokens_for_model(model) if model and model != TINY_MODEL else eff.MAX_VISUAL_TOKENS
+        try:
+            ratios = eff.parse_visual_tokens(args.visual_tokens, maximum)
+        except ValueError as e:
+            raise CLIError(f"--visual-tokens: {e}") from None
+        status(f"{PROG}: {eff.describe_visual_tokens(ratios, maximum)}")
+        return ratios
+    try:
+        return eff.parse_ratios(getattr(args, ratio_flag.lstrip("-").replace("-", "_")))
+    except ValueError as e:
+        raise CLIError(f"{ratio_flag}: {e}") from None
+
+
+def pick_device(name: str) -> str:
+    """``--device``: ``auto`` is cuda when available, else cpu; ``cuda`` without CUDA is a CLIError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> Any:
+    """``--dtype``: ``auto`` is the checkpoint's dtype on cuda, float32 on cpu."""
+    import torch
+
+    if name == "auto":
+        return "auto" if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
+    """(device, dtype) of a command's ``--device`` and ``--dtype`` (see :func:`add_device_arguments`)."""
+    device = pick_device(args.device)
+    return device, pick_dtype(args.dtype, device)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' advice while the built-in tiny model and processor are made: it is
+    about them (install torchvision, ...), not about the user's setup."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+# ------------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_url(s: str) -> bool:
+    return bool(re.match(r"^https?://", s, flags=re.IGNORECASE))
+
+
+def load_image(source: str) -> Any:
+    """Open an image file or URL as an RGB PIL image, or raise :class:`CLIError`."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from .._io import to_rgb
+
+    if _is_url(source):
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(source, headers={"User-Agent": f"{PROG}/{__version__}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data = response.read()
+        except urllib.error.HTTPError as e:
+            raise CLIError(f"cannot fetch image URL {source}: HTTP {e.code} {e.reason}") from None
+        except urllib.error.URLError as e:
+            raise CLIError(f"cannot fetch image URL {source}: {one_line(str(e.reason))}") from None
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot fetch image URL {source}: {one_line(str(e)) or type(e).__name__}") from None
+        stream: Any = io.BytesIO(data)
+        name = source
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise CLIError(f"image file not found: {source}")
+        if not path.is_file():
+            raise CLIError(f"not an image file: {source} is a directory" if path.is_dir() else f"not an image file: {source}")
+        stream = path
+        name = str(path)
+    try:
+        with Image.open(stream) as img:
+            img.load()
+            return to_rgb(img)  # 16-bit and float images keep their range (see globalcom2._io.to_rgb)
+    except UnidentifiedImageError:
+        raise CLIError(f"cannot read image {name}: not an image format PIL can open") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
+        raise CLIError(f"cannot read image {name}: {one_line(str(e)) or type(e).__name__}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a model is: a local directory or the hub (no model family here)
+# ------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(model: str) -> bool:
+    """True for what cannot be a hub id ("org/name"): ./x, /x, ~/x, a/b/c, a\\b (see :func:`locate_model`)."""
+    return (model.startswith((".", "/", "~")) or model.count("/") > 1
+            or (os.sep != "/" and os.sep in model) or "\\" in model)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def locate_model(model: str) -> str:
+    """Where ``--model`` is, without any network access: ``"local"`` or ``"hub"`` (CLIError if neither).
+
+    The rule, for every command:
+
+    1. an argument that exists on disk is local: a checkpoint directory (it needs a
+       ``config.json``; a file is refused);
+    2. one that looks like a path (it starts with ``.``, ``/`` or ``~``, has more than one ``/``,
+       or an OS separator / backslash) and does not exist is "model directory not found";
+    3. a bare name without ``/`` that does not exist locally is "not found" too: LLaVA-NeXT
+       checkpoints on the hub have an owner, hub ids look like ``org/name`` (the rare legacy ids
+       without an org are not LLaVA-NeXT models);
+    4. anything else (``org/name``) is a hub id, resolved by :func:`hub_access`.
+
+    ``tiny`` (the built-in demo model) is handled by :func:`get_model` before this.
+    """
+    local = Path(model).expanduser()
+    if local.exists():
+        if local.is_file():
+            raise CLIError(f"--model expects a hub id or a checkpoint directory, got the file {model}")
+        if not (local / "config.json").is_file():
+            raise CLIError(f"not a model directory: {model} has no config.json (expected a saved LLaVA-NeXT checkpoint)")
+        return "local"
+    if _looks_like_path(model):
+        raise CLIError(f"model directory not found: {model}")
+    if "/" not in model:
+        hint = " ('tiny', the built-in random demo model, is for demo, bench, visualize and eval)" if model == TINY_MODEL else ""
+        raise CLIError(
+            f"model not found: no local directory {model!r}, and hub ids look like org/name "
+            f"(e.g. {EXAMPLE_MODEL}){hint}"
+        )
+    return "hub"
+
+
+def from_pretrained_kwargs(model: str) -> dict[str, Any]:
+    """The hub keyword arguments of ``from_pretrained`` for ``model``: ``{}`` for a local
+    directory, :func:`hub_access`'s answer for a hub id (CLIError when it cannot be had)."""
+    return hub_access(model) if locate_model(model) == "hub" else {}
+
+
+_HUB_CHECKED: dict[str, dict[str, Any]] = {}
+
+
+def hub_access(model: str) -> dict[str, Any]:
+    """The ``from_pretrained`` keyword arguments for a hub id (``{}`` or ``{"local_files_only": True}``),
+    after one quick look at the hub; CLIError with one line when the model cannot be had.
+
+    * ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``): the model must be in the local cache
+      ("not in the local cache" otherwise); the hub is not contacted.
+    * Otherwise one HEAD request for its ``config.json``, without retries, timeout
+      ``HF_HUB_ETAG_TIMEOUT`` (default here: 5 s): a hub that cannot be reached is reported at
+      once (set ``HF_HUB_OFFLINE=1`` or pass a local directory), unless the model is cached, in
+      which case the cached copy is used; an unknown, gated or config-less repository is named.
+
+    The answer is kept for the process (``load_model`` after ``check_model_type`` asks again).
+    """
+    if model in _HUB_CHECKED:
+        return _HUB_CHECKED[model]
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    def cached() -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(model, "config.json", cache_dir=constants.HF_HUB_CACHE), str)
+        except Exception:  # an id the cache layout cannot hold
+            return False
+
+    offline = bool(constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    if offline:
+        if not cached():
+            raise CLIError(
+                f"cannot load model {model!r}: not in the local cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                "forbids downloading it; unset HF_HUB_OFFLINE to download it, or pass a local directory"
+            )
+        kwargs: dict[str, Any] = {}
+    else:
+        kwargs = _probe_hub(model, cached)
+    _HUB_CHECKED[model] = kwargs
+    return kwargs
+
+
+def _probe_hub(model: str, cached: Any) -> dict[str, Any]:
+    """One HEAD request for ``model``'s config.json (see :func:`hub_access`)."""
+    from huggingface_hub import constants, get_hf_file_metadata
+    from huggingface_hub import errors as hf_errors
+
+    endpoint = str(constants.ENDPOINT).rstrip("/")
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 5)
+    try:
+        get_hf_file_metadata(f"{endpoint}/{model}/resolve/main/config.json", timeout=timeout, retry_on_errors=False)
+    except hf_errors.GatedRepoError:
+        if cached():
+            return {}
+        raise CLIError(
+            f"cannot load model {model!r}: it is gated on the hub: accept its terms at {endpoint}/{model} "
+            "and log in (hf auth login, or set HF_TOKEN)"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise CLIError(
+            f"cannot load model {model!r}: no such model on the hub ({endpoint}/{model}), or it is private "
+            "and you are not logged in (hf auth login, or set HF_TOKEN)"
+        ) from None
+    except (hf_errors.EntryNotFoundError, hf_errors.RevisionNotFoundError):
+        raise CLIError(f"cannot load model {model!r}: the hub repository has no config.json (not a transformers checkpoint)") from None
+    except hf_errors.HfHubHTTPError:
+        return {}  # another answer from the hub (rate limit, server error): from_pretrained reports it
+    except Exception as e:  # no answer at all: DNS, refused connection, timeout, proxy, TLS
+        if cached():
+            status(f"{PROG}: the hub ({endpoint}) is unreachable; using the cached copy of {model}")
+            return {"local_files_only": True}
+        reason = one_line(str(e)) or type(e).__name__
+        raise CLIError(
+            f"cannot load model {model!r}: the Hugging Face hub ({endpoint}) is unreachable ({reason}) and the model "
+            "is not in the local cache; set HF_HUB_OFFLINE=1 to use cached models only, or pass a local directory"
+        ) from None
+    return {}
+
+
+def _load_error(model: str, e: Exception) -> CLIError:
+    return CLIError(f"cannot load model {model!r}: {one_line(str(e)) or type(e).__name__}")
+
+
+# ================================================================================================
+# Model families: EVERYTHING the CLI knows about which models it accepts and how they are loaded.
+#
+# The commands call only these (as common.check_model_type / common.load_model /
+# common.get_model), never a model class or model_type of their own; rewiring the CLI onto
+# another family (or a registry of them) means changing this section alone, keeping the
+# signatures. (Help texts and a few messages elsewhere still name LLaVA-NeXT in words.)
+# ================================================================================================
+
+#: The config ``model_type`` values a checkpoint may have.
+SUPPORTED_MODEL_TYPES = ("llava_next",)
+#: The checkpoint the help texts and messages show.
+EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
+#: ``--model`` value of the built-in random demo model (demo, bench, visualize, eval).
+TINY_MODEL = "tiny"
+
+
+def check_model_type(model: str) -> Any:
+    """Load only the model's config and check it is LLaVA-NeXT; returns the config.
+
+    Where the model is comes from :func:`locate_model` (no network) then, for a hub id,
+    :func:`hub_access` (one quick look): a mistake is reported at once, never after the hub
+    client's retries."""
+    from transformers import AutoConfig
+
+    kwargs = from_pretrained_kwargs(model)
+    try:
+        config = AutoConfig.from_pretrained(model, **kwargs)
+    except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
+        raise _load_error(model, e) from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CLIError(
+            f"model {model!r} is a {model_type!r} model; globalcom2 supports LLaVA-NeXT checkpoints only "
+            f"(model_type 'llava_next', LlavaNextForConditionalGeneration), e.g. {EXAMPLE_MODEL}"
+        )
+    return config
+
+
+def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
+    """Load a LLaVA-NeXT checkpoint and its processor onto ``device`` (config already checked)."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    status(f"{PROG}: loading {model_id} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
+    hub = from_pretrained_kwargs(model_id)  # kept from check_model_type
+    load_kwargs: dict[str, Any] = {"dtype": dtype, **hub}
+    # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
+    on_device = str(device).startswith("cuda") and importlib.util.find_spec("accelerate") is not None
+    if on_device:
+        load_kwargs["device_map"] = device
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, **hub)
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, **load_kwargs)
+    except Exception as e:
+        raise _load_error(model_id, e) from None
+    if not on_device:
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def get_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
+    """``"tiny"``: the built-in random demo model; otherwise a checked, loaded LLaVA-NeXT checkpoint."""
+    if model_id == TINY_MODEL:
+        import torch
+
+        from ..tiny import build_tiny_llava_next
+
+        with quiet_transformers():
+            return build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+    check_model_type(model_id)
+    return load_model(model_id, device, dtype)

@@ -1,0 +1,199 @@
+"""``globalcom2 generate``: answer a prompt about one image with a checkpoint, compressed by a
+method (GlobalCom2 by default), optionally against the vanilla model (``--compare``)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from ..generation import build_prompt, greedy_kwargs, sync, to_model
+from . import common
+from .common import (
+    EXAMPLE_MODEL, LAYOUT_CHOICES, PROG, CLIError, add_device_arguments, add_method_arguments, check_positive,
+    device_and_dtype, echo, load_image, method_settings, one_line, para, status,
+)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``generate`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    gen = subparsers.add_parser(
+        "generate",
+        help="answer a prompt about an image with a LLaVA-NeXT checkpoint, compressed by GlobalCom2",
+        description=para(
+            "Load a LLaVA-NeXT checkpoint (a Hugging Face hub id or a local directory), apply "
+            "GlobalCom2 and answer a prompt about one image with greedy decoding. Prints the answer "
+            "and the number of visual tokens (vanilla vs kept). With --compare, the vanilla model "
+            "answers too and the prefill times of both are measured."
+        ),
+        epilog=(
+            "example:\n"
+            f"  globalcom2 generate --model {EXAMPLE_MODEL} --image photo.jpg \\\n"
+            '      --prompt "What is in this picture?" --retention-ratio 0.25 --compare\n\n'
+            + para(
+                "supported: LLaVA-NeXT checkpoints (config model_type 'llava_next'), e.g. "
+                "llava-hf/llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b,34b}-hf, llava-hf/llama3-llava-next-8b-hf."
+            )
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL})")
+    gen.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
+    gen.add_argument(
+        "--retention-ratio", type=float, default=0.25, metavar="R",
+        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
+    )
+    gen.add_argument(
+        "--layout", choices=LAYOUT_CHOICES, default=None,
+        help="official: the published implementation token for token (GlobalCom2's default); spatial: tokens at "
+             "their true positions",
+    )
+    add_method_arguments(gen, several=False)
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (default: 128)")
+    gen.add_argument(
+        "--compare", action="store_true",
+        help="also run the vanilla model; print both answers, visual-token counts and prefill times",
+    )
+    gen.add_argument(
+        "--timing-runs", type=int, default=3, metavar="N",
+        help="with --compare: prefill forward passes timed per model, the median is reported (default: 3)",
+    )
+    add_device_arguments(gen, "auto: cuda when available, else cpu (default: auto)")
+    gen.set_defaults(func=run)
+    return gen
+
+
+def _printable(text: str) -> str:
+    """Replace control characters (a random model emits any byte) so the terminal stays sane."""
+    return "".join(ch if ch.isprintable() or ch in "\n\t" else "\ufffd" for ch in text)
+
+
+def _prefill_ms(model: Any, inputs: Any, device: str, runs: int) -> float:
+    """Median wall time of one forward pass over the whole prompt (image encoding included)."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        for _ in range(max(1, runs)):
+            sync(device)
+            t0 = time.perf_counter()
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _generate(model: Any, processor: Any, inputs: Any, max_new_tokens: int) -> tuple[str, float]:
+    import torch
+
+    kwargs = greedy_kwargs(getattr(processor, "tokenizer", processor), max_new_tokens)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    seconds = time.perf_counter() - t0
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return _printable(answer.strip()), seconds
+
+
+def _timings(r: dict[str, Any], runs: int) -> None:
+    """The prefill (where measured) and generate lines of one model's results."""
+    if "prefill_ms" in r:
+        echo(f"prefill: {r['prefill_ms']:.1f} ms (median of {runs})")
+    echo(f"generate: {r['generate_s']:.2f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``globalcom2 generate`` (raises :class:`CLIError` on bad input)."""
+    from ..methods import fastv_config, vision_config
+
+    # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
+    _, _, planned = method_settings(args, [args.retention_ratio], "--retention-ratio", several=False)
+    cfg = planned[0].config
+    vcfg = vision_config(cfg)
+    title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
+    settings = f"retention ratio {cfg.retention_ratio:g}" + (
+        f", layout {vcfg.layout}" if vcfg is not None and hasattr(vcfg, "layout") else "")
+    check_positive("--max-new-tokens", args.max_new_tokens)
+    check_positive("--timing-runs", args.timing_runs)
+    image = load_image(args.image)
+    common.check_model_type(args.model)
+    device, dtype = device_and_dtype(args)
+
+    # 2. Load the model and processor.
+    import globalcom2
+
+    model, processor = common.load_model(args.model, device, dtype)
+
+    text = build_prompt(processor, args.prompt)
+    try:
+        inputs = processor(images=image, text=text, return_tensors="pt")
+    except Exception as e:
+        raise CLIError(f"the processor of {args.model!r} failed on this image/prompt: {one_line(str(e))}") from None
+    inputs = to_model(inputs, model)
+
+    # 3. The method.
+    try:
+        globalcom2.apply(model, cfg)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot apply {title} to {args.model!r}: {one_line(str(e))}") from None
+    status(f"{PROG}: generating with {title} ({settings}) ...")
+    answer, gen_s = _generate(model, processor, inputs, args.max_new_tokens)
+    stats = globalcom2.last_stats(model)
+    last = globalcom2.get_adapter(model).last
+    kept, vanilla = int(stats.visual_tokens[0]), int(stats.vanilla_visual_tokens[0])
+    lm_kept = None if stats.lm_visual_tokens is None else int(stats.lm_visual_tokens[0])
+    plan = last.plans[0] if last is not None and vcfg is not None else None
+    has_plan = plan is not None and hasattr(plan, "crop_keep")
+    adapter = globalcom2.get_adapter(model)
+    image_hw = tuple(int(v) for v in inputs["image_sizes"][0])
+    grid = adapter.grid_shape(image_hw) if adapter.num_views(image_hw) > 1 else None
+
+    results = {"globalcom2": {"answer": answer, "kept": kept, "vanilla": vanilla, "generate_s": gen_s}}
+    if args.compare:
+        status(f"{PROG}: timing the prefill with GlobalCom2 ({args.timing_runs} runs) ...")
+        results["globalcom2"]["prefill_ms"] = _prefill_ms(model, inputs, device, args.timing_runs)
+        globalcom2.remove(model)
+        status(f"{PROG}: generating with the vanilla model ...")
+        v_answer, v_gen_s = _generate(model, processor, inputs, args.max_new_tokens)
+        status(f"{PROG}: timing the vanilla prefill ({args.timing_runs} runs) ...")
+        v_prefill = _prefill_ms(model, inputs, device, args.timing_runs)
+        results["vanilla"] = {"answer": v_answer, "kept": vanilla, "vanilla": vanilla, "generate_s": v_gen_s, "prefill_ms": v_prefill}
+
+    # 4. Report.
+    dtype_name = str(model.dtype).replace("torch.", "")
+    echo(f"model:   {args.model} ({dtype_name} on {device})")
+    views = "1 view" if grid is None else f"thumbnail + {grid[0]}x{grid[1]} crops"
+    echo(f"image:   {args.image} ({image.width}x{image.height}, {views})")
+    echo(f"prompt:  {_printable(args.prompt)}")
+    echo("")
+    r = results["globalcom2"]
+    echo(f"== {title} ({settings}) ==")
+    echo(f"visual tokens: {kept:,} of {vanilla:,} ({kept / vanilla:.1%})")
+    if lm_kept is not None:
+        echo(f"after layer {fastv_config(cfg).layer} (FastV): {lm_kept:,} visual tokens; "
+             f"layer average {stats.effective_visual_tokens[0]:,.1f}")
+    if has_plan and plan.geometry is not None:
+        crops = ", ".join(
+            f"{ratio:.2f} ({int(k)}/{int(t)})"
+            for ratio, k, t in zip(plan.crop_ratios.tolist(), plan.crop_keep.sum(1).tolist(), plan.crop_valid.sum(1).tolist())
+        )
+        echo(f"per-crop retention r_j (kept/unpadded): {crops}")
+    _timings(r, args.timing_runs)
+    echo(f"answer: {r['answer']}")
+    if args.compare:
+        v = results["vanilla"]
+        echo("")
+        echo("== vanilla LLaVA-NeXT ==")
+        echo(f"visual tokens: {vanilla:,}")
+        _timings(v, args.timing_runs)
+        echo(f"answer: {v['answer']}")
+        echo("")
+        speedup = v["prefill_ms"] / r["prefill_ms"] if r["prefill_ms"] > 0 else float("inf")
+        echo(
+            f"summary: {title} keeps {kept:,} of {vanilla:,} visual tokens ({kept / vanilla:.1%}); "
+            f"prefill {r['prefill_ms']:.1f} ms vs {v['prefill_ms']:.1f} ms ({speedup:.2f}x); "
+            f"answers {'identical' if r['answer'] == v['answer'] else 'differ'}"
+        )
+    return 0
