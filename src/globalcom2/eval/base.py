@@ -245,6 +245,51 @@ def read_json(path: str | Path, what: str) -> Any:
         raise DataError(f"{path}: not valid JSON ({what}): {e}") from None
 
 
+def json_list(path: str | Path, what: str, key: str | None = None, of: str | None = None) -> list[Any]:
+    """The list a JSON file holds: the whole file (``key`` None) or its object's ``key`` member.
+
+    ``of`` says what the list holds, for the error message: ``"<path>: expected a JSON list of
+    <of>"``, or with ``key`` ``"<path>: expected an object with a '<key>' list of <of>"``.
+    """
+    path = Path(path)
+    data = read_json(path, what)
+    items = data if key is None else (data.get(key) if isinstance(data, dict) else None)
+    if not isinstance(items, list):
+        shape = "a JSON list" if key is None else f"an object with {'an' if key[:1] in 'aeiou' else 'a'} {key!r} list"
+        raise DataError(f"{path}: expected {shape}" + (f" of {of}" if of else ""))
+    return items
+
+
+def json_entries(
+    path: str | Path, what: str, key: str | None = None, of: str | None = None
+) -> list[tuple[dict[str, Any], str]]:
+    """``(entry, where)`` for each object of :func:`json_list`; ``where`` names the entry for
+    error messages (``<path>, entry <n>``, or ``<path>, <key>[<n>]``, n from 0).
+
+    Raises:
+        DataError: a missing file, invalid JSON, no such list, or an entry that is not an object
+            (``"<where>: expected an object"``).
+    """
+    path = Path(path)
+    entries = []
+    for n, entry in enumerate(json_list(path, what, key, of)):
+        where = f"{path}, entry {n}" if key is None else f"{path}, {key}[{n}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected an object")
+        entries.append((entry, where))
+    return entries
+
+
+def json_object(path: str | Path, what: str, keyed_by: str) -> dict[str, Any]:
+    """The object a JSON file holds, keyed by ``keyed_by`` (named in the error message:
+    ``"<path>: expected a JSON object keyed by <keyed_by>"``)."""
+    path = Path(path)
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object keyed by {keyed_by}")
+    return data
+
+
 def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
     """Every line of a JSON-lines file as a dict (blank lines skipped)."""
     path = require_file(path, what)
@@ -261,6 +306,16 @@ def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {n}: expected a JSON object ({what}), got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def jsonl_rows(path: str | Path, what: str, keys: Iterable[str]) -> Iterator[tuple[dict[str, Any], str]]:
+    """``(row, where)`` for each row of :func:`read_jsonl`, after :func:`require_keys`; ``where``
+    names the row for error messages: ``<path>, line <n>``, n counting the rows from 1."""
+    keys = tuple(keys)
+    for n, row in enumerate(read_jsonl(path, what)):
+        where = f"{path}, line {n + 1}"
+        require_keys(row, keys, where)
+        yield row, where
 
 
 def read_tsv(path: str | Path, what: str) -> list[dict[str, str]]:
@@ -567,6 +622,18 @@ def image_cell(row: dict[str, Any], where: str) -> Any:
     if image is None:
         raise DataError(f"{where}: the row has no image")
     return image
+
+
+def accuracy_breakdown(overall: Sequence[float], groups: dict[str, Sequence[float]]) -> dict[str, float]:
+    """``accuracy``: the mean of ``overall`` (per-question scores in [0, 1]) in %, then each
+    group's mean in % (keys sorted), then ``count``; an empty dict when ``overall`` is empty."""
+    if not overall:
+        return {}
+    out = {"accuracy": 100.0 * sum(overall) / len(overall)}
+    for key in sorted(groups):
+        out[key] = 100.0 * sum(groups[key]) / len(groups[key])
+    out["count"] = float(len(overall))
+    return out
 
 
 def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

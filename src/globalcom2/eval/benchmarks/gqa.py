@@ -6,8 +6,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base import Benchmark, DataError, Sample, find_first, image_cell, lmms_split_files, read_json, read_jsonl
-from ..base import register_benchmark, require_dir, require_keys, table_rows
+from ..base import Benchmark, DataError, Sample, accuracy_breakdown, find_first, image_cell, json_object, jsonl_rows
+from ..base import lmms_split_files, register_benchmark, require_dir, require_keys, table_rows
 from .vqa import SHORT_ANSWER
 
 
@@ -70,16 +70,13 @@ class GQA(Benchmark):
 
     def _load_llava(self, folder: Path) -> list[Sample]:
         path = find_first(folder, self.QUESTIONS, "GQA testdev-balanced questions")
-        questions = read_json(path, "GQA testdev-balanced questions")
-        if not isinstance(questions, dict):
-            raise DataError(f"{path}: expected a JSON object keyed by question id")
+        questions = json_object(path, "GQA testdev-balanced questions", "question id")
         image_dir = folder / "data" / "images" if (folder / "data" / "images").is_dir() else folder / "images"
         require_dir(image_dir, f"GQA images ({folder / 'data' / 'images'}/<imageId>.jpg)")
         llava_path = folder / self.LLAVA_FILE
         if llava_path.is_file():
             qids = []
-            for n, row in enumerate(read_jsonl(llava_path, "LLaVA GQA questions")):
-                require_keys(row, ("question_id",), f"{llava_path}, line {n + 1}")
+            for row, _ in jsonl_rows(llava_path, "LLaVA GQA questions", ("question_id",)):
                 qids.append(str(row["question_id"]))
         else:
             qids = [str(k) for k, q in questions.items() if not isinstance(q, dict) or q.get("isBalanced", True)]
@@ -140,10 +137,4 @@ class GQA(Benchmark):
                 groups[f"structural/{structural}"].append(ok)
             if semantic:
                 groups[f"semantic/{semantic}"].append(ok)
-        if not overall:
-            return {}
-        out = {"accuracy": 100.0 * sum(overall) / len(overall)}
-        for key in sorted(groups):
-            out[key] = 100.0 * sum(groups[key]) / len(groups[key])
-        out["count"] = float(len(overall))
-        return out
+        return accuracy_breakdown(overall, groups)

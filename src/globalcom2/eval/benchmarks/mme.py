@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
+from ..base import Benchmark, DataError, Sample, jsonl_rows, register_benchmark
 from ..base import lmms_split_files, table_rows
 
 #: MME's official subtask names (eval_tool/calculation.py ``eval_type_dict``), in its order.
@@ -191,9 +191,7 @@ class MME(Benchmark):
                     truth[(subtask, stem, _norm_question(question))] = answer
         seen: dict[str, int] = defaultdict(int)
         samples = []
-        for n, q in enumerate(read_jsonl(path, "LLaVA MME questions")):
-            where = f"{path}, line {n + 1}"
-            require_keys(q, ("question_id", "image", "text"), where)
+        for q, where in jsonl_rows(path, "LLaVA MME questions", ("question_id", "image", "text")):
             qid = str(q["question_id"])
             subtask, stem = qid.split("/")[0], Path(qid).stem
             key = (subtask, stem, _norm_question(q["text"]))

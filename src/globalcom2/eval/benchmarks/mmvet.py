@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, MutableMapping, Sequence
 
-from ..base import Benchmark, DataError, Sample, find_first, find_hf_split, image_cell, lmms_split_files, read_json
+from ..base import Benchmark, DataError, Sample, find_first, find_hf_split, image_cell, json_object, lmms_split_files
 from ..base import register_benchmark, require_dir, require_keys, table_rows
 
 #: MM-Vet's six capabilities, in the paper's order.
@@ -353,9 +353,7 @@ class MMVet(Benchmark):
 
     def _load_llava(self, folder: Path) -> list[Sample]:
         path = find_first(folder, self.METADATA, "MM-Vet metadata")
-        data = read_json(path, "MM-Vet metadata")
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: expected a JSON object keyed by question id (v1_0, ...)")
+        data = json_object(path, "MM-Vet metadata", "question id (v1_0, ...)")
         image_dir = require_dir(path.parent / "images", "MM-Vet images (images/<imagename>)")
         samples = []
         for key, q in data.items():

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base import Benchmark, DataError, Sample, read_jsonl, register_benchmark, require_keys
+from ..base import Benchmark, DataError, Sample, jsonl_rows, read_jsonl, register_benchmark, require_keys
 from ..base import lmms_split_files, table_rows
 
 #: The three COCO subsets, in POPE's order.
@@ -134,11 +134,12 @@ class POPE(Benchmark):
     @staticmethod
     def _annotations(folder: Path, subset: str) -> list[dict[str, Any]]:
         path = folder / "coco" / f"coco_pope_{subset}.json"
-        rows = read_jsonl(path, f"POPE {subset} annotations (JSON lines)")
-        for n, row in enumerate(rows):
-            require_keys(row, ("question_id", "image", "text", "label"), f"{path}, line {n + 1}")
+        rows = []
+        keys = ("question_id", "image", "text", "label")
+        for row, where in jsonl_rows(path, f"POPE {subset} annotations (JSON lines)", keys):
             if str(row["label"]).strip().lower() not in ("yes", "no"):
-                raise DataError(f"{path}, line {n + 1}: label {row['label']!r} is not yes/no")
+                raise DataError(f"{where}: label {row['label']!r} is not yes/no")
+            rows.append(row)
         return rows
 
     def _load_llava(self, folder: Path, subsets: Sequence[str]) -> list[Sample]:

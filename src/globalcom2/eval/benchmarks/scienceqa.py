@@ -10,6 +10,8 @@ from ..base import (
     Benchmark,
     DataError,
     Sample,
+    json_entries,
+    json_object,
     lmms_split_files,
     read_json,
     register_benchmark,
@@ -140,20 +142,12 @@ class ScienceQA(Benchmark):
 
     def _load_llava(self, folder: Path, split: str) -> list[Sample]:
         problems_path = folder / "problems.json"
-        problems = read_json(problems_path, "ScienceQA problems (problems.json)")
-        if not isinstance(problems, dict):
-            raise DataError(f"{problems_path}: expected a JSON object keyed by problem id")
+        problems = json_object(problems_path, "ScienceQA problems (problems.json)", "problem id")
         image_dir = folder / "images" / split
         llava_file = folder / f"llava_{split}_CQM-A.json"
         samples = []
         if llava_file.is_file():
-            entries = read_json(llava_file, "LLaVA ScienceQA questions")
-            if not isinstance(entries, list):
-                raise DataError(f"{llava_file}: expected a JSON list of questions")
-            for n, entry in enumerate(entries):
-                where = f"{llava_file}, entry {n}"
-                if not isinstance(entry, dict):
-                    raise DataError(f"{where}: expected an object")
+            for entry, where in json_entries(llava_file, "LLaVA ScienceQA questions", of="questions"):
                 require_keys(entry, ("id", "conversations"), where)
                 if "image" not in entry:  # text-only question: not part of ScienceQA-IMG
                     continue

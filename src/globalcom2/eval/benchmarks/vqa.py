@@ -16,8 +16,11 @@ from ..base import (
     Benchmark,
     DataError,
     Sample,
+    accuracy_breakdown,
     find_first,
-    read_json,
+    json_entries,
+    json_list,
+    jsonl_rows,
     read_jsonl,
     find_hf_split,
     image_cell,
@@ -88,13 +91,7 @@ def vqa_scores(records: Sequence[dict[str, Any]], group_key: str | None = None,
             value = (rec.get("meta") or {}).get(group_key)
             if value:
                 groups[f"answer_type/{value}"].append(acc)
-    if not overall:
-        return {}
-    out = {"accuracy": 100.0 * sum(overall) / len(overall)}
-    for key in sorted(groups):
-        out[key] = 100.0 * sum(groups[key]) / len(groups[key])
-    out["count"] = float(len(overall))
-    return out
+    return accuracy_breakdown(overall, groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,17 +182,10 @@ class TextVQA(Benchmark):
 
     def _load_llava(self, folder: Path) -> list[Sample]:
         path = folder / self.ANNOTATION_FILE
-        data = read_json(path, "TextVQA annotations")
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise DataError(f"{path}: expected an object with a 'data' list of questions")
+        questions = json_entries(path, "TextVQA annotations", key="data", of="questions")
         image_dir = require_dir(folder / self.IMAGE_DIR, "TextVQA images (train_images/<image_id>.jpg)")
-        questions = []
-        for n, q in enumerate(data["data"]):
-            where = f"{path}, data[{n}]"
-            if not isinstance(q, dict):
-                raise DataError(f"{where}: expected an object")
+        for q, where in questions:
             require_keys(q, ("question_id", "question", "image_id", "answers"), where)
-            questions.append((q, where))
         if self.uses_ocr and (folder / self.LLAVA_QUESTIONS).is_file():
             return self._load_llava_prompts(folder / self.LLAVA_QUESTIONS, questions, image_dir)
         ocr = self._rosetta_tokens(folder) if self.uses_ocr else {}
@@ -219,12 +209,9 @@ class TextVQA(Benchmark):
         path = folder / self.ROSETTA_OCR
         if not path.is_file():
             return {}
-        data = read_json(path, "TextVQA Rosetta OCR tokens")
-        rows = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: expected an object with a 'data' list of {{image_id, ocr_tokens}}")
+        rows = json_list(path, "TextVQA Rosetta OCR tokens", key="data", of="{image_id, ocr_tokens}")
         out = {}
-        for n, row in enumerate(rows):
+        for row in rows:
             if isinstance(row, dict) and "image_id" in row and "ocr_tokens" in row:
                 out[str(row["image_id"])] = row["ocr_tokens"]
         return out
@@ -237,9 +224,7 @@ class TextVQA(Benchmark):
         for q, where in questions:
             by_key.setdefault((str(q["image_id"]), str(q["question"]).lower()), (q, where))
         samples = []
-        for n, row in enumerate(read_jsonl(path, "LLaVA TextVQA questions")):
-            where = f"{path}, line {n + 1}"
-            require_keys(row, ("question_id", "image", "text"), where)
+        for row, where in jsonl_rows(path, "LLaVA TextVQA questions", ("question_id", "image", "text")):
             text = str(row["text"]).replace("<image>", "").strip()
             key = (str(row["question_id"]), _llava_textvqa_question(text).lower())
             if key not in by_key:
@@ -351,9 +336,7 @@ class VizWiz(Benchmark):
         samples = []
         if (folder / self.TEST_LLAVA).is_file():
             path = folder / self.TEST_LLAVA
-            for n, row in enumerate(read_jsonl(path, "LLaVA VizWiz test questions")):
-                where = f"{path}, line {n + 1}"
-                require_keys(row, ("question_id", "image", "text"), where)
+            for row, where in jsonl_rows(path, "LLaVA VizWiz test questions", ("question_id", "image", "text")):
                 name = str(row["image"])
                 text = str(row["text"]).replace("<image>", "").strip()
                 prompt = text if self.protocol == "llava" else None
@@ -362,13 +345,7 @@ class VizWiz(Benchmark):
                                             image_name=name, prompt=prompt))
             return samples
         path = find_first(folder, self._TEST_OFFICIAL, "VizWiz test questions")
-        data = read_json(path, "VizWiz test questions")
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of questions")
-        for n, q in enumerate(data):
-            where = f"{path}, entry {n}"
-            if not isinstance(q, dict):
-                raise DataError(f"{where}: expected an object")
+        for q, where in json_entries(path, "VizWiz test questions", of="questions"):
             require_keys(q, ("image", "question"), where)
             name = str(q["image"])
             samples.append(self._sample(Path(name).stem, q["question"], str(image_dir / name), None, None, where,
@@ -377,15 +354,10 @@ class VizWiz(Benchmark):
 
     def _load_llava(self, folder: Path) -> list[Sample]:
         path = find_first(folder, self._ANNOTATIONS, "VizWiz annotations")
-        data = read_json(path, "VizWiz annotations")
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of questions")
+        entries = json_entries(path, "VizWiz annotations", of="questions")
         image_dir = require_dir(folder / "val", "VizWiz validation images (val/<image>)")
         samples = []
-        for n, q in enumerate(data):
-            where = f"{path}, entry {n}"
-            if not isinstance(q, dict):
-                raise DataError(f"{where}: expected an object")
+        for q, where in entries:
             require_keys(q, ("image", "question", "answers"), where)
             qid = Path(str(q["image"])).stem
             samples.append(self._sample(qid, q["question"], str(image_dir / str(q["image"])), q["answers"],
@@ -527,32 +499,21 @@ class VQAv2(Benchmark):
 
     def _load_val_official(self, folder: Path) -> list[Sample]:
         ann_path, q_path = folder / self.VAL_ANNOTATIONS, folder / self.VAL_QUESTIONS
-        ann = read_json(ann_path, "VQAv2 val annotations")
-        if not isinstance(ann, dict) or not isinstance(ann.get("annotations"), list):
-            raise DataError(f"{ann_path}: expected an object with an 'annotations' list")
-        qs = read_json(q_path, "VQAv2 val questions")
-        if not isinstance(qs, dict) or not isinstance(qs.get("questions"), list):
-            raise DataError(f"{q_path}: expected an object with a 'questions' list")
+        ann = json_entries(ann_path, "VQAv2 val annotations", key="annotations")
+        qs = json_entries(q_path, "VQAv2 val questions", key="questions")
         image_dir = require_dir(folder / "val2014", "VQAv2 val images (val2014/COCO_val2014_<id>.jpg)")
         questions: dict[int, dict[str, Any]] = {}
-        for n, q in enumerate(qs["questions"]):
-            where = f"{q_path}, questions[{n}]"
-            if not isinstance(q, dict):
-                raise DataError(f"{where}: expected an object")
+        for q, where in qs:
             require_keys(q, ("question_id", "question", "image_id"), where)
             questions[int(q["question_id"])] = q
         annotations: dict[int, dict[str, Any]] = {}
-        for n, a in enumerate(ann["annotations"]):
-            where = f"{ann_path}, annotations[{n}]"
-            if not isinstance(a, dict):
-                raise DataError(f"{where}: expected an object")
+        for a, where in ann:
             require_keys(a, ("question_id", "answers"), where)
             annotations[int(a["question_id"])] = a
         subset_path = folder / self.VAL_SUBSET
         if subset_path.is_file():
             order = []
-            for n, row in enumerate(read_jsonl(subset_path, "VQAv2 val subset")):
-                require_keys(row, ("question_id",), f"{subset_path}, line {n + 1}")
+            for row, _ in jsonl_rows(subset_path, "VQAv2 val subset", ("question_id",)):
                 order.append(int(row["question_id"]))
         else:
             order = list(annotations)
@@ -574,31 +535,19 @@ class VQAv2(Benchmark):
         samples = []
         llava_path = folder / self.TESTDEV_LLAVA
         if llava_path.is_file():
-            for n, row in enumerate(read_jsonl(llava_path, "LLaVA VQAv2 test-dev questions")):
-                where = f"{llava_path}, line {n + 1}"
-                require_keys(row, ("question_id", "image", "text"), where)
+            keys = ("question_id", "image", "text")
+            for row, where in jsonl_rows(llava_path, "LLaVA VQAv2 test-dev questions", keys):
                 question = strip_instruction(str(row["text"]), SHORT_ANSWER)
                 samples.append(self._sample(row["question_id"], question, str(image_dir / str(row["image"])),
                                             None, None, where))
         else:
             q_path = folder / self.TESTDEV_QUESTIONS
-            for n, q in enumerate(self._official_questions(q_path, "VQAv2 test-dev questions")):
-                where = f"{q_path}, questions[{n}]"
+            for q, where in json_entries(q_path, "VQAv2 test-dev questions", key="questions"):
                 require_keys(q, ("question_id", "question", "image_id"), where)
                 image = image_dir / f"COCO_test2015_{int(q['image_id']):012d}.jpg"
                 samples.append(self._sample(q["question_id"], q["question"], str(image), None, None, where))
         self.submission_question_ids = self._test2015_ids(folder)
         return samples
-
-    @staticmethod
-    def _official_questions(path: Path, what: str) -> list[Any]:
-        data = read_json(path, what)
-        if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-            raise DataError(f"{path}: expected an object with a 'questions' list")
-        for n, q in enumerate(data["questions"]):
-            if not isinstance(q, dict):
-                raise DataError(f"{path}, questions[{n}]: expected an object")
-        return data["questions"]
 
     def _test2015_ids(self, folder: Path) -> list[int] | None:
         """Every test2015 question id, from LLaVA's or the official file; None when neither exists."""
@@ -607,7 +556,7 @@ class VQAv2(Benchmark):
             rows = read_jsonl(path, "LLaVA VQAv2 test2015 questions")
         elif (folder / self.TEST_QUESTIONS).is_file():
             path = folder / self.TEST_QUESTIONS
-            rows = self._official_questions(path, "VQAv2 test2015 questions")
+            rows = [q for q, _ in json_entries(path, "VQAv2 test2015 questions", key="questions")]
         else:
             return None
         ids = []
