@@ -61,6 +61,12 @@ class VisionMethodConfig(MethodConfig):
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
+    @classmethod
+    def keep_all(cls, **options: Any) -> "VisionMethodConfig":
+        """A setting of this method that keeps every token (R = 1 by default): with the ``spatial``
+        layout the language model gets exactly the vanilla sequence (tests check it)."""
+        return cls(retention_ratio=1.0, **options)
+
 
 @dataclass(frozen=True)
 class LanguageMethodConfig(MethodConfig):
@@ -70,6 +76,12 @@ class LanguageMethodConfig(MethodConfig):
     ``uninstall()``, ``prepare(visual)`` and ``n_layers``), :meth:`kept` and
     :meth:`effective`.
     """
+
+    @classmethod
+    def keep_all(cls, **options: Any) -> "LanguageMethodConfig":
+        """A setting that keeps every visual token (R = 1): the language model computes what the
+        vanilla one does (up to floating-point reordering)."""
+        return cls(retention_ratio=1.0, **options)
 
     def make_patch(self, language_model: Any) -> Any:  # pragma: no cover - abstract
         """The reversible patch of ``language_model`` that runs this method."""

@@ -80,3 +80,8 @@ class GlobalCom2Config(VisionMethodConfig):
             features, importance, geom, newline, self.retention_ratio, self.layout, self.temperature,
             allocation=self.allocation, scoring=self.scoring,
         )
+
+    @classmethod
+    def keep_all(cls, **options: Any) -> "GlobalCom2Config":
+        """R = 1 and every crop at ``r_j = 1`` (uniform allocation: the softmax rule gives some crops less)."""
+        return cls(retention_ratio=1.0, allocation="uniform", **options)
