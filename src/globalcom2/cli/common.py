@@ -456,24 +456,36 @@ def _load_error(model: str, e: Exception) -> CLIError:
 
 
 # ================================================================================================
-# Model families: EVERYTHING the CLI knows about which models it accepts and how they are loaded.
-#
-# The commands call only these (as common.check_model_type / common.load_model /
-# common.get_model), never a model class or model_type of their own; rewiring the CLI onto
-# another family (or a registry of them) means changing this section alone, keeping the
-# signatures. (Help texts and a few messages elsewhere still name LLaVA-NeXT in words.)
+# Model families: the CLI asks the family registry (globalcom2.models), never names a family.
+# The commands call these as common.check_model_type / common.load_model / common.get_model.
 # ================================================================================================
 
-#: The config ``model_type`` values a checkpoint may have.
-SUPPORTED_MODEL_TYPES = ("llava_next",)
-#: The checkpoint the help texts and messages show.
-EXAMPLE_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
 #: ``--model`` value of the built-in random demo model (demo, bench, visualize, eval).
 TINY_MODEL = "tiny"
 
 
+def _registry() -> Any:
+    from .. import models  # torch-free: families import their tensor code when they run
+
+    return models
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The config ``model_type`` values a checkpoint may have (one per registered family)."""
+    return tuple(_registry().supported_model_types())
+
+
+def example_model() -> str:
+    """The checkpoint help texts and messages show (the first family's example)."""
+    return _registry().families()[0].example_checkpoint
+
+
+SUPPORTED_MODEL_TYPES = supported_model_types()
+EXAMPLE_MODEL = example_model()
+
+
 def check_model_type(model: str) -> Any:
-    """Load only the model's config and check it is LLaVA-NeXT; returns the config.
+    """Load only the model's config and check a registered family handles it; returns the config.
 
     Where the model is comes from :func:`locate_model` (no network) then, for a hub id,
     :func:`hub_access` (one quick look): a mistake is reported at once, never after the hub
@@ -486,28 +498,24 @@ def check_model_type(model: str) -> Any:
     except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
         raise _load_error(model, e) from None
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in supported_model_types():
         raise CLIError(
-            f"model {model!r} is a {model_type!r} model; globalcom2 supports LLaVA-NeXT checkpoints only "
-            f"(model_type 'llava_next', LlavaNextForConditionalGeneration), e.g. {EXAMPLE_MODEL}"
+            f"model {model!r} is a {model_type!r} model; globalcom2 supports {_registry().describe_supported()}"
         )
     return config
 
 
 def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
-    """Load a LLaVA-NeXT checkpoint and its processor onto ``device`` (config already checked)."""
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    """Load a checkpoint of a registered family and its processor onto ``device`` (config already checked)."""
+    from transformers import AutoConfig
 
     status(f"{PROG}: loading {model_id} ({'checkpoint dtype' if dtype == 'auto' else str(dtype).replace('torch.', '')} on {device}) ...")
     hub = from_pretrained_kwargs(model_id)  # kept from check_model_type
-    load_kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     # Straight onto the GPU, without a CPU copy of the weights (transformers needs accelerate for it).
     on_device = str(device).startswith("cuda") and importlib.util.find_spec("accelerate") is not None
-    if on_device:
-        load_kwargs["device_map"] = device
     try:
-        processor = AutoProcessor.from_pretrained(model_id, **hub)
-        model = LlavaNextForConditionalGeneration.from_pretrained(model_id, **load_kwargs)
+        family = _registry().family_for_model_type(AutoConfig.from_pretrained(model_id, **hub).model_type)
+        model, processor = family.load(model_id, dtype=dtype, device_map=device if on_device else None, **hub)
     except Exception as e:
         raise _load_error(model_id, e) from None
     if not on_device:
@@ -515,14 +523,14 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
-def get_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
-    """``"tiny"``: the built-in random demo model; otherwise a checked, loaded LLaVA-NeXT checkpoint."""
+def get_model(model_id: str, device: str, dtype: Any, model_type: str = "llava_next") -> tuple[Any, Any]:
+    """``"tiny"``: the built-in random demo model (of the family ``model_type``); otherwise a
+    checked, loaded checkpoint."""
     if model_id == TINY_MODEL:
         import torch
 
-        from ..tiny import build_tiny_llava_next
-
+        family = _registry().family_for_model_type(model_type)
         with quiet_transformers():
-            return build_tiny_llava_next(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+            return family.build_tiny(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
     check_model_type(model_id)
     return load_model(model_id, device, dtype)

@@ -8,11 +8,15 @@ from typing import Any
 
 from .common import EXAMPLE_MODEL, FORMAT_CHOICES, CLIError, add_visual_tokens_argument, echo, para, parse_budget
 
-#: The checkpoints whose architecture is known without a download (named in the help).
-KNOWN_OFFLINE = (
-    "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava-hf/llava-v1.6-mistral-7b-hf",
-    "llava-hf/llama3-llava-next-8b-hf", "llava-hf/llava-v1.6-34b-hf",
-)
+
+def _known_offline() -> tuple[str, ...]:
+    """The checkpoints whose architecture is known without a download (every family's, named in the help)."""
+    from ..models import families
+
+    return tuple(ckpt for fam in families() for ckpt in fam.language_models)
+
+
+KNOWN_OFFLINE = _known_offline()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
