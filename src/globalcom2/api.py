@@ -94,7 +94,9 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
         method: ``"globalcom2"`` (default), ``"fastervlm"``, ``"random"``, ``"pooling"``,
             ``"fastv"`` or ``"<vision method>+fastv"`` (see :mod:`globalcom2.methods`).
         **options: the method's config fields. GlobalCom2: ``retention_ratio`` (default 0.25),
-            ``layout`` (``"official"`` or ``"spatial"``), ``temperature`` (10.0), ``allocation``
+            ``layout`` (``"official"`` or ``"spatial"``; left out, the method's default where the
+            model's family has it, else the family's own: ``spatial`` on families without
+            published code to be ``official`` to), ``temperature`` (10.0), ``allocation``
             and ``scoring`` (the paper's ablations). FastV: ``retention_ratio``, ``layer``.
             Compositions: FastV's options prefixed with ``fastv_``.
 
@@ -114,6 +116,8 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
     cfg = make_config(method, config, **options)
     target = unwrap_model(model)
     adapter_cls = adapter_for(target)
+    if config is None and "layout" not in options:  # no layout asked for: the family's default
+        cfg = adapter_cls.with_default_layout(cfg)
     _check_transformers()
     adapter = adapter_cls(target, cfg)
     adapter.validate()

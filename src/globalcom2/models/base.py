@@ -365,6 +365,18 @@ class Family(Adapter):
                 f"its layouts: {', '.join(self.layouts)}"
             )
 
+    @classmethod
+    def with_default_layout(cls, config: Any) -> Any:
+        """``config`` with its vision method's layout set to the family's default (the first of
+        :attr:`layouts`) when the method's default layout is not one the family has; what
+        :func:`globalcom2.apply` does when no layout was asked for."""
+        vision = methods.vision_config(config)
+        field_name = vision.layout_field if vision is not None else None
+        if field_name is None or getattr(vision, field_name) in cls.layouts:
+            return config
+        vision = vision.replace(**{field_name: cls.layouts[0]})
+        return vision if config is methods.vision_config(config) else type(config)(vision=vision, fastv=config.fastv)
+
     def image_newline(self) -> "torch.Tensor | None":
         """The (D,) image-newline embedding, or None for a family without one."""
         return None
