@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt about an image with a LLaVA-NeXT checkpoint, compressed by GlobalCom2",
         description=para(
-            "Load a LLaVA-NeXT checkpoint (a Hugging Face hub id or a local directory), apply "
+            "Load a checkpoint (a Hugging Face hub id or a local directory), apply "
             "GlobalCom2 and answer a prompt about one image with greedy decoding. Prints the answer "
             "and the number of visual tokens (vanilla vs kept). With --compare, the vanilla model "
             "answers too and the prefill times of both are measured."
@@ -31,10 +31,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "example:\n"
             f"  globalcom2 generate --model {EXAMPLE_MODEL} --image photo.jpg \\\n"
             '      --prompt "What is in this picture?" --retention-ratio 0.25 --compare\n\n'
-            + para(
-                "supported: LLaVA-NeXT checkpoints (config model_type 'llava_next'), e.g. "
-                "llava-hf/llava-v1.6-{vicuna-7b,vicuna-13b,mistral-7b,34b}-hf, llava-hf/llama3-llava-next-8b-hf."
-            )
+            + para(f"supported: {_supported()}.")
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -145,10 +142,10 @@ def run(args: argparse.Namespace) -> int:
     kept, vanilla = int(stats.visual_tokens[0]), int(stats.vanilla_visual_tokens[0])
     lm_kept = None if stats.lm_visual_tokens is None else int(stats.lm_visual_tokens[0])
     plan = last.plans[0] if last is not None and vcfg is not None else None
-    has_plan = plan is not None and hasattr(plan, "crop_keep")
+    masks = plan.kept_masks() if plan is not None and plan.geometry is not None else None
     adapter = globalcom2.get_adapter(model)
-    image_hw = tuple(int(v) for v in inputs["image_sizes"][0])
-    grid = adapter.grid_shape(image_hw) if adapter.num_views(image_hw) > 1 else None
+    family = adapter.display_name
+    grid = adapter.view_grid(inputs)
 
     results = {"globalcom2": {"answer": answer, "kept": kept, "vanilla": vanilla, "generate_s": gen_s}}
     if args.compare:
@@ -174,10 +171,10 @@ def run(args: argparse.Namespace) -> int:
     if lm_kept is not None:
         echo(f"after layer {fastv_config(cfg).layer} (FastV): {lm_kept:,} visual tokens; "
              f"layer average {stats.effective_visual_tokens[0]:,.1f}")
-    if has_plan and plan.geometry is not None:
+    if masks is not None and not masks.pooled:
         crops = ", ".join(
             f"{ratio:.2f} ({int(k)}/{int(t)})"
-            for ratio, k, t in zip(plan.crop_ratios.tolist(), plan.crop_keep.sum(1).tolist(), plan.crop_valid.sum(1).tolist())
+            for ratio, k, t in zip(masks.crop_ratios.tolist(), masks.crop.sum(1).tolist(), masks.valid.sum(1).tolist())
         )
         echo(f"per-crop retention r_j (kept/unpadded): {crops}")
     _timings(r, args.timing_runs)
@@ -185,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         v = results["vanilla"]
         echo("")
-        echo("== vanilla LLaVA-NeXT ==")
+        echo(f"== vanilla {family} ==")
         echo(f"visual tokens: {vanilla:,}")
         _timings(v, args.timing_runs)
         echo(f"answer: {v['answer']}")
@@ -197,3 +194,13 @@ def run(args: argparse.Namespace) -> int:
             f"answers {'identical' if r['answer'] == v['answer'] else 'differ'}"
         )
     return 0
+
+
+def _supported() -> str:
+    """Every registered family's checkpoints, for the help (no torch)."""
+    from ..models import families
+
+    return "; ".join(
+        f"{f.display_name} checkpoints (config model_type {f.model_type!r}), e.g. {', '.join(f.language_models) or f.example_checkpoint}"
+        for f in families()
+    )

@@ -354,6 +354,11 @@ class Family(Adapter):
         :attr:`image_inputs` found in it)."""
         return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
 
+    def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
+        """(rows, columns) of the crop grid of image ``index`` of a processor's output, or None
+        when it is seen as one view (for reports; no encoding)."""
+        return None
+
     def check_vision(self) -> None:
         """Raise ``ValueError`` if this model's vision side cannot be compressed (checked at apply)."""
 

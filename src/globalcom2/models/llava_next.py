@@ -97,6 +97,10 @@ class LlavaNextAdapter(Family):
         vc = self.hf_config.vision_config
         return get_anyres_image_grid_shape(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
 
+    def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
+        image_hw = tuple(int(v) for v in inputs["image_sizes"][index])
+        return self.grid_shape(image_hw) if self.num_views(image_hw) > 1 else None
+
     def num_views(self, image_hw: tuple[int, int]) -> int:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
