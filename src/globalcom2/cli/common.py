@@ -130,13 +130,22 @@ def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) 
     what = "comma-separated methods to compare" if several else "the method whose kept tokens are drawn"
     parser.add_argument(
         "--method", default="globalcom2", metavar="NAME[,NAME...]" if several else "NAME",
-        help=f"{what}: globalcom2 (default), fastervlm, random, pooling, fastv, or <vision method>+fastv",
+        help=f"{what}: {_method_choices()}",
     )
     parser.add_argument(
         "--method-arg", action="append", default=[], metavar="KEY=VALUE",
         help="a method option, repeatable, given to every method that has it: e.g. layout=spatial, "
              "allocation=uniform, scoring=local_only, seed=1, layer=2 (FastV), fastv_retention_ratio=0.5",
     )
+
+
+def _method_choices() -> str:
+    """"globalcom2 (default), fastervlm, ..., fastv, or <vision method>+fastv", from the method registry."""
+    from ..methods import LANGUAGE_METHODS, VISION_METHODS
+
+    vision, language = list(VISION_METHODS), list(LANGUAGE_METHODS)
+    names = [f"{vision[0]} (default)", *vision[1:], *language]
+    return f"{', '.join(names)}, or <vision method>+{'|'.join(language)}"
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, device_help: str) -> None:
