@@ -209,6 +209,60 @@ def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int
     return {"height": ch, "width": cw, "new_height": nh, "new_width": nw, "top": (ch - nh) // 2, "left": (cw - nw) // 2}
 
 
+def model_views(image: Any, geom: Any, view: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, int] | None]:
+    """(thumbnail pixels, crop canvas pixels, canvas layout) as the LLaVA-NeXT processor builds them:
+    the thumbnail is the whole image squeezed to one view; the crops cover the image resized (aspect
+    kept) into the best resolution and centred on a zero-padded canvas (:func:`canvas_layout`).
+    ``geom`` is the :class:`~globalcom2.ops.CropGeometry` (None for a single view: no canvas)."""
+    image = to_rgb(image)
+    thumb = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
+    if geom is None:
+        return thumb, None, None
+    lay = canvas_layout((image.height, image.width), (geom.grid_h, geom.grid_w), view)
+    canvas = np.zeros((lay["height"], lay["width"], 3), np.uint8)  # the processor pads with zeros
+    resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
+    canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
+    return thumb, canvas, lay
+
+
+def joint_grid(x: np.ndarray, geom: Any) -> np.ndarray:
+    """(C, N) crop-major -> (H, W) joint token grid of ``geom`` (crops row by row): token
+    ``(row, col)`` is token ``(row % S) * S + col % S`` of crop ``(row // S) * grid_w + col // S``."""
+    s = geom.side
+    return x.reshape(geom.grid_h, geom.grid_w, s, s).transpose(0, 2, 1, 3).reshape(geom.height, geom.width)
+
+
+def paint_tokens(
+    pixels: np.ndarray,
+    keep: np.ndarray,
+    valid: np.ndarray,
+    cell: int,
+    dropped: Callable[[np.ndarray], np.ndarray],
+    padding: Callable[[int, int], np.ndarray],
+) -> np.ndarray:
+    """Token cells painted by what became of them (float32, not clipped).
+
+    Args:
+        pixels: (h, w, 3) uint8 view(s) as the model sees them; h, w multiples of ``cell``.
+        keep: (h // cell, w // cell) bool, kept tokens (drawn as they are).
+        valid: same shape, True where a token exists after unpadding.
+        dropped: how a dropped token looks, ``dropped(pixels)`` (float, (h, w, 3)).
+        padding: how padding looks, ``padding(h, w)`` (float, broadcast to (h, w, 3)).
+    """
+    up = np.ones((cell, cell), dtype=bool)
+    keep_px = np.kron(keep, up).astype(bool)[..., None]
+    valid_px = np.kron(valid, up).astype(bool)[..., None]
+    h, w = keep_px.shape[:2]
+    return np.where(valid_px, np.where(keep_px, pixels.astype(np.float32), dropped(pixels)), padding(h, w))
+
+
+def gradient(width: int, height: int, start: Sequence[float], end: Sequence[float]) -> np.ndarray:
+    """A (height, width, 3) float left-to-right colour ramp from ``start`` to ``end`` (RGB 0-255),
+    for legend swatches."""
+    t = np.linspace(0.0, 1.0, width)[None, :, None]
+    return ((1 - t) * np.array(start, float) + t * np.array(end, float)).repeat(height, axis=0)
+
+
 def _dim(pixels: np.ndarray) -> np.ndarray:
     """How a dropped token looks: the image blended towards dark grey (float32)."""
     return pixels.astype(np.float32) * _DIM_KEEP + np.array(_DIM, np.float32) * (1 - _DIM_KEEP)
@@ -229,11 +283,7 @@ def _token_image(pixels: np.ndarray, keep: np.ndarray, valid: np.ndarray, cell: 
         keep: (h // cell, w // cell) bool, kept tokens.
         valid: same shape, True where a token exists after unpadding.
     """
-    up = np.ones((cell, cell), dtype=bool)
-    keep_px = np.kron(keep, up).astype(bool)[..., None]
-    valid_px = np.kron(valid, up).astype(bool)[..., None]
-    h, w = keep_px.shape[:2]
-    out = np.where(valid_px, np.where(keep_px, pixels.astype(np.float32), _dim(pixels)), _hatch(h, w))
+    out = paint_tokens(pixels, keep, valid, cell, _dim, _hatch)
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
@@ -288,27 +338,19 @@ def render_kept_tokens(
         raise ValueError(f"cannot draw {n} tokens per view on {view} px views")
     cell = view // side
 
-    # Thumbnail: the whole image squeezed to one view, as the processor does.
-    thumb_px = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
+    # The thumbnail (the whole image squeezed to one view) and the crops' canvas, as the processor does.
+    geom = plan.geometry
+    thumb_px, canvas, lay = model_views(image, geom, view)
     thumb_keep = np.zeros(n, dtype=bool)
     thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
     thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)
     thumb_kept = int(thumb_keep.sum())
 
-    geom = plan.geometry
     crops = None
     if geom is not None:
-        lay = canvas_layout((image.height, image.width), (geom.grid_h, geom.grid_w), view)
-        canvas = np.zeros((lay["height"], lay["width"], 3), np.uint8)  # the processor pads with zeros
-        resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
-        canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
         keep = plan.crop_keep.detach().cpu().numpy().astype(bool)  # (C, N)
         valid = plan.crop_valid.detach().cpu().numpy().astype(bool)
-
-        def to_grid(x: np.ndarray) -> np.ndarray:  # (C, N) -> (H, W), crops row by row
-            return x.reshape(geom.grid_h, geom.grid_w, side, side).transpose(0, 2, 1, 3).reshape(geom.height, geom.width)
-
-        crops = _token_image(canvas, to_grid(keep), to_grid(valid), cell)
+        crops = _token_image(canvas, joint_grid(keep, geom), joint_grid(valid, geom), cell)
 
     # -- layout of the whole picture ---------------------------------------------------------
     probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
@@ -396,9 +438,7 @@ def render_kept_tokens(
     y += panels_h + 14
 
     # Legend: swatches drawn the same way as the tokens.
-    t = np.linspace(0.0, 1.0, 22)[None, :, None]
-    swatch_px = ((1 - t) * np.array([80, 150, 225.0]) + t * np.array([250, 205, 110.0])).repeat(16, axis=0)
-    swatch_px = swatch_px.astype(np.uint8)
+    swatch_px = gradient(22, 16, (80, 150, 225), (250, 205, 110)).astype(np.uint8)
     x = _MARGIN
     swatches = {
         "kept token": swatch_px.astype(np.float32),

@@ -1,0 +1,147 @@
+"""Pictures of what GlobalCom2 keeps, and why (matplotlib).
+
+For one image and one or more retention ratios, :func:`visualize` draws, one row per ratio, the
+thumbnail and the crop grid the way the model sees them (the processor's resizing, padding shown
+hatched), with the kept tokens as they are and the dropped ones dimmed; every crop is labelled with
+its retention ratio ``r_j`` and kept/unpadded counts, the thumbnail with its own. With
+``heatmaps=True`` a last section shows the [CLS] importance maps that drove the decision: the
+thumbnail's (global), the thumbnail's resized onto the crops' unpadded area (global guidance per
+crop), the crops' own (local), and the combined score. Those maps depend neither on the ratio nor
+on the prompt, so they are drawn once.
+
+The package: :mod:`.data` (masks and importance maps from the plans, FastV's masks, the result
+dataclasses), :mod:`.pixels` (the model's views with kept, dropped and padded tokens), :mod:`.draw`
+(the figure, part by part), :mod:`.sheet` (text measurement, placement in inches) and
+:mod:`.style` (colours, sizes, method names).
+
+The image is encoded once; every ratio reuses the same features and importance. The model is left
+exactly as it was (patched or not, with the same settings). Only matplotlib's object-oriented API is
+used: no pyplot state, no backend switch, nothing is shown.
+
+>>> vis = visualize(model, processor, image, retention_ratios=(0.5, 0.25, 0.1), heatmaps=True)  # doctest: +SKIP
+>>> vis.save("kept.png"); vis.masks[1].crop_kept.sum()                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .._io import to_rgb
+from ..config import GlobalCom2Config
+from .data import ImportanceMaps, RatioMasks, Visualization, _fastv_masks, _importance_maps, _masks
+from .draw import _draw, _subtitle
+from .pixels import _model_views
+from .style import RANDOM_WEIGHTS_NOTE, method_title
+
+# Re-exported: tests and callers import these from globalcom2.visualize.
+from .data import _pooled_masks, _to_grid, _vanilla_plan  # noqa: F401
+from .pixels import _grey_out, _kept_pixels  # noqa: F401
+
+__all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize", "RANDOM_WEIGHTS_NOTE"]
+
+PLOT_HINT = "pictures need matplotlib: pip install 'globalcom2[plot]'"
+
+
+def visualize(
+    model: Any,
+    processor: Any,
+    image: Any,
+    retention_ratios: Sequence[float] = (0.25,),
+    layout: str | None = None,
+    heatmaps: bool = False,
+    title: str | None = None,
+    prompt: str | None = None,
+    model_name: str | None = None,
+    random_weights: bool = False,
+    temperature: float | None = None,
+    method: str = "globalcom2",
+    options: dict[str, Any] | None = None,
+) -> Visualization:
+    """Draw what a method (GlobalCom2 by default) keeps of ``image`` at each retention ratio.
+
+    Args:
+        model: a LLaVA-NeXT model (patched by :func:`globalcom2.apply` or not; left exactly as it was).
+        processor: its processor.
+        image: a PIL image.
+        retention_ratios: one row per ratio (each ``0 < R <= 1``).
+        layout: layout of the selection methods (default: the method's own); it changes only the
+            token counts, not which tokens are kept.
+        heatmaps: add the [CLS] importance maps behind GlobalCom2's decisions.
+        title: figure title (default: "<method>: kept visual tokens at R = ...").
+        prompt: a question about the image, shown under the title. Vision-side methods do not
+            depend on it; FastV does (its last token ranks the visual tokens), so with FastV the
+            prompt is sent through the model (default ``"Describe the image."``).
+        model_name: how to name the model (default: its ``name_or_path``, else its class).
+        random_weights: mark the figure as made with a random-weights model (the tiny demo model).
+        temperature: tau of GlobalCom2's crop budgets.
+        method: any name of :func:`globalcom2.methods.method_names`. For FastV (alone or composed)
+            a token counts as kept when it is still in the sequence after layer K.
+        options: further method options (e.g. ``{"allocation": "uniform"}``, ``{"seed": 1}``).
+
+    Returns:
+        A :class:`Visualization` with the matplotlib figure, per-ratio masks and the importance maps.
+
+    Raises:
+        ValueError: a bad ratio, option or method, or an unsupported model.
+        RuntimeError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib  # noqa: F401  (the object-oriented API only: no pyplot, no backend switch)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise RuntimeError(PLOT_HINT) from exc
+    from ..adapters import adapter_for
+    from ..methods import fastv_config, make_config, option_names, vision_config
+
+    retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
+    if not retention_ratios:
+        raise ValueError("retention_ratios must hold at least one ratio")
+    opts = dict(options or {})
+    for key, value in (("layout", layout), ("temperature", temperature)):
+        if value is not None and key in option_names(method):
+            opts[key] = value
+    configs = [make_config(method, retention_ratio=r, **opts) for r in retention_ratios]
+    method = configs[0].method
+    vcfgs = [vision_config(c) for c in configs]
+    uses_fastv = fastv_config(configs[0]) is not None
+    shown_layout = vcfgs[0].layout if vcfgs[0] is not None and hasattr(vcfgs[0], "layout") else (
+        "pooled" if vcfgs[0] is not None else "vanilla")
+    # A fresh, never-patched adapter used for encode/compress only: the model's own state (applied or
+    # not, its config, its adapter's `.last`) is not touched.
+    adapter = adapter_for(model)(model, GlobalCom2Config())
+    adapter.validate()
+    image = to_rgb(image)  # 16-bit and float images keep their range
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    inputs = processor(images=[image], text=[image_token], return_tensors="pt")
+    param = next(adapter.inner.vision_tower.parameters())
+    pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        encoded = adapter.encode(pixel_values, inputs["image_sizes"])
+        guide = adapter.compress(encoded, GlobalCom2Config()).plans[0]  # GlobalCom2's signals, for the maps
+        plans = [adapter.compress(encoded, v).plans[0] if v is not None else None for v in vcfgs]
+    vanilla = encoded.vanilla_counts[0]
+    geom = encoded.geometries[0]
+    vc = adapter.hf_config.vision_config
+    view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
+    if uses_fastv:
+        masks = [
+            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla)
+            for cfg, plan in zip(configs, plans)
+        ]
+    else:
+        masks = [_masks(p, cfg.retention_ratio, vanilla, side) for p, cfg in zip(plans, configs)]
+    maps = _importance_maps(guide, encoded.importance[0][1:])
+
+    cell = view // side
+    thumb_px, canvas_px, lay = _model_views(image, geom, view)
+
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    ratios = ", ".join(f"{r:g}" for r in retention_ratios)
+    subtitle = _subtitle(name, (image.width, image.height), geom, lay, view)
+    fig, notes = _draw(
+        thumb_px=thumb_px, canvas_px=canvas_px, lay=lay, geom=geom, masks=masks, maps=maps, heatmaps=heatmaps,
+        view=view, cell=cell, side=side, title=title or f"{method_title(method)}: kept visual tokens at R = {ratios}",
+        subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=shown_layout, method=method,
+    )
+    return Visualization(fig, masks, maps, geom, (image.height, image.width), shown_layout, notes, method)
