@@ -148,3 +148,32 @@ def test_keep_all_is_the_vanilla_model(family, method, layout):
     else:  # FastV at R = 1 runs its layers on the gathered tokens: the same values up to float reordering
         real = inputs.attention_mask.bool()
         torch.testing.assert_close(out[real], vanilla[real], atol=1e-4, rtol=1e-4)
+
+
+DRAWN = [c for c in CELLS if c.values[2] in (None, c.values[0].layouts[0])]  # one layout per family x method
+
+
+@pytest.mark.parametrize("family, method, layout", DRAWN)
+def test_every_method_is_drawn(family, method, layout):
+    """``visualize`` draws any registered method on any family from the plans' kept masks."""
+    pytest.importorskip("matplotlib")
+    from globalcom2.visualize import visualize
+
+    model, processor = _model(family)
+    options = {"layout": layout} if layout is not None else None
+    try:
+        vis = visualize(model, processor, make_image(*SIZES[0]), (0.25,), method=method, options=options)
+    except ValueError as e:  # a documented combination pictures cannot draw (FastV after pooling)
+        assert "not supported" in str(e)
+        pytest.skip(str(e))
+    assert vis.method == method and len(vis.masks) == 1
+    m = vis.masks[0]
+    assert m.vanilla_tokens == _vanilla_count(processor, model)
+    assert 0 < m.num_tokens <= m.vanilla_tokens
+    assert m.thumb_tokens + m.crop_tokens + m.newlines == m.num_tokens and m.newlines >= 0
+    assert not globalcom2.is_applied(model)
+
+
+def _vanilla_count(processor, model):
+    inputs = _inputs(processor, [0])
+    return int((inputs.input_ids == model.config.image_token_id).sum())

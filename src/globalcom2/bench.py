@@ -216,7 +216,8 @@ def run_bench(
     previous = globalcom2.get_config(model)
     # A never-applied adapter times the vision side (encode, then each method's compression step)
     # the same way for every setting, FastV and vanilla included.
-    timer = adapter_for(model)(model, GlobalCom2Config())
+    family = adapter_for(model)
+    timer = family(model, family.with_default_layout(GlobalCom2Config()))
     timer.validate()
     batch = int(inputs["input_ids"].shape[0])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)

@@ -187,6 +187,7 @@ def run_demo(
         img = render_kept_tokens(
             picture,
             plan,
+            family=family,
             view=view,
             title=f"GlobalCom2 at retention ratio R = {r:g}: kept visual tokens",
             subtitle=f"{image_path.name}, {picture.width}x{picture.height}. Visual tokens for the language model: "

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ._io import atomic_path, to_rgb
+from .models.llava_next import canvas_layout  # noqa: F401  (LLaVA-NeXT's crop canvas; the name of 0.1)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ops import CompressionPlan
@@ -188,41 +189,17 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return wrap_words(text, lambda line: _text_size(draw, line, font)[0] > width)
 
 
-def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int = 336) -> dict[str, int]:
-    """Where LLaVA-NeXT's processor puts an image on its padded crop canvas.
-
-    Same arithmetic as the processor (``get_patch_output_size`` and ``_get_padding_size``): the
-    image is resized to fit ``(grid_h * view, grid_w * view)`` with its aspect ratio kept (the
-    short side rounded up), then centred with zero padding.
-
-    Returns:
-        dict with ``height``, ``width`` (the canvas), ``new_height``, ``new_width`` (the resized
-        image) and ``top``, ``left`` (its offset on the canvas).
-    """
-    h, w = (int(v) for v in image_hw)
-    ch, cw = grid_hw[0] * view, grid_hw[1] * view
-    scale_w, scale_h = cw / w, ch / h
-    if scale_w < scale_h:
-        nw, nh = cw, min(math.ceil(h * scale_w), ch)
-    else:
-        nh, nw = ch, min(math.ceil(w * scale_h), cw)
-    return {"height": ch, "width": cw, "new_height": nh, "new_width": nw, "top": (ch - nh) // 2, "left": (cw - nw) // 2}
+def model_views(image: Any, geom: Any, view: int, family: Any = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, int] | None]:
+    """(thumbnail pixels, crop canvas pixels, canvas layout) as ``family``'s processor builds them
+    (its ``picture_views``; default: the first registered family, LLaVA-NeXT). ``geom`` is the
+    :class:`~globalcom2.core.geometry.CropGeometry` (None for a single view: no canvas)."""
+    return _family(family).picture_views(image, geom, view)
 
 
-def model_views(image: Any, geom: Any, view: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, int] | None]:
-    """(thumbnail pixels, crop canvas pixels, canvas layout) as the LLaVA-NeXT processor builds them:
-    the thumbnail is the whole image squeezed to one view; the crops cover the image resized (aspect
-    kept) into the best resolution and centred on a zero-padded canvas (:func:`canvas_layout`).
-    ``geom`` is the :class:`~globalcom2.ops.CropGeometry` (None for a single view: no canvas)."""
-    image = to_rgb(image)
-    thumb = np.asarray(image.resize((view, view), Image.Resampling.BICUBIC))
-    if geom is None:
-        return thumb, None, None
-    lay = canvas_layout((image.height, image.width), (geom.grid_h, geom.grid_w), view)
-    canvas = np.zeros((lay["height"], lay["width"], 3), np.uint8)  # the processor pads with zeros
-    resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
-    canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
-    return thumb, canvas, lay
+def _family(family: Any) -> Any:
+    from .models import families
+
+    return family if family is not None else families()[0]
 
 
 def joint_grid(x: np.ndarray, geom: Any) -> np.ndarray:
@@ -313,6 +290,7 @@ def render_kept_tokens(
     retention_ratio: float | None = None,
     temperature: float = 10.0,
     allocation: str = "softmax_sum",
+    family: Any = None,
 ) -> Image.Image:
     """Draw the thumbnail and crop grid of ``image`` with GlobalCom2's kept tokens highlighted.
 
@@ -327,6 +305,8 @@ def render_kept_tokens(
         retention_ratio: the R the plan was made with; at R = 1 the picture explains (under the
             legend) why some crop tokens are still dropped (see :func:`full_ratio_note`).
         temperature, allocation: the config's, for that explanation.
+        family: the model family whose processor's views are drawn (a :class:`~globalcom2.models.Family`
+            class or instance; default: the first registered, LLaVA-NeXT).
 
     Returns:
         An RGB :class:`PIL.Image.Image`.
@@ -340,7 +320,7 @@ def render_kept_tokens(
 
     # The thumbnail (the whole image squeezed to one view) and the crops' canvas, as the processor does.
     geom = plan.geometry
-    thumb_px, canvas, lay = model_views(image, geom, view)
+    thumb_px, canvas, lay = model_views(image, geom, view, family)
     thumb_keep = np.zeros(n, dtype=bool)
     thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
     thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)

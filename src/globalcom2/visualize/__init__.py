@@ -36,7 +36,7 @@ from .pixels import _model_views
 from .style import RANDOM_WEIGHTS_NOTE, method_title
 
 # Re-exported: tests and callers import these from globalcom2.visualize.
-from .data import _pooled_masks, _to_grid, _vanilla_plan  # noqa: F401
+from .data import _to_grid, _vanilla_plan  # noqa: F401
 from .pixels import _grey_out, _kept_pixels  # noqa: F401
 
 __all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize", "RANDOM_WEIGHTS_NOTE"]
@@ -91,7 +91,7 @@ def visualize(
         import matplotlib  # noqa: F401  (the object-oriented API only: no pyplot, no backend switch)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(PLOT_HINT) from exc
-    from ..adapters import adapter_for
+    from ..models import adapter_for
     from ..methods import fastv_config, make_config, option_names, vision_config
 
     retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
@@ -101,7 +101,10 @@ def visualize(
     for key, value in (("layout", layout), ("temperature", temperature)):
         if value is not None and key in option_names(method):
             opts[key] = value
+    family = adapter_for(model)
     configs = [make_config(method, retention_ratio=r, **opts) for r in retention_ratios]
+    if "layout" not in opts:  # as apply: the family's layout where the method's default is not available on it
+        configs = [family.with_default_layout(c) for c in configs]
     method = configs[0].method
     vcfgs = [vision_config(c) for c in configs]
     uses_fastv = fastv_config(configs[0]) is not None
@@ -109,7 +112,8 @@ def visualize(
         "pooled" if vcfgs[0] is not None else "vanilla")
     # A fresh, never-patched adapter used for encode/compress only: the model's own state (applied or
     # not, its config, its adapter's `.last`) is not touched.
-    adapter = adapter_for(model)(model, GlobalCom2Config())
+    guide_cfg = family.with_default_layout(GlobalCom2Config())
+    adapter = family(model, guide_cfg)
     adapter.validate()
     image = to_rgb(image)  # 16-bit and float images keep their range
     image_token = getattr(processor, "image_token", None) or "<image>"
@@ -117,8 +121,8 @@ def visualize(
     param = next(adapter.inner.vision_tower.parameters())
     pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        encoded = adapter.encode(pixel_values, inputs["image_sizes"])
-        guide = adapter.compress(encoded, GlobalCom2Config()).plans[0]  # GlobalCom2's signals, for the maps
+        encoded = adapter.encode_inputs({**inputs, "pixel_values": pixel_values})
+        guide = adapter.compress(encoded, guide_cfg).plans[0]  # GlobalCom2's signals, for the maps
         plans = [adapter.compress(encoded, v).plans[0] if v is not None else None for v in vcfgs]
     vanilla = encoded.vanilla_counts[0]
     geom = encoded.geometries[0]
@@ -134,7 +138,7 @@ def visualize(
     maps = _importance_maps(guide, encoded.importance[0][1:])
 
     cell = view // side
-    thumb_px, canvas_px, lay = _model_views(image, geom, view)
+    thumb_px, canvas_px, lay = adapter.picture_views(image, geom, view)
 
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     ratios = ", ".join(f"{r:g}" for r in retention_ratios)

@@ -123,51 +123,30 @@ class Visualization:
 # -- masks: one RatioMasks per plan (kept tokens on the grids) -------------------------------------
 
 
-def _pooled_masks(plan: Any, side: int, ratio: float, vanilla: int) -> RatioMasks:
-    """Pooling drops no token: every token (unpadded) feeds one pooled token."""
-    t, (ph, pw) = plan.thumb_hw[0], plan.crop_hw
-    thumb = np.ones((side, side), dtype=bool)
-    geom = plan.geometry
-    note = f"pooling averages every token (none is dropped): thumbnail {side}x{side} -> {t}x{t}"
-    if geom is None:
-        empty = np.zeros((0, 0), dtype=bool)
-        return RatioMasks(ratio, thumb, empty, empty, np.zeros(0), [], [], plan.num_tokens, vanilla, t * t, 0, note, True)
-    valid = ops._valid_mask(geom, torch.device("cpu")).numpy()  # (C, N)
-    counts = [int(v) for v in valid.sum(1)]
-    frac = (ph * pw) / max(1, sum(counts))
-    if ph:
-        note += f", unpadded crop area {geom.valid_rows}x{geom.valid_cols} -> {ph}x{pw}"
-    return RatioMasks(
-        ratio, thumb, _to_grid(valid, geom), _to_grid(valid, geom), np.full(len(counts), frac), counts, counts,
-        plan.num_tokens, vanilla, t * t, ph * pw, note, True,
-    )
-
-
 def _masks(plan: Any, ratio: float, vanilla: int, side: int | None = None) -> RatioMasks:
-    """What ``plan`` keeps at ``ratio``: a selection plan's kept tokens, or (any other plan:
-    pooling) :func:`_pooled_masks` on views of ``side`` tokens per side."""
-    if not isinstance(plan, ops.CompressionPlan):  # pooling
-        return _pooled_masks(plan, int(side or 0), ratio, vanilla)
-    n = int(plan.thumb_importance.shape[-1])
-    side = math.isqrt(n)
-    thumb = np.zeros(n, dtype=bool)
-    thumb[plan.thumb_keep.cpu().numpy()] = True
+    """What ``plan`` keeps at ``ratio``, from its ``kept_masks()``, whatever the method (a pooling
+    plan reports every unpadded token as feeding a pooled one). ``side`` is not needed any more
+    (kept for callers of 0.1)."""
+    m = plan.kept_masks()
+    s = math.isqrt(int(m.thumb.shape[0]))
+    thumb = m.thumb.numpy().reshape(s, s)
     geom = plan.geometry
+    tail = dict(thumb_tokens=m.thumb_tokens, crop_tokens=m.crop_tokens, note=m.note, pooled=m.pooled)
     if geom is None:
         empty = np.zeros((0, 0), dtype=bool)
-        return RatioMasks(ratio, thumb.reshape(side, side), empty, empty, np.zeros(0), [], [], plan.num_tokens, vanilla)
-    keep = plan.crop_keep.cpu().numpy()
-    valid = plan.crop_valid.cpu().numpy()
+        return RatioMasks(ratio, thumb, empty, empty, np.zeros(0), [], [], plan.num_tokens, vanilla, **tail)
+    keep, valid = m.crop.numpy(), m.valid.numpy()
     return RatioMasks(
         retention_ratio=ratio,
-        thumb_kept=thumb.reshape(side, side),
+        thumb_kept=thumb,
         crop_kept=_to_grid(keep, geom),
         valid=_to_grid(valid, geom),
-        crop_ratios=plan.crop_ratios.cpu().numpy(),
+        crop_ratios=m.crop_ratios.numpy(),
         crop_kept_counts=[int(v) for v in keep.sum(1)],
         crop_valid_counts=[int(v) for v in valid.sum(1)],
         num_tokens=plan.num_tokens,
         vanilla_tokens=vanilla,
+        **tail,
     )
 
 
