@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import LAYOUTS, FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomConfig
+from .core.config import LAYOUTS
+from .methods import FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomConfig
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._io import atomic_path, to_rgb
-from .config import LAYOUTS, GlobalCom2Config
+from .core.config import LAYOUTS
+from .methods import GlobalCom2Config
 
 __all__ = ["DEFAULT_RATIOS", "DemoRun", "REAL_CHECKPOINT_HINT", "RANDOM_WEIGHTS_NOTE", "run_demo", "sample_image_path"]
 

@@ -34,7 +34,7 @@ from ._io import atomic_path, to_rgb
 from .models.llava_next import canvas_layout  # noqa: F401  (LLaVA-NeXT's crop canvas; the name of 0.1)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .ops import CompressionPlan
+    from .core.plans import CompressionPlan
 
 __all__ = ["canvas_layout", "full_ratio_note", "picture_notes", "render_kept_tokens", "save_png"]
 

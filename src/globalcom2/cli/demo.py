@@ -40,7 +40,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 demo`` (raises :class:`CLIError` on bad input)."""
-    from ..config import GlobalCom2Config
+    from ..methods import GlobalCom2Config
 
     try:
         ratios = [float(r) for r in args.ratios.split(",") if r.strip()]

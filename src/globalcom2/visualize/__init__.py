@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .._io import to_rgb
-from ..config import GlobalCom2Config
+from ..methods import GlobalCom2Config
 from .data import ImportanceMaps, RatioMasks, Visualization, _fastv_masks, _importance_maps, _masks
 from .draw import _draw, _subtitle
 from .pixels import _model_views

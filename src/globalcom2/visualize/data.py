@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import ops
+from ..core import plans as ops
 from .._io import atomic_path
 from ..picture import joint_grid
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import ops
+from ..core import plans as ops
 from .data import ImportanceMaps, RatioMasks
 from .pixels import _kept_pixels, _swatches
 from .sheet import _bare, _crop_lines, _hatch_rect, _Sheet, _Type

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .. import ops
+from ..core import plans as ops
 from ..picture import wrap_words
 from .style import PAD_FACE, PAD_HATCH, TEXT
 
