@@ -81,3 +81,67 @@ def test_registries_load_neither_torch_nor_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_paths_of_0_1_are_the_same_objects():
+    import globalcom2
+    from globalcom2 import adapters, config, core, fastv, methods, models, ops, sequence, tiny
+    from globalcom2.core import plans
+
+    assert ops.plan_image is plans.plan_image and ops.CropGeometry is core.geometry.CropGeometry
+    assert ops._valid_mask is core.geometry.valid_mask
+    assert config.GlobalCom2Config is methods.GlobalCom2Config is globalcom2.GlobalCom2Config
+    assert fastv.FastVConfig is methods.FastVConfig is globalcom2.FastVConfig
+    assert adapters.LlavaNextAdapter is models.LlavaNextAdapter and adapters.adapter_for is models.adapter_for
+    assert sequence.shrink_placeholders is core.sequence.shrink_placeholders
+    assert tiny.build_tiny_llava_next is models.llava_next.build_tiny_llava_next
+
+
+def test_a_method_is_one_class_and_one_registration(tiny):
+    """A new vision method registered from outside the package works everywhere at once."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import pytest
+    import torch
+
+    import globalcom2
+    from globalcom2.core.config import check_ratio
+    from globalcom2.core.plans import compress_by_scores
+    from globalcom2.methods import VISION_METHODS, VisionMethodConfig, method_names, register_method
+
+    @register_method
+    @dataclass(frozen=True)
+    class RasterConfig(VisionMethodConfig):  # keeps the first tokens of every view, in raster order
+        method: ClassVar[str] = "raster"
+        layout_field: ClassVar[str | None] = None
+        retention_ratio: float = 0.25
+
+        def __post_init__(self) -> None:
+            self._set("retention_ratio", check_ratio(self.retention_ratio))
+
+        def compress(self, features, importance, geom, newline):
+            scores = -torch.arange(importance.numel(), dtype=torch.float32).reshape(importance.shape)
+            return compress_by_scores(features, scores, geom, newline, self.retention_ratio, "spatial")
+
+    try:
+        assert "raster" in method_names() and "raster+fastv" in method_names()
+        with pytest.raises(ValueError, match="already registered"):
+            register_method(type("RasterConfig2", (RasterConfig,), {}))
+        model, processor = tiny
+        from conftest import make_image
+
+        inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+        globalcom2.apply(model, method="raster", retention_ratio=0.25)
+        with torch.no_grad():
+            model(**inputs)
+        plan = globalcom2.get_adapter(model).last.plans[0]
+        n = plan.thumb_importance.shape[0]
+        k = int(0.25 * (n + int(plan.crop_valid.sum())))  # one joint budget, the earliest tokens first
+        assert plan.thumb_keep.tolist() == list(range(min(n, k)))
+        assert int(plan.crop_keep.sum()) == k - min(n, k)
+        assert globalcom2.last_stats(model).visual_tokens == [plan.num_tokens]
+        globalcom2.remove(model)
+    finally:
+        VISION_METHODS.pop("raster", None)
+    assert "raster" not in method_names()
