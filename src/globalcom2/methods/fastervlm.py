@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .._lazy import lazy_module
 from ..core.config import LAYOUTS, Layout, check_choice, check_ratio
 from .base import VisionMethodConfig, register_method
+from .globalcom2 import IMPORTANCES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,17 +35,21 @@ class FasterVLMConfig(VisionMethodConfig):
         retention_ratio: R, ``0 < R <= 1``.
         layout: arrangement of the kept tokens, as for GlobalCom2 (default ``"spatial"``: true
             positions, the natural order for a baseline).
+        importance: the importance signal (see :data:`globalcom2.methods.globalcom2.IMPORTANCES`;
+            default ``"auto"``: the family's default for its tower).
     """
 
     method: ClassVar[str] = "fastervlm"
 
     retention_ratio: float = 0.25
     layout: Layout = "spatial"
+    importance: str = "auto"
 
     def __post_init__(self) -> None:
         self._reject_none()
         self._set("retention_ratio", check_ratio(self.retention_ratio))
         self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
+        self._set("importance", check_choice(self.importance, IMPORTANCES, "importance"))
 
     def compress(
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"

@@ -22,12 +22,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+resized = lazy_module("globalcom2.core.resized")
 
 #: How GlobalCom2 splits the crop budget (paper's ablation; ``softmax_sum`` is the method).
 ALLOCATIONS: tuple[str, ...] = ("softmax_sum", "softmax_max", "uniform", "topk_count")
 
 #: How GlobalCom2 scores crop tokens (paper's ablation; ``global_local`` is the method).
 SCORINGS: tuple[str, ...] = ("global_local", "global_only", "local_only")
+
+#: The importance signal of the methods that rank tokens by importance: ``"auto"`` (the family's
+#: default for its tower: ``"cls"`` with a [CLS] token, ``"attention_received"`` without),
+#: ``"cls"`` (the [CLS] query's last-layer logits) or ``"attention_received"`` (mean softmax
+#: attention each patch receives at the last layer, SPEC.md "Importance without a [CLS] token").
+#: The family reads it when it encodes the images; one that cannot give it raises at ``apply``.
+IMPORTANCES: tuple[str, ...] = ("auto", "cls", "attention_received")
 
 
 @register_method
@@ -54,6 +62,8 @@ class GlobalCom2Config(VisionMethodConfig):
         scoring: how crop tokens are ranked (an ablation; the method is ``"global_local"``):
             the L2-normalised local [CLS] importance plus the L2-normalised global guidance,
             ``"global_only"`` or ``"local_only"`` one of the two.
+        importance: the importance signal, one of :data:`IMPORTANCES` (default ``"auto"``: the
+            family's default, ``"cls"`` on LLaVA-NeXT, ``"attention_received"`` on LLaVA-OneVision).
     """
 
     method: ClassVar[str] = "globalcom2"
@@ -63,6 +73,7 @@ class GlobalCom2Config(VisionMethodConfig):
     temperature: float = 10.0
     allocation: str = "softmax_sum"
     scoring: str = "global_local"
+    importance: str = "auto"
 
     def __post_init__(self) -> None:
         self._reject_none()
@@ -72,10 +83,17 @@ class GlobalCom2Config(VisionMethodConfig):
         self._set("temperature", check_positive(self.temperature, "temperature"))
         self._set("allocation", check_choice(self.allocation, ALLOCATIONS, "allocation"))
         self._set("scoring", check_choice(self.scoring, SCORINGS, "scoring"))
+        self._set("importance", check_choice(self.importance, IMPORTANCES, "importance"))
 
     def compress(
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
     ) -> tuple["torch.Tensor", Any]:
+        if isinstance(geom, resized.ResizedCropGeometry) and features.shape[0] > 1:
+            # LLaVA-OneVision's anyres_max_K resized crop map: select on it (SPEC.md, "LLaVA-OneVision").
+            return resized.compress_resized(
+                features, importance, newline, geom, self.retention_ratio, self.layout, self.temperature,
+                allocation=self.allocation, scoring=self.scoring,
+            )
         return plans.compress_image(
             features, importance, geom, newline, self.retention_ratio, self.layout, self.temperature,
             allocation=self.allocation, scoring=self.scoring,

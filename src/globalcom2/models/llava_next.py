@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
 torch = lazy_module("torch")
 plans = lazy_module("globalcom2.core.plans")
+importance_ops = lazy_module("globalcom2.core.importance")
 
 
 @register_family
@@ -145,16 +146,26 @@ class LlavaNextAdapter(Family):
 
         tower = self.inner.vision_tower
         attn = self.last_attention()
-        with CLSCapture(attn) as cap:
+        # The importance option (config field ``importance``): "auto" / "cls" is the method's [CLS]
+        # logits; "attention_received" (an ablation here) the SigLIP-style signal over the N patches.
+        received = getattr(self.vision_config, "importance", "auto") == "attention_received"
+        with (importance_ops.QKCapture(attn) if received else CLSCapture(attn)) as cap:
             out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
         if isinstance(layer, int):
             hidden = out.hidden_states[layer]
         else:
             hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
         feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
-        if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
-            raise RuntimeError("the vision tower's last attention layer did not run")
-        importance = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
+        if received:  # softmax over the N patches only (the [CLS] row and column left out), SPEC.md
+            if cap.queries is None or cap.keys is None:  # pragma: no cover - defensive
+                raise RuntimeError("the vision tower's last attention layer did not run")
+            importance = importance_ops.attention_received(
+                cap.queries.detach()[:, 1:], cap.keys.detach()[:, 1:], attn.num_heads, attn.scale
+            )  # (V, N)
+        else:
+            if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
+                raise RuntimeError("the vision tower's last attention layer did not run")
+            importance = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
 
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         geoms: list[CropGeometry | None] = []

@@ -1,0 +1,81 @@
+"""Importance signals that need more than the [CLS] row: "attention received" (towers without [CLS]).
+
+``SPEC.md``, "Importance without a [CLS] token": at the tower's last layer, per view and head h,
+``a[h, q, k] = softmax_k(q_hq . k_hk * head_dim**-0.5)`` over the view's N patches; importance of
+patch k is the mean over h and q of ``a[h, q, k]``, in float32. It is computed here from the
+captured query and key projections, a chunk of queries at a time: the whole (N x N) attention map
+is never built and the tower's attention implementation is untouched (no ``output_attentions``,
+no eager switch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["QKCapture", "attention_received"]
+
+#: Queries per chunk: the largest temporary is (V, heads, chunk, N) float32.
+DEFAULT_CHUNK = 128
+
+
+def attention_received(
+    queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float, chunk: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """The attention every token receives, averaged over heads and queries.
+
+    Args:
+        queries: (V, T, D) query projections (before scaling) of one layer, T tokens per view.
+        keys: (V, T, D) key projections of the same layer and tokens.
+        num_heads: attention heads; D must be divisible by it.
+        scale: the attention scale (``head_dim ** -0.5``).
+        chunk: queries per step; memory is O(V * heads * chunk * T).
+
+    Returns:
+        (V, T) float32: ``mean_{h, q} softmax_k(q . k * scale)[h, q, k]`` (each row sums to 1).
+    """
+    v, t, d = keys.shape
+    if queries.shape != keys.shape:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must have the same shape")
+    if d % num_heads:
+        raise ValueError(f"feature size {d} is not divisible by {num_heads} heads")
+    hd = d // num_heads
+    k = keys.float().reshape(v, t, num_heads, hd).transpose(1, 2)  # (V, h, T, hd)
+    q_all = queries.float().reshape(v, t, num_heads, hd).transpose(1, 2) * scale  # (V, h, T, hd)
+    total = torch.zeros((v, t), dtype=torch.float32, device=keys.device)
+    step = max(1, int(chunk))
+    for start in range(0, t, step):
+        q = q_all[:, :, start : start + step]  # (V, h, c, hd)
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (V, h, c, T)
+        total += probs.sum(dim=(1, 2))
+    return total / float(num_heads * t)
+
+
+class QKCapture:
+    """Temporarily hooks one attention module's ``q_proj`` / ``k_proj`` to keep every query and key
+    of the views it runs on (for :func:`attention_received`); the hooks live only inside ``with``."""
+
+    def __init__(self, attn: Any) -> None:
+        self.attn = attn
+        self.queries: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "QKCapture":
+        def keep_q(_m: Any, _i: Any, out: torch.Tensor) -> None:
+            self.queries = out  # (V, T, D)
+
+        def keep_k(_m: Any, _i: Any, out: torch.Tensor) -> None:
+            self.keys = out  # (V, T, D)
+
+        self._handles = [
+            self.attn.q_proj.register_forward_hook(keep_q),
+            self.attn.k_proj.register_forward_hook(keep_k),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
