@@ -403,3 +403,19 @@ def test_attention_received_importance_option(tiny):
         received += a.mean(0) / attn.num_heads
     want = F.avg_pool2d(received.reshape(1, 1, 32, 32), 2).reshape(N)
     torch.testing.assert_close(encoded.importance[0][0], want, atol=1e-6, rtol=1e-5)
+
+
+def test_tile_grid_from_pixels_matches_the_processor():
+    """Without image sizes the grid is read from the pixels: the arrangement of the tiles that
+    matches the thumbnail is the processor's own (the checkpoints' 12 tiles at most)."""
+    from globalcom2.core import tiles
+    from globalcom2.models.internvl import build_processor
+
+    processor = build_processor(max_patches=12)
+    for i, (h, w) in enumerate([(600, 700), (900, 150), (1300, 1000), (300, 1500), (448, 900), (1000, 1000)]):
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+        cols, rows = get_optimal_tiled_canvas((h, w), (448, 448), 1, 12)
+        pv = processor.image_processor(images=[make_image(h, w, seed=i)], return_tensors="pt").pixel_values
+        assert pv.shape[0] == rows * cols + 1
+        assert tiles.infer_tile_grid(pv[:-1], pv[-1], tiles.factor_grids(rows * cols)) == (rows, cols)
