@@ -129,7 +129,7 @@ def run_demo(
     t0 = time.perf_counter()
     echo(f"[1/4] building the tiny random {family.display_name} (no download) ...")
     model, processor = family.build_tiny(seed=0)
-    view = int(model.config.vision_config.image_size)
+    view = family(model, GlobalCom2Config()).view_geometry()[0]
     echo(f"      done in {time.perf_counter() - t0:.1f} s")
 
     text = f"{getattr(processor, 'image_token', '<image>')}\n{_PROMPT}"

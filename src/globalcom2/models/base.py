@@ -382,6 +382,20 @@ class Family(Adapter):
         vision = vision.replace(**{field_name: cls.layouts[0]})
         return vision if config is methods.vision_config(config) else type(config)(vision=vision, fastv=config.fastv)
 
+    def view_geometry(self) -> tuple[int, int]:
+        """(view side in pixels, tokens per view side) of the vision tower, for pictures."""
+        vc = self.hf_config.vision_config
+        size, patch = vc.image_size, vc.patch_size
+        size = int(size[0]) if isinstance(size, (list, tuple)) else int(size)
+        patch = int(patch[0]) if isinstance(patch, (list, tuple)) else int(patch)
+        return size, size // patch
+
+    def vanilla_plan(self, encoded: EncodedImages, index: int = 0) -> Any:
+        """The vanilla sequence of image ``index`` as a plan (keep-all with the spatial layout)."""
+        from ..methods import GlobalCom2Config
+
+        return self.compress(encoded, GlobalCom2Config.keep_all(layout="spatial")).plans[index]
+
     def image_newline(self) -> "torch.Tensor | None":
         """The (D,) image-newline embedding, or None for a family without one."""
         return None

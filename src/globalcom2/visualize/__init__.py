@@ -127,10 +127,11 @@ def visualize(
     vanilla = encoded.vanilla_counts[0]
     geom = encoded.geometries[0]
     vc = adapter.hf_config.vision_config
-    view, side = int(vc.image_size), int(vc.image_size) // int(vc.patch_size)
+    view, side = adapter.view_geometry()
     if uses_fastv:
         masks = [
-            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla)
+            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla,
+                         vanilla_plan=adapter.vanilla_plan(encoded))
             for cfg, plan in zip(configs, plans)
         ]
     else:

@@ -192,7 +192,8 @@ def _vanilla_plan(guide: ops.CompressionPlan) -> ops.CompressionPlan:
 
 
 def _fastv_masks(
-    model: Any, processor: Any, image: Any, prompt: str, config: Any, plan: Any, guide: ops.CompressionPlan, vanilla: int
+    model: Any, processor: Any, image: Any, prompt: str, config: Any, plan: Any, guide: ops.CompressionPlan, vanilla: int,
+    vanilla_plan: Any = None,
 ) -> RatioMasks:
     """Which visual tokens are still in the sequence after FastV's layer K, on the thumbnail/crop grids.
 
@@ -214,7 +215,7 @@ def _fastv_masks(
         model(**inputs)
         kept_positions = adapter.fastv.last_kept_positions[0].cpu()  # (k,) sorted positions in the LM input
         visual_positions = adapter.last_visual_positions[0].cpu()  # (n,) positions of the image tokens
-        used = adapter.last.plans[0] if plan is not None else _vanilla_plan(guide)
+        used = adapter.last.plans[0] if plan is not None else (vanilla_plan if vanilla_plan is not None else _vanilla_plan(guide))
     index = used.index.cpu()
     kept_visual = torch.isin(visual_positions, kept_positions)  # (n,)
     rows = index[kept_visual]  # table rows that survive layer K
