@@ -16,6 +16,7 @@ from .base import (
 
 # The registry: one line per family.
 from .llava_next import LlavaNextAdapter  # noqa: E402
+from .llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from .internvl import InternVLAdapter  # noqa: E402
 
 __all__ = [
