@@ -28,6 +28,9 @@ sequence = lazy_module("globalcom2.core.sequence")
 
 #: Attribute under which an applied adapter lives on a model instance.
 STATE_ATTR = "_globalcom2_adapter"
+#: Keyword argument of a patched ``forward`` / ``generate`` taking precomputed
+#: :class:`~globalcom2.embeddings.ImageEmbeddings` in place of ``pixel_values``.
+EMBEDDINGS_KWARG = "image_embeddings"
 
 
 class _Missing:
@@ -485,11 +488,7 @@ class Family(Adapter):
 
     # -- language side --------------------------------------------------------------------------
     def _pad_token_id(self) -> int:
-        for cfg in (getattr(self.model, "generation_config", None), self.hf_config.text_config, self.hf_config):
-            pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
-            if isinstance(pad, int):
-                return pad
-        return 0
+        return pad_token_id_of(self.model)
 
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Turn a call's keyword arguments with ``pixel_values`` into compressed ones.
@@ -500,11 +499,12 @@ class Family(Adapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         kwargs = dict(kwargs)
-        pixel_values = kwargs.pop("pixel_values")
+        pixel_values = kwargs.pop("pixel_values", None)
         image_inputs = {name: kwargs.pop(name, None) for name in self.image_inputs}
+        given = kwargs.pop(EMBEDDINGS_KWARG, None)
         input_ids = kwargs.get("input_ids")
         if kwargs.get("mm_encoder_outputs"):
-            raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
+            raise ValueError(f"pass either pixel_values / {EMBEDDINGS_KWARG} or mm_encoder_outputs, not both")
         if input_ids is None:
             raise ValueError(
                 "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
@@ -515,13 +515,18 @@ class Family(Adapter):
             raise ValueError(
                 f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)} when pixel_values are given"
             )
-
-        encoded = self.encode(pixel_values, **image_inputs)
-        compressed = self.compress(encoded)
+        if given is not None:  # precomputed embeddings: no vision tower
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                raise ValueError(f"pass either pixel_values or {EMBEDDINGS_KWARG}, not both")
+            compressed, prompt_counts, input_ids, mask = self._given_images(given, input_ids, mask, kwargs)
+        else:
+            encoded = self.encode(pixel_values, **image_inputs)
+            compressed = self.compress(encoded)
+            prompt_counts = compressed.vanilla_counts
         shrunk = sequence.shrink_placeholders(
             input_ids,
             self.image_token_id,
-            compressed.vanilla_counts,
+            prompt_counts,
             compressed.counts,
             attention_mask=mask,
             labels=kwargs.get("labels"),
@@ -546,7 +551,57 @@ class Family(Adapter):
         )
         self._check_context(shrunk.input_ids.shape[1])
         self._vanilla_rows = (input_ids == self.image_token_id).sum(1)
+        if given is not None:  # the prompt may not hold the vanilla placeholders: count them per row
+            self._vanilla_rows = _rows_total(input_ids == self.image_token_id, prompt_counts, compressed.vanilla_counts)
         return kwargs
+
+    def _given_images(
+        self, given: Any, input_ids: "torch.Tensor", mask: "torch.Tensor | None", kwargs: dict[str, Any]
+    ) -> tuple[CompressedImages, list[int], "torch.Tensor", "torch.Tensor | None"]:
+        """Precomputed :class:`~globalcom2.embeddings.ImageEmbeddings` as this call's compressed images.
+
+        Returns the images, the placeholders per image the prompt holds (the vanilla model's or
+        ``n_i``; a prompt with one placeholder per image is expanded to ``n_i`` here, in
+        ``input_ids`` / ``mask`` / ``kwargs``), and the possibly expanded ``input_ids`` and ``mask``.
+        """
+        from ..embeddings import ImageEmbeddings, expand_placeholders, prompt_form
+
+        if not isinstance(given, ImageEmbeddings):
+            raise ValueError(
+                f"{EMBEDDINGS_KWARG} must be ImageEmbeddings (globalcom2.compress_images or load_embeddings), "
+                f"got {type(given).__name__}"
+            )
+        if given.model_type != self.model_type:
+            raise ValueError(
+                f"these image embeddings come from a {given.model_type!r} model, this is a {self.model_type!r} one"
+            )
+        width = getattr(self.hf_config.text_config, "hidden_size", None)
+        if isinstance(width, int) and given.hidden_size not in (0, width):
+            raise ValueError(
+                f"these image embeddings are {given.hidden_size} wide, this model's language model {width}: "
+                "they come from another model"
+            )
+        counts = given.counts
+        found = int((input_ids == self.image_token_id).sum())
+        form = prompt_form(found, counts, given.vanilla_counts, self.image_token_id)
+        prompt_counts = list(given.vanilla_counts) if form == "vanilla" else counts
+        if form == "one":
+            if kwargs.get("labels") is not None:
+                raise ValueError(
+                    "labels need a prompt with the vanilla model's image placeholders (the processor's output), "
+                    "not one placeholder per image"
+                )
+            input_ids, mask = expand_placeholders(
+                input_ids, self.image_token_id, counts, attention_mask=mask, pad_token_id=self._pad_token_id()
+            )
+            kwargs["input_ids"] = input_ids
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = torch.zeros_like(input_ids)  # rebuilt from the new mask below
+        plans = list(given.plans) if given.plans is not None else [None] * len(counts)
+        images = CompressedImages(tokens=list(given.embeddings), plans=plans, vanilla_counts=list(given.vanilla_counts))
+        return images, prompt_counts, input_ids, mask
 
     def _check_context(self, length: int) -> None:
         """Warn once per applied adapter when a prompt (visual tokens included) exceeds the language
@@ -574,10 +629,15 @@ class Family(Adapter):
         pv = kwargs.get("pixel_values")
         return pv is not None and pv.shape[0] > 0
 
+    def _compresses(self, call: dict[str, Any]) -> bool:
+        """Whether a call's images go through :meth:`prepare_inputs` (pixel_values for a vision
+        method, or precomputed image embeddings for any method)."""
+        return call.get(EMBEDDINGS_KWARG) is not None or (self.vision_config is not None and self._has_images(call))
+
     def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode)."""
         call = bind_arguments(original, args, kwargs)
-        if self.vision_config is not None and self._has_images(call):
+        if self._compresses(call):
             call = self.prepare_inputs(call)
         if _is_prefill(call) and call.get("input_ids") is not None:
             self._on_prefill(call["input_ids"])
@@ -636,9 +696,13 @@ class Family(Adapter):
         input_ids = call.pop("inputs", None)
         if input_ids is None:
             input_ids = call.pop("input_ids", None)
-        if input_ids is not None and self.vision_config is not None and _cache_length(_given_cache(call)) > 0:
+        if (
+            input_ids is not None
+            and (self.vision_config is not None or call.get(EMBEDDINGS_KWARG) is not None)
+            and _cache_length(_given_cache(call)) > 0
+        ):
             return self._continue_turn(original, input_ids, call)
-        if input_ids is None or not self._has_images(call) or self.vision_config is None:
+        if input_ids is None or not self._compresses(call):
             if input_ids is not None:
                 call["inputs"] = input_ids
             return original(**call)
@@ -680,7 +744,7 @@ class Family(Adapter):
                 head = turn.short_mask if turn.short_mask is not None else torch.ones_like(turn.short_ids)
                 call["attention_mask"] = torch.cat([head.to(mask), mask[:, t0:]], dim=1)
             # The images are in the cache already (the vanilla generate ignores them on a continued cache too).
-            for key in ("pixel_values", *self.image_inputs):
+            for key in ("pixel_values", EMBEDDINGS_KWARG, *self.image_inputs):
                 call.pop(key, None)
             return self._generate_short(original, input_ids, short_ids, call)
         cached = _cache_length(_given_cache(call))
@@ -711,6 +775,30 @@ class _Turn:
             and input_ids.shape[1] >= t0
             and torch.equal(input_ids[:, :t0], self.original_ids.to(input_ids.device))
         )
+
+
+def pad_token_id_of(model: Any) -> int:
+    """The id a shortened prompt is padded with: the model's generation config's, its text config's
+    or its config's ``pad_token_id`` (the first that is set), else 0."""
+    config = getattr(model, "config", None)
+    for cfg in (getattr(model, "generation_config", None), getattr(config, "text_config", None), config):
+        pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
+        if isinstance(pad, int):
+            return pad
+    return 0
+
+
+def _rows_total(placeholders: "torch.Tensor", prompt_counts: list[int], values: list[int]) -> "torch.Tensor":
+    """(B,) per batch row, the sum of ``values[i]`` over the images ``i`` whose ``prompt_counts[i]``
+    placeholders lie in that row (images in reading order of the (B, T) ``placeholders`` mask)."""
+    dev = placeholders.device
+    out = torch.zeros(placeholders.shape[0], dtype=torch.long, device=dev)
+    if not prompt_counts:
+        return out
+    row_end = placeholders.sum(1).cumsum(0)  # (B,) placeholders up to and including each row
+    starts = torch.tensor([0] + list(prompt_counts[:-1]), dtype=torch.long, device=dev).cumsum(0)  # (I,)
+    rows = torch.searchsorted(row_end, starts, right=True).clamp_max(placeholders.shape[0] - 1)
+    return out.index_add_(0, rows, torch.tensor(values, dtype=torch.long, device=dev))
 
 
 def _given_cache(call: dict[str, Any]) -> Any:

@@ -416,7 +416,8 @@ class InternVLAdapter(Family):
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """As :meth:`Family.prepare_inputs`, with the views per image counted in ``input_ids`` and
         the compressed features handed over as the one (1, L, D) tensor InternVL's forward scatters."""
-        kwargs = self._with_views(dict(kwargs))
+        if kwargs.get("pixel_values") is not None:  # precomputed image embeddings need no view counts
+            kwargs = self._with_views(dict(kwargs))
         out = super().prepare_inputs(kwargs)
         image = out["mm_encoder_outputs"]["image"]
         tokens = image.pooler_output

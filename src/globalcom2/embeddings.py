@@ -1,0 +1,414 @@
+"""Compressed image embeddings as a product: compute them once, cache them, reuse them, serve them.
+
+:func:`compress_images` returns, per image, the ``(n_i, D)`` sequence a patched model would feed its
+language model (newlines included), without patching the model, building an autograd graph or
+leaving anything on it. Those sequences
+
+* go through the *vanilla* model's ``inputs_embeds`` path (:func:`embed_prompt`, or
+  :meth:`ImageEmbeddings.inputs_embeds`) with a prompt holding one placeholder per kept token,
+  giving the patched model's logits;
+* go back into a *patched* model in place of ``pixel_values``
+  (``model.generate(**text_inputs, image_embeddings=emb)``): repeated questions and re-sent chat
+  histories about one image skip the vision tower;
+* are saved to and read from safetensors (:meth:`ImageEmbeddings.save`, :func:`load_embeddings`),
+  with the method's config and the counts in the file's metadata: the format serving engines such
+  as vLLM take as precomputed image embeddings (README, "Serving").
+
+A prompt for the embeddings may hold, for each image, the vanilla model's placeholders (what the
+model's processor writes), exactly ``n_i`` of them, or one (``"<image>"`` tokenised as is, as
+serving engines expect); :meth:`ImageEmbeddings.prompt` rewrites any of these to ``n_i``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+#: ``format`` entry of the metadata of a file written by :meth:`ImageEmbeddings.save`.
+FILE_FORMAT = "globalcom2.image_embeddings"
+#: Version of that layout (bumped when it changes incompatibly).
+FILE_VERSION = "1"
+
+
+@dataclass
+class ImageEmbeddings:
+    """Per image, the visual tokens a compressed model feeds its language model.
+
+    Attributes:
+        embeddings: per image, an ``(n_i, D)`` tensor (the language model's hidden size ``D``).
+        vanilla_counts: per image, the placeholders the vanilla model uses for it (what the model's
+            processor writes into a prompt).
+        config: the method's config (a :class:`~globalcom2.GlobalCom2Config`...).
+        model_type: ``config.model_type`` of the model they come from (``"llava_next"``...).
+        image_token_id: the placeholder token id of that model.
+        model: the model's ``name_or_path`` (for records; may be empty).
+        images: per image, a name (file path for ``globalcom2 embed``), or None.
+        plans: per image, what the method decided (None after :func:`load_embeddings`: files hold
+            tokens and counts, not plans).
+    """
+
+    embeddings: list[torch.Tensor]
+    vanilla_counts: list[int]
+    config: Any
+    model_type: str
+    image_token_id: int
+    model: str = ""
+    images: list[str] | None = None
+    plans: list[Any] | None = field(default=None, repr=False)
+
+    # -- what they are -------------------------------------------------------------------------
+    @property
+    def counts(self) -> list[int]:
+        """Per image, its visual tokens ``n_i`` (newlines included)."""
+        return [int(t.shape[0]) for t in self.embeddings]
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embeddings[0].shape[-1]) if self.embeddings else 0
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def select(self, indices: Sequence[int] | int) -> "ImageEmbeddings":
+        """The embeddings of some images only (in the order given), e.g. one image for one prompt."""
+        idx = [indices] if isinstance(indices, int) else list(indices)
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return ImageEmbeddings(
+            embeddings=pick(self.embeddings), vanilla_counts=pick(self.vanilla_counts), config=self.config,
+            model_type=self.model_type, image_token_id=self.image_token_id, model=self.model,
+            images=pick(self.images), plans=pick(self.plans),
+        )
+
+    def to(self, device: Any = None, dtype: Any = None) -> "ImageEmbeddings":
+        """A copy with every tensor on ``device`` and/or in ``dtype`` (plans kept as they are)."""
+        out = self.select(range(len(self)))
+        out.embeddings = [t.to(device=device, dtype=dtype) for t in self.embeddings]
+        return out
+
+    # -- prompts -------------------------------------------------------------------------------
+    def prompt(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pad_token_id: int = 0,
+        image_token_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prompt batch rewritten to hold ``n_i`` placeholders for image ``i``.
+
+        Images are numbered in reading order of the batch (row by row), as the models scatter them.
+
+        Args:
+            input_ids: (B, L) with, for every image, either the vanilla model's placeholders (a
+                processor's output), already ``n_i``, or one placeholder (a plain ``"<image>"``).
+            attention_mask: (B, L) or None; the output's padding is on the same side.
+            pad_token_id: id written into new padding.
+            image_token_id: the placeholder id (default: the model's, recorded here).
+
+        Returns:
+            ``(input_ids, attention_mask)`` (the mask is None when none was given and none is needed).
+
+        Raises:
+            ValueError: when the prompt's placeholders fit none of the three forms.
+        """
+        from .core.sequence import shrink_placeholders
+
+        tok = self.image_token_id if image_token_id is None else int(image_token_id)
+        counts, vanilla = self.counts, list(self.vanilla_counts)
+        form = prompt_form(int((input_ids == tok).sum()), counts, vanilla, tok)
+        if form == "compressed":
+            return input_ids, attention_mask
+        if form == "vanilla":
+            s = shrink_placeholders(input_ids, tok, vanilla, counts, attention_mask=attention_mask, pad_token_id=pad_token_id)
+            return s.input_ids, s.attention_mask
+        return expand_placeholders(input_ids, tok, counts, attention_mask=attention_mask, pad_token_id=pad_token_id)
+
+    def inputs_embeds(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) the language model's input for a prompt holding ``n_i`` placeholders per image
+        (see :meth:`prompt`): the model's token embeddings with the image embeddings in place of
+        the placeholders. Feed it as ``model(inputs_embeds=..., attention_mask=...)`` (or to
+        ``generate``) on the *vanilla* model."""
+        embed = _input_embeddings(model)
+        tok = self.image_token_id
+        text = embed(input_ids)  # (B, L, D)
+        mask = input_ids == tok
+        found, need = int(mask.sum()), sum(self.counts)
+        if found != need:
+            raise ValueError(
+                f"the prompt holds {found} image placeholder tokens but the image embeddings have {need} tokens; "
+                "rewrite it with ImageEmbeddings.prompt(input_ids, attention_mask) first"
+            )
+        if not self.embeddings:
+            return text
+        feats = torch.cat(self.embeddings).to(text.device, text.dtype)
+        if feats.shape[-1] != text.shape[-1]:
+            raise ValueError(
+                f"the image embeddings are {feats.shape[-1]} wide but the model's token embeddings {text.shape[-1]}: "
+                "they come from another model"
+            )
+        return text.masked_scatter(mask[..., None].to(text.device), feats)
+
+    # -- files ---------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata (strings only) written with the tensors."""
+        from . import __version__
+        from .methods import config_to_dict
+
+        meta = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "globalcom2": __version__,
+            "method": self.method,
+            "config": json.dumps(config_to_dict(self.config), sort_keys=True),
+            "model_type": self.model_type,
+            "model": self.model or "",
+            "image_token_id": str(int(self.image_token_id)),
+            "num_images": str(len(self)),
+            "counts": json.dumps(self.counts),
+            "vanilla_counts": json.dumps([int(v) for v in self.vanilla_counts]),
+            "hidden_size": str(self.hidden_size),
+        }
+        if self.images is not None:
+            meta["images"] = json.dumps(list(self.images))
+        return meta
+
+    def save(self, path: str | Path) -> Path:
+        """Write the embeddings to a safetensors file (tensors ``image.0``, ``image.1``... on the
+        CPU, in their dtype; the config and counts in the metadata). Atomic: a failure leaves no
+        half-written file. Read them back with :func:`load_embeddings`."""
+        from safetensors.torch import save_file
+
+        from ._io import atomic_path
+
+        tensors = {f"image.{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(self.embeddings)}
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=self.metadata())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: Any = "cpu") -> "ImageEmbeddings":
+        """Read a file written by :meth:`save` (see :func:`load_embeddings`)."""
+        return load_embeddings(path, device=device)
+
+
+def prompt_form(found: int, counts: Sequence[int], vanilla_counts: Sequence[int], image_token_id: int) -> str:
+    """Which placeholders a prompt with ``found`` of them holds for images of ``counts`` tokens:
+    ``"compressed"`` (``n_i`` each), ``"vanilla"`` (the vanilla model's) or ``"one"`` (one each);
+    ``ValueError`` for none of them (checked in this order)."""
+    if found == sum(counts):
+        return "compressed"
+    if found == sum(vanilla_counts):
+        return "vanilla"
+    if found == len(counts):
+        return "one"
+    raise ValueError(
+        f"the prompt holds {found} image placeholder tokens (id {image_token_id}), but these {len(counts)} image "
+        f"embedding(s) need {sum(counts)} ({'+'.join(map(str, counts)) or '0'}), or one per image, or the vanilla "
+        f"model's {sum(vanilla_counts)}"
+    )
+
+
+def _input_embeddings(model: Any) -> Any:
+    from .api import unwrap_model
+
+    target = unwrap_model(model)
+    get = getattr(target, "get_input_embeddings", None)
+    if get is None:
+        raise ValueError(f"{type(target).__name__} has no get_input_embeddings(): pass the vision-language model")
+    return get()
+
+
+def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
+    """Read image embeddings written by :meth:`ImageEmbeddings.save` (or ``globalcom2 embed``).
+
+    Args:
+        path: the ``.safetensors`` file.
+        device: where the tensors go (default: the CPU).
+
+    Raises:
+        ValueError: the file is not a globalcom2 embeddings file, or is of a newer layout.
+        FileNotFoundError: no such file.
+    """
+    from safetensors import safe_open
+
+    from .methods import config_from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such embeddings file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device) if device is not None else "cpu") as fh:
+            meta = dict(fh.metadata() or {})
+            if meta.get("format") != FILE_FORMAT:
+                raise ValueError(f"{path} is not a globalcom2 image-embeddings file (its metadata has no format {FILE_FORMAT!r})")
+            if meta.get("version") != FILE_VERSION:
+                raise ValueError(f"{path} has layout version {meta.get('version')!r}; this globalcom2 reads {FILE_VERSION!r}")
+            n = int(meta["num_images"])
+            tensors = [fh.get_tensor(f"image.{i}") for i in range(n)]
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"cannot read {path} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    counts = json.loads(meta["counts"])
+    if counts != [int(t.shape[0]) for t in tensors]:
+        raise ValueError(f"{path} is inconsistent: its metadata counts {counts} differ from its tensors")
+    return ImageEmbeddings(
+        embeddings=tensors,
+        vanilla_counts=[int(v) for v in json.loads(meta["vanilla_counts"])],
+        config=config_from_dict(json.loads(meta["config"])),
+        model_type=meta["model_type"],
+        image_token_id=int(meta["image_token_id"]),
+        model=meta.get("model", ""),
+        images=json.loads(meta["images"]) if "images" in meta else None,
+    )
+
+
+def expand_placeholders(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    counts: Sequence[int] | torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+    padding_side: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Repeat the one placeholder of image ``i`` ``counts[i]`` times (images in reading order).
+
+    Args:
+        input_ids: (B, L) with exactly one placeholder per image.
+        image_token_id: the placeholder id.
+        counts: (I,) placeholders each image must have.
+        attention_mask: (B, L) or None; padding (0) is dropped and rebuilt on the same side.
+        pad_token_id: id written into new padding.
+        padding_side: "left"/"right"; inferred from ``attention_mask`` (left without padding).
+
+    Returns:
+        ``(input_ids, attention_mask)``, (B, L'); the mask is None when none was given and the
+        rows come out equally long.
+    """
+    from .core.sequence import infer_padding_side
+
+    dev = input_ids.device
+    bsz, length = input_ids.shape
+    counts_t = torch.as_tensor(counts, dtype=torch.long, device=dev).reshape(-1)
+    is_img = input_ids == image_token_id
+    if int(is_img.sum()) != counts_t.numel():
+        raise ValueError(f"expected one image placeholder per image ({counts_t.numel()}), found {int(is_img.sum())}")
+    side = padding_side or infer_padding_side(attention_mask)
+    rep = torch.ones_like(input_ids, dtype=torch.long)
+    rep = rep.masked_scatter(is_img, counts_t)  # (B, L) copies of each position
+    if attention_mask is not None:
+        rep = rep * attention_mask.to(dev).bool().long()
+    lengths = rep.sum(1)  # (B,)
+    new_len = int(lengths.max()) if bsz else 0
+    start = rep.cumsum(1) - rep  # (B, L) first output column of each position (right padding)
+    if side == "left":
+        start = start + (new_len - lengths)[:, None]
+    flat_rep = rep.reshape(-1)
+    src = torch.repeat_interleave(torch.arange(bsz * length, device=dev), flat_rep)  # (T,) source of each output
+    first = torch.repeat_interleave(flat_rep.cumsum(0) - flat_rep, flat_rep)
+    offset = torch.arange(src.numel(), device=dev) - first  # copy number within a run
+    rows, cols = src // length, start.reshape(-1)[src] + offset
+    ids = torch.full((bsz, new_len), pad_token_id, dtype=input_ids.dtype, device=dev)
+    ids[rows, cols] = input_ids.reshape(-1)[src]
+    mask = None
+    if attention_mask is not None or bool((lengths != new_len).any()):
+        mask = torch.zeros((bsz, new_len), dtype=attention_mask.dtype if attention_mask is not None else torch.long, device=dev)
+        mask[rows, cols] = 1
+    return ids, mask
+
+
+def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *, method: str | None = None, **options: Any) -> ImageEmbeddings:
+    """Per image, the ``(n_i, D)`` visual tokens the model patched with a method would feed its
+    language model (newlines included), with the plans and counts.
+
+    Runs the vision tower once under ``no_grad``; the model is neither patched nor changed (an
+    applied method's state, ``last`` and stats included, stays as it was; the temporary hooks
+    that read the importance are removed).
+
+    Args:
+        model: a supported model (patched or not, or wrapped: see :func:`globalcom2.api.unwrap_model`).
+        inputs: the model's processor output for the images (``pixel_values`` and the family's
+            image inputs such as ``image_sizes``; text may be there too and is ignored).
+        config, method, **options: the method, as for :func:`globalcom2.apply`; with none of them,
+            the method applied to ``model`` (GlobalCom2's defaults on an unpatched model).
+
+    Returns:
+        :class:`ImageEmbeddings`.
+
+    Raises:
+        ValueError: no ``pixel_values``, an unsupported model, a bad option, or a method that works
+            inside the language model (FastV; it has no image embeddings to hand over).
+    """
+    from .api import _check_transformers, get_config, unwrap_model
+    from .methods import language_config, make_config, vision_config
+    from .models import adapter_for
+
+    target = unwrap_model(model)
+    family_cls = adapter_for(target)
+    if config is None and method is None and not options and get_config(target) is not None:
+        config = get_config(target)
+    if method is None:
+        method = getattr(config, "method", None) if config is not None else "globalcom2"
+        if method is None:
+            raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
+    cfg = make_config(method, config, **options)
+    if config is None and "layout" not in options:
+        cfg = family_cls.with_default_layout(cfg)
+    if language_config(cfg) is not None:
+        vision = vision_config(cfg)
+        hint = f"method={vision.method!r} (its vision part)" if vision is not None else "a vision-side method such as 'globalcom2'"
+        raise ValueError(
+            f"method {cfg.method!r} prunes inside the language model (FastV), which image embeddings cannot carry; "
+            f"use {hint}"
+        )
+    _check_transformers()
+    family = family_cls(target, cfg)
+    family.validate()
+    pixel_values = inputs.get("pixel_values") if hasattr(inputs, "get") else None
+    if pixel_values is None:
+        raise ValueError("inputs must hold pixel_values (the model's processor output for the images)")
+    with torch.no_grad():
+        encoded = family.encode_inputs(inputs)
+        out = family.compress(encoded)
+    return ImageEmbeddings(
+        embeddings=[t.detach() for t in out.tokens],
+        vanilla_counts=[int(v) for v in out.vanilla_counts],
+        config=cfg,
+        model_type=family.model_type,
+        image_token_id=int(family.image_token_id),
+        model=str(getattr(family.hf_config, "name_or_path", "") or ""),
+        plans=list(out.plans),
+    )
+
+
+def embed_prompt(
+    model: Any, embeddings: ImageEmbeddings, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments for the *vanilla* ``model(...)`` / ``model.generate(...)``: the prompt
+    rewritten to ``n_i`` placeholders per image (:meth:`ImageEmbeddings.prompt`) and embedded with
+    the image embeddings in place (:meth:`ImageEmbeddings.inputs_embeds`).
+
+    Returns:
+        ``{"inputs_embeds": (B, L', D), "attention_mask": (B, L')}`` (the mask where one is needed).
+    """
+    from .api import unwrap_model
+    from .models.base import pad_token_id_of
+
+    # New padding is masked; it gets the id the patched model pads with, so that even the logits
+    # at padded positions are the patched model's.
+    ids, mask = embeddings.prompt(input_ids, attention_mask, pad_token_id=pad_token_id_of(unwrap_model(model)))
+    out = {"inputs_embeds": embeddings.inputs_embeds(model, ids)}
+    if mask is not None:
+        out["attention_mask"] = mask
+    return out
