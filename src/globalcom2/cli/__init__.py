@@ -2,6 +2,7 @@
 
     globalcom2 demo [--output-dir DIR]
     globalcom2 generate --model ID_OR_PATH --image PATH_OR_URL --prompt TEXT [--compare] ...
+    globalcom2 embed --model ID_OR_PATH --image PATH... --out FILE.safetensors
 
 Importing this package is cheap: torch, transformers and PIL are imported inside the commands,
 so ``--help`` answers quickly. Every failure the user can cause (a missing image, a model that
@@ -23,7 +24,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..generation import build_prompt
-from . import bench, demo, efficiency, eval, generate, visualize
+from . import bench, demo, efficiency, embed, eval, generate, visualize
 from .common import EXAMPLE_MODEL, PROG, CLIError, Parser, echo, hub_access, load_image, one_line, para, parse_method_arguments
 
 # The model-family functions (check_model_type, load_model, get_model) are deliberately not
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 #: The command modules, in the order ``globalcom2 --help`` lists them.
-COMMANDS = (demo, generate, efficiency, bench, visualize, eval)
+COMMANDS = (demo, generate, embed, efficiency, bench, visualize, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
