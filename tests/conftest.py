@@ -36,6 +36,28 @@ def _unpatch_tiny(request):
         globalcom2.remove(request.getfixturevalue("tiny")[0])
 
 
+_FAMILY_MODELS: dict[str, tuple] = {}
+
+
+def family_model(family):
+    """(model, processor): a registered family's tiny in-code model, built once per session and
+    shared by the test files that run every family. Tests must leave it as they found it (a method
+    applied to it is removed after every test)."""
+    if family.model_type not in _FAMILY_MODELS:
+        _FAMILY_MODELS[family.model_type] = family.build_tiny(seed=0)
+    return _FAMILY_MODELS[family.model_type]
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_family_models():
+    yield
+    if _FAMILY_MODELS:
+        import globalcom2
+
+        for model, _ in _FAMILY_MODELS.values():
+            globalcom2.remove(model)
+
+
 @pytest.fixture
 def image_factory():
     return make_image

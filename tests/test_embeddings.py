@@ -15,11 +15,10 @@ from globalcom2.embeddings import ImageEmbeddings, expand_placeholders, load_emb
 from globalcom2.methods import language_config, make_config, method_names, vision_config
 from globalcom2.models import families
 
-from conftest import make_image
+from conftest import family_model, make_image
 
 SIZES = [(480, 640), (300, 900), (1000, 300)]
 QUESTIONS = ["What is this?", "Describe it briefly, please.", "hi"]
-_MODELS: dict[str, tuple] = {}
 
 VISION_METHODS = [m for m in method_names() if language_config(make_config(m)) is None]
 CELLS = [
@@ -29,19 +28,6 @@ CELLS = [
     for layout in (family.layouts if vision_config(make_config(method)).layout_field else (None,))
 ]
 FAMILIES = [pytest.param(f, id=f.model_type) for f in families()]
-
-
-def _model(family):
-    if family.model_type not in _MODELS:
-        _MODELS[family.model_type] = family.build_tiny(seed=0)
-    return _MODELS[family.model_type]
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_models():
-    yield
-    for model, _ in _MODELS.values():
-        globalcom2.remove(model)
 
 
 def _inputs(processor, idx):
@@ -74,7 +60,7 @@ def _options(layout):
 
 @pytest.mark.parametrize("family, method, layout", CELLS)
 def test_vanilla_model_on_the_embeddings_is_the_patched_model(family, method, layout):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     inputs = _inputs(processor, [0, 1])  # two image sizes, left padding
     emb = globalcom2.compress_images(model, inputs, method=method, retention_ratio=0.25, **_options(layout))
     assert not globalcom2.is_applied(model)
@@ -100,7 +86,7 @@ def test_vanilla_model_on_the_embeddings_is_the_patched_model(family, method, la
 
 @pytest.mark.parametrize("family, method, layout", CELLS)
 def test_patched_model_takes_the_embeddings_for_the_pixels(family, method, layout):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     globalcom2.apply(model, method=method, retention_ratio=0.25, **_options(layout))
     inputs = _inputs(processor, [1, 2])
     emb = globalcom2.compress_images(model, inputs)  # the applied method
@@ -120,7 +106,7 @@ def test_patched_model_takes_the_embeddings_for_the_pixels(family, method, layou
 def test_one_placeholder_per_image_prompts(family):
     """A prompt with one placeholder per image (its framing, such as InternVL's ``<img>`` ... ``</img>``,
     kept), as serving engines take them."""
-    model, processor = _model(family)
+    model, processor = family_model(family)
     inputs = _inputs(processor, [0, 2])
     emb = globalcom2.compress_images(model, inputs)
     short = _one_placeholder_each(inputs, model.config.image_token_id)
@@ -140,7 +126,7 @@ def test_one_placeholder_per_image_prompts(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_repeated_questions_and_chat_turns_reuse_the_embeddings(family):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     globalcom2.apply(model, retention_ratio=0.25)
     first = _inputs(processor, [0])
     emb = globalcom2.compress_images(model, first)
@@ -171,7 +157,7 @@ def test_repeated_questions_and_chat_turns_reuse_the_embeddings(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compress_images_touches_no_model_state(family):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     globalcom2.apply(model, retention_ratio=0.5)
     inputs = _inputs(processor, [0])
     with torch.no_grad():

@@ -11,28 +11,14 @@ from globalcom2 import bench, efficiency
 from globalcom2.integrations.lmms_eval import GenerationRequest, LlavaNextRunner
 from globalcom2.models import families
 
-from conftest import make_image
+from conftest import family_model, make_image
 
 FAMILIES = [pytest.param(f, id=f.model_type) for f in families()]
-_MODELS: dict[str, tuple] = {}
-
-
-def _model(family):
-    if family.model_type not in _MODELS:
-        _MODELS[family.model_type] = family.build_tiny(seed=0)
-    return _MODELS[family.model_type]
-
-
-@pytest.fixture(autouse=True)
-def _unpatch():
-    yield
-    for model, _ in _MODELS.values():
-        globalcom2.remove(model)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bench_measures_every_family(family):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     inputs = processor(images=[make_image(480, 640)], text=[f"{processor.image_token}\nhi"], return_tensors="pt")
     rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0,
                            methods=("globalcom2", "fastv"))
@@ -45,7 +31,7 @@ def test_bench_measures_every_family(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_generation_runner_is_the_models_generate(family):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     globalcom2.apply(model, retention_ratio=0.25)
     runner = LlavaNextRunner(model, processor, batch_size=2)
     images = [make_image(480, 640), make_image(300, 900, 1)]
@@ -68,5 +54,5 @@ def test_efficiency_knows_each_familys_checkpoints(family):
     for ckpt in family.language_models:
         assert efficiency.resolve_arch(ckpt).num_layers > 0
         assert efficiency.max_visual_tokens_for_model(ckpt) == family.default_max_visual_tokens()
-    model, _ = _model(family)
+    model, _ = family_model(family)
     assert family.max_visual_tokens(model.config) > 0

@@ -18,11 +18,10 @@ import globalcom2
 from globalcom2.methods import language_config, make_config, method_names, vision_config
 from globalcom2.models import families
 
-from conftest import make_image
+from conftest import family_model, make_image
 
 SIZES = [(480, 640), (300, 900), (1000, 300)]
 QUESTIONS = ["What is this?", "Describe it briefly, please.", "hi"]
-_MODELS: dict[str, tuple] = {}
 
 
 def _layouts(family, method):
@@ -36,20 +35,6 @@ CELLS = [
     for method in method_names()
     for layout in _layouts(family, method)
 ]
-
-
-def _model(family):
-    """The family's tiny model, built once per session (tests leave it unpatched)."""
-    if family.model_type not in _MODELS:
-        _MODELS[family.model_type] = family.build_tiny(seed=0)
-    return _MODELS[family.model_type]
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_models():
-    yield
-    for model, _ in _MODELS.values():
-        globalcom2.remove(model)
 
 
 def _inputs(processor, idx):
@@ -76,7 +61,7 @@ def _nothing_left(model):
 
 @pytest.mark.parametrize("family, method, layout", CELLS)
 def test_shortens_reports_and_restores(family, method, layout):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     inputs = _inputs(processor, [0, 1])
     before = _logits(model, inputs)
     _apply(model, method, layout)
@@ -111,7 +96,7 @@ def test_shortens_reports_and_restores(family, method, layout):
 
 @pytest.mark.parametrize("family, method, layout", CELLS)
 def test_batch_equals_each_prompt_alone(family, method, layout):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     _apply(model, method, layout)
     batch = _inputs(processor, [0, 1, 2])
     assert (batch.attention_mask[:, 0] == 0).any()  # left padding is exercised
@@ -128,7 +113,7 @@ def test_batch_equals_each_prompt_alone(family, method, layout):
     "family, method, layout", [c for c in CELLS if c.values[2] in (None, "spatial")]
 )
 def test_keep_all_is_the_vanilla_model(family, method, layout):
-    model, processor = _model(family)
+    model, processor = family_model(family)
     inputs = _inputs(processor, [0, 1])
     vanilla = _logits(model, inputs)
     cfg = make_config(method)
@@ -159,7 +144,7 @@ def test_every_method_is_drawn(family, method, layout):
     pytest.importorskip("matplotlib")
     from globalcom2.visualize import visualize
 
-    model, processor = _model(family)
+    model, processor = family_model(family)
     options = {"layout": layout} if layout is not None else None
     try:
         vis = visualize(model, processor, make_image(*SIZES[0]), (0.25,), method=method, options=options)
