@@ -231,6 +231,10 @@ def test_files_round_trip(tiny, tmp_path, dtype):
     assert back.images == emb.images and back.plans is None
     assert all(b.dtype == dtype and torch.equal(b, a) for a, b in zip(emb.embeddings, back.embeddings))
     assert ImageEmbeddings.load(path).counts == emb.counts
+    assert repr(back) == (
+        f"ImageEmbeddings(3 image(s), counts={emb.counts}, vanilla_counts={emb.vanilla_counts}, method='globalcom2', "
+        f"model_type='llava_next', hidden_size={model.config.text_config.hidden_size}, dtype={str(dtype)[6:]})"
+    )
     # what was read back drives the model as the original embeddings do
     globalcom2.apply(model)
     with torch.no_grad():

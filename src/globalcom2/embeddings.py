@@ -37,7 +37,7 @@ FILE_FORMAT = "globalcom2.image_embeddings"
 FILE_VERSION = "1"
 
 
-@dataclass
+@dataclass(repr=False)
 class ImageEmbeddings:
     """Per image, the visual tokens a compressed model feeds its language model.
 
@@ -79,6 +79,13 @@ class ImageEmbeddings:
 
     def __len__(self) -> int:
         return len(self.embeddings)
+
+    def __repr__(self) -> str:
+        dtype = str(self.embeddings[0].dtype).replace("torch.", "") if self.embeddings else "-"
+        return (
+            f"ImageEmbeddings({len(self)} image(s), counts={self.counts}, vanilla_counts={list(self.vanilla_counts)}, "
+            f"method={self.method!r}, model_type={self.model_type!r}, hidden_size={self.hidden_size}, dtype={dtype})"
+        )
 
     def select(self, indices: Sequence[int] | int) -> "ImageEmbeddings":
         """The embeddings of some images only (in the order given), e.g. one image for one prompt."""
