@@ -67,3 +67,19 @@ def test_infer_padding_side():
     assert infer_padding_side(torch.tensor([[1, 1], [1, 1]])) == "left"
     assert infer_padding_side(torch.tensor([[0, 1], [1, 1]])) == "left"
     assert infer_padding_side(torch.tensor([[1, 0], [1, 1]])) == "right"
+
+
+def test_shrinking_reads_the_host_once():
+    from globalcom2._syncs import SyncCounter
+
+    ids = torch.tensor([[P, P, 5, I, I, I, 6], [5, I, I, 6, I, I, 7]])
+    mask = (ids != P).long()
+    labels = ids.clone()
+    for side in (None, "right"):
+        with SyncCounter() as syncs:
+            shrink_placeholders(ids, I, [3, 2, 2], [1, 2, 1], attention_mask=mask, labels=labels,
+                                pad_token_id=P, padding_side=side)
+        assert syncs.count == 1, syncs.by_op
+    with SyncCounter() as syncs:  # counts given as tensors: their sum joins the same read
+        shrink_placeholders(ids, I, torch.tensor([3, 2, 2]), torch.tensor([1, 2, 1]), attention_mask=mask, pad_token_id=P)
+    assert syncs.count == 1, syncs.by_op

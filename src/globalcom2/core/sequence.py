@@ -3,7 +3,8 @@
 The model's processor writes, for every image, as many placeholder tokens as the *vanilla* model
 feeds. After compression each image needs fewer. :func:`shrink_placeholders` drops the surplus
 placeholders (and the old padding) and re-pads the batch, all with tensor ops: one host sync
-reads the new maximum length.
+reads every number the host needs at once (the placeholders found, the new maximum length, whether
+rows differ in length, which side the padding is on).
 """
 
 from __future__ import annotations
@@ -80,23 +81,13 @@ def shrink_placeholders(
     """
     dev = input_ids.device
     bsz, length = input_ids.shape
-    old = torch.as_tensor(old_counts, dtype=torch.long, device=dev).reshape(-1)  # (I,)
-    new = torch.as_tensor(new_counts, dtype=torch.long, device=dev).reshape(-1)  # (I,)
+    old, old_total = _counts_on(old_counts, dev)  # (I,)
+    new, _ = _counts_on(new_counts, dev)  # (I,)
     if old.shape != new.shape:
         raise ValueError(f"old_counts and new_counts differ in length: {old.numel()} vs {new.numel()}")
-    is_img = input_ids == image_token_id  # (B, L)
-    found, expected = int(is_img.sum()), int(old.sum())
-    if found != expected:
-        raise ValueError(
-            f"input_ids hold {found} image placeholder tokens but the {old.numel()} image(s) need {expected} "
-            "(the vanilla model's count); prepare inputs with the model's own processor "
-            "(for CLIP vision towers a hand-built LlavaNextProcessor needs num_additional_image_tokens=1)"
-        )
-    if padding_side is None:
-        padding_side = infer_padding_side(attention_mask)
-    if padding_side not in ("left", "right"):
+    if padding_side is not None and padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-
+    is_img = input_ids == image_token_id  # (B, L)
     flat = is_img.reshape(-1)  # (B*L,)
     ordinal = torch.cumsum(flat.long(), 0) - 1  # global index of each placeholder
     ends = torch.cumsum(old, 0)  # (I,)
@@ -107,26 +98,61 @@ def shrink_placeholders(
     else:
         keep_img = torch.zeros_like(flat)
     keep = (~flat | keep_img).reshape(bsz, length)  # (B, L)
-    if attention_mask is not None:
-        keep &= attention_mask.to(dev).bool()
-
+    mask_in = attention_mask.to(dev).bool() if attention_mask is not None else None
+    if mask_in is not None:
+        keep &= mask_in
     lengths = keep.sum(1)  # (B,)
-    new_len = int(lengths.max()) if bsz else 0
+
+    # The one host sync: every number the host needs, read together.
+    zero = torch.zeros((), dtype=torch.long, device=dev)
+    longest = lengths.max() if bsz else zero
+    wanted = [is_img.sum(), old.sum() if old_total is None else zero, longest, (lengths != longest).any().long()]
+    infer = padding_side is None and mask_in is not None and length > 0
+    if infer:
+        wanted += [(~mask_in[:, -1]).any().long(), (~mask_in[:, 0]).any().long()]
+    numbers = torch.stack(wanted).tolist()
+    found, new_len, ragged = numbers[0], numbers[2], bool(numbers[3])
+    expected = numbers[1] if old_total is None else old_total
+    if found != expected:
+        raise ValueError(
+            f"input_ids hold {found} image placeholder tokens but the {old.numel()} image(s) need {expected} "
+            "(the vanilla model's count); prepare inputs with the model's own processor "
+            "(for CLIP vision towers a hand-built LlavaNextProcessor needs num_additional_image_tokens=1)"
+        )
+    if padding_side is None:
+        # infer_padding_side's rule: "right" if some row ends with padding, else "left".
+        padding_side = "right" if infer and numbers[4] else "left"
+
     col = torch.cumsum(keep.long(), 1) - 1  # (B, L) target column for kept tokens (right padding)
     if padding_side == "left":
         col = col + (new_len - lengths)[:, None]
-    rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, length)
-    r, c = rows[keep], col[keep]
+    # Flat target of every position; dropped ones go to one spare slot past the end (no boolean
+    # indexing: that would read the number of kept tokens on the host once more).
+    spare = bsz * new_len
+    rows = torch.arange(bsz, device=dev)[:, None] * new_len
+    target = torch.where(keep, rows + col, torch.full((), spare, dtype=torch.long, device=dev)).reshape(-1)
 
-    ids = torch.full((bsz, new_len), pad_token_id, dtype=input_ids.dtype, device=dev)
-    ids[r, c] = input_ids[keep]
+    def scatter(values: torch.Tensor, fill: int | float, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((spare + 1,), fill, dtype=dtype, device=values.device)
+        out.scatter_(0, target.to(values.device), values.reshape(-1).to(dtype))
+        return out[:spare].reshape(bsz, new_len)
+
+    ids = scatter(input_ids, pad_token_id, input_ids.dtype)
     mask = None
-    if attention_mask is not None or bool((lengths != new_len).any()):
+    if attention_mask is not None or ragged:
         mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
-        mask = torch.zeros((bsz, new_len), dtype=mask_dtype, device=dev)
-        mask[r, c] = 1
+        mask = scatter(torch.ones_like(input_ids, dtype=mask_dtype), 0, mask_dtype)
     new_labels = None
     if labels is not None:
-        new_labels = torch.full((bsz, new_len), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-        new_labels[r.to(labels.device), c.to(labels.device)] = labels[keep.to(labels.device)]
+        new_labels = scatter(labels, IGNORE_INDEX, labels.dtype)
     return ShrunkInputs(input_ids=ids, attention_mask=mask, labels=new_labels, keep=keep, padding_side=padding_side)
+
+
+def _counts_on(counts: Sequence[int] | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int | None]:
+    """(I,) long counts on ``device`` and their sum when the host knows it (a sequence of ints;
+    None for a tensor: then it is read with the one sync). Host values reach the device with a
+    non-blocking copy (a blocking one would wait for the device)."""
+    if torch.is_tensor(counts):
+        return counts.to(device=device, dtype=torch.long, non_blocking=True).reshape(-1), None
+    values = [int(c) for c in counts]
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True), sum(values)
