@@ -5,6 +5,10 @@ device and dtype they come in, with no Python loop over tokens and no ``.item()`
 synchronisation is the boolean selection at the very end of :func:`compress_image`, which is
 unavoidable because the number of kept tokens depends on the data.
 
+These per-image functions are the reference: :mod:`globalcom2.core.batch` plans a whole batch in
+one vectorised pass (one host sync per batch, one gather) and must agree with them bit for bit
+(``tests/test_batch.py``); ``Family.compress`` runs that batched path.
+
 Notation (shapes in comments):
     S   patches per side of one ViT view (LLaVA-NeXT, CLIP-L/14-336: 24)
     N   = S * S tokens per view
