@@ -384,3 +384,97 @@ def build_tiny_llava_next(seed: int = 0, dtype: "torch.dtype | None" = None, dev
         model = LlavaNextForConditionalGeneration(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
+
+
+# ------------------------------------------------------------------------------------------------
+# The wide in-code benchmark model: real widths (llava-v1.6-vicuna-7b), fewer language layers,
+# random weights. For measuring time and memory at real sizes without a download.
+# ------------------------------------------------------------------------------------------------
+
+#: Decoder layers of the wide model's language model by default (Vicuna-7B has 32).
+WIDE_TEXT_LAYERS = 2
+
+
+def build_wide_config(
+    vocab_size: int, image_token_id: int, pad_token_id: int, text_layers: int = WIDE_TEXT_LAYERS, **text_overrides: Any
+) -> Any:
+    """The wide ``LlavaNextConfig``: llava-v1.6-vicuna-7b's widths with ``text_layers`` decoder layers.
+
+    * vision tower: CLIP ViT-L/14-336 as in ``openai/clip-vit-large-patch14-336`` (24 layers,
+      hidden 1024, MLP 4096, 16 heads, quick-GELU), features from the second-to-last layer;
+    * projector: 1024 -> 4096 -> 4096 (LLaVA-NeXT's two-layer MLP);
+    * language model: Vicuna-7B's widths (hidden 4096, MLP 11008 gated, 32 heads, 32 KV heads,
+      4,096 positions) with ``text_layers`` layers instead of 32. Every decoder layer costs the
+      same, so the ratio of two prefills' language-model FLOPs (and, to the extent the hardware
+      is uniform, times) per layer does not depend on the depth; only the LM's share next to
+      the vision tower does.
+    * vocabulary: the offline byte-level tokenizer's (``vocab_size``), not Vicuna's 32,000: the
+      embedding is a lookup and the LM head runs on one position in generation (about 0.02% of
+      a Vicuna-7B layer's prefill FLOPs at 2,880 tokens), so this changes neither figure.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    if int(text_layers) < 1:
+        raise ValueError(f"text_layers must be >= 1, got {text_layers}")
+    vision = CLIPVisionConfig(  # openai/clip-vit-large-patch14-336
+        image_size=VIEW_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text_kwargs = dict(  # lmsys/vicuna-7b-v1.5 widths
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=int(text_layers),
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        max_position_embeddings=4096,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    text_kwargs.update(text_overrides)
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**text_kwargs),
+        image_token_id=image_token_id,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+
+
+def build_wide_llava_next(
+    text_layers: int = WIDE_TEXT_LAYERS, seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu"
+) -> tuple[Any, Any]:
+    """Build ``(model, processor)``: a random LLaVA-NeXT of :func:`build_wide_config`'s sizes.
+
+    The processor is the tiny model's (:func:`build_processor`): it already has the llava-hf
+    image geometry (336 px views, 14 px patches, their pinpoints), so a 672x672 image gets 2,928
+    placeholders, as on llava-v1.6-vicuna-7b (576 for the base view, 2 x 2 crops of 576, 48 row
+    newlines). The weights are made directly in ``dtype`` on ``device`` (no float32 copy first):
+    0.73 B parameters with the default 2 language layers (0.30 B tower, 0.02 B projector, 0.20 B
+    per decoder layer), 1.5 GB in bfloat16, 2.9 GB in float32; building takes about 20 s on a
+    2-core CPU (the random initialisation). Seeded by ``seed`` on a private generator state (the
+    global RNG is restored). Answers are noise; times and memory are those of real sizes.
+    """
+    from transformers import LlavaNextForConditionalGeneration
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    config = build_wide_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, text_layers)
+    dtype = dtype or torch.float32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device=device, dtype=dtype).eval(), processor
