@@ -1,6 +1,7 @@
 """Measured benchmark (`globalcom2 bench`) and analytic efficiency (`globalcom2 efficiency`) commands."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -166,3 +167,203 @@ def test_efficiency_cli_fastv_layer(capsys):
     assert capsys.readouterr().out.strip().splitlines()[1].startswith("0.25,720,11.6")
     assert main(["efficiency", "--fastv-layer", "0"]) == 1
     assert "--fastv-layer" in capsys.readouterr().err
+
+
+# --- what bench measures: grad mode, generate's prefill, decode, memory above the weights -------
+
+
+def _lm(model):
+    return model.model.language_model
+
+
+def test_grad_mode_is_the_callers_unless_no_grad(tiny):
+    """By default the prefill runs with autograd on (as a user's model(...)), vanilla and patched
+    alike; generate runs without a graph on its own. no_grad=True wraps every call."""
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    seen = []
+    handle = _lm(model).register_forward_pre_hook(
+        lambda m, a, k: seen.append((globalcom2.is_applied(model), k["inputs_embeds"].shape[1] > 1, torch.is_grad_enabled())),
+        with_kwargs=True,
+    )
+    try:
+        bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0)
+        default = set(seen)
+        seen.clear()
+        bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0, no_grad=True)
+        wrapped = set(seen)
+    finally:
+        handle.remove()
+    for patched in (False, True):
+        # prefills: the timed forward with grad on, generate's own without; decode steps without
+        assert {g for p, prefill, g in default if p == patched and prefill} == {True, False}
+        assert {g for p, prefill, g in default if p == patched and not prefill} == {False}
+    assert {g for _, _, g in wrapped} == {False} and {p for p, _, _ in wrapped} == {False, True}
+
+
+def test_prefill_computes_the_last_positions_logits_only(tiny):
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640), make_image(300, 900, 1)], text=["<image>\nhi"] * 2,
+                       return_tensors="pt", padding=True)
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        if kwargs.get("pixel_values") is not None:  # a prefill: bench's own or generate's first step
+            calls.append((globalcom2.is_applied(model), kwargs.get("logits_to_keep"), tuple(out.logits.shape)))
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0)
+    finally:
+        handle.remove()
+    vocab = model.config.text_config.vocab_size
+    assert {p for p, _, _ in calls} == {False, True}
+    assert all(keep == 1 and shape == (2, 1, vocab) for _, keep, shape in calls), calls
+
+
+def test_decode_column_and_language_model_figures(tiny):
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=3, runs=2, warmup=1,
+                           methods=("globalcom2", "fastv"))
+    vanilla, gc2, fastv = rows
+    assert all(r.decode_ms_per_token > 0 and r.lm_prefill_ms > 0 for r in rows)
+    # The decode time per token excludes the prefill: n tokens cost about prefill + (n - 1) steps.
+    assert all(r.decode_ms_per_token < r.generate_ms / 2 for r in rows)
+    assert all(0 < r.lm_prefill_ms < r.prefill_ms for r in rows)
+    # The language model prefilled the sequence it was given, and the analytic FLOPs are those of
+    # its decoder layers at that length (FastV: layers >= K at the pruned length).
+    from dataclasses import replace
+
+    from globalcom2 import efficiency
+
+    arch = efficiency.LMArch.from_text_config(model.config.text_config)
+    n_img = int((inputs.input_ids == model.config.image_token_id).sum())
+    prompt = inputs.input_ids.shape[1]
+    assert vanilla.lm_tokens == fastv.lm_tokens == prompt
+    assert gc2.lm_tokens == prompt - n_img + gc2.visual_tokens
+    head = efficiency.lm_head_op(arch).flops
+    assert vanilla.lm_tflops * 1e12 == pytest.approx(efficiency.prefill_flops(arch, prompt))
+    assert gc2.lm_tflops * 1e12 == pytest.approx(efficiency.prefill_flops(arch, gc2.lm_tokens))
+    assert gc2.lm_flops_x == pytest.approx(gc2.lm_tflops / vanilla.lm_tflops)
+    fastv_config = globalcom2.methods.FastVConfig(retention_ratio=0.25)
+    k, pruned = fastv_config.layer, prompt - n_img + fastv_config.kept(n_img)
+    expected = (efficiency.prefill_flops(replace(arch, num_layers=k), prompt, lm_head=False)
+                + efficiency.prefill_flops(replace(arch, num_layers=arch.num_layers - k), pruned, lm_head=False) + head)
+    assert fastv.lm_tflops * 1e12 == pytest.approx(expected)
+
+
+def test_decode_needs_two_new_tokens(tiny, capsys):
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=1, runs=1, warmup=0)
+    assert all(r.decode_ms_per_token != r.decode_ms_per_token for r in rows)  # NaN: no decode step
+    assert main(["bench", "--runs", "1", "--warmup", "0", "--max-new-tokens", "1", "--ratios", "0.25",
+                 "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and json.loads(out)[1]["decode_ms_per_token"] is None
+
+
+def test_peak_memory_is_above_the_baseline(monkeypatch):
+    """CPU: the peak RSS minus the baseline (a fake RSS here; the sampler's path)."""
+    rss = {"now": 1000 * bench.MIB}
+    monkeypatch.setattr(bench, "_rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    with bench.PeakMemory(torch.device("cpu"), baseline=900 * bench.MIB) as mem:
+        rss["now"] = 1300 * bench.MIB
+        time.sleep(0.02)
+        rss["now"] = 1100 * bench.MIB
+    assert mem.peak == 1300 * bench.MIB and mem.above == 400 * bench.MIB
+    with bench.PeakMemory(torch.device("cpu")) as mem:  # no baseline: the memory in use on entry
+        rss["now"] = 1150 * bench.MIB
+    assert mem.baseline == 1100 * bench.MIB and mem.above == 50 * bench.MIB
+
+
+def test_peak_memory_catches_a_freed_allocation():
+    if not bench._reset_peak_rss():
+        pytest.skip("no resettable VmHWM (not Linux, or /proc/self/clear_refs not writable)")
+    bench.settle(torch.device("cpu"))
+    with bench.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * bench.MIB // 4)  # 64 MiB, touched, then freed before the block ends
+        del x
+    assert mem.above >= 60 * bench.MIB
+
+
+def test_run_bench_subtracts_the_memory_in_use_after_loading(tiny, monkeypatch):
+    """With an RSS that never moves, every figure above the weights is 0: the absolute RSS
+    (weights, the process) is the baseline, not part of any row."""
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    monkeypatch.setattr(bench, "_rss_bytes", lambda: 5000 * bench.MIB)
+    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0)
+    assert all(r.baseline_mib == 5000 and r.peak_mem_mib == 0 and r.prefill_mem_mib == 0 for r in rows)
+
+
+def test_run_bench_memory_is_far_below_the_process(tiny):
+    model, processor = tiny
+    inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
+    rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0)
+    assert rows[0].baseline_mib > 100  # the process: python, torch, the weights
+    assert all(0 <= r.peak_mem_mib < r.baseline_mib / 2 and r.prefill_mem_mib < r.baseline_mib / 2 for r in rows)
+
+
+# --- the wide random model --------------------------------------------------------------------
+
+
+def test_wide_config_has_the_real_widths():
+    from globalcom2.models.llava_next import LlavaNextAdapter, build_processor, build_wide_config
+
+    tok = build_processor().tokenizer
+    config = build_wide_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, text_layers=3)
+    v, t = config.vision_config, config.text_config
+    assert (v.image_size, v.patch_size, v.hidden_size, v.intermediate_size, v.num_hidden_layers,
+            v.num_attention_heads, v.hidden_act) == (336, 14, 1024, 4096, 24, 16, "quick_gelu")
+    assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
+            t.num_hidden_layers) == (4096, 11008, 32, 32, 3)
+    assert config.vision_feature_layer == -2 and LlavaNextAdapter.max_visual_tokens(config) == 2880
+    with pytest.raises(ValueError, match="text_layers"):
+        build_wide_config(len(tok), 4, 3, text_layers=0)
+
+
+def test_wide_random_model_from_the_cli_helper():
+    """Built on the meta device (no memory, seconds): the real sizes, and a 672x672 image gets
+    llava-v1.6-vicuna-7b's 2,928 placeholders from its processor."""
+    from globalcom2.cli import common
+
+    model, processor = common.get_model("wide-random:1", "meta", torch.bfloat16)
+    assert model.config.text_config.num_hidden_layers == 1 and model.dtype == torch.bfloat16
+    d, i, vd = 4096, 11008, 1024
+    per_layer = 4 * d * d + 3 * d * i + 2 * d
+    lm = sum(p.numel() for p in model.model.language_model.layers.parameters())
+    tower = sum(p.numel() for p in model.model.vision_tower.parameters())
+    assert lm == per_layer and 0.30e9 < tower < 0.31e9
+    assert model.model.vision_tower.config.hidden_size == vd
+    inputs = processor(images=[make_image(672, 672)], text=["<image>\nhi"], return_tensors="pt")
+    assert int((inputs.input_ids == model.config.image_token_id).sum()) == 576 + 4 * 576 + 2 * 24
+    assert common.builtin_model("wide-random") == ("wide-random", None)
+    assert common.builtin_model("wide-random:4") == ("wide-random", 4)
+    assert common.builtin_model("tiny") == ("tiny", None) and common.builtin_model("org/x") is None
+    for bad in ("wide-random:0", "wide-random:x"):
+        with pytest.raises(common.CLIError, match="layer count"):
+            common.builtin_model(bad)
+
+
+def test_bench_help_names_what_it_measures(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--no-grad", "random[:N]", "--model wide-random", "Vicuna-7B", "logits for the last position", "decode",
+                  "above the loaded weights", "torch.no_grad()", "LM prefill"):
+        assert words in text, words
+
+
+def test_bench_cli_no_grad_and_bad_wide_layers(capsys):
+    assert main(["bench", "--model", "wide-random:zero"]) == 1
+    assert "layer count" in capsys.readouterr().err
+    code = main(["bench", "--runs", "1", "--warmup", "0", "--max-new-tokens", "2", "--ratios", "0.25",
+                 "--no-grad", "--format", "json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and all(r["no_grad"] for r in rows)
+    for key in ("lm_prefill_ms", "lm_flops_x", "decode_ms_per_token", "prefill_mem_mib", "baseline_mib"):
+        assert key in rows[1]

@@ -1,18 +1,48 @@
 """Measured benchmarks: vanilla versus GlobalCom2 (and the other methods of
-:mod:`globalcom2.methods`) on the same model, inputs and process.
+:mod:`globalcom2.methods`) on the same model, inputs and process, called as users call them.
 
-Honest timing, gpt-fast style: warm-up runs are excluded, CUDA is synchronised before every
-timer read, and each figure is the median of several runs. Memory is the CUDA peak allocation on
-GPU, or the peak resident set size of the process (sampled) on CPU.
+What is measured, and how (every setting, vanilla included, gets exactly the same calls):
+
+* **Grad mode.** The calls run in the caller's grad mode, as a user's ``model(...)`` does: no outer
+  ``torch.no_grad()`` unless ``no_grad=True`` (the CLI's ``--no-grad``), which wraps every
+  measured call in ``torch.no_grad()``. ``generate`` runs without a graph either way (it has its
+  own ``no_grad``, patched or not), so only the vision / compression / prefill figures can change.
+* **Prefill** is one ``model(**inputs, use_cache=True, logits_to_keep=1)`` call: logits for the last
+  position only, as ``generate``'s first step computes them (full logits over a 3,000-token
+  prompt made vanilla's prefill longer than its whole ``generate``). ``lm_prefill_ms`` is the
+  language model's part of that call (its ``forward``, timed by hooks; no vision tower, projector
+  or LM head), and ``lm_tflops`` its analytic FLOPs (:mod:`globalcom2.efficiency`, LLM-Viewer's
+  operators) for the token counts each decoder layer actually received in that call (padding
+  included; FastV's pruned layers at their pruned length), LM head on one position.
+* **Decode**: ``decode_ms_per_token`` comes from the same ``generate`` runs as ``generate_ms``: a
+  logits processor reads the clock (after a device sync) at every step, right after the step's
+  forward; the first reading closes the prefill, so (last - first) / (n - 1) is the time per
+  generated token after the prefill: the one-token forward with the cache, the token choice and
+  the loop's bookkeeping. ``min_new_tokens = max_new_tokens = n``, so every run generates n
+  tokens; n = 1 has no decode step (NaN).
+* **Memory** is the peak *above the loaded weights*: the memory in use when :func:`run_bench` starts
+  (weights, inputs, the process) is the baseline, measured after a garbage collection (and, on
+  CPU with glibc, ``malloc_trim``). CUDA: ``max_memory_allocated`` (peak stats reset before the
+  call) minus the ``memory_allocated`` baseline. CPU: the peak resident set size, read from
+  Linux's ``VmHWM`` after resetting it (``/proc/self/clear_refs``) or, where that is not possible,
+  sampled every 2 ms, minus the baseline RSS. Measured on the last timed run of the prefill and of
+  ``generate`` (no extra calls); the previous run's outputs are released before each run.
+* **Timing**, gpt-fast style: warm-up runs are excluded, CUDA is synchronised before every timer
+  read, each figure is the median of ``runs`` runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import inspect
+import math
 import os
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -24,12 +54,17 @@ MIB = 1024 * 1024
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, Any]:
-    """Median wall time of ``fn`` in milliseconds over ``runs`` calls after ``warmup`` untimed ones."""
+    """Median wall time of ``fn`` in milliseconds over ``runs`` calls after ``warmup`` untimed ones.
+
+    The previous call's result is released before each call (it could hold a KV cache or an
+    autograd graph that would otherwise be alive during the next one)."""
     out = None
     for _ in range(warmup):
+        out = None
         out = fn()
     times = []
     for _ in range(max(1, runs)):
+        out = None
         sync(device)
         t0 = time.perf_counter()
         out = fn()
@@ -38,7 +73,13 @@ def median_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: in
     return statistics.median(times), out
 
 
+# ------------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------------
+
+
 def _rss_bytes() -> int:
+    """The process's resident set size now."""
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -48,40 +89,106 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class PeakMemory:
-    """Context manager measuring peak memory: CUDA max allocated, else sampled process RSS."""
+def _reset_peak_rss() -> bool:
+    """Reset Linux's peak resident set (``VmHWM``) to the current RSS; False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return _peak_rss_bytes() is not None
+    except OSError:
+        return False
 
-    def __init__(self, device: torch.device, interval_s: float = 0.002) -> None:
-        self.device = device
+
+def _peak_rss_bytes() -> int | None:
+    """Linux's ``VmHWM`` (peak RSS since the last reset), or None where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give the C heap's free memory back to the OS (glibc), so RSS counts memory in use."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def settle(device: torch.device) -> None:
+    """Collect garbage and let the device finish, so that the memory now in use is what is held."""
+    gc.collect()
+    sync(device)
+    if torch.device(device).type != "cuda":
+        _malloc_trim()
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: CUDA ``memory_allocated`` on a GPU, the process RSS elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _rss_bytes()
+
+
+class PeakMemory:
+    """Context manager measuring the peak memory of a block, and that peak above ``baseline``.
+
+    CUDA: ``max_memory_allocated`` (peak stats reset on entry). Elsewhere: the peak RSS, from
+    Linux's ``VmHWM`` (reset on entry) where possible, else sampled every ``interval_s``.
+    ``peak`` is in bytes; ``above`` is ``peak - baseline`` (``baseline``: bytes, by default the
+    memory in use on entry), the figure to report as "above the loaded weights" when the
+    baseline was taken right after loading.
+    """
+
+    def __init__(self, device: torch.device, baseline: int | None = None, interval_s: float = 0.002) -> None:
+        self.device = torch.device(device)
+        self.baseline = baseline
         self.interval_s = interval_s
         self.peak = 0
+        self._hwm = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def above(self) -> int:
+        return self.peak - (self.baseline or 0)
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.peak = int(torch.cuda.memory_allocated(self.device))
         else:
             self.peak = _rss_bytes()
+            self._hwm = _reset_peak_rss()
+            if not self._hwm:
 
-            def sample() -> None:
-                while not self._stop.wait(self.interval_s):
-                    self.peak = max(self.peak, _rss_bytes())
+                def sample() -> None:
+                    while not self._stop.wait(self.interval_s):
+                        self.peak = max(self.peak, _rss_bytes())
 
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
+                self._thread = threading.Thread(target=sample, daemon=True)
+                self._thread.start()
+        if self.baseline is None:
+            self.baseline = self.peak
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        if self._hwm:
+            self.peak = max(self.peak, _peak_rss_bytes() or 0)
 
 
 def cache_bytes(cache: Any) -> int:
@@ -110,12 +217,116 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
+# ------------------------------------------------------------------------------------------------
+# Probes: the language model's share of a prefill, and generate's steps
+# ------------------------------------------------------------------------------------------------
+
+
+def _leading_tensor(args: tuple[Any, ...], kwargs: dict[str, Any], names: Sequence[str]) -> torch.Tensor | None:
+    for name in names:
+        if torch.is_tensor(kwargs.get(name)):
+            return kwargs[name]
+    return next((a for a in args if torch.is_tensor(a)), None)
+
+
+class LanguageModelProbe:
+    """Hooks on a decoder-only language model while a block runs: each ``forward``'s wall time
+    (device-synchronised at both ends) and, per call, the ``(batch, tokens)`` every decoder layer
+    computed on (what its ``self_attn`` received; ``module.layers``; the model's own input length
+    for each layer where it has none).
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+        self.module = module
+        self.device = device
+        self.times_ms: list[float] = []
+        self.layer_shapes: list[list[tuple[int, int]]] = []
+        self._handles: list[Any] = []
+        self._t0 = 0.0
+
+    def __enter__(self) -> "LanguageModelProbe":
+        def start(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.layer_shapes.append([])
+            x = _leading_tensor(args, kwargs, ("inputs_embeds", "input_ids"))
+            self._input_shape = tuple(x.shape[:2]) if x is not None else (0, 0)
+            sync(self.device)
+            self._t0 = time.perf_counter()
+
+        def stop(_m: Any, _args: Any, _kwargs: Any, _out: Any) -> None:
+            sync(self.device)
+            self.times_ms.append((time.perf_counter() - self._t0) * 1e3)
+            if not self.layer_shapes[-1]:
+                n = int(getattr(getattr(self.module, "config", None), "num_hidden_layers", 1) or 1)
+                self.layer_shapes[-1] = [self._input_shape] * n
+
+        def layer(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _leading_tensor(args, kwargs, ("hidden_states",))
+            if x is not None and self.layer_shapes:
+                self.layer_shapes[-1].append((int(x.shape[0]), int(x.shape[1])))
+
+        self._handles.append(self.module.register_forward_pre_hook(start, with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(stop, with_kwargs=True))
+        for block in getattr(self.module, "layers", None) or []:
+            # The block's attention sees the length the block computes on (FastV gathers its kept
+            # tokens inside layer K's forward, after the block's own input).
+            target = getattr(block, "self_attn", block)
+            self._handles.append(target.register_forward_pre_hook(layer, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def analytic_lm_flops(arch: Any, layer_shapes: Sequence[tuple[int, int]]) -> float:
+    """Prefill FLOPs (:mod:`globalcom2.efficiency`, LLM-Viewer's operators) of decoder layers that
+    received ``(batch, tokens)`` each, plus the LM head on one position per row."""
+    from .efficiency import lm_head_op, prefill_flops
+
+    one = replace(arch, num_layers=1)
+    blocks = sum(b * prefill_flops(one, t, lm_head=False) for b, t in layer_shapes)
+    batch = layer_shapes[0][0] if layer_shapes else 1
+    return blocks + batch * lm_head_op(arch).flops
+
+
+def _step_clock(device: torch.device) -> Any:
+    """A logits processor that records the time (after a device sync) at every generation step."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            sync(device)
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# The rows
+# ------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class BenchRow:
-    """Measurements of one setting (vanilla, or one method at one ratio).
+    """Measurements of one setting (vanilla, or one method at one ratio); see the module docstring.
 
     ``visual_tokens`` enter the language model; ``effective_tokens`` is their layer average,
-    lower than ``visual_tokens`` only for FastV (see :mod:`globalcom2.methods`).
+    lower than ``visual_tokens`` only for FastV (see :mod:`globalcom2.methods`). ``lm_tokens`` is
+    the length of the sequence the language model prefilled (all rows of the batch, padding
+    included). ``peak_mem_mib`` (generate) and ``prefill_mem_mib`` are peaks above the memory in
+    use after loading (``baseline_mib``).
     """
 
     method: str
@@ -129,17 +340,28 @@ class BenchRow:
     peak_mem_mib: float
     kv_cache_mib: float
     effective_tokens: float = 0.0
+    lm_tokens: int = 0
+    lm_prefill_ms: float = 0.0
+    lm_tflops: float = 0.0
+    decode_ms_per_token: float = math.nan
+    prefill_mem_mib: float = 0.0
+    baseline_mib: float = 0.0
+    no_grad: bool = False
     prefill_x: float = 1.0
+    lm_prefill_x: float = 1.0
+    lm_flops_x: float = 1.0
     generate_x: float = 1.0
+    decode_x: float = 1.0
     tokens_x: float = 1.0
     kv_cache_x: float = 1.0
     peak_mem_x: float = 1.0
+    prefill_mem_x: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-#: Columns of the bench table: (key, header, format).
+#: Columns of the bench table and CSV: (key, header, format). ``--format json`` has every field.
 BENCH_COLUMNS = [
     ("method", "method", "s"),
     ("visual_tokens", "visual tokens", "d"),
@@ -147,12 +369,16 @@ BENCH_COLUMNS = [
     ("effective_tokens", "eff. tokens", ".0f"),
     ("prefill_ms", "prefill ms", ".1f"),
     ("prefill_x", "x prefill", ".3f"),
+    ("lm_prefill_ms", "LM prefill ms", ".1f"),
+    ("lm_prefill_x", "x LM prefill", ".3f"),
+    ("lm_flops_x", "x LM FLOPs", ".3f"),
     ("vision_ms", "vision ms", ".1f"),
     ("compress_ms", "compress ms", ".2f"),
     ("generate_ms", "generate ms", ".1f"),
     ("generate_x", "x generate", ".3f"),
-    ("tokens_per_s", "new tok/s", ".1f"),
-    ("peak_mem_mib", "peak MiB", ".0f"),
+    ("decode_ms_per_token", "decode ms/tok", ".2f"),
+    ("prefill_mem_mib", "prefill +MiB", ".0f"),
+    ("peak_mem_mib", "generate +MiB", ".0f"),
     ("kv_cache_mib", "KV MiB", ".2f"),
     ("kv_cache_x", "x KV", ".3f"),
 ]
@@ -171,6 +397,10 @@ def method_settings(
     return [(s.label, s.method, s.ratio, s.options) for s in plan_settings(methods, ratios, options, ratio_flag)]
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
 def run_bench(
     model: Any,
     inputs: dict[str, torch.Tensor],
@@ -182,20 +412,24 @@ def run_bench(
     progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
     methods: Sequence[str] = ("globalcom2",),
     options: dict[str, Any] | None = None,
+    no_grad: bool = False,
 ) -> list[BenchRow]:
-    """Measure vanilla and every method at each ratio on the same ``inputs``.
+    """Measure vanilla and every method at each ratio on the same ``inputs`` (see the module
+    docstring for what each figure is).
 
     Args:
-        model: a LLaVA-NeXT model (it is left as it was afterwards).
+        model: a model of a registered family (it is left as it was afterwards).
         inputs: processor output already on the model's device.
         ratios: retention ratios to run each method with.
         layout: layout of the selection methods (shortcut for ``options["layout"]``).
         max_new_tokens: tokens generated per prompt (``min_new_tokens`` is set equal, so every
-            setting generates the same number).
+            setting generates the same number); the decode figure needs at least 2.
         runs, warmup: timed and untimed repetitions of each measurement.
         progress: optional wrapper of an iterable (e.g. ``tqdm``) for a progress bar.
         methods: method names (see :func:`globalcom2.methods.method_names`).
         options: method options, given to every method that has them.
+        no_grad: run every measured call under ``torch.no_grad()``; by default they run in the
+            caller's grad mode, as the user's own calls would.
 
     Returns:
         One :class:`BenchRow` for vanilla, then one per (method, ratio), with ``*_x`` ratios to
@@ -204,6 +438,7 @@ def run_bench(
     """
     import globalcom2
 
+    from .efficiency import LMArch
     from .methods import GlobalCom2Config
     from .models import adapter_for
 
@@ -215,12 +450,53 @@ def run_bench(
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
     # A never-applied adapter times the vision side (encode, then each method's compression step)
-    # the same way for every setting, FastV and vanilla included.
+    # the same way for every setting, FastV and vanilla included, and finds the language model.
     family = adapter_for(model)
     timer = family(model, family.with_default_layout(GlobalCom2Config()))
     timer.validate()
+    language_model = timer.language_model()
+    arch = LMArch.from_text_config(timer.hf_config.text_config)
     batch = int(inputs["input_ids"].shape[0])
     gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    prefill_kwargs: dict[str, Any] = {"use_cache": True}
+    if _accepts(model, "logits_to_keep"):
+        prefill_kwargs["logits_to_keep"] = 1  # generate's first step: logits for the last position
+    mode = torch.no_grad if no_grad else contextlib.nullcontext
+
+    def in_mode(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with mode():
+                return fn()
+
+        return call
+
+    globalcom2.remove(model)
+    settle(device)
+    baseline = memory_in_use(device)  # weights, inputs and the process: what is "loaded"
+
+    def measured(fn: Callable[[], Any]) -> tuple[float, Any, int]:
+        """(median ms, last output, peak bytes above the baseline of the last timed run)."""
+        out = None
+        for _ in range(warmup):
+            out = None
+            out = fn()
+        times = []
+        peak = 0
+        n = max(1, runs)
+        for i in range(n):
+            out = None
+            if i == n - 1:
+                settle(device)
+            with PeakMemory(device, baseline) if i == n - 1 else contextlib.nullcontext() as mem:
+                sync(device)
+                t0 = time.perf_counter()
+                out = fn()
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            if mem is not None:
+                peak = mem.above
+        return statistics.median(times), out, peak
+
     rows: list[BenchRow] = []
     iterator: Iterable[Any] = progress(plan) if progress else plan
     try:
@@ -230,25 +506,40 @@ def run_bench(
             if method is not None:
                 globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
                 vision = globalcom2.get_adapter(model).vision_config
-            with torch.no_grad():
-                vision_ms, encoded = median_ms(
-                    lambda: timer.encode_inputs(inputs), device, runs, warmup
-                )
-                compress_ms = 0.0
-                if vision is not None:
-                    compress_ms, _ = median_ms(lambda: timer.compress(encoded, vision), device, runs, warmup)
-                prefill_ms, out = median_ms(lambda: model(**inputs, use_cache=True), device, runs, warmup)
-                kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
-                del out
-                stats = globalcom2.last_stats(model)
-                if stats is None:  # vanilla: the processor's placeholders
-                    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-                    effective = float(visual)
-                else:
-                    visual, effective = sum(stats.visual_tokens), float(sum(stats.effective_visual_tokens))
-                generate_ms, _ = median_ms(lambda: model.generate(**inputs, **gen_kwargs), device, runs, warmup)
-                with PeakMemory(device) as mem:
-                    model.generate(**inputs, **gen_kwargs)
+            vision_ms, encoded = median_ms(in_mode(lambda: timer.encode_inputs(inputs)), device, runs, warmup)
+            compress_ms = 0.0
+            if vision is not None:
+                compress_ms, _ = median_ms(in_mode(lambda: timer.compress(encoded, vision)), device, runs, warmup)
+            del encoded
+
+            with LanguageModelProbe(language_model, device) as probe:
+                prefill_ms, out, prefill_peak = measured(in_mode(lambda: model(**inputs, **prefill_kwargs)))
+            kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+            del out
+            timed_lm = probe.times_ms[warmup:] if len(probe.times_ms) == warmup + max(1, runs) else probe.times_ms
+            lm_ms = statistics.median(timed_lm) if timed_lm else math.nan
+            shapes = probe.layer_shapes[-1] if probe.layer_shapes else []
+            lm_tokens = sum(b * t for b, t in shapes[:1])
+            stats = globalcom2.last_stats(model)
+            if stats is None:  # vanilla: the processor's placeholders
+                visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                effective = float(visual)
+            else:
+                visual, effective = sum(stats.visual_tokens), float(sum(stats.effective_visual_tokens))
+
+            clocks: list[Any] = []
+
+            def generate() -> Any:
+                clock = _step_clock(device)
+                clocks.append(clock)
+                return model.generate(**inputs, **gen_kwargs, logits_processor=[clock])
+
+            generate_ms, out, generate_peak = measured(in_mode(generate))
+            del out
+            decodes = [
+                (c.times[-1] - c.times[0]) * 1e3 / (len(c.times) - 1)
+                for c in clocks[warmup:] if len(c.times) == max_new_tokens and len(c.times) > 1
+            ]
             rows.append(
                 BenchRow(
                     method=label,
@@ -259,9 +550,16 @@ def run_bench(
                     compress_ms=compress_ms,
                     generate_ms=generate_ms,
                     tokens_per_s=batch * max_new_tokens / (generate_ms / 1e3),
-                    peak_mem_mib=mem.peak / MIB,
+                    peak_mem_mib=generate_peak / MIB,
                     kv_cache_mib=kv / MIB,
                     effective_tokens=effective,
+                    lm_tokens=int(lm_tokens),
+                    lm_prefill_ms=lm_ms,
+                    lm_tflops=analytic_lm_flops(arch, shapes) / 1e12 if shapes else math.nan,
+                    decode_ms_per_token=statistics.median(decodes) if decodes else math.nan,
+                    prefill_mem_mib=prefill_peak / MIB,
+                    baseline_mib=baseline / MIB,
+                    no_grad=bool(no_grad),
                 )
             )
     finally:
@@ -270,14 +568,16 @@ def run_bench(
             globalcom2.apply(model, previous)
     base = rows[0]
     for row in rows:
-        row.prefill_x = row.prefill_ms / base.prefill_ms
-        row.generate_x = row.generate_ms / base.generate_ms
-        row.tokens_x = row.visual_tokens / base.visual_tokens
-        row.kv_cache_x = row.kv_cache_mib / base.kv_cache_mib if base.kv_cache_mib else 0.0
-        row.peak_mem_x = row.peak_mem_mib / base.peak_mem_mib if base.peak_mem_mib else 0.0
+        row.prefill_x = _ratio(row.prefill_ms, base.prefill_ms)
+        row.lm_prefill_x = _ratio(row.lm_prefill_ms, base.lm_prefill_ms)
+        row.lm_flops_x = _ratio(row.lm_tflops, base.lm_tflops)
+        row.generate_x = _ratio(row.generate_ms, base.generate_ms)
+        row.decode_x = _ratio(row.decode_ms_per_token, base.decode_ms_per_token)
+        row.tokens_x = _ratio(row.visual_tokens, base.visual_tokens)
+        row.kv_cache_x = _ratio(row.kv_cache_mib, base.kv_cache_mib)
+        row.peak_mem_x = _ratio(row.peak_mem_mib, base.peak_mem_mib)
+        row.prefill_mem_x = _ratio(row.prefill_mem_mib, base.prefill_mem_mib)
     return rows
-
-
 def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     """Latency and visual tokens versus retention ratio (PNG), written atomically."""
     try:

@@ -4,6 +4,7 @@ one process (see :mod:`globalcom2.bench`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from ..generation import build_prompt, to_model
 from . import common
 from .common import (
-    EXAMPLE_MODEL, FORMAT_CHOICES, LAYOUT_CHOICES, PROG, TINY_MODEL, CLIError, add_device_arguments,
+    BUILTIN_MODELS_HELP, EXAMPLE_MODEL, FORMAT_CHOICES, LAYOUT_CHOICES, PROG, TINY_MODEL, WIDE_MODEL, CLIError,
+    add_device_arguments, builtin_model,
     add_method_arguments, add_visual_tokens_argument, cannot_write, check_positive, device_and_dtype, echo,
     load_image, method_settings, need_matplotlib, one_line, output_file, para, parse_budget, status,
 )
@@ -21,24 +23,33 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``bench`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     bench = subparsers.add_parser(
         "bench",
-        help="measure vanilla vs GlobalCom2 (and baselines): latency, throughput, memory, KV cache, tokens",
+        help="measure vanilla vs GlobalCom2 (and baselines): prefill, LM prefill, decode, memory, KV cache, tokens",
         description=para(
             "Run vanilla LLaVA-NeXT and GlobalCom2 (or any --method, several for a comparison table) at each "
-            "retention ratio side by side in one process on the same inputs, and report median prefill latency, vision-encoder time, compression-step "
-            "time, end-to-end generate latency and throughput, peak memory (CUDA max allocated on GPU, "
-            "process RSS on CPU), KV-cache size and visual tokens, with ratios to vanilla. Warm-up runs "
-            "are excluded and CUDA is synchronised before every timer read. The default model is the "
-            "tiny random demo model (offline); pass a checkpoint for real numbers."
+            "retention ratio side by side in one process on the same inputs, with the same calls, and report: "
+            "prefill latency (one forward with logits for the last position only, as generate's first step), "
+            "the language model's part of it (LM prefill) next to its analytic FLOPs ratio (globalcom2 "
+            "efficiency's LLM-Viewer model, for the token counts each decoder layer received), vision-encoder "
+            "and compression-step time, end-to-end generate latency, decode time per generated token after "
+            "the prefill (read at every step of the same generate runs), peak memory above the loaded weights "
+            "(CUDA max allocated minus the allocation after loading; on CPU the peak RSS minus the RSS after "
+            "loading), KV-cache size and visual tokens, with ratios to vanilla. The calls run in your grad mode "
+            "(autograd on, as a plain model(...) call; generate always runs without a graph): --no-grad runs "
+            "them under torch.no_grad(). Warm-up runs are excluded, CUDA is synchronised before every timer "
+            "read, medians of --runs. The default model is the tiny random demo model (offline); "
+            "--model wide-random measures real widths offline; pass a checkpoint for real numbers."
         ),
         epilog=(
             "examples:\n  globalcom2 bench                                   # tiny random model, shipped sample image\n"
             f"  globalcom2 bench --model {EXAMPLE_MODEL} --image photo.jpg --ratios 0.5,0.25,0.1 --plot bench.png\n"
-            "  globalcom2 bench --method globalcom2,fastervlm,fastv,pooling --ratios 0.25"
+            "  globalcom2 bench --method globalcom2,fastervlm,fastv,pooling --ratios 0.25\n"
+            "  globalcom2 bench --model wide-random:2 --dtype bfloat16 --no-grad --ratios 0.25 --runs 1 --max-new-tokens 4"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("--model", default=TINY_MODEL, metavar="ID_OR_PATH",
-                       help="'tiny' (default: the built-in random demo model), a hub id or a checkpoint directory")
+                       help=f"a built-in random model: {BUILTIN_MODELS_HELP}; or a hub id or a checkpoint directory "
+                            "(default: tiny)")
     bench.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
                        help="image(s) to use, repeat for several prompts (default: the shipped sample image)")
     bench.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the prompt of every image")
@@ -54,6 +65,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=16, metavar="N", help="tokens generated per prompt (default: 16)")
     bench.add_argument("--runs", type=int, default=3, metavar="N", help="timed runs per measurement, median reported (default: 3)")
     bench.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up runs (default: 1)")
+    bench.add_argument("--no-grad", action="store_true",
+                       help="run every measured call under torch.no_grad() (default: in the caller's grad mode, "
+                            "autograd on, as a plain model(...) call runs; generate has its own no_grad either way)")
     add_device_arguments(bench, "auto: cuda when available (default: auto)")
     bench.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
     bench.add_argument("--plot", default=None, metavar="OUT.png", help="also write a PNG of latency and tokens vs ratio")
@@ -100,19 +114,34 @@ def run(args: argparse.Namespace) -> int:
     def progress(items: Any) -> Any:
         return tqdm(items, desc=f"{PROG} bench", unit="setting", file=sys.stderr, leave=False)
 
+    grad = "torch.no_grad()" if args.no_grad else "grad mode on"
     status(
         f"{PROG}: bench on {args.model} ({str(model.dtype).replace('torch.', '')} on {device}), "
-        f"{len(batch_images)} prompt(s), {args.max_new_tokens} new tokens, {args.runs} runs + {args.warmup} warm-up"
+        f"{len(batch_images)} prompt(s), {args.max_new_tokens} new tokens, {args.runs} runs + {args.warmup} warm-up, {grad}"
     )
     try:
         rows = run_bench(model, dict(inputs), ratios, max_new_tokens=args.max_new_tokens, runs=args.runs,
-                         warmup=args.warmup, progress=progress, methods=methods, options=options)
+                         warmup=args.warmup, progress=progress, methods=methods, options=options,
+                         no_grad=args.no_grad)
     except ValueError as e:  # e.g. FastV on an attention implementation it cannot mask
         raise CLIError(one_line(str(e))) from None
     data = [r.to_dict() for r in rows]
-    if args.format == "table" and args.model == TINY_MODEL:
-        echo("NOTE: tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up.")
+    builtin = builtin_model(args.model)
+    if args.format == "table" and builtin is not None:
+        if builtin[0] == TINY_MODEL:
+            echo("NOTE: tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up.")
+        else:
+            layers = model.config.text_config.num_hidden_layers
+            echo(f"NOTE: {WIDE_MODEL}: random weights at real widths (CLIP ViT-L/14-336 + Vicuna-7B-wide LM with "
+                 f"{layers} of 32 layers): times and memory are real sizes', answers are noise.")
+    if args.format == "json":  # no NaN in JSON: an unmeasurable figure (decode with 1 new token) is null
+        data = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in data]
     echo(format_rows(data, BENCH_COLUMNS, args.format))
+    if args.format == "table":
+        memory = "CUDA max allocated" if str(device).startswith("cuda") else "peak RSS"
+        echo(f"+MiB: {memory} above the {rows[0].baseline_mib:.0f} MiB in use after loading; x LM FLOPs: analytic "
+             f"(LLM-Viewer); {'torch.no_grad()' if args.no_grad else 'grad mode on (--no-grad to turn it off)'}; "
+             f"decode: per new token after the prefill ({args.max_new_tokens} generated).")
     if args.plot is not None:
         try:
             plot_rows(rows, str(Path(args.plot).expanduser()))

@@ -7,7 +7,8 @@ from the package root.
 
 The functions that know which model families the CLI accepts are in ONE section at the end
 ("Model families"): :data:`SUPPORTED_MODEL_TYPES`, :data:`EXAMPLE_MODEL`, :data:`TINY_MODEL`,
-:func:`check_model_type`, :func:`load_model` and :func:`get_model`. Commands call them as
+:data:`WIDE_MODEL`, :func:`builtin_model`, :func:`check_model_type`, :func:`load_model` and
+:func:`get_model`. Commands call them as
 ``common.get_model(...)`` (looked up here at call time, so a test that replaces them on this
 module sees every command use the replacement).
 """
@@ -224,7 +225,7 @@ def parse_budget(args: argparse.Namespace, ratio_flag: str, model: str | None = 
     from .. import efficiency as eff
 
     if getattr(args, "visual_tokens", None) is not None:
-        maximum = eff.max_visual_tokens_for_model(model) if model and model != TINY_MODEL else eff.MAX_VISUAL_TOKENS
+        maximum = eff.max_visual_tokens_for_model(model) if model and not is_builtin_model(model) else eff.MAX_VISUAL_TOKENS
         try:
             ratios = eff.parse_visual_tokens(args.visual_tokens, maximum)
         except ValueError as e:
@@ -357,7 +358,8 @@ def locate_model(model: str) -> str:
        without an org are not LLaVA-NeXT models);
     4. anything else (``org/name``) is a hub id, resolved by :func:`hub_access`.
 
-    ``tiny`` (the built-in demo model) is handled by :func:`get_model` before this.
+    The built-in random models (``tiny``, ``wide-random[:N]``, see :func:`builtin_model`) are
+    handled by :func:`get_model` before this; here they are "not found", with a hint.
     """
     local = Path(model).expanduser()
     if local.exists():
@@ -369,7 +371,9 @@ def locate_model(model: str) -> str:
     if _looks_like_path(model):
         raise CLIError(f"model directory not found: {model}")
     if "/" not in model:
-        hint = " ('tiny', the built-in random demo model, is for demo, bench, visualize and eval)" if model == TINY_MODEL else ""
+        hint = " ('tiny', the built-in random demo model, is for demo, bench, visualize and eval)" if model == TINY_MODEL else (
+            f" ('{WIDE_MODEL}[:N]', the built-in wide random model, is for bench and visualize)"
+            if model.partition(":")[0] == WIDE_MODEL else "")
         raise CLIError(
             f"model not found: no local directory {model!r}, and hub ids look like org/name "
             f"(e.g. {EXAMPLE_MODEL}){hint}"
@@ -471,6 +475,43 @@ def _load_error(model: str, e: Exception) -> CLIError:
 
 #: ``--model`` value of the built-in random demo model (demo, bench, visualize, eval).
 TINY_MODEL = "tiny"
+#: ``--model`` value of the built-in wide random model: LLaVA-NeXT with llava-v1.6-vicuna-7b's
+#: widths (CLIP ViT-L/14-336 tower, Vicuna-7B-wide language model) and few language layers,
+#: ``wide-random:N`` for N of them (see :func:`globalcom2.models.llava_next.build_wide_config`).
+WIDE_MODEL = "wide-random"
+#: One line per built-in model, for help texts.
+BUILTIN_MODELS_HELP = (
+    f"'{TINY_MODEL}' (a tiny random LLaVA-NeXT: real geometry, widths of a few dozen), "
+    f"'{WIDE_MODEL}[:N]' (random weights at real widths: a CLIP ViT-L/14-336 tower + a Vicuna-7B-wide "
+    "language model with N decoder layers instead of 32, default 2; ~20 s to build, 0.73 B parameters; "
+    "for measuring, answers are noise)"
+)
+
+
+def builtin_model(model_id: str) -> tuple[str, int | None] | None:
+    """``(name, text_layers)`` when ``model_id`` names a built-in random model, else None:
+    ``tiny`` -> ``("tiny", None)``, ``wide-random`` -> ``("wide-random", None)`` (the default
+    depth), ``wide-random:4`` -> ``("wide-random", 4)``. A malformed layer count is a CLIError."""
+    text = str(model_id).strip()
+    if text == TINY_MODEL:
+        return TINY_MODEL, None
+    name, sep, layers = text.partition(":")
+    if name != WIDE_MODEL:
+        return None
+    if not sep:
+        return WIDE_MODEL, None
+    try:
+        n = int(layers)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise CLIError(f"--model {model_id}: the layer count after '{WIDE_MODEL}:' must be a whole number >= 1, got {layers!r}")
+    return WIDE_MODEL, n
+
+
+def is_builtin_model(model_id: str) -> bool:
+    """True for ``tiny`` and ``wide-random[:N]`` (built in code, no download)."""
+    return builtin_model(model_id) is not None
 
 
 def _registry() -> Any:
@@ -533,13 +574,27 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
 
 
 def get_model(model_id: str, device: str, dtype: Any, model_type: str = "llava_next") -> tuple[Any, Any]:
-    """``"tiny"``: the built-in random demo model (of the family ``model_type``); otherwise a
-    checked, loaded checkpoint."""
-    if model_id == TINY_MODEL:
+    """``"tiny"``: the built-in random demo model (of the family ``model_type``);
+    ``"wide-random[:N]"``: the built-in wide random LLaVA-NeXT (N language layers); otherwise a
+    checked, loaded checkpoint. The built-in models are float32 for ``dtype="auto"``."""
+    builtin = builtin_model(model_id)
+    if builtin is not None:
         import torch
 
-        family = _registry().family_for_model_type(model_type)
+        name, layers = builtin
+        dtype = torch.float32 if dtype == "auto" else dtype
+        if name == TINY_MODEL:
+            family = _registry().family_for_model_type(model_type)
+            with quiet_transformers():
+                return family.build_tiny(dtype=dtype, device=device)
+        if model_type != "llava_next":
+            raise CLIError(f"--model {model_id} is a LLaVA-NeXT model; there is no wide random {model_type} model")
+        from ..models.llava_next import WIDE_TEXT_LAYERS, build_wide_llava_next
+
+        layers = layers or WIDE_TEXT_LAYERS
+        status(f"{PROG}: building {WIDE_MODEL} (random weights; CLIP ViT-L/14-336 + Vicuna-7B-wide LM, "
+               f"{layers} of 32 layers; {str(dtype).replace('torch.', '')} on {device}) ...")
         with quiet_transformers():
-            return family.build_tiny(dtype=torch.float32 if dtype == "auto" else dtype, device=device)
+            return build_wide_llava_next(text_layers=layers, dtype=dtype, device=device)
     check_model_type(model_id)
     return load_model(model_id, device, dtype)
