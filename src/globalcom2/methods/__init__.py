@@ -343,10 +343,37 @@ def compress_image(
     return config.compress(features, importance, geom, newline)
 
 
+def compress_images(
+    features: "Sequence[torch.Tensor]",
+    importance: "Sequence[torch.Tensor]",
+    geometries: "Sequence[CropGeometry | None]",
+    newline: "torch.Tensor | None",
+    config: VisionMethodConfig,
+) -> tuple[list["torch.Tensor"], list[Any]]:
+    """Compress a batch's images with any vision-side method (``config.compress_batch``: one
+    vectorised pass and one host sync for GlobalCom2, FasterVLM and random on crop grids, see
+    :mod:`globalcom2.core.batch`; :meth:`~VisionMethodConfig.compress` per image otherwise).
+
+    Args:
+        features, importance, geometries: per image, as :func:`compress_image` takes them.
+        newline: (D,) image-newline embedding (None for families without one).
+        config: a vision-side method config.
+
+    Returns:
+        per image its (L_i, D) tokens, and per image its plan.
+    """
+    if not isinstance(config, VisionMethodConfig):
+        raise ValueError(f"not a vision-side method config: {type(config).__name__}")
+    if not features:
+        return [], []
+    return config.compress_batch(features, importance, geometries, newline)
+
+
 __all__ = [
     "ComposedConfig", "FASTV", "FasterVLMConfig", "FastVConfig", "GlobalCom2Config", "LANGUAGE_METHODS",
     "LanguageMethodConfig", "MethodSetting", "PoolingConfig", "PoolingPlan", "RandomConfig", "UnknownOptionError",
     "VISION_METHODS", "VisionMethodConfig", "check_method_options", "coerce_value", "compress_image",
+    "compress_images",
     "config_from_dict", "config_to_dict", "fastv_config", "language_config", "make_config", "method_names",
     "option_names", "parse_method_options", "plan_settings", "random_scores", "register_method", "vision_config",
 ]

@@ -12,7 +12,7 @@ when it runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from ..core.config import MethodConfig
 
@@ -60,6 +60,35 @@ class VisionMethodConfig(MethodConfig):
             ``kept_masks()`` (a :class:`~globalcom2.core.plans.KeptMasks`).
         """
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def compress_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+        newline: "torch.Tensor | None",
+    ) -> tuple[list["torch.Tensor"], list[Any]]:
+        """Compress every image of a batch (what ``Family.compress`` calls).
+
+        This default runs :meth:`compress` image by image (a Python pass and the method's host
+        syncs per image): right for methods that make new tokens (pooling) or have no batched
+        form. GlobalCom2, FasterVLM and random override it with one vectorised pass and one host
+        sync per batch (:mod:`globalcom2.core.batch`); an override must return what this default
+        returns, image for image.
+
+        Args:
+            features, importance, geometries: per image, as :meth:`compress` takes them.
+            newline: (D,) the image-newline embedding (None for families without one).
+
+        Returns:
+            per image its (L_i, D) tokens, and per image its plan.
+        """
+        tokens, plans = [], []
+        for feats, imp, geom in zip(features, importance, geometries):
+            t, p = self.compress(feats, imp, geom, newline)
+            tokens.append(t)
+            plans.append(p)
+        return tokens, plans
 
     @classmethod
     def keep_all(cls, **options: Any) -> "VisionMethodConfig":

@@ -7,7 +7,7 @@ thumbnail's N tokens and every crop's unpadded tokens: no per-crop budget, no gl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
 from ..core.config import LAYOUTS, Layout, check_choice, check_ratio
@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+batch = lazy_module("globalcom2.core.batch")
 
 
 @register_method
@@ -55,3 +56,14 @@ class FasterVLMConfig(VisionMethodConfig):
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
     ) -> tuple["torch.Tensor", Any]:
         return plans.compress_by_scores(features, importance, geom, newline, self.retention_ratio, self.layout)
+
+    def compress_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+        newline: "torch.Tensor | None",
+    ) -> tuple[list["torch.Tensor"], list[Any]]:
+        """The batch in one vectorised pass with one host sync (:mod:`globalcom2.core.batch`,
+        ``joint=True``); the joint budget needs no per-crop step, so resized crop maps are batched too."""
+        return batch.compress_batch(features, importance, geometries, newline, self.retention_ratio, self.layout, joint=True)

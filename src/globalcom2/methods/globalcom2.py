@@ -10,7 +10,7 @@ score. ``SPEC.md`` gives every step; the tensor code is :mod:`globalcom2.core.pl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
 from ..core.config import LAYOUTS, Layout, check_choice, check_positive, check_ratio
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
 resized = lazy_module("globalcom2.core.resized")
+batch = lazy_module("globalcom2.core.batch")
 
 #: How GlobalCom2 splits the crop budget (paper's ablation; ``softmax_sum`` is the method).
 ALLOCATIONS: tuple[str, ...] = ("softmax_sum", "softmax_max", "uniform", "topk_count")
@@ -99,7 +100,48 @@ class GlobalCom2Config(VisionMethodConfig):
             allocation=self.allocation, scoring=self.scoring,
         )
 
+    def compress_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+        newline: "torch.Tensor | None",
+    ) -> tuple[list["torch.Tensor"], list[Any]]:
+        """The batch in one vectorised pass with one host sync (:mod:`globalcom2.core.batch`);
+        images on LLaVA-OneVision's resized crop map are compressed one by one (their per-crop
+        step works on another geometry), the others still in one pass."""
+        single = [batch.is_batchable(g, int(f.shape[0])) for f, g in zip(features, geometries)]
+        options = dict(temperature=self.temperature, allocation=self.allocation, scoring=self.scoring)
+        return _batched_where_possible(self, single, features, importance, geometries, newline, options)
+
     @classmethod
     def keep_all(cls, **options: Any) -> "GlobalCom2Config":
         """R = 1 and every crop at ``r_j = 1`` (uniform allocation: the softmax rule gives some crops less)."""
         return cls(retention_ratio=1.0, allocation="uniform", **options)
+
+
+def _batched_where_possible(
+    config: VisionMethodConfig,
+    batched: "Sequence[bool]",
+    features: "Sequence[torch.Tensor]",
+    importance: "Sequence[torch.Tensor]",
+    geometries: "Sequence[CropGeometry | None]",
+    newline: "torch.Tensor | None",
+    options: dict[str, Any],
+) -> tuple[list["torch.Tensor"], list[Any]]:
+    """:func:`globalcom2.core.batch.compress_batch` on the images marked in ``batched`` (one pass,
+    one sync), :meth:`compress` on the others; results in the images' order."""
+    tokens: list[Any] = [None] * len(features)
+    plan_list: list[Any] = [None] * len(features)
+    picked = [i for i, ok in enumerate(batched) if ok]
+    if picked:
+        toks, ps = batch.compress_batch(
+            [features[i] for i in picked], [importance[i] for i in picked], [geometries[i] for i in picked],
+            newline, config.retention_ratio, getattr(config, "layout"), **options,
+        )
+        for i, t, p in zip(picked, toks, ps):
+            tokens[i], plan_list[i] = t, p
+    for i, ok in enumerate(batched):
+        if not ok:
+            tokens[i], plan_list[i] = config.compress(features[i], importance[i], geometries[i], newline)
+    return tokens, plan_list

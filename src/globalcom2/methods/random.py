@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
 from ..core.config import LAYOUTS, Layout, check_choice, check_int, check_ratio
@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+batch = lazy_module("globalcom2.core.batch")
 
 
 def random_scores(views: int, n: int, seed: int, device: Any) -> "torch.Tensor":
@@ -55,3 +56,27 @@ class RandomConfig(VisionMethodConfig):
     ) -> tuple["torch.Tensor", Any]:
         scores = random_scores(importance.shape[0], importance.shape[1], self.seed, importance.device)
         return plans.compress_by_scores(features, scores, geom, newline, self.retention_ratio, self.layout)
+
+    def compress_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+        newline: "torch.Tensor | None",
+    ) -> tuple[list["torch.Tensor"], list[Any]]:
+        """FasterVLM's batched joint budget on random scores: the scores of every image are drawn
+        on the CPU exactly as :meth:`compress` draws them (same generator, same seed, one draw per
+        distinct view count) and reach the device in one non-blocking copy."""
+        torch = lazy_module("torch")
+        if not importance:
+            return [], []
+        n = int(importance[0].shape[1])
+        drawn: dict[int, Any] = {}
+        for imp in importance:
+            v = int(imp.shape[0])
+            if v not in drawn:
+                drawn[v] = random_scores(v, n, self.seed, "cpu")
+        views = [int(imp.shape[0]) for imp in importance]
+        on_host = torch.cat([drawn[v] for v in views])
+        scores = list(torch.split(on_host.to(importance[0].device, non_blocking=True), views))
+        return batch.compress_batch(features, scores, geometries, newline, self.retention_ratio, self.layout, joint=True)

@@ -474,17 +474,18 @@ class Family(Adapter):
 
     # -- vision side ----------------------------------------------------------------------------
     def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None) -> CompressedImages:
-        """Apply a vision-side method (default: this adapter's) to every encoded image."""
+        """Apply a vision-side method (default: this adapter's) to every encoded image.
+
+        The whole batch goes to the method at once (:func:`globalcom2.methods.compress_images`):
+        GlobalCom2, FasterVLM and random plan and gather every image in one vectorised pass with
+        one host sync per batch (:mod:`globalcom2.core.batch`); other methods run per image."""
         cfg = config or self.vision_config
         if cfg is None:
             raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        newline = self.image_newline()
-        tokens, plans = [], []
-        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
-            t, p = methods.compress_image(feats, imp, geom, newline, cfg)
-            tokens.append(t)
-            plans.append(p)
-        return CompressedImages(tokens=tokens, plans=plans, vanilla_counts=encoded.vanilla_counts)
+        tokens, plans = methods.compress_images(
+            encoded.features, encoded.importance, encoded.geometries, self.image_newline(), cfg
+        )
+        return CompressedImages(tokens=list(tokens), plans=list(plans), vanilla_counts=encoded.vanilla_counts)
 
     # -- language side --------------------------------------------------------------------------
     def _pad_token_id(self) -> int:
