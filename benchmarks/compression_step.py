@@ -1,4 +1,4 @@
-"""How much does the GlobalCom2 compression step cost next to the vision encoder?
+"""How much does the GlobalCom2 compression step cost next to the vision encoder, per image and per batch?
 
 Builds a LLaVA-NeXT with random weights and real sizes (CLIP ViT-L/14-336 tower, projector to
 hidden size 4096 by default; the language model is shrunk to one layer since it is not timed),
@@ -8,8 +8,15 @@ encodes one image that becomes a 2 x 2 crop grid, and times, in one run:
 * GlobalCom2's compression step on those features                 ``adapter.compress``
 * vanilla LLaVA-NeXT packing (unpad + newlines) of the same ones   ``adapter.vanilla_pack``
 
+then the compression step and the vanilla packing per image for batches of ``--batches`` images
+(1, 4 and 16 by default: the encoded image repeated, as one contiguous tensor like the tower's
+output; GlobalCom2 plans and gathers a batch in one pass, so its time per image should stay flat),
+and the host synchronisations of one prefill with one image, vanilla vs patched, *counted* as ops
+(``globalcom2._syncs.SyncCounter``: scalar reads, ``.tolist()``, data-dependent output sizes,
+blocking host/device copies; what a GPU would wait for, counted on any device).
+
 Warm-up runs are excluded, CUDA is synchronised before each timer read, and the median of
-``--runs`` runs is reported, with the ratios to the vision side.
+``--runs`` runs is reported (five times as many for the cheap steps).
 
     python benchmarks/compression_step.py                 # CPU, float32, real sizes
     python benchmarks/compression_step.py --device cuda --dtype float16
@@ -66,6 +73,39 @@ def timed(fn: Callable[[], object], device: str, runs: int, warmup: int) -> tupl
     return statistics.median(times), out
 
 
+def repeat_encoded(encoded, images: int):
+    """``encoded`` (one image) as a batch of ``images`` copies whose features and importance are
+    consecutive slices of one tensor each, as the vision tower makes them."""
+    from globalcom2.models.base import EncodedImages
+
+    views = [encoded.features[0].shape[0]] * images
+    feats = torch.cat([encoded.features[0]] * images)
+    imp = torch.cat([encoded.importance[0]] * images)
+    return EncodedImages(
+        features=list(torch.split(feats, views)), importance=list(torch.split(imp, views)),
+        geometries=encoded.geometries * images, image_sizes=encoded.image_sizes * images,
+        vanilla_counts=encoded.vanilla_counts * images,
+    )
+
+
+def prefill_syncs(model, adapter_state: bool, pixel_values, image_sizes, placeholders: int, args) -> int:
+    """Host syncs of one prefill (``forward``) with one image, counted."""
+    import globalcom2
+    from globalcom2._syncs import SyncCounter
+
+    image_id = model.config.image_token_id
+    ids = torch.tensor([[1] + [image_id] * placeholders + [2, 3]], device=args.device)
+    if adapter_state:
+        globalcom2.apply(model, retention_ratio=args.retention_ratio, layout=args.layout)
+    try:
+        with torch.no_grad(), SyncCounter() as syncs:
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values, image_sizes=image_sizes)
+    finally:
+        if adapter_state:
+            globalcom2.remove(model)
+    return syncs.count
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", default="official", choices=["official", "spatial"])
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batches", default="1,4,16", help="images per batch for the per-image times")
     p.add_argument("--tiny", action="store_true", help="use the tiny demo model (smoke test)")
     args = p.parse_args(argv)
 
@@ -83,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = getattr(torch, args.dtype)
     h, w = (int(v) for v in args.image_size.lower().split("x"))
+    batches = [int(v) for v in args.batches.split(",") if v.strip()]
     model = build_model(args.tiny, args.hidden_size, dtype, args.device)
     globalcom2.apply(model, retention_ratio=args.retention_ratio, layout=args.layout)
     adapter = globalcom2.get_adapter(model)
@@ -96,6 +138,16 @@ def main(argv: list[str] | None = None) -> None:
         t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes), args.device, args.runs, args.warmup)
         t_compress, compressed = timed(lambda: adapter.compress(encoded), args.device, args.runs * 5, args.warmup)
         t_pack, packed = timed(lambda: adapter.vanilla_pack(encoded), args.device, args.runs * 5, args.warmup)
+        per_image = []
+        for images in batches:
+            enc = repeat_encoded(encoded, images)
+            tc, _ = timed(lambda: adapter.compress(enc), args.device, args.runs * 5, args.warmup)
+            tp, _ = timed(lambda: adapter.vanilla_pack(enc), args.device, args.runs * 5, args.warmup)
+            per_image.append((images, tc / images, tp / images))
+    globalcom2.remove(model)
+    placeholders = encoded.vanilla_counts[0]
+    syncs_vanilla = prefill_syncs(model, False, pixel_values, image_sizes, placeholders, args)
+    syncs_patched = prefill_syncs(model, True, pixel_values, image_sizes, placeholders, args)
 
     d = encoded.features[0].shape[-1]
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} image={h}x{w} "
@@ -105,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in [("vision tower + projector + CLS", t_vision), ("GlobalCom2 compression step", t_compress),
                     ("vanilla packing (unpad+newline)", t_pack)]:
         print(f"{name:<34}{t:>12.3f}{t / t_vision:>10.4f}")
+    print(f"per image (ms), batches of {', '.join(str(b) for b in batches)} images (vision tower: {t_vision:.3f} per image)")
+    print(f"{'images':>8}{'GlobalCom2 step':>18}{'vanilla packing':>18}")
+    for images, tc, tp in per_image:
+        print(f"{images:>8}{tc:>18.3f}{tp:>18.3f}")
+    print(f"host syncs per prefill (counted, one image): vanilla {syncs_vanilla}, GlobalCom2 {syncs_patched}")
 
 
 if __name__ == "__main__":

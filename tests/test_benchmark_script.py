@@ -19,3 +19,9 @@ def test_compression_step_benchmark_runs(monkeypatch, capsys):
     assert 144 + 48 + 0.2 * 2304 < int(match.group(2)) < 144 + 48 + 0.3 * 2304
     for step in ("vision tower + projector + CLS", "GlobalCom2 compression step", "vanilla packing"):
         assert step in out
+    # Per-image times for batches of 1, 4 and 16 images, and the counted host syncs of a prefill.
+    rows = dict((int(m.group(1)), (float(m.group(2)), float(m.group(3))))
+                for m in re.finditer(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", out, re.M))
+    assert set(rows) == {1, 4, 16} and all(t > 0 for pair in rows.values() for t in pair)
+    syncs = re.search(r"host syncs per prefill \(counted, one image\): vanilla (\d+), GlobalCom2 (\d+)", out)
+    assert syncs and 0 < int(syncs.group(2)) <= int(syncs.group(1)) + 1
