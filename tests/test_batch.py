@@ -168,3 +168,23 @@ def test_batched_compress_does_one_host_sync_whatever_the_batch_size(images):
         with SyncCounter() as syncs:
             methods.compress_images(feats, imps, geoms, torch.zeros(d), config)
         assert syncs.count == 1, (method, syncs.by_op)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 700, -1])
+def test_gathering_in_runs_of_images_gives_the_same_tokens(chunk_bytes):
+    from globalcom2.core.batch import gather_batch
+
+    rng, gen = random.Random(5), torch.Generator().manual_seed(5)
+    side, d = 5, 3
+    batch = [_image(rng, side, gen) for _ in range(7)]
+    imps, geoms = [b[0] for b in batch], [b[1] for b in batch]
+    views = [i.shape[0] for i in imps]
+    feats = list(torch.split(torch.randn(sum(views), side * side, d, generator=gen), views))
+    newline = torch.randn(d, generator=gen)
+    for layout in ("official", "spatial"):
+        plan = plan_batch(imps, geoms, 0.4, layout)
+        whole = gather_batch(feats, newline, plan, chunk_bytes=None)
+        runs = gather_batch(feats, newline, plan, chunk_bytes=chunk_bytes)
+        assert len(runs) == len(whole) and all(torch.equal(a, b) for a, b in zip(runs, whole))
+        for t, f, imp, g in zip(runs, feats, imps, geoms):
+            assert torch.equal(t, P.compress_image(f, imp, g, newline, 0.4, layout)[0])

@@ -18,6 +18,8 @@ batch is planned at once and every output token is gathered with one ``index_sel
   ``index_select`` from that table; the newline rows (whose output positions are known from the
   slot structure, without a sync) are then written with one ``index_copy_`` of a few rows, instead
   of the ``torch.where`` pass over all ``L x D`` of :func:`~globalcom2.core.plans.gather_features`.
+  On the CPU the gather is cut into runs of images of at most :data:`GATHER_CHUNK_BYTES` of output
+  (malloc hands larger blocks out as fresh, page-faulting memory on every call); elsewhere one.
 
 **Bit-identical to the per-image functions** (``tests/test_batch.py`` checks it on random
 geometries and quantised importances, ties included): every op below either acts elementwise or
@@ -71,12 +73,14 @@ class BatchPlan:
             hold the image's first row and are overwritten after the gather.
         newline_positions: (M,) long output positions of the image-newline tokens.
         lengths: per image, its number of output tokens (host ints, read with the one sync).
+        newline_counts: per image, how many of them are newlines (host ints, from the geometry).
     """
 
     plans: list[CompressionPlan]
     index: torch.Tensor
     newline_positions: torch.Tensor
     lengths: list[int]
+    newline_counts: list[int]
 
 
 def is_batchable(geom: CropGeometry | None, views: int) -> bool:
@@ -228,14 +232,17 @@ def plan_batch(
     width = wm + 1
     p_slots = t_slots + hm * width + 1
     nl_slots: list[int] = []
+    nl_counts: list[int] = []
     for i, g in enumerate(host.geoms):
         base = i * p_slots + t_slots + wm
+        before = len(nl_slots)
         if g is None:
             nl_slots.append(i * p_slots + p_slots - 1)
         elif spatial:
             nl_slots.extend(range(base + g.row0 * width, base + g.row1 * width, width))
         elif not g.is_empty:
             nl_slots.extend(range(base, base + g.height * width, width))
+        nl_counts.append(len(nl_slots) - before)
     packed = torch.tensor(
         [x for f in _FIELDS for x in per[f]] + view_rows + crop_order + size_order + nl_slots, dtype=torch.long
     ).to(dev, non_blocking=True)
@@ -345,7 +352,9 @@ def plan_batch(
                 crop_ratios=ratios[i, :c], thumb_importance=importance[i][0], crop_score=score[i, :c],
                 geometry=g, layout=layout,
             ))
-    return BatchPlan(plans=plans, index=index, newline_positions=newline_positions, lengths=lengths)
+    return BatchPlan(
+        plans=plans, index=index, newline_positions=newline_positions, lengths=lengths, newline_counts=nl_counts
+    )
 
 
 def _joint(imp, valid, cols, n, cm, spatial, t_slots):
@@ -442,7 +451,7 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
     flat = torch.cat(maps) if len(maps) > 1 else maps[0]
     pos = cols["interp_base"][..., None] + (rows - cols["row0"][..., None]) * cols["interp_w"][..., None] + (colg - cols["col0"][..., None])
     pos = torch.where(valid, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
-    vals = flat.take(pos)
+    vals = flat.index_select(0, pos.reshape(-1)).reshape(pos.shape)  # (take runs multi-threaded on small inputs)
     return torch.where(valid, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
 
 
@@ -468,23 +477,66 @@ def _select(local, glob, valid, ratios, scoring):
     return keep, score
 
 
-def gather_batch(features: Sequence[torch.Tensor], newline: torch.Tensor | None, plan: BatchPlan) -> list[torch.Tensor]:
+#: Largest output one gather writes, by device type (None or absent: the whole batch at once).
+#: On the CPU, glibc serves blocks above its largest mmap threshold (32 MiB on 64-bit systems) with
+#: fresh pages from the kernel on every call, so one batch-sized output (200 MB for 16 2x2 images at
+#: hidden 4096) spends most of its time in first-touch page faults: measured per image, 10 ms at 16
+#: images against 2.6 ms in chunks of at most this size (``benchmarks/compression_step.py``).
+#: Caching allocators (CUDA) have no such cliff: there the batch is one gather.
+GATHER_CHUNK_BYTES: dict[str, int] = {"cpu": 32 << 20}
+
+
+def _chunks(lengths: list[int], row_bytes: int, limit: int | None) -> list[tuple[int, int]]:
+    """Runs ``[i, j)`` of consecutive images whose outputs fit in ``limit`` bytes (an image larger
+    than it is a run of its own); one run without a limit."""
+    if limit is None:
+        return [(0, len(lengths))]
+    runs, start, size = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (size + n) * row_bytes > limit:
+            runs.append((start, i))
+            start, size = i, 0
+        size += n
+    runs.append((start, len(lengths)))
+    return runs
+
+
+def gather_batch(
+    features: Sequence[torch.Tensor], newline: torch.Tensor | None, plan: BatchPlan, chunk_bytes: int | None = -1
+) -> list[torch.Tensor]:
     """The batch's tokens: one ``index_select`` from :func:`joint_rows`, then the newline rows
     written in place (one ``index_copy_`` of M rows), split per image (views, no copy).
+
+    On the CPU the gather runs in runs of consecutive images of at most
+    :data:`GATHER_CHUNK_BYTES` output each (see there: the allocator, not the arithmetic, decides
+    the cost of one huge output); elsewhere the whole batch is one gather.
 
     Args:
         features: per image, (V_i, N, D) features, in the order given to :func:`plan_batch`.
         newline: (D,) image-newline embedding (None: zero rows, for families without one).
         plan: the batch's :class:`BatchPlan`.
+        chunk_bytes: the largest output of one gather (None: no limit; default: by device type,
+            :data:`GATHER_CHUNK_BYTES`).
     """
     table = joint_rows(features)
-    out = table.index_select(0, plan.index.to(table.device))
-    m = int(plan.newline_positions.shape[0])
-    if m:
-        d = out.shape[1]
-        nl = torch.zeros(d, dtype=out.dtype, device=out.device) if newline is None else newline.to(out.device, out.dtype)
-        out.index_copy_(0, plan.newline_positions.to(out.device), nl.expand(m, d))
-    return list(torch.split(out, plan.lengths))
+    d = table.shape[1]
+    limit = GATHER_CHUNK_BYTES.get(table.device.type) if chunk_bytes == -1 else chunk_bytes
+    index = plan.index.to(table.device)
+    positions = plan.newline_positions.to(table.device)
+    nl = None
+    if positions.shape[0]:
+        nl = torch.zeros(d, dtype=table.dtype, device=table.device) if newline is None else newline.to(table.device, table.dtype)
+    tokens: list[torch.Tensor] = []
+    start = nl_start = 0
+    for i, j in _chunks(plan.lengths, d * table.element_size(), limit):
+        size, m = sum(plan.lengths[i:j]), sum(plan.newline_counts[i:j])
+        part = table.index_select(0, index[start : start + size] if (i, j) != (0, len(plan.lengths)) else index)
+        if m:
+            where = positions[nl_start : nl_start + m]
+            part.index_copy_(0, where - start if start else where, nl.expand(m, d))
+        tokens.extend(torch.split(part, plan.lengths[i:j]))
+        start, nl_start = start + size, nl_start + m
+    return tokens
 
 
 def compress_batch(
