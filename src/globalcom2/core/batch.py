@@ -246,7 +246,7 @@ def plan_batch(
     packed = torch.tensor(
         [x for f in _FIELDS for x in per[f]] + view_rows + crop_order + size_order + nl_slots, dtype=torch.long
     ).to(dev, non_blocking=True)
-    cols = {f: packed[i * b : (i + 1) * b, None] for i, f in enumerate(_FIELDS)}  # each (B, 1)
+    cols = dict(zip(_FIELDS, packed[: len(_FIELDS) * b].view(len(_FIELDS), b, 1).unbind(0)))  # each (B, 1)
     rest = packed[len(_FIELDS) * b :]
     view_idx, rest = rest[: b * (1 + cm)], rest[b * (1 + cm) :]
     crop_perm, size_perm, nl_idx = rest[:b], rest[b : 2 * b], rest[2 * b :]
