@@ -391,3 +391,15 @@ def test_nothing_with_a_graph_is_alive_when_memory_is_measured(tiny, monkeypatch
     monkeypatch.setattr(bench, "PeakMemory", Counting)
     bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=1, methods=("globalcom2", "pooling"))
     assert len(alive) == 6 and alive == [0] * 6
+
+
+def test_bench_cli_out_of_memory_suggests_no_grad(monkeypatch, capsys):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "run_bench", oom)
+    assert main(["bench", "--runs", "1", "--warmup", "0", "--ratios", "0.25"]) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--no-grad" in err and "Traceback" not in err
+    assert main(["bench", "--runs", "1", "--warmup", "0", "--ratios", "0.25", "--no-grad"]) == 1
+    assert "try --no-grad" not in capsys.readouterr().err

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(src) for src in sources]
     device, dtype = device_and_dtype(args)
 
+    import torch
+
     from ..bench import BENCH_COLUMNS, plot_rows, run_bench
 
     model, processor = common.get_model(args.model, device, dtype)
@@ -125,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
                          no_grad=args.no_grad)
     except ValueError as e:  # e.g. FastV on an attention implementation it cannot mask
         raise CLIError(one_line(str(e))) from None
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        hint = "" if args.no_grad else "; the calls run with autograd on by default (their graphs count): try --no-grad"
+        raise CLIError(f"out of memory while measuring ({one_line(str(e)) or type(e).__name__}){hint}") from None
     data = [r.to_dict() for r in rows]
     builtin = builtin_model(args.model)
     if args.format == "table" and builtin is not None:
