@@ -284,7 +284,8 @@ def plan_batch(
             keep, score = _select(imp[:, 1:], glob, valid, ratios, scoring)
         else:
             ratios = torch.zeros((b, 0), dtype=torch.float64, device=dev)
-            keep = score = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
+            keep = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
+            score = torch.zeros((b, 0, n), dtype=torch.float32, device=dev)
 
     # ---- slots of the sequence ----------------------------------------------------------------
     nl_local = (1 + cols["crops"]) * n  # (B, 1): the newline row of each image's own table (as plan_single_view's)
