@@ -292,6 +292,21 @@ def test_cli_writes_a_png_and_prints_counts(image_file, tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_cli_labels_the_wide_random_model_as_random(tiny, image_file, tmp_path, capsys, monkeypatch):
+    """``--model wide-random`` has random weights too: the figure and the note say so (regression:
+    only ``tiny`` was labelled)."""
+    from globalcom2.cli import common
+
+    asked = []
+    monkeypatch.setattr(common, "get_model", lambda model_id, *a, **k: asked.append(model_id) or tiny)
+    out = tmp_path / "w.png"
+    code = main(["visualize", "--model", "wide-random:1", "--image", str(image_file), "--output", str(out), "--dpi", "40"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert asked == ["wide-random:1"]
+    assert "NOTE: wide-random:1 (random weights): which tokens are kept is meaningless" in captured.out
+
+
 def test_cli_with_a_checkpoint_directory(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, processor = tiny

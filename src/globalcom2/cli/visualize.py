@@ -75,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
 
     # 2. The model ('tiny' or a checked, loaded checkpoint), then the figure.
-    random_weights = args.model == TINY_MODEL
+    builtin = common.builtin_model(args.model)  # ('tiny' | 'wide-random', layers) or None
+    random_weights = builtin is not None
+    label = "tiny random demo model" if args.model == TINY_MODEL else f"{args.model} (random weights)"
     if random_weights:
-        status(f"{PROG}: building the tiny random demo model (no download) ...")
+        status(f"{PROG}: building the {label} (no download) ...")
     model, processor = common.get_model(args.model, device, dtype)
     from ..visualize import visualize
 
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         vis = visualize(
             model, processor, image, ratios, heatmaps=args.heatmaps, title=args.title,
-            prompt=args.prompt, model_name="tiny random demo model" if random_weights else args.model,
+            prompt=args.prompt, model_name=label if random_weights else args.model,
             random_weights=random_weights, method=methods[0], options=options,
         )
     except ValueError as e:  # an unsupported model (e.g. no [CLS] token)
@@ -110,5 +112,5 @@ def run(args: argparse.Namespace) -> int:
     for note in vis.notes:
         echo(f"note: {note}")
     if random_weights:
-        echo("NOTE: tiny random demo model: which tokens are kept is meaningless; pass --model for a real checkpoint.")
+        echo(f"NOTE: {label}: which tokens are kept is meaningless; pass --model for a real checkpoint.")
     return 0
