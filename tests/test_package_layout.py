@@ -145,3 +145,17 @@ def test_a_method_is_one_class_and_one_registration(tiny):
     finally:
         VISION_METHODS.pop("raster", None)
     assert "raster" not in method_names()
+
+
+def test_one_hook_class_captures_queries_and_keys():
+    """The forward hooks that read a tower's queries and keys are one class (models.base.QKCapture),
+    used by every family; core/ stays pure tensor code (no hooks)."""
+    defined = {}
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Capture"):
+                defined.setdefault(node.name, []).append(name)
+        if name.startswith("globalcom2.core"):
+            assert "register_forward_hook" not in path.read_text(encoding="utf-8"), name
+    assert defined == {"QKCapture": ["globalcom2.models.base"]}

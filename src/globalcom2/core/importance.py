@@ -5,16 +5,15 @@
 patch k is the mean over h and q of ``a[h, q, k]``, in float32. It is computed here from the
 captured query and key projections, a chunk of queries at a time: the whole (N x N) attention map
 is never built and the tower's attention implementation is untouched (no ``output_attentions``,
-no eager switch).
+no eager switch). The hooks that capture them are the families' (``models.base.QKCapture``):
+this module is pure tensor code.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-__all__ = ["QKCapture", "attention_received"]
+__all__ = ["attention_received"]
 
 #: Queries per chunk: the largest temporary is (V, heads, chunk, N) float32.
 DEFAULT_CHUNK = 128
@@ -50,32 +49,3 @@ def attention_received(
         probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (V, h, c, T)
         total += probs.sum(dim=(1, 2))
     return total / float(num_heads * t)
-
-
-class QKCapture:
-    """Temporarily hooks one attention module's ``q_proj`` / ``k_proj`` to keep every query and key
-    of the views it runs on (for :func:`attention_received`); the hooks live only inside ``with``."""
-
-    def __init__(self, attn: Any) -> None:
-        self.attn = attn
-        self.queries: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "QKCapture":
-        def keep_q(_m: Any, _i: Any, out: torch.Tensor) -> None:
-            self.queries = out  # (V, T, D)
-
-        def keep_k(_m: Any, _i: Any, out: torch.Tensor) -> None:
-            self.keys = out  # (V, T, D)
-
-        self._handles = [
-            self.attn.q_proj.register_forward_hook(keep_q),
-            self.attn.k_proj.register_forward_hook(keep_k),
-        ]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -247,26 +247,39 @@ class CompressedImages:
         return [t.shape[0] for t in self.tokens]
 
 
-class CLSCapture:
-    """Temporarily hooks one attention module (``q_proj``/``k_proj``) to keep the [CLS] query (token 0)
-    and all keys of the views it runs on: enough for the [CLS] row of attention, O(T) per view."""
+class QKCapture:
+    """Temporarily hooks one attention module's query and key modules (``q_proj`` / ``k_proj``, or
+    ``q_norm`` / ``k_norm`` where the model normalises them) to keep, for the views it runs on, the
+    [CLS] query (token 0) and all keys: enough for the [CLS] row of attention, O(T) per view; with
+    ``all_queries``, every query too (for :func:`globalcom2.core.importance.attention_received`).
+    The hooks live only inside ``with``; the tower keeps its own attention implementation.
 
-    def __init__(self, attn: nn.Module) -> None:
+    Attributes (after the tower ran inside ``with``):
+        q_cls: (V, D) the [CLS] queries. queries: (V, T, D) with ``all_queries``, else None.
+        keys: (V, T, D).
+    """
+
+    def __init__(self, attn: nn.Module, all_queries: bool = False, q_module: str = "q_proj", k_module: str = "k_proj") -> None:
         self.attn = attn
+        self.all_queries = all_queries
+        self.q_module, self.k_module = q_module, k_module
         self.q_cls: torch.Tensor | None = None
+        self.queries: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "CLSCapture":
+    def __enter__(self) -> "QKCapture":
         def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
             self.q_cls = out[:, 0]  # (V, D)
+            if self.all_queries:
+                self.queries = out  # (V, T, D)
 
         def keep_k(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
             self.keys = out  # (V, T, D)
 
         self._handles = [
-            self.attn.q_proj.register_forward_hook(keep_q),
-            self.attn.k_proj.register_forward_hook(keep_k),
+            getattr(self.attn, self.q_module).register_forward_hook(keep_q),
+            getattr(self.attn, self.k_module).register_forward_hook(keep_k),
         ]
         return self
 

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
 from .._lazy import lazy_module
-from .base import CompressedImages, EncodedImages, Family, register_family
+from .base import CompressedImages, EncodedImages, Family, QKCapture, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -85,39 +85,6 @@ def _pair(value: Any) -> int:
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
     return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
-
-
-class _QKCapture:
-    """Hooks the last attention layer's ``q_norm`` / ``k_norm`` outputs while the tower runs: the
-    [CLS] query (token 0) and all keys, as the model normalises them (O(T) per view)."""
-
-    def __init__(self, attn: nn.Module, all_queries: bool = False) -> None:
-        self.attn = attn
-        self.all_queries = all_queries
-        self.queries: torch.Tensor | None = None
-        self.q_cls: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> "_QKCapture":
-        def keep_q(_m: Any, _i: Any, out: torch.Tensor) -> None:
-            self.q_cls = out[:, 0]  # (V, D)
-            if self.all_queries:
-                self.queries = out  # (V, T, D)
-
-        def keep_k(_m: Any, _i: Any, out: torch.Tensor) -> None:
-            self.keys = out  # (V, T, D)
-
-        self._handles = [
-            self.attn.q_norm.register_forward_hook(keep_q),
-            self.attn.k_norm.register_forward_hook(keep_k),
-        ]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 @register_family
@@ -333,7 +300,7 @@ class InternVLAdapter(Family):
 
         attn = self.last_attention()
         received = self._importance_kind() == "attention_received"
-        with _QKCapture(attn, all_queries=received) as cap:
+        with QKCapture(attn, all_queries=received, q_module="q_norm", k_module="k_norm") as cap:
             out = self.inner.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=layer, vision_feature_select_strategy=strategy, return_dict=True
             )

@@ -25,7 +25,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import CLSCapture, EncodedImages, Family, register_family
+from .base import EncodedImages, Family, QKCapture, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -149,7 +149,7 @@ class LlavaNextAdapter(Family):
         # The importance option (config field ``importance``): "auto" / "cls" is the method's [CLS]
         # logits; "attention_received" (an ablation here) the SigLIP-style signal over the N patches.
         received = getattr(self.vision_config, "importance", "auto") == "attention_received"
-        with (importance_ops.QKCapture(attn) if received else CLSCapture(attn)) as cap:
+        with QKCapture(attn, all_queries=received) as cap:
             out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
         if isinstance(layer, int):
             hidden = out.hidden_states[layer]

@@ -36,7 +36,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import EncodedImages, Family, register_family
+from .base import EncodedImages, Family, QKCapture, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -222,7 +222,7 @@ class LlavaOnevisionAdapter(Family):
             raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes imply {sum(views)}")
 
         attn = self.last_attention()
-        with importance_ops.QKCapture(attn) as cap:
+        with QKCapture(attn, all_queries=True) as cap:
             out = self.inner.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True)
         if isinstance(layer, int):
             hidden = out.hidden_states[layer]
