@@ -416,6 +416,25 @@ class Family(Adapter):
         """The (D,) image-newline embedding, or None for a family without one."""
         return None
 
+    #: Attributes the vision tower's self-attention modules have (:meth:`last_attention` finds
+    #: the last one), and how the family's tower is described in the error when none has them.
+    attention_attributes: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "num_heads", "scale")
+    tower_kind: ClassVar[str] = "a ViT"
+
+    def last_attention(self) -> nn.Module:
+        """The vision tower's last self-attention module (one with every :attr:`attention_attributes`)."""
+        found = None
+        for module in self.inner.vision_tower.modules():
+            if all(hasattr(module, a) for a in self.attention_attributes):
+                found = module
+        if found is None:
+            needed = "/".join(a for a in self.attention_attributes if a not in ("num_heads", "scale"))
+            raise ValueError(
+                f"GlobalCom2 on {self.display_name} needs {self.tower_kind} vision tower whose attention has {needed}; "
+                f"{type(self.inner.vision_tower).__name__} has none"
+            )
+        return found
+
     def language_model(self) -> nn.Module:
         """The decoder-only base model a language-model-side method patches."""
         return self.inner.language_model

@@ -100,6 +100,8 @@ class InternVLAdapter(Family):
     model_names = ("InternVLForConditionalGeneration", "InternVLModel")
     layouts = ("spatial",)
     image_inputs = ("image_sizes", "num_patches", "vision_feature_layer", "vision_feature_select_strategy")
+    attention_attributes = ("q_proj", "k_proj", "q_norm", "k_norm", "num_heads", "scale")
+    tower_kind = "an InternViT-like"
     #: Language models of the public InternVL3 ``-hf`` checkpoints (Qwen2.5 text configs, as their
     #: config.json files give them; written from the published Qwen2.5 / InternVL3 configs, not read
     #: at run time), as :class:`globalcom2.efficiency.LMArch` fields: name, layers, hidden, heads,
@@ -146,19 +148,6 @@ class InternVLAdapter(Family):
         """The vanilla sequence of image ``index`` as a plan (every token kept, the model's order):
         what a tool tracing the language model's image tokens back to views needs (FastV pictures)."""
         return self.compress(encoded, _methods.GlobalCom2Config.keep_all(layout="spatial")).plans[index]
-
-    def last_attention(self) -> nn.Module:
-        """The vision tower's last self-attention module (q_proj, k_proj, q_norm, k_norm)."""
-        found = None
-        for module in self.inner.vision_tower.modules():
-            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "q_norm", "k_norm", "num_heads", "scale")):
-                found = module
-        if found is None:
-            raise ValueError(
-                f"GlobalCom2 needs an InternViT-like vision tower whose attention has q_proj/k_proj/q_norm/k_norm; "
-                f"{type(self.inner.vision_tower).__name__} has none"
-            )
-        return found
 
     def check_vision(self) -> None:
         cfg = self.hf_config

@@ -50,6 +50,7 @@ class LlavaNextAdapter(Family):
     model_names = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     layouts = ("official", "spatial")
     image_inputs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+    tower_kind = "a CLIP-like ViT"
     #: The public llava-hf checkpoints' language models (from their config.json files), as
     #: :class:`globalcom2.efficiency.LMArch` fields: name, layers, hidden, heads, kv heads,
     #: head dim, intermediate, vocab. They share one geometry (CLIP-L/14-336, 4 crops at most).
@@ -67,19 +68,6 @@ class LlavaNextAdapter(Family):
         from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
 
         return (LlavaNextForConditionalGeneration, LlavaNextModel)
-
-    def last_attention(self) -> nn.Module:
-        """The vision tower's last self-attention module (it must expose q_proj and k_proj)."""
-        found = None
-        for module in self.inner.vision_tower.modules():
-            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
-                found = module
-        if found is None:
-            raise ValueError(
-                f"GlobalCom2 needs a ViT vision tower whose attention has q_proj/k_proj (CLIP-like); "
-                f"{type(self.inner.vision_tower).__name__} has none"
-            )
-        return found
 
     def check_vision(self) -> None:
         strategy = self.hf_config.vision_feature_select_strategy

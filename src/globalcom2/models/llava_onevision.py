@@ -77,6 +77,7 @@ class LlavaOnevisionAdapter(Family):
     image_inputs = (
         "image_sizes", "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
     )
+    tower_kind = "a SigLIP-like ViT"
     #: The public llava-hf OneVision checkpoints' Qwen2 language models, as
     #: :class:`globalcom2.efficiency.LMArch` fields (name, layers, hidden, heads, kv heads, head
     #: dim, intermediate, vocab). Values are those of the ``text_config`` in the checkpoints'
@@ -97,19 +98,6 @@ class LlavaOnevisionAdapter(Family):
         return (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel)
 
     # -- checks ---------------------------------------------------------------------------------
-    def last_attention(self) -> nn.Module:
-        """The vision tower's last self-attention module (it must expose q_proj and k_proj)."""
-        found = None
-        for module in self.inner.vision_tower.modules():
-            if all(hasattr(module, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
-                found = module
-        if found is None:
-            raise ValueError(
-                f"GlobalCom2 on {self.display_name} needs a ViT vision tower whose attention has q_proj/k_proj "
-                f"(SigLIP-like); {type(self.inner.vision_tower).__name__} has none"
-            )
-        return found
-
     def importance_mode(self) -> str:
         """The importance signal the vision method asks for, resolved for this family
         (``"auto"`` -> ``"attention_received"``; ``"cls"`` is a ``ValueError``)."""
