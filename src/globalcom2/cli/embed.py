@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "      --retention-ratio 0.25 --out images.safetensors\n\n"
             + para(
                 "Tensors are named image.0, image.1, ... in the order of --image, in the model's dtype. "
-                f"--model tiny (a tiny random LLaVA-NeXT) works offline, for trying the format."
+                "--model tiny (a tiny random LLaVA-NeXT) works offline, for trying the format."
             )
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry
-from .plans import CompressionPlan, _check_layout, _check_views, _floor_count, _l2_normalize_masked
+from .plans import CompressionPlan, _check_layout, _check_views, _floor_count, holistic_scores, keep_best
 
 __all__ = ["BatchPlan", "plan_batch", "gather_batch", "compress_batch", "joint_rows", "is_batchable"]
 
@@ -458,24 +458,8 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
 
 def _select(local, glob, valid, ratios, scoring):
     """Step 4's selection for every crop of every image (see :func:`~globalcom2.core.plans.select_crop_tokens`)."""
-    b, cm, n = local.shape
-    dev = local.device
-    local = local.float()
-    if scoring == "global_local":
-        score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
-    elif scoring == "global_only":
-        score = _l2_normalize_masked(glob, valid)
-    elif scoring == "local_only":
-        score = _l2_normalize_masked(local, valid)
-    else:
-        raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
-    score = score.masked_fill(~valid, float("-inf"))
-    n_valid = valid.sum(dim=2)  # (B, Cm)
-    k = _floor_count(n_valid, ratios.to(device=dev, dtype=torch.float64))
-    order = torch.argsort(score, dim=2, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(2, order, torch.arange(n, device=dev).expand(b, cm, n))
-    keep = (rank < k[..., None]) & valid
-    return keep, score
+    score = holistic_scores(local.float(), glob, valid, scoring)  # (B, Cm, N)
+    return keep_best(score, valid, ratios), score
 
 
 #: Largest output one gather writes, by device type (None or absent: the whole batch at once).

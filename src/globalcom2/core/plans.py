@@ -204,6 +204,30 @@ def _l2_normalize_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def holistic_scores(local: torch.Tensor, glob: torch.Tensor, valid: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Step 4's score of every crop token: the L2-normalised local importance plus the
+    L2-normalised global piece (each over the crop's valid tokens), or one of the two for the
+    ``scoring`` ablations; ``-inf`` where padded.
+
+    Args:
+        local, glob: (..., N) float32 local and global importance of each crop's N tokens.
+        valid: (..., N) bool, unpadded positions.
+        scoring: ``"global_local"``, ``"global_only"`` or ``"local_only"``.
+
+    Returns:
+        (..., N) float32 (elementwise and per crop: any leading shape gives the same bits).
+    """
+    if scoring == "global_local":
+        score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
+    elif scoring == "global_only":
+        score = _l2_normalize_masked(glob, valid)
+    elif scoring == "local_only":
+        score = _l2_normalize_masked(local, valid)
+    else:
+        raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
+    return score.masked_fill(~valid, float("-inf"))
+
+
 def select_crop_tokens(
     crop_importance: torch.Tensor,
     thumb_importance: torch.Tensor,
@@ -245,23 +269,28 @@ def select_crop_tokens(
         )[0, 0]  # (valid_rows, valid_cols)
         glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
     glob = grid_to_crops(glob, geom)  # (C, N)
-    local = crop_importance.float()
-    if scoring == "global_local":
-        score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
-    elif scoring == "global_only":
-        score = _l2_normalize_masked(glob, valid)
-    elif scoring == "local_only":
-        score = _l2_normalize_masked(local, valid)
-    else:
-        raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
-    score = score.masked_fill(~valid, float("-inf"))
+    score = holistic_scores(crop_importance.float(), glob, valid, scoring)
+    return keep_best(score, valid, crop_ratios), valid, score
 
-    n_valid = valid.sum(dim=1)  # (C,)
-    k = _floor_count(n_valid, crop_ratios.to(device=dev, dtype=torch.float64))  # (C,)
-    order = torch.argsort(score, dim=1, descending=True, stable=True)  # (C, N)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=dev).expand(c, n))
-    keep = (rank < k[:, None]) & valid
-    return keep, valid, score
+
+def keep_best(score: torch.Tensor, valid: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """Each crop's ``floor(n_j * r_j)`` best valid tokens by ``score`` (stable on ties).
+
+    Args:
+        score: (..., N) scores of each crop's tokens (``-inf`` where padded).
+        valid: (..., N) bool, unpadded positions (``n_j`` = their count).
+        ratios: (...) each crop's retention ratio ``r_j``.
+
+    Returns:
+        (..., N) bool, True at the kept tokens (per crop along the last axis: any leading shape
+        gives the same selection).
+    """
+    dev = score.device
+    k = _floor_count(valid.sum(dim=-1), ratios.to(device=dev, dtype=torch.float64))  # (...)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)  # (..., N)
+    ranks = torch.arange(score.shape[-1], device=dev).expand(score.shape)
+    rank = torch.empty_like(order).scatter_(-1, order, ranks)
+    return (rank < k[..., None]) & valid
 
 
 # ----------------------------------------------------------------------------------------------

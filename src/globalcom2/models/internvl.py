@@ -62,8 +62,6 @@ from .._lazy import lazy_module
 from .base import CompressedImages, EncodedImages, Family, QKCapture, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
     from ..core.geometry import CropGeometry
     from ..methods.base import VisionMethodConfig
 

@@ -39,8 +39,6 @@ from .._lazy import lazy_module
 from .base import EncodedImages, Family, QKCapture, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import nn
-
     from ..core.geometry import CropGeometry
 
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
