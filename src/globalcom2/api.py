@@ -79,6 +79,25 @@ def last_stats(model: nn.Module) -> CompressionStats | None:
     return None if adapter is None else getattr(adapter, "stats", None)
 
 
+def resolve_method(model: Any, config: Any, method: str | None, options: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What :func:`apply` (and :func:`globalcom2.compress_images`) make of their arguments:
+    ``(the model to patch, its family class, the validated method config)``. The method is
+    ``method``, else ``config``'s, else GlobalCom2; without a layout asked for (no ``config``, no
+    ``layout`` option) the family's default layout is used."""
+    from .methods import make_config
+
+    if method is None:
+        method = getattr(config, "method", None) if config is not None else "globalcom2"
+        if method is None:
+            raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
+    cfg = make_config(method, config, **options)
+    target = unwrap_model(model)
+    family_cls = adapter_for(target)
+    if config is None and "layout" not in options:  # no layout asked for: the family's default
+        cfg = family_cls.with_default_layout(cfg)
+    return target, family_cls, cfg
+
+
 def apply(model: M, config: Any = None, *, method: str | None = None, **options: Any) -> M:
     """Apply a token-compression method to a model instance, in place, and return it.
 
@@ -108,17 +127,7 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
         ValueError: a bad argument (named in the message), an unknown method, or an unsupported model.
         RuntimeError: an untested ``transformers`` version.
     """
-    from .methods import make_config
-
-    if method is None:
-        method = getattr(config, "method", None) if config is not None else "globalcom2"
-        if method is None:
-            raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
-    cfg = make_config(method, config, **options)
-    target = unwrap_model(model)
-    adapter_cls = adapter_for(target)
-    if config is None and "layout" not in options:  # no layout asked for: the family's default
-        cfg = adapter_cls.with_default_layout(cfg)
+    target, adapter_cls, cfg = resolve_method(model, config, method, options)
     _check_transformers()
     adapter = adapter_cls(target, cfg)
     adapter.validate()

@@ -357,21 +357,12 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
         ValueError: no ``pixel_values``, an unsupported model, a bad option, or a method that works
             inside the language model (FastV; it has no image embeddings to hand over).
     """
-    from .api import _check_transformers, get_config, unwrap_model
-    from .methods import language_config, make_config, vision_config
-    from .models import adapter_for
+    from .api import _check_transformers, get_config, resolve_method
+    from .methods import language_config, vision_config
 
-    target = unwrap_model(model)
-    family_cls = adapter_for(target)
-    if config is None and method is None and not options and get_config(target) is not None:
-        config = get_config(target)
-    if method is None:
-        method = getattr(config, "method", None) if config is not None else "globalcom2"
-        if method is None:
-            raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
-    cfg = make_config(method, config, **options)
-    if config is None and "layout" not in options:
-        cfg = family_cls.with_default_layout(cfg)
+    if config is None and method is None and not options:
+        config = get_config(model)  # the applied method, if any
+    target, family_cls, cfg = resolve_method(model, config, method, options)
     if language_config(cfg) is not None:
         vision = vision_config(cfg)
         hint = f"method={vision.method!r} (its vision part)" if vision is not None else "a vision-side method such as 'globalcom2'"

@@ -583,9 +583,11 @@ class Family(Adapter):
             tokens=[t.detach() for t in compressed.tokens], plans=compressed.plans, vanilla_counts=compressed.vanilla_counts
         )
         self._check_context(shrunk.input_ids.shape[1])
-        self._vanilla_rows = (input_ids == self.image_token_id).sum(1)
-        if given is not None:  # the prompt may not hold the vanilla placeholders: count them per row
-            self._vanilla_rows = _rows_total(input_ids == self.image_token_id, prompt_counts, compressed.vanilla_counts)
+        placeholders = input_ids == self.image_token_id
+        if given is None:
+            self._vanilla_rows = placeholders.sum(1)
+        else:  # the prompt may not hold the vanilla placeholders: add them up per row
+            self._vanilla_rows = _rows_total(placeholders, prompt_counts, compressed.vanilla_counts)
         return kwargs
 
     def _given_images(
