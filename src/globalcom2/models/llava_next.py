@@ -316,40 +316,40 @@ def build_processor() -> Any:
     )
 
 
-def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text_overrides: Any) -> Any:
-    """The tiny ``LlavaNextConfig``: CLIP-336/14 geometry, widths of a few dozen."""
+def _llava_next_config(
+    vision: dict[str, Any], text: dict[str, Any], vocab_size: int, image_token_id: int, pad_token_id: int,
+    text_overrides: dict[str, Any], **config: Any,
+) -> Any:
+    """A ``LlavaNextConfig`` with the llava-hf geometry (336 px views of 14 px patches, their
+    pinpoints, features of the second-to-last layer without [CLS]) at the given widths: a CLIP
+    vision tower of ``vision`` and a Llama language model of ``text`` (then ``text_overrides``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
-    vision = CLIPVisionConfig(
-        image_size=VIEW_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        projection_dim=32,
-    )
-    text_kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=8192,
-        pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    text_kwargs = dict(text, vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
     text_kwargs.update(text_overrides)
     return LlavaNextConfig(
-        vision_config=vision,
+        vision_config=CLIPVisionConfig(image_size=VIEW_SIZE, patch_size=PATCH_SIZE, **vision),
         text_config=LlamaConfig(**text_kwargs),
         image_token_id=image_token_id,
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        **config,
     )
+
+
+def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text_overrides: Any) -> Any:
+    """The tiny ``LlavaNextConfig``: CLIP-336/14 geometry, widths of a few dozen."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
+    return _llava_next_config(vision, text, vocab_size, image_token_id, pad_token_id, text_overrides)
 
 
 def build_tiny_llava_next(seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu") -> tuple[Any, Any]:
@@ -398,13 +398,9 @@ def build_wide_config(
       embedding is a lookup and the LM head runs on one position in generation (about 0.02% of
       a Vicuna-7B layer's prefill FLOPs at 2,880 tokens), so this changes neither figure.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
-
     if int(text_layers) < 1:
         raise ValueError(f"text_layers must be >= 1, got {text_layers}")
-    vision = CLIPVisionConfig(  # openai/clip-vit-large-patch14-336
-        image_size=VIEW_SIZE,
-        patch_size=PATCH_SIZE,
+    vision = dict(  # openai/clip-vit-large-patch14-336
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=24,
@@ -413,28 +409,17 @@ def build_wide_config(
         hidden_act="quick_gelu",
         layer_norm_eps=1e-5,
     )
-    text_kwargs = dict(  # lmsys/vicuna-7b-v1.5 widths
+    text = dict(  # lmsys/vicuna-7b-v1.5 widths
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=int(text_layers),
         num_attention_heads=32,
         num_key_value_heads=32,
         rms_norm_eps=1e-5,
-        vocab_size=vocab_size,
         max_position_embeddings=4096,
-        pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    text_kwargs.update(text_overrides)
-    return LlavaNextConfig(
-        vision_config=vision,
-        text_config=LlamaConfig(**text_kwargs),
-        image_token_id=image_token_id,
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+    return _llava_next_config(
+        vision, text, vocab_size, image_token_id, pad_token_id, text_overrides, projector_hidden_act="gelu"
     )
 
 
