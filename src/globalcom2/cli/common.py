@@ -140,6 +140,20 @@ def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) 
     )
 
 
+def add_ratio_and_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--retention-ratio R`` (one ratio, default 0.25) and ``--layout``, as the commands that run
+    one setting have them (generate, embed)."""
+    parser.add_argument(
+        "--retention-ratio", type=float, default=0.25, metavar="R",
+        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
+    )
+    parser.add_argument(
+        "--layout", choices=LAYOUT_CHOICES, default=None,
+        help="official: the published implementation token for token (GlobalCom2's default on LLaVA-NeXT); "
+             "spatial: tokens at their true positions",
+    )
+
+
 def _method_choices() -> str:
     """"globalcom2 (default), fastervlm, ..., fastv, or <vision method>+fastv", from the method registry."""
     from ..methods import LANGUAGE_METHODS, VISION_METHODS

@@ -10,7 +10,8 @@ from typing import Any
 
 from . import common
 from .common import (
-    EXAMPLE_MODEL, LAYOUT_CHOICES, PROG, CLIError, add_device_arguments, add_method_arguments, cannot_write,
+    EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
+    cannot_write,
     check_positive, device_and_dtype, echo, load_image, method_settings, one_line, output_file, para, status,
 )
 
@@ -44,15 +45,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     cmd.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL}), or tiny")
     cmd.add_argument("--image", required=True, nargs="+", metavar="PATH_OR_URL", help="one or more image files or http(s) URLs")
     cmd.add_argument("--out", required=True, metavar="FILE.safetensors", help="the file to write (its folder must exist)")
-    cmd.add_argument(
-        "--retention-ratio", type=float, default=0.25, metavar="R",
-        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
-    )
-    cmd.add_argument(
-        "--layout", choices=LAYOUT_CHOICES, default=None,
-        help="official: the published implementation token for token (GlobalCom2's default on LLaVA-NeXT); "
-             "spatial: tokens at their true positions",
-    )
+    add_ratio_and_layout_arguments(cmd)
     add_method_arguments(cmd, several=False)
     cmd.add_argument(
         "--batch-size", type=int, default=1, metavar="N", help="images encoded together (default: 1)",

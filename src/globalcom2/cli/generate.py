@@ -11,7 +11,8 @@ from typing import Any
 from ..generation import build_prompt, greedy_kwargs, sync, to_model
 from . import common
 from .common import (
-    EXAMPLE_MODEL, LAYOUT_CHOICES, PROG, CLIError, add_device_arguments, add_method_arguments, check_positive,
+    EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
+    check_positive,
     device_and_dtype, echo, load_image, method_settings, one_line, para, status,
 )
 
@@ -38,15 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL})")
     gen.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
-    gen.add_argument(
-        "--retention-ratio", type=float, default=0.25, metavar="R",
-        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
-    )
-    gen.add_argument(
-        "--layout", choices=LAYOUT_CHOICES, default=None,
-        help="official: the published implementation token for token (GlobalCom2's default); spatial: tokens at "
-             "their true positions",
-    )
+    add_ratio_and_layout_arguments(gen)
     add_method_arguments(gen, several=False)
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (default: 128)")
     gen.add_argument(
