@@ -11,8 +11,8 @@ from typing import Any
 from . import common
 from .common import (
     EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
-    cannot_write,
-    check_positive, device_and_dtype, echo, load_image, method_settings, one_line, output_file, para, status,
+    cannot_write, check_positive, device_and_dtype, echo, load_image, method_settings, one_line, output_file, para,
+    status,
 )
 
 SUFFIX = ".safetensors"

@@ -12,8 +12,7 @@ from ..generation import build_prompt, greedy_kwargs, sync, to_model
 from . import common
 from .common import (
     EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
-    check_positive,
-    device_and_dtype, echo, load_image, method_settings, one_line, para, status,
+    check_positive, device_and_dtype, echo, load_image, method_settings, one_line, para, status,
 )
 
 
