@@ -16,11 +16,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
 batch = lazy_module("globalcom2.core.batch")
+torch = lazy_module("torch")
 
 
 def random_scores(views: int, n: int, seed: int, device: Any) -> "torch.Tensor":
     """(V, N) uniform scores from a private CPU generator seeded with ``seed`` (device-independent)."""
-    torch = lazy_module("torch")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.rand((views, n), generator=gen).to(device)
 
@@ -67,16 +67,11 @@ class RandomConfig(VisionMethodConfig):
         """FasterVLM's batched joint budget on random scores: the scores of every image are drawn
         on the CPU exactly as :meth:`compress` draws them (same generator, same seed, one draw per
         distinct view count) and reach the device in one non-blocking copy."""
-        torch = lazy_module("torch")
         if not importance:
             return [], []
         n = int(importance[0].shape[1])
-        drawn: dict[int, Any] = {}
-        for imp in importance:
-            v = int(imp.shape[0])
-            if v not in drawn:
-                drawn[v] = random_scores(v, n, self.seed, "cpu")
         views = [int(imp.shape[0]) for imp in importance]
+        drawn = {v: random_scores(v, n, self.seed, "cpu") for v in set(views)}
         on_host = torch.cat([drawn[v] for v in views])
         scores = list(torch.split(on_host.to(importance[0].device, non_blocking=True), views))
         return batch.compress_batch(features, scores, geometries, newline, self.retention_ratio, self.layout, joint=True)
