@@ -1,5 +1,6 @@
 """The public entry points: ``apply``, ``remove``, ``compressed`` and friends (``compress_images``,
-``load_embeddings`` and ``embed_prompt`` live in :mod:`globalcom2.embeddings`, re-exported here)."""
+``load_embeddings`` and ``embed_prompt`` live in :mod:`globalcom2.embeddings`; the package root
+exports both)."""
 
 from __future__ import annotations
 
@@ -165,11 +166,3 @@ def compressed(model: M, config: Any = None, **kwargs: Any) -> Iterator[M]:
             remove(model)
         else:
             apply(model, previous)
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("compress_images", "load_embeddings", "embed_prompt", "ImageEmbeddings"):
-        from . import embeddings
-
-        return getattr(embeddings, name)
-    raise AttributeError(f"module 'globalcom2.api' has no attribute {name!r}")

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
+from .core.sequence import expand_placeholders, prompt_form
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -209,23 +211,6 @@ class ImageEmbeddings:
         return load_embeddings(path, device=device)
 
 
-def prompt_form(found: int, counts: Sequence[int], vanilla_counts: Sequence[int], image_token_id: int) -> str:
-    """Which placeholders a prompt with ``found`` of them holds for images of ``counts`` tokens:
-    ``"compressed"`` (``n_i`` each), ``"vanilla"`` (the vanilla model's) or ``"one"`` (one each);
-    ``ValueError`` for none of them (checked in this order)."""
-    if found == sum(counts):
-        return "compressed"
-    if found == sum(vanilla_counts):
-        return "vanilla"
-    if found == len(counts):
-        return "one"
-    raise ValueError(
-        f"the prompt holds {found} image placeholder tokens (id {image_token_id}), but these {len(counts)} image "
-        f"embedding(s) need {sum(counts)} ({'+'.join(map(str, counts)) or '0'}), or one per image, or the vanilla "
-        f"model's {sum(vanilla_counts)}"
-    )
-
-
 def _input_embeddings(model: Any) -> Any:
     from .api import unwrap_model
 
@@ -279,60 +264,6 @@ def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
         model=meta.get("model", ""),
         images=json.loads(meta["images"]) if "images" in meta else None,
     )
-
-
-def expand_placeholders(
-    input_ids: torch.Tensor,
-    image_token_id: int,
-    counts: Sequence[int] | torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    pad_token_id: int = 0,
-    padding_side: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Repeat the one placeholder of image ``i`` ``counts[i]`` times (images in reading order).
-
-    Args:
-        input_ids: (B, L) with exactly one placeholder per image.
-        image_token_id: the placeholder id.
-        counts: (I,) placeholders each image must have.
-        attention_mask: (B, L) or None; padding (0) is dropped and rebuilt on the same side.
-        pad_token_id: id written into new padding.
-        padding_side: "left"/"right"; inferred from ``attention_mask`` (left without padding).
-
-    Returns:
-        ``(input_ids, attention_mask)``, (B, L'); the mask is None when none was given and the
-        rows come out equally long.
-    """
-    from .core.sequence import infer_padding_side
-
-    dev = input_ids.device
-    bsz, length = input_ids.shape
-    counts_t = torch.as_tensor(counts, dtype=torch.long, device=dev).reshape(-1)
-    is_img = input_ids == image_token_id
-    if int(is_img.sum()) != counts_t.numel():
-        raise ValueError(f"expected one image placeholder per image ({counts_t.numel()}), found {int(is_img.sum())}")
-    side = padding_side or infer_padding_side(attention_mask)
-    rep = torch.ones_like(input_ids, dtype=torch.long)
-    rep = rep.masked_scatter(is_img, counts_t)  # (B, L) copies of each position
-    if attention_mask is not None:
-        rep = rep * attention_mask.to(dev).bool().long()
-    lengths = rep.sum(1)  # (B,)
-    new_len = int(lengths.max()) if bsz else 0
-    start = rep.cumsum(1) - rep  # (B, L) first output column of each position (right padding)
-    if side == "left":
-        start = start + (new_len - lengths)[:, None]
-    flat_rep = rep.reshape(-1)
-    src = torch.repeat_interleave(torch.arange(bsz * length, device=dev), flat_rep)  # (T,) source of each output
-    first = torch.repeat_interleave(flat_rep.cumsum(0) - flat_rep, flat_rep)
-    offset = torch.arange(src.numel(), device=dev) - first  # copy number within a run
-    rows, cols = src // length, start.reshape(-1)[src] + offset
-    ids = torch.full((bsz, new_len), pad_token_id, dtype=input_ids.dtype, device=dev)
-    ids[rows, cols] = input_ids.reshape(-1)[src]
-    mask = None
-    if attention_mask is not None or bool((lengths != new_len).any()):
-        mask = torch.zeros((bsz, new_len), dtype=attention_mask.dtype if attention_mask is not None else torch.long, device=dev)
-        mask[rows, cols] = 1
-    return ids, mask
 
 
 def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *, method: str | None = None, **options: Any) -> ImageEmbeddings:

@@ -599,9 +599,9 @@ class Family(Adapter):
         ``n_i``; a prompt with one placeholder per image is expanded to ``n_i`` here, in
         ``input_ids`` / ``mask`` / ``kwargs``), and the possibly expanded ``input_ids`` and ``mask``.
         """
-        from ..embeddings import ImageEmbeddings, expand_placeholders, prompt_form
-
-        if not isinstance(given, ImageEmbeddings):
+        # Recognised by what it carries, not by its class: globalcom2.embeddings sits above the
+        # model families (it uses the public API) and is not imported from here.
+        if not all(hasattr(given, a) for a in ("embeddings", "counts", "vanilla_counts", "model_type", "hidden_size")):
             raise ValueError(
                 f"{EMBEDDINGS_KWARG} must be ImageEmbeddings (globalcom2.compress_images or load_embeddings), "
                 f"got {type(given).__name__}"
@@ -618,7 +618,7 @@ class Family(Adapter):
             )
         counts = given.counts
         found = int((input_ids == self.image_token_id).sum())
-        form = prompt_form(found, counts, given.vanilla_counts, self.image_token_id)
+        form = sequence.prompt_form(found, counts, given.vanilla_counts, self.image_token_id)
         prompt_counts = list(given.vanilla_counts) if form == "vanilla" else counts
         if form == "one":
             if kwargs.get("labels") is not None:
@@ -626,7 +626,7 @@ class Family(Adapter):
                     "labels need a prompt with the vanilla model's image placeholders (the processor's output), "
                     "not one placeholder per image"
                 )
-            input_ids, mask = expand_placeholders(
+            input_ids, mask = sequence.expand_placeholders(
                 input_ids, self.image_token_id, counts, attention_mask=mask, pad_token_id=self._pad_token_id()
             )
             kwargs["input_ids"] = input_ids
