@@ -8,7 +8,7 @@ signpost with a few words), drawn with PIL and numpy only, deterministic. Run on
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -100,8 +100,18 @@ def draw_scene() -> Image.Image:
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def main() -> None:
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "src/globalcom2/data/sample.jpg"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "src/globalcom2/data/sample.jpg"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Draw the package's sample image: a deterministic synthetic 640x480 scene (JPEG).",
+    )
+    parser.add_argument(
+        "output", nargs="?", type=Path, default=DEFAULT_OUTPUT, metavar="OUTPUT",
+        help="where to write it (default: src/globalcom2/data/sample.jpg of this checkout)",
+    )
+    out = parser.parse_args(argv).output
     out.parent.mkdir(parents=True, exist_ok=True)
     draw_scene().save(out, quality=88, optimize=True)
     print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
