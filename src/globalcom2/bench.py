@@ -585,7 +585,9 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
     try:
         from matplotlib.figure import Figure  # object-oriented: no pyplot state, no backend switch
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("--plot needs matplotlib: pip install 'globalcom2[plot]'") from exc
+        from ._extras import install_hint
+
+        raise RuntimeError(f"--plot needs matplotlib: {install_hint('plot')}") from exc
 
     base = rows[0]
     by_method: dict[str, list[BenchRow]] = {}

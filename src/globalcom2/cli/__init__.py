@@ -1,4 +1,5 @@
-"""The ``globalcom2`` command: an offline demo, and generation with a real LLaVA-NeXT checkpoint.
+"""The ``globalcom2`` command: an offline demo, and generation with a real checkpoint (LLaVA-NeXT,
+LLaVA-OneVision, InternVL).
 
     globalcom2 demo [--output-dir DIR]
     globalcom2 generate --model ID_OR_PATH --image PATH_OR_URL --prompt TEXT [--compare] ...
@@ -6,7 +7,7 @@
 
 Importing this package is cheap: torch, transformers and PIL are imported inside the commands,
 so ``--help`` answers quickly. Every failure the user can cause (a missing image, a model that
-cannot be loaded or is not LLaVA-NeXT, a bad retention ratio, ...) ends with one line on stderr,
+cannot be loaded or is of no supported family, a bad retention ratio, ...) ends with one line on stderr,
 ``globalcom2: error: ...``, and a non-zero exit status, never a traceback (set the environment
 variable ``GLOBALCOM2_TRACEBACK=1`` to see one).
 
@@ -37,13 +38,21 @@ __all__ = [
 COMMANDS = (demo, generate, embed, efficiency, bench, visualize, eval)
 
 
+def _family_names(conjunction: str) -> str:
+    """"LLaVA-NeXT, LLaVA-OneVision and InternVL": the registered families (no torch)."""
+    from ..models import families
+
+    names = [f.display_name for f in families()]
+    return f"{', '.join(names[:-1])} {conjunction} {names[-1]}" if len(names) > 1 else names[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``globalcom2`` parser, with every command of :data:`COMMANDS` (``args.func`` runs it)."""
     parser = Parser(
         prog=PROG,
         description=para(
-            "GlobalCom2 (arXiv 2501.05179): training-free visual-token compression for LLaVA-NeXT "
-            "models of Hugging Face transformers."
+            "GlobalCom2 (arXiv 2501.05179): training-free visual-token compression for the "
+            f"{_family_names('and')} models of Hugging Face transformers."
         ),
         epilog=(
             "examples:\n"

@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "bench",
         help="measure vanilla vs GlobalCom2 (and baselines): prefill, LM prefill, decode, memory, KV cache, tokens",
         description=para(
-            "Run vanilla LLaVA-NeXT and GlobalCom2 (or any --method, several for a comparison table) at each "
+            "Run the vanilla model and GlobalCom2 (or any --method, several for a comparison table) at each "
             "retention ratio side by side in one process on the same inputs, with the same calls, and report: "
             "prefill latency (one forward with logits for the last position only, as generate's first step), "
             "the language model's part of it (LM prefill) next to its analytic FLOPs ratio (globalcom2 "

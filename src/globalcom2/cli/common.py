@@ -118,7 +118,9 @@ def check_positive(flag: str, value: int) -> None:
 def need_matplotlib(what: str) -> None:
     """CLIError naming the extra to install when matplotlib is missing (``what`` needs it)."""
     if importlib.util.find_spec("matplotlib") is None:
-        raise CLIError(f"{what} needs matplotlib: pip install 'globalcom2[plot]'")
+        from .._extras import install_hint
+
+        raise CLIError(f"{what} needs matplotlib: {install_hint('plot')}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,17 +128,23 @@ def need_matplotlib(what: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, several: bool = True) -> None:
-    """``--method`` and ``--method-arg KEY=VALUE`` (shared by bench, visualize and eval)."""
-    what = "comma-separated methods to compare" if several else "the method whose kept tokens are drawn"
+def add_method_arguments(
+    parser: argparse.ArgumentParser, several: bool = True, what: str | None = None, vision_only: bool = False
+) -> None:
+    """``--method`` and ``--method-arg KEY=VALUE`` (shared by generate, embed, bench, visualize and
+    eval). ``what`` says what the method is for in this command's help; ``vision_only`` lists only
+    the vision-side methods (a command that refuses FastV, e.g. embed)."""
+    if what is None:
+        what = "comma-separated methods to compare" if several else "the compression method"
     parser.add_argument(
         "--method", default="globalcom2", metavar="NAME[,NAME...]" if several else "NAME",
-        help=f"{what}: {_method_choices()}",
+        help=f"{what}: {_method_choices(vision_only)}",
     )
+    examples = "layout=spatial, allocation=uniform, scoring=local_only, seed=1" + (
+        "" if vision_only else ", layer=2 (FastV), fastv_retention_ratio=0.5")
     parser.add_argument(
         "--method-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="a method option, repeatable, given to every method that has it: e.g. layout=spatial, "
-             "allocation=uniform, scoring=local_only, seed=1, layer=2 (FastV), fastv_retention_ratio=0.5",
+        help=f"a method option, repeatable, given to every method that has it: e.g. {examples}",
     )
 
 
@@ -154,11 +162,15 @@ def add_ratio_and_layout_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _method_choices() -> str:
-    """"globalcom2 (default), fastervlm, ..., fastv, or <vision method>+fastv", from the method registry."""
+def _method_choices(vision_only: bool = False) -> str:
+    """"globalcom2 (default), fastervlm, ..., fastv, or <vision method>+fastv", from the method
+    registry (``vision_only``: "globalcom2 (default), fastervlm, random or pooling")."""
     from ..methods import LANGUAGE_METHODS, VISION_METHODS
 
     vision, language = list(VISION_METHODS), list(LANGUAGE_METHODS)
+    if vision_only:
+        names = [f"{vision[0]} (default)", *vision[1:]]
+        return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
     names = [f"{vision[0]} (default)", *vision[1:], *language]
     return f"{', '.join(names)}, or <vision method>+{'|'.join(language)}"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import common
 from .common import (
-    EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
+    BUILTIN_MODELS_HELP, EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
     cannot_write, check_positive, device_and_dtype, echo, load_image, method_settings, one_line, output_file, para,
     status,
 )
@@ -42,11 +42,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cmd.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL}), or tiny")
+    cmd.add_argument("--model", required=True, metavar="ID_OR_PATH", help=f"hub id or local directory (e.g. {EXAMPLE_MODEL}), or a built-in random model: {BUILTIN_MODELS_HELP}")
     cmd.add_argument("--image", required=True, nargs="+", metavar="PATH_OR_URL", help="one or more image files or http(s) URLs")
     cmd.add_argument("--out", required=True, metavar="FILE.safetensors", help="the file to write (its folder must exist)")
     add_ratio_and_layout_arguments(cmd)
-    add_method_arguments(cmd, several=False)
+    add_method_arguments(cmd, several=False, what="the vision-side method that compresses the images (FastV, which "
+                         "prunes inside the language model, has no image embeddings)", vision_only=True)
     cmd.add_argument(
         "--batch-size", type=int, default=1, metavar="N", help="images encoded together (default: 1)",
     )

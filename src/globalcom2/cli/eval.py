@@ -41,6 +41,14 @@ PROTOCOL_EPILOG = (
 )
 
 
+def _family_names() -> str:
+    """"LLaVA-NeXT, LLaVA-OneVision or InternVL": the registered families (no torch)."""
+    from ..models import families
+
+    names = [f.display_name for f in families()]
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     example = (
@@ -52,7 +60,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="evaluate on the paper's benchmarks (TextVQA, MME, POPE, ...) per method and retention ratio",
         description=(
             para(
-                "Evaluate a LLaVA-NeXT checkpoint on the paper's benchmarks at each retention ratio: "
+                f"Evaluate a checkpoint ({_family_names()}) on the paper's benchmarks at each retention ratio: "
                 "ratio 1.0 is the vanilla model (the 100% reference), every other ratio each --method. "
                 "Prompts, max_new_tokens and scorers follow --protocol: llava (default), the paper's "
                 "numbers, from LLaVA's own evaluation scripts; or lmms-eval, its task settings. "
@@ -75,8 +83,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "examples:\n"
             f"  globalcom2 eval {example}\n"
             f"  globalcom2 eval {example} \\\n      --method globalcom2,fastervlm --method-arg layout=spatial --limit 100\n"
-            f"  torchrun --nproc_per_node=8 -m globalcom2.cli eval {example}\n"
-            f"  accelerate launch --num_processes 8 -m globalcom2.cli eval {example}\n"
+            f"  torchrun --nproc_per_node=8 -m globalcom2 eval {example}\n"
+            f"  accelerate launch --num_processes 8 -m globalcom2 eval {example}\n"
             "  globalcom2 eval --rescore --output-dir globalcom2-eval    # score existing predictions only\n"
             "  globalcom2 eval --list-benchmarks\n\n"
             "protocols (--protocol):\n"

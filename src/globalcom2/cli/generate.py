@@ -20,7 +20,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``generate`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     gen = subparsers.add_parser(
         "generate",
-        help="answer a prompt about an image with a LLaVA-NeXT checkpoint, compressed by GlobalCom2",
+        help="answer a prompt about an image with a checkpoint, compressed by GlobalCom2 (or --method)",
         description=para(
             "Load a checkpoint (a Hugging Face hub id or a local directory), apply "
             "GlobalCom2 and answer a prompt about one image with greedy decoding. Prints the answer "
@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     gen.add_argument("--image", required=True, metavar="PATH_OR_URL", help="an image file, or an http(s) URL")
     gen.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction about the image")
     add_ratio_and_layout_arguments(gen)
-    add_method_arguments(gen, several=False)
+    add_method_arguments(gen, several=False, what="the method that compresses the image")
     gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="answer length limit (default: 128)")
     gen.add_argument(
         "--compare", action="store_true",

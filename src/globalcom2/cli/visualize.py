@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     vis.add_argument("--layout", choices=LAYOUT_CHOICES, default=None,
                      help="layout used for the token counts (the kept tokens are the same in both; default: the "
                           "method's own, official for globalcom2)")
-    add_method_arguments(vis, several=False)
+    add_method_arguments(vis, several=False, what="the method whose kept tokens are drawn")
     vis.add_argument("--output", default="globalcom2-visualize.png", metavar="OUT.png",
                      help="PNG to write (default: globalcom2-visualize.png)")
     vis.add_argument("--heatmaps", action="store_true", help="add the [CLS] importance maps behind the decisions")

@@ -390,12 +390,14 @@ def read_table(path: str | Path, what: str, lazy: Sequence[str] = LAZY_COLUMNS) 
     Cells of the ``lazy`` columns are :class:`TableCell` references (None where the cell is null),
     read when a sample's image is decoded, so a large image set is never held in memory at once.
 
-    Needs ``pyarrow`` (``pip install 'globalcom2[eval]'``).
+    Needs ``pyarrow`` (``pip install pyarrow``; from a checkout: ``pip install -e ".[eval]"``).
     """
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"reading {path} ({what}) needs pyarrow: pip install 'globalcom2[eval]'") from None
+        from .._extras import install_hint
+
+        raise DataError(f"reading {path} ({what}) needs pyarrow: {install_hint('eval')}") from None
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".arrow") and not p.name.startswith("."))

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .._extras import install_hint
 from .._io import to_rgb
 from ..methods import GlobalCom2Config
 from .data import ImportanceMaps, RatioMasks, Visualization, _fastv_masks, _importance_maps, _masks
@@ -41,7 +42,7 @@ from .pixels import _grey_out, _kept_pixels  # noqa: F401
 
 __all__ = ["RatioMasks", "ImportanceMaps", "Visualization", "visualize", "RANDOM_WEIGHTS_NOTE"]
 
-PLOT_HINT = "pictures need matplotlib: pip install 'globalcom2[plot]'"
+PLOT_HINT = f"pictures need matplotlib: {install_hint('plot')}"
 
 
 def visualize(
