@@ -121,7 +121,7 @@ def test_efficiency_cli_local_config(tmp_path, capsys, tiny):
 @pytest.mark.parametrize(
     "args, message",
     [(["--hardware", "TPUv9"], "unknown hardware"), (["--ratios", "abc"], "not a number"),
-     (["--text-tokens", "-1"], "text-tokens"), (["--model", "/no/such/dir"], "config.json")],
+     (["--text-tokens", "-1"], "text-tokens"), (["--model", "/no/such/dir"], "model directory not found: /no/such/dir")],
 )
 def test_efficiency_cli_errors(args, message, capsys):
     assert main(["efficiency", *args]) != 0
@@ -129,16 +129,18 @@ def test_efficiency_cli_errors(args, message, capsys):
     assert "globalcom2: error:" in err and message in err and "Traceback" not in err
 
 
-def test_efficiency_cli_unknown_model_offline(monkeypatch, capsys):
-    import transformers
+def test_efficiency_cli_unknown_model_offline(monkeypatch, capsys, tmp_path):
+    """An unknown hub id takes the one quick hub look of every command (here: offline, not cached)."""
+    import huggingface_hub.constants
 
-    def offline(*a, **k):
-        raise OSError("cannot reach the hub")
+    import globalcom2.cli.common as cli
 
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cli, "_HUB_CHECKED", {})
     assert main(["efficiency", "--model", "someone/unknown-llava"]) != 0
     err = capsys.readouterr().err
-    assert "known offline" in err and "Traceback" not in err
+    assert "not in the local cache" in err and "known offline" in err and "Traceback" not in err
 
 
 def test_run_bench_compares_methods(tiny):

@@ -383,7 +383,7 @@ def fresh_hub_answers(monkeypatch):
         ("~/nope-dir", "model directory not found: ~/nope-dir"),
         ("a/b/nope-dir", "model directory not found: a/b/nope-dir"),
         ("nope-dir", "model not found: no local directory 'nope-dir', and hub ids look like org/name"),
-        ("tiny", "hub ids look like org/name (e.g. llava-hf/llava-v1.6-vicuna-7b-hf) ('tiny', the built-in"),
+        ("tiny", "--model tiny: the built-in random model 'tiny' is for demo, bench, visualize, embed, eval, not generate"),
     ],
 )
 def test_generate_model_not_found_at_once(model, expected, tmp_path, monkeypatch, capsys, fresh_hub_answers):

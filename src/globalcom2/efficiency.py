@@ -192,9 +192,16 @@ def resolve_hardware(name: str) -> Hardware:
     raise ValueError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE)}")
 
 
-def resolve_arch(model: str) -> LMArch:
-    """The language model of a LLaVA-NeXT checkpoint: a known hub id (offline), a local
-    ``config.json`` or a directory holding one, else the hub through ``AutoConfig``."""
+def resolve_arch(model: str, **hub: Any) -> LMArch:
+    """The language model of a checkpoint of a supported family: a known hub id (offline), a local
+    ``config.json`` or a directory holding one, else the hub through ``AutoConfig`` (``hub``: its
+    keyword arguments, e.g. ``local_files_only=True``).
+
+    Raises:
+        ValueError: no config, an unreadable one, or one whose ``model_type`` is not a supported
+            family's (LLaVA-1.5's ``"llava"``, a text-only model...): costing it as LLaVA-NeXT
+            would print a table for a model it is not.
+    """
     if model in KNOWN_MODELS:
         return KNOWN_MODELS[model]
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
@@ -206,20 +213,39 @@ def resolve_arch(model: str) -> LMArch:
             raise ValueError(f"cannot read {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path} does not hold a JSON object")
+        family = _supported_family(data.get("model_type"), path)
         text = data.get("text_config", data)
+        if not isinstance(text, dict):
+            raise ValueError(f"{path}: text_config is not a JSON object")
         if "model_type" not in text:
-            text = {"model_type": _family_of(data.get("model_type")).default_text_model_type, **text}
+            text = {"model_type": family.default_text_model_type, **text}
         return LMArch.from_text_config(text, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
-    if os.path.exists(model) or model.startswith((".", "/")):
+    if os.path.exists(model):
         raise ValueError(f"{model} has no config.json")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ValueError(f"model directory not found: {model}")
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(model)
+        cfg = AutoConfig.from_pretrained(model, **hub)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one clear message
         known = ", ".join(KNOWN_MODELS)
         raise ValueError(f"cannot load the config of {model!r} ({type(exc).__name__}); known offline: {known}") from exc
-    return LMArch.from_text_config(getattr(cfg, "text_config", cfg), name=model)
+    _supported_family(getattr(cfg, "model_type", None), model)
+    return LMArch.from_text_config(cfg.text_config, name=model)
+
+
+def _supported_family(model_type: Any, where: str) -> Any:
+    """The family of a config's ``model_type`` (ValueError naming ``where`` and what is supported)."""
+    from .models import describe_supported, family_for_model_type
+
+    try:
+        return family_for_model_type(model_type)
+    except ValueError:
+        what = "no model_type" if model_type is None else f"model_type {model_type!r}"
+        raise ValueError(
+            f"{where}: {what} is not a supported vision-language model; globalcom2 supports {describe_supported()}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 bench`` (raises :class:`CLIError` on bad input)."""
     from ..efficiency import format_rows
 
+    common.check_model(args.model, "bench")  # no torch yet: a mistyped --model ends here at once
     ratios = parse_budget(args, "--ratios", args.model)
     for name in ("batch_size", "max_new_tokens", "runs"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
-    methods, options, _ = method_settings(args, ratios, "--ratios")
+    methods, options, settings = method_settings(args, ratios, "--ratios")
+    common.check_prompt(args.prompt, "--prompt")
     if args.plot is not None:
         need_matplotlib("--plot")
         output_file(args.plot, "--plot")
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import BENCH_COLUMNS, plot_rows, run_bench
 
-    model, processor = common.get_model(args.model, device, dtype)
+    model, processor = common.get_model(args.model, device, dtype, configs=[s.config for s in settings])
+    common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
 
     batch_images = [images[i % len(images)] for i in range(max(args.batch_size, len(images)))]
     text = build_prompt(processor, args.prompt)

@@ -115,6 +115,22 @@ def check_positive(flag: str, value: int) -> None:
         raise CLIError(f"{flag} must be >= 1, got {value}")
 
 
+#: The image placeholder the commands' prompts must not hold (they add it themselves).
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def check_prompt(text: str, flag: str, image_token: str | None = None) -> None:
+    """A prompt option must not hold an image placeholder (``<image>``, or the loaded processor's
+    ``image_token``): the command puts one before the text itself, and a second one would ask for
+    an image that was never given (CLIError naming the option)."""
+    for token in dict.fromkeys(t for t in (IMAGE_PLACEHOLDER, image_token) if t):
+        if token in str(text):
+            raise CLIError(
+                f"{flag}: the text holds the image placeholder {token!r}; leave it out, the command puts the "
+                "image before your text itself"
+            )
+
+
 def need_matplotlib(what: str) -> None:
     """CLIError naming the extra to install when matplotlib is missing (``what`` needs it)."""
     if importlib.util.find_spec("matplotlib") is None:
@@ -392,19 +408,103 @@ def locate_model(model: str) -> str:
         if local.is_file():
             raise CLIError(f"--model expects a hub id or a checkpoint directory, got the file {model}")
         if not (local / "config.json").is_file():
-            raise CLIError(f"not a model directory: {model} has no config.json (expected a saved LLaVA-NeXT checkpoint)")
+            raise CLIError(f"not a model directory: {model} has no config.json (expected a saved checkpoint of {_supported()})")
         return "local"
     if _looks_like_path(model):
         raise CLIError(f"model directory not found: {model}")
     if "/" not in model:
-        hint = " ('tiny', the built-in random demo model, is for demo, bench, visualize and eval)" if model == TINY_MODEL else (
-            f" ('{WIDE_MODEL}[:N]', the built-in wide random model, is for bench and visualize)"
-            if model.partition(":")[0] == WIDE_MODEL else "")
+        name = model.partition(":")[0]
+        hint = f" ('{model}', the built-in random demo model, is for {', '.join(BUILTIN_COMMANDS[TINY_MODEL])})" if model == TINY_MODEL else (
+            f" ('{WIDE_MODEL}[:N]', the built-in wide random model, is for {', '.join(BUILTIN_COMMANDS[WIDE_MODEL])})"
+            if name == WIDE_MODEL else "")
         raise CLIError(
             f"model not found: no local directory {model!r}, and hub ids look like org/name "
             f"(e.g. {EXAMPLE_MODEL}){hint}"
         )
     return "hub"
+
+
+#: The commands that take each built-in random model (``--model tiny`` / ``wide-random[:N]``).
+BUILTIN_COMMANDS: dict[str, tuple[str, ...]] = {
+    "tiny": ("demo", "bench", "visualize", "embed", "eval"),
+    "wide-random": ("bench", "visualize", "embed"),
+}
+
+#: Files of a local checkpoint, checked (by name only) before anything is loaded: the weights,
+#: the image processor's config, the tokenizer. Any one of each group will do.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def check_model(model: str, command: str, weights: bool = True) -> str:
+    """``--model`` checked before any work, without importing torch or transformers: the one
+    check every command makes first. Returns ``"builtin"``, ``"local"`` or ``"hub"``.
+
+    * a built-in random model (:func:`builtin_model`) must be one ``command`` takes
+      (:data:`BUILTIN_COMMANDS`);
+    * otherwise :func:`locate_model` (no network); a local checkpoint's ``config.json`` is read as
+      JSON and its ``model_type`` must be a registered family's, and (``weights`` True) its
+      folder must hold weights, an image-processor config and tokenizer files
+      (:func:`check_local_checkpoint`);
+    * a hub id gets :func:`hub_access`'s one quick look (huggingface_hub only).
+    """
+    builtin = builtin_model(model)  # a malformed wide-random:N is a CLIError here
+    if builtin is not None:
+        takes = BUILTIN_COMMANDS.get(builtin[0], ())
+        if command in takes:
+            return "builtin"
+        raise CLIError(
+            f"--model {model}: the built-in random model '{builtin[0]}' is for {', '.join(takes)}, not {command}; "
+            f"pass a checkpoint (a hub id such as {EXAMPLE_MODEL}, or a local directory)"
+        )
+    where = locate_model(model)
+    if where == "local":
+        check_local_checkpoint(Path(model).expanduser(), model, weights=weights)
+    else:
+        hub_access(model)
+    return where
+
+
+def read_config_json(path: Path, shown: str) -> dict[str, Any]:
+    """A ``config.json`` as a dict (CLIError naming the file when it is not a JSON object)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CLIError(f"cannot read {shown}: {one_line(str(e)) or type(e).__name__}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"cannot read {shown}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_model_type_name(model: str, model_type: Any) -> None:
+    """CLIError when ``model_type`` (a config's) is not a registered family's (no torch)."""
+    if model_type not in supported_model_types():
+        text = "config without model_type" if model_type is None else f"{model_type!r} model"
+        raise CLIError(f"model {model!r} is a {text}; globalcom2 supports {_registry().describe_supported()}")
+
+
+def check_local_checkpoint(folder: Path, model: str, weights: bool = True) -> dict[str, Any]:
+    """A local checkpoint folder checked by its files alone (see :func:`check_model`); returns its config dict."""
+    config = read_config_json(folder / "config.json", f"{model}/config.json")
+    check_model_type_name(model, config.get("model_type"))
+    if weights:
+        names = {p.name for p in folder.iterdir()}
+        for group, what in ((WEIGHT_FILES, "weights"), (PROCESSOR_FILES, "image processor config"),
+                            (TOKENIZER_FILES, "tokenizer")):
+            if not names.intersection(group):
+                raise CLIError(
+                    f"model {model!r} has no {what} ({' or '.join(group)} expected in {folder}); save the checkpoint "
+                    "with model.save_pretrained(DIR) and processor.save_pretrained(DIR)"
+                )
+    return config
+
+
+def _supported() -> str:
+    return _registry().describe_supported()
 
 
 def from_pretrained_kwargs(model: str) -> dict[str, Any]:
@@ -560,25 +660,47 @@ SUPPORTED_MODEL_TYPES = supported_model_types()
 EXAMPLE_MODEL = example_model()
 
 
-def check_model_type(model: str) -> Any:
+def check_model_type(model: str, configs: Sequence[Any] = ()) -> Any:
     """Load only the model's config and check a registered family handles it; returns the config.
 
     Where the model is comes from :func:`locate_model` (no network) then, for a hub id,
     :func:`hub_access` (one quick look): a mistake is reported at once, never after the hub
     client's retries."""
+    kwargs = from_pretrained_kwargs(model)  # no torch, no transformers yet: a mistyped name ends here
     from transformers import AutoConfig
 
-    kwargs = from_pretrained_kwargs(model)
     try:
         config = AutoConfig.from_pretrained(model, **kwargs)
     except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
         raise _load_error(model, e) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in supported_model_types():
-        raise CLIError(
-            f"model {model!r} is a {model_type!r} model; globalcom2 supports {_registry().describe_supported()}"
-        )
+    check_model_type_name(model, getattr(config, "model_type", None))
+    check_on_meta(model, config, configs)
     return config
+
+
+def check_on_meta(model: str, config: Any, configs: Sequence[Any] = ()) -> None:
+    """What :func:`globalcom2.apply` would refuse after loading, refused before: the model is built
+    from ``config`` on the meta device (no weights, no memory; a 7B model in 0.1 s) and each
+    method config of ``configs`` (default: GlobalCom2's defaults) is validated on it, as ``apply``
+    validates it (vision feature strategy, layout, the family's own checks). CLIError naming the
+    model; an unexpected failure of the meta build itself is left to the real load to report."""
+    import torch
+
+    from ..api import resolve_method
+
+    family = _registry().family_for_model_type(config.model_type)
+    try:
+        with torch.device("meta"):
+            meta = family.hf_classes()[0]._from_config(config)
+    except Exception:  # noqa: BLE001 - not ours to judge here; from_pretrained will say what is wrong
+        return
+    for cfg in configs or (None,):
+        try:
+            target, family_cls, resolved = resolve_method(meta, cfg, None, {})
+            family_cls(target, resolved).validate()
+        except ValueError as e:
+            method = getattr(cfg, "method", None) or "globalcom2"
+            raise CLIError(f"cannot apply {method} to {model!r}: {one_line(str(e))}") from None
 
 
 def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
@@ -599,10 +721,13 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
     return model.eval(), processor
 
 
-def get_model(model_id: str, device: str, dtype: Any, model_type: str = "llava_next") -> tuple[Any, Any]:
+def get_model(
+    model_id: str, device: str, dtype: Any, model_type: str = "llava_next", configs: Sequence[Any] = ()
+) -> tuple[Any, Any]:
     """``"tiny"``: the built-in random demo model (of the family ``model_type``);
     ``"wide-random[:N]"``: the built-in wide random LLaVA-NeXT (N language layers); otherwise a
-    checked, loaded checkpoint. The built-in models are float32 for ``dtype="auto"``."""
+    checked, loaded checkpoint (``configs``: the method configs to validate on it before its
+    weights load, see :func:`check_on_meta`). The built-in models are float32 for ``dtype="auto"``."""
     builtin = builtin_model(model_id)
     if builtin is not None:
         import torch
@@ -622,5 +747,5 @@ def get_model(model_id: str, device: str, dtype: Any, model_type: str = "llava_n
                f"{layers} of 32 layers; {str(dtype).replace('torch.', '')} on {device}) ...")
         with quiet_transformers():
             return build_wide_llava_next(text_layers=layers, dtype=dtype, device=device)
-    check_model_type(model_id)
+    check_model_type(model_id, configs)
     return load_model(model_id, device, dtype)

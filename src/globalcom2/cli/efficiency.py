@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import common
 from .common import EXAMPLE_MODEL, FORMAT_CHOICES, CLIError, add_visual_tokens_argument, echo, para, parse_budget
 
 
@@ -17,6 +18,27 @@ def _known_offline() -> tuple[str, ...]:
 
 
 KNOWN_OFFLINE = _known_offline()
+
+
+def _check_model(model: str) -> dict[str, Any]:
+    """``--model`` through the same checks as every command (:func:`common.check_model`: no
+    network for a path or a bare name, one quick look at the hub for ``org/name``), except that a
+    known checkpoint needs nothing and a ``config.json`` file or a folder with only a config is
+    enough (no weights are read). Returns the hub keyword arguments for ``AutoConfig``."""
+    from pathlib import Path
+
+    if model in KNOWN_OFFLINE:
+        return {}
+    path = Path(model).expanduser()
+    if path.is_file():  # a config.json itself: resolve_arch reads and checks it
+        return {}
+    try:
+        where = common.check_model(model, "efficiency", weights=False)
+    except CLIError as e:
+        if str(e).startswith("cannot load model"):  # the hub's answer: say what works offline
+            raise CLIError(f"{e}; known offline: {', '.join(KNOWN_OFFLINE)}") from None
+        raise
+    return common.hub_access(model) if where == "hub" else {}  # asked once: the answer is kept
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -69,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 efficiency`` (raises :class:`CLIError` on bad input)."""
     from .. import efficiency as eff
 
+    hub = _check_model(args.model)  # before anything else, without torch: as every command checks --model
     ratios = parse_budget(args, "--ratios", args.model)
     if args.breakdown and args.fastv_layer is not None:
         raise CLIError("--breakdown costs one stack of identical blocks; it cannot be combined with --fastv-layer")
@@ -76,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.text_tokens < 0:
             raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
         hardware = eff.resolve_hardware(args.hardware)
-        arch = eff.resolve_arch(args.model)
+        arch = eff.resolve_arch(args.model, **hub)
     except ValueError as e:
         raise CLIError(str(e)) from None
     bytes_per_value = 4.0 if args.dtype == "float32" else 2.0

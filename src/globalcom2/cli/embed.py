@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             f"--method {cfg.method}: FastV prunes inside the language model, which image embeddings cannot carry; use {hint}"
         )
     check_positive("--batch-size", args.batch_size)
+    common.check_model(args.model, "embed")  # no torch yet: a mistyped --model ends here at once
     if not str(args.out).endswith(SUFFIX):
         raise CLIError(f"--out must name a {SUFFIX} file, got {args.out!r}")
     out = output_file(args.out, "--out")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..embeddings import ImageEmbeddings
     from ..generation import build_prompt, to_model
 
-    model, processor = common.get_model(args.model, device, dtype)
+    model, processor = common.get_model(args.model, device, dtype, configs=[cfg])
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
     parts: list[ImageEmbeddings] = []
     batches = [args.image[i : i + args.batch_size] for i in range(0, len(args.image), args.batch_size)]

@@ -15,8 +15,8 @@ from typing import Any
 
 from . import common
 from .common import (
-    EXAMPLE_MODEL, FORMAT_CHOICES, PROG, TINY_MODEL, CLIError, add_device_arguments, add_method_arguments,
-    add_visual_tokens_argument, cannot_write, check_positive, echo, locate_model, one_line, output_dir, para,
+    EXAMPLE_MODEL, FORMAT_CHOICES, PROG, CLIError, add_device_arguments, add_method_arguments,
+    add_visual_tokens_argument, cannot_write, check_positive, echo, one_line, output_dir, para,
     parse_budget, parse_method_arguments, pick_device, pick_dtype, status,
 )
 
@@ -232,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--batch-size", args.batch_size)
     if not args.model:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
-    if args.model != TINY_MODEL:
-        locate_model(args.model)  # a missing directory or a bare name: reported now, not after the data is read
+    # a missing directory, a bare name, an unknown hub id: reported now (no torch yet), not after the data is read
+    common.check_model(args.model, "eval")
     try:  # an --output-dir of another protocol is refused before any data or model is read
         runner.check_output_protocol(out, args.protocol)
     except ValueError as e:
@@ -282,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             if talk:
                 status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
-            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device))
+            from ..methods import config_from_dict
+
+            configs = [config_from_dict(r.config) for r in runs if r.config is not None]
+            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device), configs=configs)
         elif talk:
             status(f"{PROG}: every prediction exists in {out}: re-scoring only")
         try:

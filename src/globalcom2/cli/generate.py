@@ -106,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
         f", layout {vcfg.layout}" if vcfg is not None and hasattr(vcfg, "layout") else "")
     check_positive("--max-new-tokens", args.max_new_tokens)
     check_positive("--timing-runs", args.timing_runs)
+    common.check_prompt(args.prompt, "--prompt")
     image = load_image(args.image)
-    common.check_model_type(args.model)
+    common.check_model(args.model, "generate")  # no torch yet: a mistyped --model ends here at once
+    common.check_model_type(args.model, [cfg])  # its config, and the method validated on it (no weights)
     device, dtype = device_and_dtype(args)
 
     # 2. Load the model and processor.
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, processor = common.load_model(args.model, device, dtype)
 
+    common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
     text = build_prompt(processor, args.prompt)
     try:
         inputs = processor(images=image, text=text, return_tensors="pt")

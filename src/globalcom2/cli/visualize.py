@@ -65,8 +65,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 visualize`` (raises :class:`CLIError` on bad input)."""
     # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
+    common.check_model(args.model, "visualize")  # no torch yet: a mistyped --model ends here at once
     ratios = parse_budget(args, "--retention-ratio", args.model)
-    methods, options, _ = method_settings(args, ratios, "--retention-ratio", several=False)
+    methods, options, settings = method_settings(args, ratios, "--retention-ratio", several=False)
+    if args.prompt is not None:
+        common.check_prompt(args.prompt, "--prompt")
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
     out = output_file(args.output, "--output")
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     label = "tiny random demo model" if args.model == TINY_MODEL else f"{args.model} (random weights)"
     if random_weights:
         status(f"{PROG}: building the {label} (no download) ...")
-    model, processor = common.get_model(args.model, device, dtype)
+    model, processor = common.get_model(args.model, device, dtype, configs=[s.config for s in settings])
     from ..visualize import visualize
 
     ratio_text = ", ".join(f"{r:g}" for r in ratios)
