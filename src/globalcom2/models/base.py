@@ -728,6 +728,7 @@ class Family(Adapter):
         returned sequences (plus new text) is continued on the compressed cache.
         """
         call = bind_arguments(original, args, kwargs)
+        _cache_under_installed_name(call)
         input_ids = call.pop("inputs", None)
         if input_ids is None:
             input_ids = call.pop("input_ids", None)
@@ -842,6 +843,33 @@ def _given_cache(call: dict[str, Any]) -> Any:
     return cache if cache is not None else call.get("past_key_values")
 
 
+def cache_keyword() -> str:
+    """The name the installed transformers' ``generate`` takes a KV cache by: ``"cache"`` from the
+    release that renamed ``past_key_values`` (its generate outputs carry ``.cache``, and passing
+    ``past_key_values`` gives a FutureWarning), else ``"past_key_values"`` (5.18)."""
+    global _CACHE_KEYWORD
+    if _CACHE_KEYWORD is None:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        fields = getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
+        _CACHE_KEYWORD = "cache" if "cache" in fields else "past_key_values"
+    return _CACHE_KEYWORD
+
+
+_CACHE_KEYWORD: str | None = None
+
+
+def _cache_under_installed_name(call: dict[str, Any]) -> None:
+    """A ``generate`` call's KV cache, given as ``cache`` or ``past_key_values``, passed on under
+    :func:`cache_keyword`'s name (either works on every supported transformers, and no
+    deprecation warning is raised from here). Both given: left to transformers."""
+    want = cache_keyword()
+    other = "past_key_values" if want == "cache" else "cache"
+    if other in call and call.get(want) is None:
+        call.pop(want, None)
+        call[want] = call.pop(other)
+
+
 def _cache_length(cache: Any) -> int:
     get_len = getattr(cache, "get_seq_length", None)
     return int(get_len()) if get_len is not None else 0
@@ -929,7 +957,7 @@ class _PromptStreamer:
 
 def _is_prefill(call: dict[str, Any]) -> bool:
     """Whether a forward call starts a sequence (no KV cache yet, or an empty one)."""
-    cache = call.get("past_key_values", call.get("cache"))
+    cache = _given_cache(call)
     if cache is None:
         return True
     get_len = getattr(cache, "get_seq_length", None)
