@@ -1,5 +1,15 @@
-"""Small file helpers shared by the commands: atomic writes, output-path checks, and the one
-conversion of any PIL image to 8-bit RGB."""
+"""Small file helpers shared by the commands: atomic writes, output-path checks, the one
+conversion of any PIL image to 8-bit RGB, and the checks of image files before any model work.
+
+EXIF orientation, per loader (a deliberate difference):
+
+* the command line's images (``generate``, ``embed``, ``bench``, ``visualize``, ``demo --image``:
+  :func:`globalcom2.cli.common.load_image`) are turned upright by their EXIF orientation
+  (:func:`upright`), as an image viewer shows a phone photo;
+* the evaluation loaders (:func:`globalcom2.eval.base.decode_image`, the lmms-eval plugin) read
+  the pixels as stored, as LLaVA's evaluation scripts do (``Image.open(f).convert("RGB")``), so
+  that scores stay comparable with the published ones.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +20,65 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+#: A temporary file of :func:`atomic_path` older than this (seconds) is left over by a process
+#: that was killed mid-write; the next write to the same file removes it.
+STALE_TMP_SECONDS = 3600.0
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_tmp(path: str | os.PathLike[str], max_age: float = STALE_TMP_SECONDS) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` for ``path`` that a killed process left
+    behind: those of a process that no longer runs, or older than ``max_age`` seconds. Returns them."""
+    import time
+
+    path = Path(path)
+    removed = []
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(_tmp_prefix(path)) and p.name.endswith(".tmp")]
+    except OSError:
+        return removed
+    now = time.time()
+    for tmp in candidates:
+        pid_text = tmp.name[len(_tmp_prefix(path)):].split(".", 1)[0]
+        try:
+            alive = _pid_alive(int(pid_text))
+            old = now - tmp.stat().st_mtime > max_age
+        except (ValueError, OSError):
+            continue  # not one of ours, or already gone
+        if not alive or old:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform that cannot tell: keep its file
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step.
 
     Whatever fails inside the block, nothing half-written is left at ``path`` (the temporary file
-    is removed). The parent folder is created if needed.
+    is removed). A process killed inside the block cannot remove its temporary file: the next
+    write to ``path`` does (:func:`remove_stale_tmp`). The parent folder is created if needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    remove_stale_tmp(path)
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -146,3 +205,41 @@ def to_rgb(image: Any) -> Any:
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL's advice for palette transparency; the colours are the same
     return image.convert("RGB")
+
+
+def upright(image: Any) -> Any:
+    """``image`` turned as its EXIF orientation says (a new image; unchanged without one): what
+    the command line's loader does, not the evaluation loaders (see the module's docstring)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+        return image
+
+
+def image_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the image file at ``path`` cannot be read, from its header alone (no decoding, so
+    cheap enough for thousands of files before a model loads), or None when it looks fine: an
+    empty file, a format PIL cannot open, or more pixels than PIL's decompression-bomb limit.
+    A file truncated after its header is only found when decoded."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file (0 bytes)"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except UnidentifiedImageError:
+        return "not an image format PIL can open"
+    except Image.DecompressionBombError:
+        return f"more pixels than PIL's decompression-bomb limit ({2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels)"
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"unreadable ({' '.join(str(e).split()) or type(e).__name__})"
+    if width < 1 or height < 1:
+        return f"an image of {width}x{height} pixels"
+    return None

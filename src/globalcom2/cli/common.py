@@ -330,12 +330,15 @@ def _is_url(s: str) -> bool:
 
 
 def load_image(source: str) -> Any:
-    """Open an image file or URL as an RGB PIL image, or raise :class:`CLIError`."""
+    """Open an image file or URL as an RGB PIL image, or raise :class:`CLIError`.
+
+    Turned upright by its EXIF orientation (a phone photo is seen as a viewer shows it; the
+    evaluation loaders deliberately are not, see :mod:`globalcom2._io`)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
-    from .._io import to_rgb
+    from .._io import to_rgb, upright
 
     if _is_url(source):
         import urllib.error
@@ -361,12 +364,16 @@ def load_image(source: str) -> Any:
             raise CLIError(f"not an image file: {source} is a directory" if path.is_dir() else f"not an image file: {source}")
         stream = path
         name = str(path)
+        if path.stat().st_size == 0:
+            raise CLIError(f"cannot read image {name}: an empty file (0 bytes)")
     try:
         with Image.open(stream) as img:
             img.load()
-            return to_rgb(img)  # 16-bit and float images keep their range (see globalcom2._io.to_rgb)
+            return to_rgb(upright(img))  # 16-bit and float images keep their range (see globalcom2._io.to_rgb)
     except UnidentifiedImageError:
         raise CLIError(f"cannot read image {name}: not an image format PIL can open") from None
+    except Image.DecompressionBombError as e:  # not an OSError: named here, not by the catch-all
+        raise CLIError(f"cannot read image {name}: {one_line(str(e))}") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files
         raise CLIError(f"cannot read image {name}: {one_line(str(e)) or type(e).__name__}") from None
 

@@ -151,6 +151,7 @@ def _parse_pairs(items: list[str], option: str) -> dict[str, str]:
 
 def _judge(args: argparse.Namespace) -> dict[str, Any] | None:
     import os
+    import re
 
     if args.judge_url is None and args.judge_model is None and args.judge_api_key_env is None:
         return None
@@ -159,6 +160,11 @@ def _judge(args: argparse.Namespace) -> dict[str, Any] | None:
         api_key = os.environ.get(args.judge_api_key_env)
         if not api_key:
             raise CLIError(f"--judge-api-key-env: the environment variable {args.judge_api_key_env} is not set")
+    if not (args.judge_model or "").strip():  # found now, not after every answer is generated
+        given = "--judge-url" if args.judge_url is not None else "--judge-api-key-env"
+        raise CLIError(f"{given} needs --judge-model: the judge model's name (MM-Vet's paper used gpt-4-0613)")
+    if args.judge_url is not None and not re.match(r"^https?://\S+$", args.judge_url, flags=re.IGNORECASE):
+        raise CLIError(f"--judge-url: expected an http(s):// URL, got {args.judge_url!r}")
     return {"base_url": args.judge_url, "model": args.judge_model, "api_key": api_key}
 
 

@@ -292,6 +292,12 @@ def json_object(path: str | Path, what: str, keyed_by: str) -> dict[str, Any]:
 
 def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
     """Every line of a JSON-lines file as a dict (blank lines skipped)."""
+    return [row for _, row in read_jsonl_lines(path, what)]
+
+
+def read_jsonl_lines(path: str | Path, what: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, dict)`` for every non-blank line of a JSON-lines file (numbers from 1, as an
+    editor shows them: blank lines count)."""
     path = require_file(path, what)
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -304,16 +310,17 @@ def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
                 raise DataError(f"{path}, line {n}: not valid JSON ({what}): {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {n}: expected a JSON object ({what}), got {type(row).__name__}")
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 
 def jsonl_rows(path: str | Path, what: str, keys: Iterable[str]) -> Iterator[tuple[dict[str, Any], str]]:
     """``(row, where)`` for each row of :func:`read_jsonl`, after :func:`require_keys`; ``where``
-    names the row for error messages: ``<path>, line <n>``, n counting the rows from 1."""
+    names the row for error messages: ``<path>, line <n>``, the line of the file (blank lines
+    counted, as an editor numbers them)."""
     keys = tuple(keys)
-    for n, row in enumerate(read_jsonl(path, what)):
-        where = f"{path}, line {n + 1}"
+    for n, row in read_jsonl_lines(path, what):
+        where = f"{path}, line {n}"
         require_keys(row, keys, where)
         yield row, where
 
@@ -456,7 +463,9 @@ def require_keys(row: dict[str, Any], keys: Iterable[str], where: str) -> None:
 
 def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
     """Open an :data:`ImageRef` as an RGB PIL image (None stays None), converted by
-    :func:`globalcom2._io.to_rgb` (a 16-bit PNG keeps its range; transparency is dropped).
+    :func:`globalcom2._io.to_rgb` (a 16-bit PNG keeps its range; transparency is dropped). The
+    pixels are read as stored, EXIF orientation not applied, as LLaVA's evaluation scripts read
+    them (the command line's loader does apply it; see :mod:`globalcom2._io`).
 
     Accepts a path, raw bytes, ``"base64:..."`` text, a PIL image, or a ``{"bytes": ..., "path": ...}``
     dict as ``datasets`` stores images in parquet.
@@ -491,8 +500,9 @@ def decode_image(ref: ImageRef, what: str = "image") -> Image.Image | None:
         img.load()
     except DataError:
         raise
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, binascii.Error...
-        raise DataError(f"{what}: cannot decode the image ({e})") from None
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, DecompressionBombError, binascii.Error...
+        source = f" {ref}" if isinstance(ref, (str, Path)) and not str(ref).startswith("base64:") else ""
+        raise DataError(f"{what}: cannot decode the image{source} ({type(e).__name__}: {e})") from None
     return to_rgb(img)  # 16-bit and float images keep their range
 
 
@@ -506,6 +516,26 @@ def image_file(ref: ImageRef) -> Path | None:
     if isinstance(ref, str) and ref and not ref.startswith("base64:"):
         return Path(ref)
     return None
+
+
+def unreadable_image_files(samples: Iterable[Sample]) -> list[tuple[Sample, Path, str]]:
+    """The samples whose image file exists but cannot be read, judged by its header alone
+    (:func:`globalcom2._io.image_file_problem`: empty, not an image, a decompression bomb), with
+    the file and the reason; each file once, in sample order. Missing files are not listed here
+    (see :func:`missing_image_files`); a file truncated after its header is found only when decoded."""
+    from .._io import image_file_problem
+
+    seen: set[Path] = set()
+    bad: list[tuple[Sample, Path, str]] = []
+    for s in samples:
+        path = image_file(s.image)
+        if path is None or path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        problem = image_file_problem(path)
+        if problem is not None:
+            bad.append((s, path, problem))
+    return bad
 
 
 def missing_image_files(samples: Iterable[Sample]) -> tuple[list[tuple[Sample, Path]], int]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-from .base import Benchmark, DataError, Sample, check_protocol, get_benchmark, missing_image_files
+from .base import Benchmark, DataError, Sample, check_protocol, get_benchmark, missing_image_files, unreadable_image_files
 from .records import done_ids, predictions_path, read_meta, shard_files
 
 #: The method name of the unmodified model, run at retention ratio 1.0.
@@ -154,9 +154,8 @@ def plan_runs(
 def checkpoint_name(model: Any) -> str:
     """The model's checkpoint name or path (a local path resolved), as recorded in a run's meta file."""
     name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    if name and Path(name).expanduser().exists():
-        """The model's checkpoint name or path (a local path resolved), as recorded in a run's meta file."""
-    name = str(Path(name).expanduser().resolve())
+    if name and Path(name).expanduser().exists():  # a hub id or "tiny" is kept as it is
+        name = str(Path(name).expanduser().resolve())
     return name
 
 
@@ -202,29 +201,40 @@ def pending(loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec], output_d
 def check_images(
     loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec] | None = None, output_dir: str | Path | None = None
 ) -> None:
-    """Fail before any model work when image files are missing (read only: files are stat'ed,
-    not opened).
+    """Fail before any model work when image files are missing, or exist but cannot be read
+    (read only: files are stat'ed, then the header of each is opened: empty files, non-images and
+    decompression bombs are found here; a file truncated after its header only when decoded).
 
     Only samples still to be answered are checked when ``runs`` and ``output_dir`` are given (a
     finished run re-scores without its images); embedded images (parquet / Arrow bytes, base64)
     need no check. Counts are of distinct files, over every benchmark.
 
     Raises:
-        DataError: ``"N of M images are missing, first: PATH (benchmark split, sample ID)"``.
+        DataError: ``"N of M images are missing, first: PATH (benchmark split, sample ID)"``, or
+            ``"N of M image files cannot be read, first: PATH: why (benchmark split, sample ID)"``.
     """
     missing: list[tuple[LoadedBenchmark, Sample, Path]] = []
+    unreadable: list[tuple[LoadedBenchmark, Sample, Path, str]] = []
     total = 0
     for lb in loaded:
-        samples: Iterable[Sample] = lb.samples
+        samples: list[Sample] = list(lb.samples)
         if runs is not None and output_dir is not None:
             done = [done_ids(predictions_path(output_dir, lb.name, lb.split, r.method, r.ratio)) for r in runs]
             samples = [s for s in lb.samples if not all(s.id in d for d in done)]
         gone, n = missing_image_files(samples)
         missing += [(lb, s, p) for s, p in gone]
         total += n
+        if not missing:  # headers only once every file is there
+            unreadable += [(lb, s, p, why) for s, p, why in unreadable_image_files(samples)]
     if missing:
         lb, s, path = missing[0]
         raise DataError(
             f"{len(missing)} of {total} images are missing, first: {path} "
+            f"({lb.bench.title} {lb.split}, sample {s.id!r})"
+        )
+    if unreadable:
+        lb, s, path, why = unreadable[0]
+        raise DataError(
+            f"{len(unreadable)} of {total} image files cannot be read, first: {path}: {why} "
             f"({lb.bench.title} {lb.split}, sample {s.id!r})"
         )

@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..base import Benchmark, DataError, Sample, jsonl_rows, read_jsonl, register_benchmark, require_keys
+from ..base import Benchmark, DataError, Sample, jsonl_rows, register_benchmark
 from ..base import lmms_split_files, table_rows
 
 #: The three COCO subsets, in POPE's order.
@@ -144,13 +144,11 @@ class POPE(Benchmark):
 
     def _load_llava(self, folder: Path, subsets: Sequence[str]) -> list[Sample]:
         qpath = folder / "llava_pope_test.jsonl"
-        questions = read_jsonl(qpath, "LLaVA POPE questions")
+        questions = list(jsonl_rows(qpath, "LLaVA POPE questions", ("question_id", "image", "text", "category")))
         image_dir = self._image_dir(folder)
         labels: dict[str, dict[tuple[str, str], str]] = {}
         samples = []
-        for n, q in enumerate(questions):
-            where = f"{qpath}, line {n + 1}"
-            require_keys(q, ("question_id", "image", "text", "category"), where)
+        for q, where in questions:
             subset = q["category"]
             if subset not in subsets:
                 continue
