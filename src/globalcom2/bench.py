@@ -383,6 +383,10 @@ BENCH_COLUMNS = [
     ("kv_cache_x", "x KV", ".3f"),
 ]
 
+#: Columns of ``--format csv``: the table's, with the retention ratio as a number of its own
+#: (the ``method`` label holds it as text, "globalcom2 R=0.25"; vanilla is 1).
+BENCH_CSV_COLUMNS = [BENCH_COLUMNS[0], ("ratio", "ratio", "g"), *BENCH_COLUMNS[1:]]
+
 
 def method_settings(
     methods: Sequence[str], ratios: Sequence[float], options: dict[str, Any] | None = None,
@@ -580,8 +584,14 @@ def run_bench(
         row.peak_mem_x = _ratio(row.peak_mem_mib, base.peak_mem_mib)
         row.prefill_mem_x = _ratio(row.prefill_mem_mib, base.prefill_mem_mib)
     return rows
-def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
-    """Latency and visual tokens versus retention ratio (PNG), written atomically."""
+def plot_rows(rows: Sequence[BenchRow], path: str, title: str = "globalcom2 bench", note: str | None = None) -> Any:
+    """Latency and visual tokens versus retention ratio (PNG), written atomically; returns the figure.
+
+    ``title`` should say what was measured (model, dtype, runs); ``note`` (e.g. that the weights
+    are random) is printed under it. The tokens panel draws each method at the visual
+    tokens its language model processes on average over its layers (``effective_tokens``): the
+    same as ``visual_tokens`` for the vision-side methods, FastV's pruned count for FastV (which
+    hands every token to the language model and drops them after layer K)."""
     try:
         from matplotlib.figure import Figure  # object-oriented: no pyplot state, no backend switch
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -600,16 +610,18 @@ def plot_rows(rows: Sequence[BenchRow], path: str) -> None:
         xs = [r.ratio for r in comp]
         ax1.plot(xs, [r.prefill_ms for r in comp], "o-", color=f"C{i + 2}", label=f"{name} prefill")
         ax1.plot(xs, [r.generate_ms for r in comp], "s:", color=f"C{i + 2}", label=f"{name} generate")
-        ax2.plot(xs, [r.visual_tokens for r in comp], "o-", color=f"C{i + 2}", label=name)
+        ax2.plot(xs, [r.effective_tokens or r.visual_tokens for r in comp], "o-", color=f"C{i + 2}", label=name)
     ax1.axhline(base.prefill_ms, color="C0", ls="--", label="vanilla prefill")
     ax1.axhline(base.generate_ms, color="C1", ls="--", label="vanilla generate")
     ax1.set(xlabel="retention ratio R", ylabel="median latency (ms)", title="Latency")
     ax1.set_ylim(bottom=0)  # honest scale: bars of time start at zero
     ax1.legend(fontsize=8)
     ax2.axhline(base.visual_tokens, color="C0", ls="--", label="vanilla")
-    ax2.set(xlabel="retention ratio R", ylabel="visual tokens", title="Visual tokens reaching the LM")
+    ax2.set(xlabel="retention ratio R", ylabel="visual tokens (layer average)",
+            title="Visual tokens the LM processes (FastV: average over its layers)")
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=8)
-    fig.suptitle("globalcom2 bench")
+    fig.suptitle(title if note is None else f"{title}\n{note}")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
+    return fig

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..bench import BENCH_COLUMNS, plot_rows, run_bench
+    from ..bench import BENCH_COLUMNS, BENCH_CSV_COLUMNS, plot_rows, run_bench
 
     model, processor = common.get_model(args.model, device, dtype, configs=[s.config for s in settings])
     common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
@@ -135,16 +135,19 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"out of memory while measuring ({one_line(str(e)) or type(e).__name__}){hint}") from None
     data = [r.to_dict() for r in rows]
     builtin = builtin_model(args.model)
-    if args.format == "table" and builtin is not None:
+    note = None
+    if builtin is not None:
         if builtin[0] == TINY_MODEL:
-            echo("NOTE: tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up.")
+            note = "tiny random demo model: timings show the pipeline's overheads, not a real model's speed-up."
         else:
             layers = model.config.text_config.num_hidden_layers
-            echo(f"NOTE: {WIDE_MODEL}: random weights at real widths (CLIP ViT-L/14-336 + Vicuna-7B-wide LM with "
-                 f"{layers} of 32 layers): times and memory are real sizes', answers are noise.")
+            note = (f"{WIDE_MODEL}: random weights at real widths (CLIP ViT-L/14-336 + Vicuna-7B-wide LM with "
+                    f"{layers} of 32 layers): times and memory are real sizes', answers are noise.")
+    if args.format == "table" and note is not None:
+        echo(f"NOTE: {note}")
     if args.format == "json":  # no NaN in JSON: an unmeasurable figure (decode with 1 new token) is null
         data = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in data]
-    echo(format_rows(data, BENCH_COLUMNS, args.format))
+    echo(format_rows(data, BENCH_CSV_COLUMNS if args.format == "csv" else BENCH_COLUMNS, args.format))
     if args.format == "table":
         memory = "CUDA max allocated" if str(device).startswith("cuda") else "peak RSS"
         echo(f"+MiB: {memory} above the {rows[0].baseline_mib:.0f} MiB in use after loading; x LM FLOPs: analytic "
@@ -152,8 +155,17 @@ def run(args: argparse.Namespace) -> int:
              f"decode: per new token after the prefill ({args.max_new_tokens} generated).")
     if args.plot is not None:
         try:
-            plot_rows(rows, str(Path(args.plot).expanduser()))
+            plot_rows(rows, str(Path(args.plot).expanduser()), title=_plot_title(args, model, device), note=note)
         except OSError as e:
             raise cannot_write(args.plot, e) from None
         status(f"{PROG}: plot written to {args.plot}")
     return 0
+
+
+def _plot_title(args: argparse.Namespace, model: Any, device: str) -> str:
+    """What the plot shows: the model, its dtype and device, the runs behind each median, the grad mode."""
+    dtype = str(model.dtype).replace("torch.", "")
+    images = len(args.image or [None])
+    return (f"globalcom2 bench: {args.model} ({dtype} on {device}), median of {args.runs} run(s) after "
+            f"{args.warmup} warm-up, batch {max(args.batch_size, images)}, {args.max_new_tokens} new tokens, "
+            f"{'no_grad' if args.no_grad else 'grad mode on'}")

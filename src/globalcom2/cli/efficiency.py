@@ -19,6 +19,13 @@ def _known_offline() -> tuple[str, ...]:
 
 KNOWN_OFFLINE = _known_offline()
 
+#: ``--format csv`` columns after the table's: the settings the table prints in its header and the
+#: JSON has in every row (the text tokens, the roofline's hardware, the language model, fused attention).
+CSV_EXTRA_COLUMNS = [
+    ("text_tokens", "text tokens", "d"), ("hardware", "hardware", "s"), ("model", "model", "s"),
+    ("flash_attention", "flash attention", ""),
+]
+
 
 def _check_model(model: str) -> dict[str, Any]:
     """``--model`` through the same checks as every command (:func:`common.check_model`: no
@@ -123,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
             f"{hardware.source or 'source not recorded'}), {args.dtype}, {attention}"
         )
         echo("")
-    echo(eff.format_rows(rows, eff.EFFICIENCY_COLUMNS, args.format))
+    # CSV has no header lines: it carries what the table says above itself, as the JSON does.
+    columns = eff.EFFICIENCY_COLUMNS + (CSV_EXTRA_COLUMNS if args.format == "csv" else [])
+    echo(eff.format_rows(rows, columns, args.format))
     if args.breakdown:
         for row in rows:
             ops = eff.operator_breakdown(arch, row["visual_tokens"] + args.text_tokens, hardware,
