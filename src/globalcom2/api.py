@@ -53,7 +53,13 @@ def unwrap_model(model: Any) -> Any:
 
 
 def get_adapter(model: nn.Module) -> Adapter | None:
-    """The adapter applied to ``model`` (or to the model inside its PEFT / compile wrapper), or None."""
+    """The adapter applied to ``model`` (or to the model inside its PEFT / compile wrapper), or None.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module`` (``None``, a string, a processor...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a supported vision-language model), got {type(model).__name__}")
     return unwrap_model(model).__dict__.get(STATE_ATTR)
 
 

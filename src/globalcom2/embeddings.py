@@ -194,7 +194,10 @@ class ImageEmbeddings:
     def save(self, path: str | Path) -> Path:
         """Write the embeddings to a safetensors file (tensors ``image.0``, ``image.1``... on the
         CPU, in their dtype; the config and counts in the metadata). Atomic: a failure leaves no
-        half-written file. Read them back with :func:`load_embeddings`."""
+        half-written file. Read them back with :func:`load_embeddings`.
+
+        Raises:
+            OSError: the file cannot be written (a full disk included, whatever safetensors raises)."""
         from safetensors.torch import save_file
 
         from ._io import atomic_path
@@ -202,7 +205,12 @@ class ImageEmbeddings:
         tensors = {f"image.{i}": t.detach().to("cpu").contiguous() for i, t in enumerate(self.embeddings)}
         path = Path(path)
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self.metadata())
+            try:
+                save_file(tensors, str(tmp), metadata=self.metadata())
+            except OSError:
+                raise
+            except Exception as e:  # safetensors' own SafetensorError (a full disk...) is not an OSError
+                raise OSError(f"cannot write {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
         return path
 
     @classmethod
@@ -229,14 +237,18 @@ def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
         device: where the tensors go (default: the CPU).
 
     Raises:
-        ValueError: the file is not a globalcom2 embeddings file, or is of a newer layout.
+        ValueError: the file is not a globalcom2 embeddings file, is of a newer layout, or its
+            metadata is damaged or lacks a field (the file and the field are named).
         FileNotFoundError: no such file.
+        IsADirectoryError: ``path`` is a folder.
     """
     from safetensors import safe_open
 
     from .methods import config_from_dict
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, expected an embeddings file (.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"no such embeddings file: {path}")
     try:
@@ -246,24 +258,41 @@ def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
                 raise ValueError(f"{path} is not a globalcom2 image-embeddings file (its metadata has no format {FILE_FORMAT!r})")
             if meta.get("version") != FILE_VERSION:
                 raise ValueError(f"{path} has layout version {meta.get('version')!r}; this globalcom2 reads {FILE_VERSION!r}")
-            n = int(meta["num_images"])
+            n = _meta_field(meta, "num_images", path, int)
+            names = set(fh.keys())
+            absent = [f"image.{i}" for i in range(n) if f"image.{i}" not in names]
+            if absent:
+                raise ValueError(f"{path} is damaged: its metadata counts {n} images but tensor {absent[0]} is not in it")
             tensors = [fh.get_tensor(f"image.{i}") for i in range(n)]
     except ValueError:
         raise
     except Exception as e:  # safetensors raises its own error types on a damaged file
         raise ValueError(f"cannot read {path} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    counts = json.loads(meta["counts"])
+    counts = _meta_field(meta, "counts", path, json.loads)
     if counts != [int(t.shape[0]) for t in tensors]:
         raise ValueError(f"{path} is inconsistent: its metadata counts {counts} differ from its tensors")
+    vanilla = _meta_field(meta, "vanilla_counts", path, lambda text: [int(v) for v in json.loads(text)])
+    if len(vanilla) != n:
+        raise ValueError(f"{path}: metadata field 'vanilla_counts' has {len(vanilla)} entries for {n} images")
     return ImageEmbeddings(
         embeddings=tensors,
-        vanilla_counts=[int(v) for v in json.loads(meta["vanilla_counts"])],
-        config=config_from_dict(json.loads(meta["config"])),
-        model_type=meta["model_type"],
-        image_token_id=int(meta["image_token_id"]),
+        vanilla_counts=vanilla,
+        config=_meta_field(meta, "config", path, lambda text: config_from_dict(json.loads(text))),
+        model_type=_meta_field(meta, "model_type", path, str),
+        image_token_id=_meta_field(meta, "image_token_id", path, int),
         model=meta.get("model", ""),
-        images=json.loads(meta["images"]) if "images" in meta else None,
+        images=_meta_field(meta, "images", path, json.loads) if "images" in meta else None,
     )
+
+
+def _meta_field(meta: Mapping[str, str], name: str, path: Path, parse: Any) -> Any:
+    """``parse(meta[name])``, or a ValueError naming the file and the field (missing or damaged)."""
+    if name not in meta:
+        raise ValueError(f"{path}: its metadata lacks the field {name!r} (not written by globalcom2, or damaged)")
+    try:
+        return parse(meta[name])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: metadata field {name!r} is damaged ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *, method: str | None = None, **options: Any) -> ImageEmbeddings:
@@ -330,10 +359,31 @@ def embed_prompt(
 
     Returns:
         ``{"inputs_embeds": (B, L', D), "attention_mask": (B, L')}`` (the mask where one is needed).
+
+    Raises:
+        TypeError: ``embeddings`` is not :class:`ImageEmbeddings` (a dict of its fields is not), or
+            ``input_ids`` is not a tensor.
+        ValueError: the embeddings come from another family's model (even one of the same width),
+            or a model of another width, or the prompt's placeholders fit none of the forms.
     """
     from .api import unwrap_model
+    from .models import adapter_for
     from .models.base import pad_token_id_of
 
+    if not isinstance(embeddings, ImageEmbeddings):
+        raise TypeError(
+            f"embeddings must be ImageEmbeddings (from globalcom2.compress_images or load_embeddings), "
+            f"got {type(embeddings).__name__}"
+        )
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of shape (batch, length), got {type(input_ids).__name__}")
+    target = unwrap_model(model)
+    family = adapter_for(target)  # ValueError naming what is supported
+    if embeddings.model_type != family.model_type:
+        raise ValueError(
+            f"these image embeddings come from a {embeddings.model_type!r} model, this is a {family.model_type!r} one "
+            f"({type(target).__name__}): compute them with this model"
+        )
     # New padding is masked; it gets the id the patched model pads with, so that even the logits
     # at padded positions are the patched model's.
     ids, mask = embeddings.prompt(input_ids, attention_mask, pad_token_id=pad_token_id_of(unwrap_model(model)))

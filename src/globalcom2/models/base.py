@@ -192,6 +192,27 @@ def adapter_for(model: Any) -> type["Family"]:
 family_for = adapter_for
 
 
+def check_image_inputs(pixel_values: Any, image_inputs: dict[str, Any]) -> None:
+    """The checks of a call's images that every family shares, before any encoding: ``pixel_values``
+    a tensor, ``image_sizes`` (where given) positive ``(height, width)`` pairs (TypeError /
+    ValueError naming the argument, instead of a division by zero deep in the geometry)."""
+    if pixel_values is None:
+        raise ValueError("pixel_values are required (the processor's output for the images)")
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(f"pixel_values must be a torch.Tensor (the processor's return_tensors='pt'), got {type(pixel_values).__name__}")
+    sizes = image_inputs.get("image_sizes")
+    if sizes is None:
+        return
+    try:
+        rows = sizes.tolist() if torch.is_tensor(sizes) else [list(s) for s in sizes]
+        pairs = [(float(h), float(w)) for h, w in rows]
+    except (TypeError, ValueError):
+        raise ValueError(f"image_sizes must be (height, width) pairs, one per image; got {sizes!r}") from None
+    for i, (h, w) in enumerate(pairs):
+        if not (h >= 1 and w >= 1) or h != int(h) or w != int(w):
+            raise ValueError(f"image_sizes[{i}] = ({h:g}, {w:g}): every (height, width) must be whole numbers >= 1")
+
+
 def bind_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Name every argument of a call to ``fn`` (positional ones included), flattening ``**kwargs``."""
     if not args:
@@ -368,7 +389,9 @@ class Family(Adapter):
     def encode_inputs(self, inputs: Any) -> EncodedImages:
         """:meth:`encode` the images of a processor's output (``pixel_values`` and the family's
         :attr:`image_inputs` found in it)."""
-        return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
+        image_inputs = {k: inputs[k] for k in self.image_inputs if k in inputs}
+        check_image_inputs(inputs["pixel_values"], image_inputs)
+        return self.encode(inputs["pixel_values"], **image_inputs)
 
     def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
         """(rows, columns) of the crop grid of image ``index`` of a processor's output, or None
@@ -543,6 +566,13 @@ class Family(Adapter):
                 "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
                 "(inputs_embeds are not supported: the placeholders must be shortened)"
             )
+        for name in ("input_ids", "attention_mask"):
+            value = kwargs.get(name)
+            if value is not None and not (torch.is_tensor(value) and value.dim() == 2):
+                what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+                raise TypeError(f"{name} must be a (batch, length) torch.Tensor (the processor's return_tensors='pt'), got {what}")
+        if given is None:
+            check_image_inputs(pixel_values, image_inputs)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
