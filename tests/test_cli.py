@@ -219,6 +219,7 @@ def test_generate_compare_on_saved_tiny_model(saved_models, capsys):
     assert 0 < kept < vanilla
     assert f"visual tokens: {vanilla:,}\n" in out
     assert "summary: GlobalCom2 keeps" in out
+    assert "(640x480 px, width x height; thumbnail + 2x2 crops (rows x columns))" in out  # every pair labelled
     assert "Traceback" not in captured.err
 
 

@@ -135,7 +135,7 @@ def run_demo(
     text = f"{getattr(processor, 'image_token', '<image>')}\n{_PROMPT}"
     inputs = processor(images=picture, text=text, return_tensors="pt")
     placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
-    echo(f"[2/4] image: {image_path.name} ({picture.width}x{picture.height}); the processor wrote {placeholders:,} "
+    echo(f"[2/4] image: {image_path.name} ({picture.width}x{picture.height} px, width x height); the processor wrote {placeholders:,} "
          f"<image> placeholders (prompt: {inputs['input_ids'].shape[1]:,} tokens)")
 
     names = ", ".join(f"{r:g}" for r in ratios)
@@ -172,8 +172,9 @@ def run_demo(
         )
         plans.setdefault(cfg.retention_ratio, plan)  # kept positions do not depend on the layout
     if geometry is not None:
-        echo(f"      the image is seen as a {view}x{view} thumbnail + a {geometry.grid_h}x{geometry.grid_w} grid of "
-             f"{view}x{view} crops ({geometry.grid_w * view}x{geometry.grid_h * view} best resolution)")
+        echo(f"      the image is seen as a {view}x{view} thumbnail + a {geometry.grid_h}x{geometry.grid_w} grid "
+             f"(rows x columns) of {view}x{view} crops ({geometry.grid_w * view}x{geometry.grid_h * view} px best "
+             "resolution, width x height)")
     vanilla = runs[0].vanilla_tokens
     if vanilla != placeholders:  # pragma: no cover - would be a bug in the adapter
         raise RuntimeError(f"vanilla token count {vanilla} differs from the processor's {placeholders} placeholders")
@@ -191,7 +192,7 @@ def run_demo(
             family=family,
             view=view,
             title=f"GlobalCom2 at retention ratio R = {r:g}: kept visual tokens",
-            subtitle=f"{image_path.name}, {picture.width}x{picture.height}. Visual tokens for the language model: "
+            subtitle=f"{image_path.name}, {picture.width}x{picture.height} px (width x height). Visual tokens for the language model: "
             f"{layout_counts} of {run.vanilla_tokens:,} in vanilla LLaVA-NeXT (thumbnail + unpadded crops + row newlines).",
             note="Demo model with RANDOM weights: the importance pattern (which tokens are kept) is meaningless; "
             "the counts and per-crop budgets follow the method exactly.",
@@ -240,8 +241,8 @@ def run_demo(
 
     summary = {
         "image": str(image_path),
-        "image_size": [picture.height, picture.width],
-        "grid": None if geometry is None else [geometry.grid_h, geometry.grid_w],
+        "image_size": {"width": picture.width, "height": picture.height},
+        "grid": None if geometry is None else {"rows": geometry.grid_h, "columns": geometry.grid_w},
         "vanilla_tokens": vanilla,
         "runs": [asdict(x) for x in runs],
         "pictures": [str(p) for p in pictures],

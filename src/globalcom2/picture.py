@@ -349,16 +349,23 @@ def render_kept_tokens(
     line_h = {id(f_title): 30, id(f_sub): 21, id(f_small): 18, id(f_small_b): 18}
     header_h = sum(line_h[id(f)] for _, f, _ in header) + (10 if header else 0)
 
-    thumb_caption = [f"Thumbnail ({view}x{view}, whole image)", f"kept {thumb_kept}/{n} tokens ({thumb_kept / n:.0%})"]
+    thumb_caption = [(f"Thumbnail ({view}x{view}, whole image)", f_head),
+                     (f"kept {thumb_kept}/{n} tokens ({thumb_kept / n:.0%})", f_small)]
+    crop_caption: list[tuple[str, Any]] = []
     if geom is not None:
+        # Wrapped to the room right of the thumbnail: a tall image's one-column grid is narrow.
+        room = width - _MARGIN - (_MARGIN + view + _GAP)
         crop_caption = [
-            f"Crops: {geom.grid_h}x{geom.grid_w} grid of {view}px views ({lay['width']}x{lay['height']} canvas)",
-            f"image resized to {lay['new_width']}x{lay['new_height']}, padded; kept "
-            f"{int(keep.sum())}/{int(valid.sum())} unpadded tokens",
+            (line, font)
+            for text, font in (
+                (f"Crops: {geom.grid_h}x{geom.grid_w} grid (rows x columns) of {view}px views", f_head),
+                (f"canvas {lay['width']}x{lay['height']} px (width x height), image resized to "
+                 f"{lay['new_width']}x{lay['new_height']}, padded; kept {int(keep.sum())}/{int(valid.sum())} "
+                 "unpadded tokens", f_small),
+            )
+            for line in _wrap(probe, text, font, room)
         ]
-    else:
-        crop_caption = []
-    caption_h = 2 * 20 + 8
+    caption_h = max(len(thumb_caption), len(crop_caption)) * 20 + 8
     panels_h = max(view, crops_h)
 
     footer_lines: list[tuple[str, Any, tuple[int, int, int]]] = []
@@ -366,7 +373,12 @@ def render_kept_tokens(
                               allocation=allocation):
         font, colour = (f_small_b, _NOTE) if text == note else (f_small, _TEXT)
         footer_lines += [(line, font, colour) for line in _wrap(probe, text, font, text_w)]
-    footer_h = 28 + sum(line_h[id(f)] for _, f, _ in footer_lines) + (6 if footer_lines else 0)
+    # The legend's last words go on a line of their own when the row is too narrow for them.
+    legend_names = ("kept token", "dropped token", "padding (no token)")
+    legend_note = "one cell = one visual token (a ViT patch)"
+    legend_end = _MARGIN + sum(30 + _text_size(probe, t, f_small)[0] + 28 for t in legend_names)
+    note_wraps = legend_end + _text_size(probe, legend_note, f_small)[0] > width - _MARGIN
+    footer_h = (48 if note_wraps else 28) + sum(line_h[id(f)] for _, f, _ in footer_lines) + (6 if footer_lines else 0)
 
     height = _MARGIN + header_h + caption_h + panels_h + 14 + footer_h + _MARGIN
     out = Image.new("RGB", (width, height), _BACKGROUND)
@@ -381,10 +393,9 @@ def render_kept_tokens(
     # Captions above the panels.
     x_thumb = _MARGIN
     x_crops = _MARGIN + view + _GAP
-    for i, text in enumerate(thumb_caption):
-        draw.text((x_thumb, y + i * 20), text, font=f_head if i == 0 else f_small, fill=_TEXT if i == 0 else _MUTED)
-    for i, text in enumerate(crop_caption):
-        draw.text((x_crops, y + i * 20), text, font=f_head if i == 0 else f_small, fill=_TEXT if i == 0 else _MUTED)
+    for captions, x in ((thumb_caption, x_thumb), (crop_caption, x_crops)):
+        for i, (text, font) in enumerate(captions):
+            draw.text((x, y + i * 20), text, font=font, fill=_TEXT if font is f_head else _MUTED)
     y += caption_h
 
     out.paste(thumb, (x_thumb, y))
@@ -420,23 +431,16 @@ def render_kept_tokens(
     # Legend: swatches drawn the same way as the tokens.
     swatch_px = gradient(22, 16, (80, 150, 225), (250, 205, 110)).astype(np.uint8)
     x = _MARGIN
-    swatches = {
-        "kept token": swatch_px.astype(np.float32),
-        "dropped token": _dim(swatch_px),
-        "padding (no token)": _hatch(16, 22),
-    }
+    swatches = dict(zip(legend_names, (swatch_px.astype(np.float32), _dim(swatch_px), _hatch(16, 22))))
     for text, sw_px in swatches.items():
         sw = Image.fromarray(np.clip(sw_px, 0, 255).astype(np.uint8))
         out.paste(sw, (x, y + 2))
         draw.rectangle([x - 1, y + 1, x + 22, y + 18], outline=(60, 60, 70))
         draw.text((x + 30, y + 2), text, font=f_small, fill=_TEXT)
         x += 30 + _text_size(draw, text, f_small)[0] + 28
-    draw.text(
-        (x, y + 2),
-        "one cell = one visual token (a ViT patch)",
-        font=f_small,
-        fill=_MUTED,
-    )
+    if note_wraps:
+        x, y = _MARGIN, y + 20
+    draw.text((x, y + 2), legend_note, font=f_small, fill=_MUTED)
     y += 28
     for text, font, colour in footer_lines:
         draw.text((_MARGIN, y), text, font=font, fill=colour)

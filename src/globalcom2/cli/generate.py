@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     # 4. Report.
     dtype_name = str(model.dtype).replace("torch.", "")
     echo(f"model:   {args.model} ({dtype_name} on {device})")
-    views = "1 view" if grid is None else f"thumbnail + {grid[0]}x{grid[1]} crops"
-    echo(f"image:   {args.image} ({image.width}x{image.height}, {views})")
+    views = "1 view" if grid is None else f"thumbnail + {grid[0]}x{grid[1]} crops (rows x columns)"
+    echo(f"image:   {args.image} ({image.width}x{image.height} px, width x height; {views})")
     echo(f"prompt:  {_printable(args.prompt)}")
     echo("")
     r = results["globalcom2"]

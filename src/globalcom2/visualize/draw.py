@@ -68,12 +68,12 @@ def _subtitle(
     """The header's subtitle: the model, the image's size and how the model sees it (the views)."""
     if geom is not None and lay is not None:
         seen = (
-            f"thumbnail {view}x{view} + {geom.grid_h}x{geom.grid_w} crops of {view}x{view} (image resized to "
-            f"{lay['new_width']}x{lay['new_height']} on a {lay['width']}x{lay['height']} canvas)"
+            f"thumbnail {view}x{view} + {geom.grid_h}x{geom.grid_w} crops (rows x columns) of {view}x{view} (image "
+            f"resized to {lay['new_width']}x{lay['new_height']} on a {lay['width']}x{lay['height']} canvas)"
         )
     else:
         seen = f"one {view}x{view} view"
-    return f"{name} · image {image_wh[0]}x{image_wh[1]} px, seen as {seen}"
+    return f"{name} · image {image_wh[0]}x{image_wh[1]} px (sizes: width x height), seen as {seen}"
 
 
 def _pad_rects(geom: ops.CropGeometry) -> list[tuple[int, int, int, int]]:
@@ -293,7 +293,7 @@ def _panel_titles(page: _Page, y: float, m: RatioMasks, lay: dict[str, int] | No
         valid_total = sum(m.crop_valid_counts)
         share = f" ({crop_total / valid_total:.0%})" if valid_total else ""
         c_title = ty.wrap(
-            f"crops: {geom.grid_h}x{geom.grid_w} grid, {'pooled to' if m.pooled else 'kept'} "
+            f"crops: {geom.grid_h}x{geom.grid_w} grid (rows x columns), {'pooled to' if m.pooled else 'kept'} "
             f"{crop_total:,}/{valid_total:,} unpadded tokens{share}",
             page.block_w - page.thumb_in - GAP, 9.5,  # nothing is right of the crops: the title may use that room
         )
