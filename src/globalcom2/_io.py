@@ -81,10 +81,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
+        _chmod_for_umask(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _chmod_for_umask(path: Path) -> None:
+    """Give a written file the mode a new file gets from the user's umask (0644 under umask 022):
+    some writers create theirs 0600 (safetensors' ``save_file``), and every file a command writes
+    should be as readable as the others."""
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):  # a file system without modes (some mounts): leave it
+        os.chmod(path, 0o666 & ~mask)
 
 
 # ------------------------------------------------------------------------------------------------
