@@ -107,12 +107,12 @@ def _ref_keep(imp, grid, ratio, temperature=10.0):
     sigma = e / (e.sum() + 1e-8)
     r = [min(1.0, ratio * (1.0 + float(sg) - float(sigma.mean()))) for sg in sigma]
     # Step 4 (no padding: the valid area is the whole tile canvas)
-    glob = F.interpolate(thumb.float().reshape(1, 1, S, S), size=(rows * S, cols * S), mode="bilinear", align_corners=False)[0, 0]
+    glob = F.interpolate(thumb.double().reshape(1, 1, S, S), size=(rows * S, cols * S), mode="bilinear", align_corners=False)[0, 0]
     kept = []
     for j in range(rows * cols):
         gi, gj = divmod(j, cols)
         g = glob[gi * S : (gi + 1) * S, gj * S : (gj + 1) * S].reshape(-1)
-        loc = crops[j].float()
+        loc = crops[j].double()
         score = loc / loc.norm().clamp_min(1e-12) + g / g.norm().clamp_min(1e-12)
         k = int(N * r[j])
         kept.append(sorted(torch.argsort(score, descending=True, stable=True)[:k].tolist()))
@@ -193,17 +193,17 @@ def test_importance_is_the_cls_logits_mapped_through_pixel_shuffle(tiny):
         per_head = [(q[:, 0, h * hd : (h + 1) * hd] * hd**-0.5)[:, None] @ k[:, :, h * hd : (h + 1) * hd].transpose(1, 2) for h in range(heads)]
         logits = torch.stack([p[:, 0] for p in per_head]).mean(0)[:, 1:]  # (V, 1024)
         grid = logits.reshape(-1, 32, 32)
-        out = torch.empty(grid.shape[0], S, S)
+        out = torch.empty(grid.shape[0], S, S, dtype=grid.dtype)
         for i in range(S):
             for j in range(S):
                 out[:, i, j] = grid[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean(dim=(1, 2))
         return out.reshape(-1, N)
 
-    want = list(torch.split(ref(q, k), views))
+    want = list(torch.split(ref(q.double(), k.double()), views))  # the library scores in float64
     got = [_model_order(e) for e in encoded.importance]
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    unnormalised = list(torch.split(ref(q_plain, k_plain), views))
+    unnormalised = list(torch.split(ref(q_plain.double(), k_plain.double()), views))
     assert not torch.allclose(got[0], unnormalised[0], atol=1e-3)  # the normalisation matters here
 
 
@@ -218,7 +218,7 @@ def test_importance_without_qk_norm():
         encoded = InternVLAdapter(model, GlobalCom2Config(layout="spatial")).encode_inputs(inputs)
     handle.remove()
     with torch.no_grad():
-        q, k = attn.q_proj(seen["x"]), attn.k_proj(seen["x"])
+        q, k = attn.q_proj(seen["x"]).double(), attn.k_proj(seen["x"]).double()
     hd = attn.head_dim
     logits = torch.stack(
         [(q[0, 0, h * hd : (h + 1) * hd] * hd**-0.5) @ k[0, 1:, h * hd : (h + 1) * hd].T for h in range(attn.num_heads)]

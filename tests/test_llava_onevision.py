@@ -144,7 +144,7 @@ def reference_positions(imp, hw, R, allocation="softmax_sum"):
     ratio = math.sqrt(h * w / (9 * N))
     if ratio > 1.1:  # anyres_max_9: select on the resized map
         hr, wr = int(h // ratio), int(w // ratio)
-        loc = F.interpolate(local[None, None], (hr, wr), mode="bilinear", align_corners=False)[0, 0]
+        loc = F.interpolate(local.double()[None, None], (hr, wr), mode="bilinear", align_corners=False)[0, 0]
         owner = {}
         for y in range(hr):
             for x in range(wr):
@@ -153,7 +153,7 @@ def reference_positions(imp, hw, R, allocation="softmax_sum"):
     else:
         hr, wr, loc = h, w, local
         owner = {(y, x): ((r0 + y) // S) * gw + (c0 + x) // S for y in range(h) for x in range(w)}
-    glob = F.interpolate(thumb.float().reshape(1, 1, S, S), (hr, wr), mode="bilinear", align_corners=False)[0, 0]
+    glob = F.interpolate(thumb.double().reshape(1, 1, S, S), (hr, wr), mode="bilinear", align_corners=False)[0, 0]
     kept = set()
     budgets = []
     for j in range(gh * gw):

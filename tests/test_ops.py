@@ -52,13 +52,13 @@ def test_cls_logits_equal_the_cls_row_of_full_attention_logits():
     scale = hd**-0.5
     qh = q.view(v, t, heads, hd).transpose(1, 2)
     kh = k.view(v, t, heads, hd).transpose(1, 2)
-    full = (qh * scale) @ kh.transpose(-1, -2)  # (V, h, T, T): what an eager attention would build
+    full = (qh.double() * scale) @ kh.double().transpose(-1, -2)  # (V, h, T, T): what an eager attention would build
     expected = full.mean(dim=1)[:, 0, 1:]
     got = ops.cls_attention_logits(q[:, 0], k, heads, scale)
     torch.testing.assert_close(got, expected)
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float64  # machine-independent: see test_ties.py
     got_half = ops.cls_attention_logits(q[:, 0].bfloat16(), k.bfloat16(), heads, scale)
-    assert got_half.dtype == torch.float32
+    assert got_half.dtype == torch.float64
 
 
 def test_region_scores_sum_quadrants():
@@ -151,11 +151,11 @@ def test_select_crop_tokens_counts_and_scores():
         assert kept.min() >= dropped.max()
     # The score is the sum of the two L2-normalised parts over valid tokens.
     s = geom.side
-    resized = F.interpolate(thumb.view(1, 1, s, s), size=(geom.valid_rows, geom.valid_cols), mode="bilinear", align_corners=False)[0, 0]
-    glob = torch.zeros(geom.height, geom.width)
+    resized = F.interpolate(thumb.double().view(1, 1, s, s), size=(geom.valid_rows, geom.valid_cols), mode="bilinear", align_corners=False)[0, 0]
+    glob = torch.zeros(geom.height, geom.width, dtype=torch.float64)
     glob[geom.row0:geom.row1, geom.col0:geom.col1] = resized
     glob0 = glob[:24, :24].reshape(-1)[valid[0]]
-    expected0 = F.normalize(crops[0][valid[0]], dim=0) + F.normalize(glob0, dim=0)
+    expected0 = F.normalize(crops[0].double()[valid[0]], dim=0) + F.normalize(glob0, dim=0)
     torch.testing.assert_close(score[0][valid[0]], expected0)
 
 

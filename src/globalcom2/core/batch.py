@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry
-from .plans import CompressionPlan, _check_layout, _check_views, _floor_count, holistic_scores, keep_best
+from .plans import SCORE_DTYPE, CompressionPlan, _check_layout, _check_views, _floor_count, holistic_scores, keep_best
 
 __all__ = ["BatchPlan", "plan_batch", "gather_batch", "compress_batch", "joint_rows", "is_batchable"]
 
@@ -285,7 +285,7 @@ def plan_batch(
         else:
             ratios = torch.zeros((b, 0), dtype=torch.float64, device=dev)
             keep = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
-            score = torch.zeros((b, 0, n), dtype=torch.float32, device=dev)
+            score = torch.zeros((b, 0, n), dtype=SCORE_DTYPE, device=dev)
 
     # ---- slots of the sequence ----------------------------------------------------------------
     nl_local = (1 + cols["crops"]) * n  # (B, 1): the newline row of each image's own table (as plan_single_view's)
@@ -345,7 +345,7 @@ def plan_batch(
             plans.append(CompressionPlan(
                 index=idx, thumb_keep=thumb_keep_i, crop_keep=empty_bool, crop_valid=empty_bool,
                 crop_ratios=torch.zeros(0, dtype=torch.float64, device=dev), thumb_importance=importance[i][0].reshape(-1),
-                crop_score=torch.zeros((0, n), dtype=torch.float32, device=dev), geometry=None, layout=layout,
+                crop_score=torch.zeros((0, n), dtype=SCORE_DTYPE, device=dev), geometry=None, layout=layout,
             ))
         else:
             plans.append(CompressionPlan(
@@ -363,7 +363,7 @@ def _joint(imp, valid, cols, n, cm, spatial, t_slots):
     b = imp.shape[0]
     dev = imp.device
     full_valid = torch.cat([torch.ones((b, 1, n), dtype=torch.bool, device=dev), valid], dim=1)  # (B, 1 + Cm, N)
-    masked = imp.float().masked_fill(~full_valid, float("-inf"))
+    masked = imp.to(SCORE_DTYPE).masked_fill(~full_valid, float("-inf"))
     flat = masked.reshape(b, (1 + cm) * n)
     # Padded views sit after the image's own and are -inf: a stable sort leaves the image's own
     # ranking exactly as over its (1 + C) N tokens alone.
@@ -440,7 +440,7 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
     ``F.interpolate`` does it, one call per distinct unpadded size) to the unpadded area."""
     b, n = thumb.shape
     s = host.side
-    ts = _permute(thumb, size_order, size_perm).float()
+    ts = _permute(thumb, size_order, size_perm).to(SCORE_DTYPE)
     maps = []
     for (h, w), start, end in size_runs:
         if h * w == 0:
@@ -448,7 +448,7 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
         part = ts[start:end].reshape(end - start, 1, s, s)
         maps.append(F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False).reshape(-1))
     if not maps:
-        return torch.zeros(valid.shape, dtype=torch.float32, device=thumb.device)
+        return torch.zeros(valid.shape, dtype=SCORE_DTYPE, device=thumb.device)
     flat = torch.cat(maps) if len(maps) > 1 else maps[0]
     pos = cols["interp_base"][..., None] + (rows - cols["row0"][..., None]) * cols["interp_w"][..., None] + (colg - cols["col0"][..., None])
     pos = torch.where(valid, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
@@ -458,7 +458,7 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
 
 def _select(local, glob, valid, ratios, scoring):
     """Step 4's selection for every crop of every image (see :func:`~globalcom2.core.plans.select_crop_tokens`)."""
-    score = holistic_scores(local.float(), glob, valid, scoring)  # (B, Cm, N)
+    score = holistic_scores(local.to(SCORE_DTYPE), glob, valid, scoring)  # (B, Cm, N)
     return keep_best(score, valid, ratios), score
 
 

@@ -19,6 +19,10 @@ Notation (shapes in comments):
 A view's tokens are always in raster order. Crops are numbered row by row: crop ``j`` sits at grid
 row ``j // gw`` and column ``j % gw``. See ``SPEC.md`` in the project's documentation and the
 README for the method; the step numbers below follow it.
+
+Determinism: every score is computed in :data:`SCORE_DTYPE` (float64) and every selection or
+ordering is a *stable* descending sort, so exact ties go to the lower index (position) first, on
+every device. Given the same importance, the same tokens are kept, in the same order, everywhere.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ import torch.nn.functional as F
 
 from .geometry import CropGeometry, crop_geometry, crops_to_grid, grid_to_crops, unpad_bounds, valid_mask
 
+#: Precision of every importance, crop ratio and selection score. float64 makes our own arithmetic
+#: independent of the machine's summation order (float32 matmuls and norms differ by an ulp between
+#: CPUs and GPUs, enough to swap near-equal tokens); the tensors are (V, N): the cost is nil.
+SCORE_DTYPE = torch.float64
+
 __all__ = [
+    "SCORE_DTYPE",
     "CropGeometry",
     "CompressionPlan",
     "KeptMasks",
@@ -59,8 +69,13 @@ def cls_attention_logits(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int
     """The [CLS] query's pre-softmax attention logits to every patch, averaged over heads.
 
     ``(q_cls * scale) . k_patch`` per head, mean over heads, the CLS column dropped. Only the CLS
-    row is computed: O(T * D) per view instead of the O(T^2 * D) of a full attention map. Computed
-    in float32 whatever the model's dtype.
+    row is computed: O(T * D) per view instead of the O(T^2 * D) of a full attention map.
+
+    Computed in :data:`SCORE_DTYPE` (float64) whatever the model's dtype: the products of two
+    float32 (or 16-bit) numbers are exact there, so the result no longer depends on the order in
+    which a machine's matmul kernel sums them. In float32 that order (AVX2 vs AVX-512 blocking,
+    GPU split-K) moves logits by an ulp, and the thumbnail order of the ``official`` layout or a
+    top-k boundary between two near-equal patches then differed between machines.
 
     Args:
         q_cls: (V, D) the CLS token's query projection (before scaling) for V views.
@@ -69,14 +84,18 @@ def cls_attention_logits(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int
         scale: the attention scale, ``head_dim ** -0.5`` for CLIP.
 
     Returns:
-        (V, N) float32 importance of each patch token.
+        (V, N) float64 importance of each patch token.
     """
     v, t, d = keys.shape
     hd = d // num_heads
-    q = q_cls.float().reshape(v, num_heads, 1, hd) * scale  # (V, h, 1, hd)
-    k = keys.float().reshape(v, t, num_heads, hd).transpose(1, 2)  # (V, h, T, hd)
-    logits = (q @ k.transpose(-1, -2)).squeeze(-2)  # (V, h, T)
-    return logits.mean(dim=1)[:, 1:]  # (V, N)
+    q = q_cls.to(SCORE_DTYPE).reshape(v, num_heads, hd) * scale  # (V, h, hd)
+    out = torch.empty((v, t - 1), dtype=SCORE_DTYPE, device=keys.device)
+    # A few views at a time: the float64 copy of the keys stays under ~64 MiB (InternViT-6B: 3200 wide).
+    step = max(1, (64 << 20) // max(1, t * d * 8))
+    for start in range(0, v, step):
+        k = keys[start : start + step, 1:].to(SCORE_DTYPE).reshape(-1, t - 1, num_heads, hd)  # (v', N, h, hd)
+        out[start : start + step] = torch.einsum("vnhd,vhd->vn", k, q[start : start + step]) / num_heads
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,12 +229,12 @@ def holistic_scores(local: torch.Tensor, glob: torch.Tensor, valid: torch.Tensor
     ``scoring`` ablations; ``-inf`` where padded.
 
     Args:
-        local, glob: (..., N) float32 local and global importance of each crop's N tokens.
+        local, glob: (..., N) float64 local and global importance of each crop's N tokens.
         valid: (..., N) bool, unpadded positions.
         scoring: ``"global_local"``, ``"global_only"`` or ``"local_only"``.
 
     Returns:
-        (..., N) float32 (elementwise and per crop: any leading shape gives the same bits).
+        (..., N) float64 (elementwise and per crop: any leading shape gives the same bits).
     """
     if scoring == "global_local":
         score = _l2_normalize_masked(local, valid) + _l2_normalize_masked(glob, valid)
@@ -253,23 +272,23 @@ def select_crop_tokens(
     Returns:
         keep: (C, N) bool, True at the true positions of the kept tokens.
         valid: (C, N) bool, True at unpadded positions.
-        score: (C, N) float32 holistic score (``-inf`` at padded positions).
+        score: (C, N) float64 holistic score (``-inf`` at padded positions).
     """
     dev = crop_importance.device
     c, n = crop_importance.shape
     valid = valid_mask(geom, dev)  # (C, N)
-    glob = torch.zeros(geom.height, geom.width, dtype=torch.float32, device=dev)  # (H, W)
+    glob = torch.zeros(geom.height, geom.width, dtype=SCORE_DTYPE, device=dev)  # (H, W)
     if not geom.is_empty:
         s = geom.side
         resized = F.interpolate(
-            thumb_importance.float().reshape(1, 1, s, s),
+            thumb_importance.to(SCORE_DTYPE).reshape(1, 1, s, s),
             size=(geom.valid_rows, geom.valid_cols),
             mode="bilinear",
             align_corners=False,
         )[0, 0]  # (valid_rows, valid_cols)
         glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
     glob = grid_to_crops(glob, geom)  # (C, N)
-    score = holistic_scores(crop_importance.float(), glob, valid, scoring)
+    score = holistic_scores(crop_importance.to(SCORE_DTYPE), glob, valid, scoring)
     return keep_best(score, valid, crop_ratios), valid, score
 
 
@@ -529,7 +548,7 @@ def plan_joint(scores: torch.Tensor, geom: CropGeometry, retention_ratio: float,
     v, n = scores.shape
     dev = scores.device
     valid = torch.cat([torch.ones((1, n), dtype=torch.bool, device=dev), valid_mask(geom, dev)])  # (V, N)
-    masked = scores.float().masked_fill(~valid, float("-inf"))  # (V, N)
+    masked = scores.to(SCORE_DTYPE).masked_fill(~valid, float("-inf"))  # (V, N)
     k = _floor_count(n + geom.valid_rows * geom.valid_cols, float(retention_ratio))  # host int: no sync
     order = torch.argsort(masked.reshape(-1), descending=True, stable=True)  # (V * N,)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(v * n, device=dev))
@@ -613,7 +632,7 @@ def plan_single_view(importance: torch.Tensor, retention_ratio: float, layout: s
         crop_valid=empty,
         crop_ratios=torch.zeros(0, dtype=torch.float64, device=dev),
         thumb_importance=imp,
-        crop_score=torch.zeros((0, n), dtype=torch.float32, device=dev),
+        crop_score=torch.zeros((0, n), dtype=SCORE_DTYPE, device=dev),
         geometry=None,
         layout=layout,
     )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry, crop_geometry, crops_to_grid, grid_to_crops
+from .plans import SCORE_DTYPE
 
 __all__ = [
     "ResizedCropGeometry", "anyres_max_size", "parse_anyres_max", "resize_map", "resized_geometry", "to_crop_rows",
@@ -158,8 +159,8 @@ def select_resized_tokens(
     hr, wr, s = geom.row1, geom.col1, geom.side
     dev = local.device
     c = geom.num_crops
-    glob = resize_map(thumb_importance.float().reshape(1, s, s), (hr, wr))[0].reshape(-1)  # (P,)
-    loc = local.float().reshape(-1)  # (P,)
+    glob = resize_map(thumb_importance.to(SCORE_DTYPE).reshape(1, s, s), (hr, wr))[0].reshape(-1)  # (P,)
+    loc = local.to(SCORE_DTYPE).reshape(-1)  # (P,)
     owner = resized_owners(geom, dev).reshape(-1)  # (P,)
     member = owner[None, :] == torch.arange(c, device=dev)[:, None]  # (C, P)
 

@@ -50,7 +50,8 @@ class VisionMethodConfig(MethodConfig):
 
         Args:
             features: (V, N, D) projected features of the image's views, thumbnail first.
-            importance: (V, N) float32 importance of the same tokens (higher: more important).
+            importance: (V, N) importance of the same tokens (higher: more important; float64 from the
+                families, see ``core.plans.SCORE_DTYPE``).
             geom: the crop geometry (None for an image seen as one view).
             newline: (D,) the image-newline embedding (None for families without one).
 

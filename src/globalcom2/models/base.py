@@ -237,7 +237,7 @@ class EncodedImages:
 
     Attributes:
         features: per image, (V_i, N, D) projected features (in the family's view order).
-        importance: per image, (V_i, N) float32 importance (e.g. [CLS] logits of the last vision layer).
+        importance: per image, (V_i, N) importance (e.g. float64 [CLS] logits of the last vision layer).
         geometries: per image, its :class:`~globalcom2.core.geometry.CropGeometry` (None for one view).
         image_sizes: per image, (height, width) in pixels.
         vanilla_counts: per image, the placeholder tokens the vanilla model uses (what the processor wrote).

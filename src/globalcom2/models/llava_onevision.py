@@ -366,8 +366,8 @@ def _resize_views(
     size = (geom.row1, geom.col1)
     crop_feats = resized.to_crop_rows(resized.resize_map(grid, size), geom).permute(1, 2, 0)  # (C, N, D)
     local = resized.unpadded_map(imp[1:], geom)  # (h, w)
-    crop_imp = resized.to_crop_rows(resized.resize_map(local[None].float(), size)[0], geom)  # (C, N)
-    return torch.cat([feats[:1], crop_feats]), torch.cat([imp[:1], crop_imp.to(imp.dtype)])
+    crop_imp = resized.to_crop_rows(resized.resize_map(local[None].to(plans.SCORE_DTYPE), size)[0], geom)  # (C, N)
+    return torch.cat([feats[:1], crop_feats]), torch.cat([imp[:1].to(crop_imp.dtype), crop_imp])
 
 
 # ------------------------------------------------------------------------------------------------
