@@ -377,7 +377,7 @@ def test_cli_help_lists_launchers(capsys):
     with pytest.raises(SystemExit):
         _parse(["--help"])
     text = capsys.readouterr().out
-    assert "torchrun --nproc_per_node=8 -m globalcom2.cli eval" in text and "accelerate launch" in text
+    assert "torchrun --nproc_per_node=8 -m globalcom2 eval" in text and "accelerate launch" in text
     assert "--method-arg" in text and "--rescore" in text
 
 

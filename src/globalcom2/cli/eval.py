@@ -86,14 +86,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             f"  torchrun --nproc_per_node=8 -m globalcom2 eval {example}\n"
             f"  accelerate launch --num_processes 8 -m globalcom2 eval {example}\n"
             "  globalcom2 eval --rescore --output-dir globalcom2-eval    # score existing predictions only\n"
-            "  globalcom2 eval --list-benchmarks\n\n"
+            "  globalcom2 eval --list-benchmarks --verbose             # each benchmark's files and layouts\n"
+            "  globalcom2 eval --write-sample-data sample-data          # a tiny synthetic copy of every benchmark\n"
+            "  globalcom2 eval --model tiny --benchmarks textvqa,pope,mme --data-root sample-data \\\n"
+            "      --retention-ratio 1.0,0.25 --output-dir sample-eval     # try the whole pipeline offline\n\n"
             "protocols (--protocol):\n"
             + "\n".join(para(text) for text in PROTOCOL_EPILOG)
             + "\n\n"
             + para(
                 "data: --data-root holds each benchmark's folder as LLaVA's evaluation guide lays it out "
                 "(playground/data/eval/<benchmark>/...) or the lmms-lab parquet copies; see "
-                "'globalcom2 eval --list-benchmarks' for the folder names looked for."
+                "'globalcom2 eval --list-benchmarks --verbose' for the folder names and files each benchmark "
+                "reads, and --write-sample-data for a small synthetic copy of each in that layout."
             )
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -103,6 +107,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", default=None, metavar="NAME[,NAME...]",
                    help="comma-separated benchmark names (see --list-benchmarks)")
     p.add_argument("--list-benchmarks", action="store_true", help="list the known benchmarks and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="with --list-benchmarks: also each benchmark's splits, expected files and folder layouts")
+    p.add_argument("--write-sample-data", default=None, metavar="DIR",
+                   help="write a small synthetic copy of each benchmark (or of --benchmarks) under DIR, in LLaVA's "
+                        "layout, to try the command with --data-root DIR (e.g. --model tiny), and exit; the "
+                        "questions and images are made up: the scores mean nothing")
     p.add_argument("--data-root", default=None, metavar="DIR", help="folder holding the benchmarks' data")
     ratio_group = p.add_mutually_exclusive_group()
     ratio_group.add_argument("--retention-ratio", default=DEFAULT_RATIOS, metavar="R[,R...]",
@@ -175,7 +185,7 @@ def _check_output_dir(path: str, writable: bool = True) -> Path:
     return output_dir(path, "--output-dir", writable=writable)
 
 
-def _list_benchmarks() -> int:
+def _list_benchmarks(verbose: bool = False) -> int:
     from ..eval.base import benchmark_names, get_benchmark
 
     rows = []
@@ -190,6 +200,37 @@ def _list_benchmarks() -> int:
     echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in rows:
         echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if verbose:  # each benchmark's own description of its data: the layouts, file names and columns it reads
+        import inspect
+
+        for name in benchmark_names():
+            b = get_benchmark(name)
+            echo("")
+            echo(f"== {name} ({getattr(b, 'title', name)}) ==")
+            echo(inspect.cleandoc(type(b).__doc__ or "(no description)"))
+    else:
+        echo("")
+        echo("--verbose: each benchmark's expected files and layouts; --write-sample-data DIR: a small synthetic copy")
+    return 0
+
+
+def _write_sample_data(folder: str, names: list[str]) -> int:
+    """``--write-sample-data``: synthetic benchmark folders under ``folder`` (see :mod:`globalcom2.eval.samples`)."""
+    from ..eval.samples import MAKERS, write_sample_data
+
+    root = output_dir(folder, "--write-sample-data")
+    names = names or list(MAKERS)
+    try:
+        files = write_sample_data(root, names)
+    except ValueError as e:
+        raise CLIError(f"--benchmarks: {e}") from None
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+    echo(f"wrote {len(files)} files under {root}: synthetic {', '.join(names)} in LLaVA's layout "
+         "(made-up questions and images: the scores mean nothing)")
+    quick = [n for n in ("textvqa", "pope", "mme") if n in names] or names[:3]  # short answers: quick to try
+    echo("try: globalcom2 eval --model tiny --benchmarks " + ",".join(quick)
+         + f" --data-root {folder} --retention-ratio 1.0,0.25 --output-dir sample-eval")
     return 0
 
 
@@ -201,7 +242,13 @@ def _list_benchmarks() -> int:
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 eval`` (raises :class:`CLIError` on bad input)."""
     if args.list_benchmarks:
-        return _list_benchmarks()
+        return _list_benchmarks(args.verbose)
+    if args.write_sample_data is not None:
+        return _write_sample_data(args.write_sample_data, _split_list(args.benchmarks))
+
+    if not args.rescore and args.model:
+        # a missing directory, a bare name, an unknown hub id: reported now (no torch yet), not after the data is read
+        common.check_model(args.model, "eval")
 
     from ..eval import runner
     from ..eval.base import get_benchmark
@@ -238,8 +285,6 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--batch-size", args.batch_size)
     if not args.model:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
-    # a missing directory, a bare name, an unknown hub id: reported now (no torch yet), not after the data is read
-    common.check_model(args.model, "eval")
     try:  # an --output-dir of another protocol is refused before any data or model is read
         runner.check_output_protocol(out, args.protocol)
     except ValueError as e:
@@ -288,10 +333,8 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             if talk:
                 status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
-            from ..methods import config_from_dict
-
-            configs = [config_from_dict(r.config) for r in runs if r.config is not None]
-            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device), configs=configs)
+            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device),
+                                                settings=[r for r in runs if not r.is_vanilla])
         elif talk:
             status(f"{PROG}: every prediction exists in {out}: re-scoring only")
         try:
