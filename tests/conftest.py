@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# One OpenMP thread for this process and every process a test starts (CLI subprocesses, torchrun
+# workers), set before torch is imported: on a busy machine, spinning OpenMP threads competing
+# with other jobs made the suite 87 minutes instead of 6 (issue 29). The tiny models gain nothing
+# from more threads. Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -63,4 +71,4 @@ def image_factory():
     return make_image
 
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1)
