@@ -319,6 +319,7 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     """
     from .api import _check_transformers, get_config, resolve_method
     from .methods import language_config, vision_config
+    from .models.base import check_image_inputs
 
     if config is None and method is None and not options:
         config = get_config(model)  # the applied method, if any
@@ -336,6 +337,7 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     pixel_values = inputs.get("pixel_values") if hasattr(inputs, "get") else None
     if pixel_values is None:
         raise ValueError("inputs must hold pixel_values (the model's processor output for the images)")
+    check_image_inputs(pixel_values, inputs)  # a list, image_sizes of zeros: named, before any encoding
     with torch.no_grad():
         encoded = family.encode_inputs(inputs)
         out = family.compress(encoded)

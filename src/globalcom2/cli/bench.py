@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import BENCH_COLUMNS, BENCH_CSV_COLUMNS, plot_rows, run_bench
 
-    model, processor = common.get_model(args.model, device, dtype, configs=[s.config for s in settings])
+    model, processor = common.get_model(args.model, device, dtype, settings=settings)
     common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
 
     batch_images = [images[i % len(images)] for i in range(max(args.batch_size, len(images)))]

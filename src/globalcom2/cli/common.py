@@ -667,7 +667,7 @@ SUPPORTED_MODEL_TYPES = supported_model_types()
 EXAMPLE_MODEL = example_model()
 
 
-def check_model_type(model: str, configs: Sequence[Any] = ()) -> Any:
+def check_model_type(model: str, settings: Sequence[Any] = ()) -> Any:
     """Load only the model's config and check a registered family handles it; returns the config.
 
     Where the model is comes from :func:`locate_model` (no network) then, for a hub id,
@@ -681,16 +681,19 @@ def check_model_type(model: str, configs: Sequence[Any] = ()) -> Any:
     except Exception as e:  # OSError (not found, hub unreachable), ValueError (unknown type), network errors
         raise _load_error(model, e) from None
     check_model_type_name(model, getattr(config, "model_type", None))
-    check_on_meta(model, config, configs)
+    check_on_meta(model, config, settings)
     return config
 
 
-def check_on_meta(model: str, config: Any, configs: Sequence[Any] = ()) -> None:
+def check_on_meta(model: str, config: Any, settings: Sequence[Any] = ()) -> None:
     """What :func:`globalcom2.apply` would refuse after loading, refused before: the model is built
     from ``config`` on the meta device (no weights, no memory; a 7B model in 0.1 s) and each
-    method config of ``configs`` (default: GlobalCom2's defaults) is validated on it, as ``apply``
-    validates it (vision feature strategy, layout, the family's own checks). CLIError naming the
-    model; an unexpected failure of the meta build itself is left to the real load to report."""
+    setting of ``settings`` (anything with ``method``, ``ratio`` and ``options``: a
+    :class:`globalcom2.methods.MethodSetting`, an eval run; default: GlobalCom2's defaults) is
+    resolved and validated on it exactly as ``apply(model, method=..., retention_ratio=...,
+    **options)`` does (the family's default layout when none is asked for; vision feature
+    strategy, layout, the family's own checks). CLIError naming the model; an unexpected failure
+    of the meta build itself is left to the real load to report."""
     import torch
 
     from ..api import resolve_method
@@ -701,12 +704,13 @@ def check_on_meta(model: str, config: Any, configs: Sequence[Any] = ()) -> None:
             meta = family.hf_classes()[0]._from_config(config)
     except Exception:  # noqa: BLE001 - not ours to judge here; from_pretrained will say what is wrong
         return
-    for cfg in configs or (None,):
+    for s in settings or (None,):
+        method = "globalcom2" if s is None else s.method
+        options = {} if s is None else {"retention_ratio": s.ratio, **(s.options or {})}
         try:
-            target, family_cls, resolved = resolve_method(meta, cfg, None, {})
+            target, family_cls, resolved = resolve_method(meta, None, method, options)
             family_cls(target, resolved).validate()
         except ValueError as e:
-            method = getattr(cfg, "method", None) or "globalcom2"
             raise CLIError(f"cannot apply {method} to {model!r}: {one_line(str(e))}") from None
 
 
@@ -729,12 +733,12 @@ def load_model(model_id: str, device: str, dtype: Any) -> tuple[Any, Any]:
 
 
 def get_model(
-    model_id: str, device: str, dtype: Any, model_type: str = "llava_next", configs: Sequence[Any] = ()
+    model_id: str, device: str, dtype: Any, model_type: str = "llava_next", settings: Sequence[Any] = ()
 ) -> tuple[Any, Any]:
     """``"tiny"``: the built-in random demo model (of the family ``model_type``);
     ``"wide-random[:N]"``: the built-in wide random LLaVA-NeXT (N language layers); otherwise a
-    checked, loaded checkpoint (``configs``: the method configs to validate on it before its
-    weights load, see :func:`check_on_meta`). The built-in models are float32 for ``dtype="auto"``."""
+    checked, loaded checkpoint (``settings``: the methods to validate on it before its weights
+    load, see :func:`check_on_meta`). The built-in models are float32 for ``dtype="auto"``."""
     builtin = builtin_model(model_id)
     if builtin is not None:
         import torch
@@ -754,5 +758,5 @@ def get_model(
                f"{layers} of 32 layers; {str(dtype).replace('torch.', '')} on {device}) ...")
         with quiet_transformers():
             return build_wide_llava_next(text_layers=layers, dtype=dtype, device=device)
-    check_model_type(model_id, configs)
+    check_model_type(model_id, settings)
     return load_model(model_id, device, dtype)

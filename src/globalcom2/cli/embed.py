@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. Every cheap check before the model is loaded: method, images, output, model config.
     _, _, planned = method_settings(args, [args.retention_ratio], "--retention-ratio", several=False)
-    cfg = planned[0].config
+    setting = planned[0]  # used as compress_images(model, inputs, method=..., **options): the family's default layout
+    cfg = setting.config
     if language_config(cfg) is not None:
         vision = vision_config(cfg)
         hint = f"--method {vision.method}" if vision is not None else "a vision-side method such as --method globalcom2"
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..embeddings import ImageEmbeddings
     from ..generation import build_prompt, to_model
 
-    model, processor = common.get_model(args.model, device, dtype, configs=[cfg])
+    model, processor = common.get_model(args.model, device, dtype, settings=[setting])
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
     parts: list[ImageEmbeddings] = []
     batches = [args.image[i : i + args.batch_size] for i in range(0, len(args.image), args.batch_size)]
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         except Exception as e:
             raise CLIError(f"the processor of {args.model!r} failed on {batch[0]}: {one_line(str(e))}") from None
         try:
-            parts.append(globalcom2.compress_images(model, to_model(inputs, model), cfg))
+            parts.append(globalcom2.compress_images(model, to_model(inputs, model), method=setting.method,
+                                                    retention_ratio=setting.ratio, **setting.options))
         except ValueError as e:
             raise CLIError(f"cannot compress with {title} on {args.model!r}: {one_line(str(e))}") from None
     first = parts[0]

@@ -99,17 +99,15 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. Cheap checks first: arguments, the image, the model's config (no weights yet).
     _, _, planned = method_settings(args, [args.retention_ratio], "--retention-ratio", several=False)
-    cfg = planned[0].config
-    vcfg = vision_config(cfg)
+    setting = planned[0]  # applied as apply(model, method=..., retention_ratio=..., **options): the family's default layout unless asked
+    cfg = setting.config
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
-    settings = f"retention ratio {cfg.retention_ratio:g}" + (
-        f", layout {vcfg.layout}" if vcfg is not None and hasattr(vcfg, "layout") else "")
     check_positive("--max-new-tokens", args.max_new_tokens)
     check_positive("--timing-runs", args.timing_runs)
     common.check_prompt(args.prompt, "--prompt")
     image = load_image(args.image)
     common.check_model(args.model, "generate")  # no torch yet: a mistyped --model ends here at once
-    common.check_model_type(args.model, [cfg])  # its config, and the method validated on it (no weights)
+    common.check_model_type(args.model, [setting])  # its config, and the method validated on it (no weights)
     device, dtype = device_and_dtype(args)
 
     # 2. Load the model and processor.
@@ -127,9 +125,13 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. The method.
     try:
-        globalcom2.apply(model, cfg)
+        globalcom2.apply(model, method=setting.method, retention_ratio=setting.ratio, **setting.options)
     except (ValueError, RuntimeError) as e:
         raise CLIError(f"cannot apply {title} to {args.model!r}: {one_line(str(e))}") from None
+    cfg = globalcom2.get_config(model)  # as applied (the family's default layout where none was asked for)
+    vcfg = vision_config(cfg)
+    settings = f"retention ratio {cfg.retention_ratio:g}" + (
+        f", layout {vcfg.layout}" if vcfg is not None and hasattr(vcfg, "layout") else "")
     status(f"{PROG}: generating with {title} ({settings}) ...")
     answer, gen_s = _generate(model, processor, inputs, args.max_new_tokens)
     stats = globalcom2.last_stats(model)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     label = "tiny random demo model" if args.model == TINY_MODEL else f"{args.model} (random weights)"
     if random_weights:
         status(f"{PROG}: building the {label} (no download) ...")
-    model, processor = common.get_model(args.model, device, dtype, configs=[s.config for s in settings])
+    model, processor = common.get_model(args.model, device, dtype, settings=settings)
     from ..visualize import visualize
 
     ratio_text = ", ".join(f"{r:g}" for r in ratios)

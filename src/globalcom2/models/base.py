@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from .. import methods
 from .._lazy import lazy_module
@@ -192,7 +192,24 @@ def adapter_for(model: Any) -> type["Family"]:
 family_for = adapter_for
 
 
-def check_image_inputs(pixel_values: Any, image_inputs: dict[str, Any]) -> None:
+def check_call_inputs(call: dict[str, Any]) -> None:
+    """The checks of a patched call's inputs that every family shares, before anything is read
+    from them: ``pixel_values`` a tensor; with images, ``input_ids`` / ``attention_mask`` (batch,
+    length) tensors; ``image_sizes`` positive pairs (see :func:`check_image_inputs`). TypeError /
+    ValueError naming the argument, instead of an AttributeError or a division by zero deep inside."""
+    pixel_values = call.get("pixel_values")
+    if pixel_values is not None:
+        check_image_inputs(pixel_values, call)
+    if pixel_values is None and call.get(EMBEDDINGS_KWARG) is None:
+        return
+    for name in ("input_ids", "attention_mask"):
+        value = call.get(name)
+        if value is not None and not (torch.is_tensor(value) and value.dim() == 2):
+            what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            raise TypeError(f"{name} must be a (batch, length) torch.Tensor (the processor's return_tensors='pt'), got {what}")
+
+
+def check_image_inputs(pixel_values: Any, image_inputs: Mapping[str, Any]) -> None:
     """The checks of a call's images that every family shares, before any encoding: ``pixel_values``
     a tensor, ``image_sizes`` (where given) positive ``(height, width)`` pairs (TypeError /
     ValueError naming the argument, instead of a division by zero deep in the geometry)."""
@@ -389,9 +406,7 @@ class Family(Adapter):
     def encode_inputs(self, inputs: Any) -> EncodedImages:
         """:meth:`encode` the images of a processor's output (``pixel_values`` and the family's
         :attr:`image_inputs` found in it)."""
-        image_inputs = {k: inputs[k] for k in self.image_inputs if k in inputs}
-        check_image_inputs(inputs["pixel_values"], image_inputs)
-        return self.encode(inputs["pixel_values"], **image_inputs)
+        return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
 
     def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
         """(rows, columns) of the crop grid of image ``index`` of a processor's output, or None
@@ -566,13 +581,6 @@ class Family(Adapter):
                 "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
                 "(inputs_embeds are not supported: the placeholders must be shortened)"
             )
-        for name in ("input_ids", "attention_mask"):
-            value = kwargs.get(name)
-            if value is not None and not (torch.is_tensor(value) and value.dim() == 2):
-                what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
-                raise TypeError(f"{name} must be a (batch, length) torch.Tensor (the processor's return_tensors='pt'), got {what}")
-        if given is None:
-            check_image_inputs(pixel_values, image_inputs)
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape != input_ids.shape:
             raise ValueError(
@@ -702,6 +710,7 @@ class Family(Adapter):
     def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode)."""
         call = bind_arguments(original, args, kwargs)
+        check_call_inputs(call)
         if self._compresses(call):
             call = self.prepare_inputs(call)
         if _is_prefill(call) and call.get("input_ids") is not None:
