@@ -617,8 +617,8 @@ def plot_rows(rows: Sequence[BenchRow], path: str, title: str = "globalcom2 benc
     ax1.set_ylim(bottom=0)  # honest scale: bars of time start at zero
     ax1.legend(fontsize=8)
     ax2.axhline(base.visual_tokens, color="C0", ls="--", label="vanilla")
-    ax2.set(xlabel="retention ratio R", ylabel="visual tokens (layer average)",
-            title="Visual tokens the LM processes (FastV: average over its layers)")
+    ax2.set(xlabel="retention ratio R", ylabel="visual tokens (FastV: average over layers)",
+            title="Visual tokens the LM processes")
     ax2.set_ylim(bottom=0)
     ax2.legend(fontsize=8)
     fig.suptitle(title if note is None else f"{title}\n{note}")
