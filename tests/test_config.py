@@ -68,7 +68,7 @@ CONFIG_CLASSES = sorted(
     {GlobalCom2Config, FasterVLMConfig, RandomConfig, PoolingConfig, FastVConfig, *VISION_METHODS.values()},
     key=lambda c: c.__name__,
 )
-_KINDS = {"float": float, "int": int, "str": str, "Layout": str}
+_KINDS = {"float": float, "int": int, "str": str, "Layout": str, "Count": str}
 
 
 def _kind(field) -> type:

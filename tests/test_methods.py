@@ -103,7 +103,7 @@ def test_parse_method_options_coerces_values():
 
 
 def test_option_names_per_method():
-    assert option_names("random") == ["retention_ratio", "layout", "seed"]
+    assert option_names("random") == ["retention_ratio", "layout", "seed", "count"]
     assert "fastv_layer" in option_names("globalcom2+fastv")
 
 

@@ -23,6 +23,7 @@ _API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "last_
 _LAZY = {
     "FastVConfig": ".methods", "ComposedConfig": ".methods", "method_names": ".methods",
     "compress_images": ".embeddings", "load_embeddings": ".embeddings", "embed_prompt": ".embeddings",
+    "visual_token_counts": ".embeddings",
     "ImageEmbeddings": ".embeddings",
 }
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .api import apply, compressed, get_adapter, get_config, is_applied, last_stats, remove
     from .methods import FastVConfig
     from .methods import ComposedConfig, method_names
-    from .embeddings import ImageEmbeddings, compress_images, embed_prompt, load_embeddings
+    from .embeddings import ImageEmbeddings, compress_images, embed_prompt, load_embeddings, visual_token_counts
 
 
 def __getattr__(name: str) -> Any:

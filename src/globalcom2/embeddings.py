@@ -352,6 +352,78 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     )
 
 
+def visual_token_counts(
+    model: Any,
+    image_sizes: Any,
+    config: Any = None,
+    *,
+    method: str | None = None,
+    processor: Any = None,
+    batch_num_images: Any = None,
+    **options: Any,
+) -> list[int]:
+    """Per image, how many visual tokens (newlines included) the method hands the language model,
+    from the image's (height, width) alone: no pixels, no vision tower. Exactly what
+    :func:`compress_images` (and the patched model) then produce for any image of that size.
+
+    The count must not depend on the image's content: GlobalCom2 needs ``count="fixed"`` (SPEC.md,
+    "Fixed count"; the published count is known only after the tower ran); FasterVLM, random and
+    pooling are fixed by construction.
+
+    Args:
+        model: a supported model (patched or not; its family decides views and geometry).
+        image_sizes: one ``(height, width)`` or a sequence of them.
+        config, method, **options: the method, as for :func:`globalcom2.apply`.
+        processor: the model's processor, where its settings decide the views (InternVL's tiling:
+            ``min_patches`` / ``max_patches``); without it the published checkpoints' settings.
+        batch_num_images: LLaVA-OneVision: images per prompt (only a one-image prompt's image is
+            cut into crops); default: every image alone in its prompt.
+
+    Raises:
+        ValueError: a content-dependent count, a language-model-side method, bad sizes.
+    """
+    from .api import resolve_method
+    from .methods import language_config, vision_config
+
+    sizes = _size_list(image_sizes)
+    if config is None and method is None and not options:
+        from .api import get_config
+
+        config = get_config(model)
+    target, family_cls, cfg = resolve_method(model, config, method, options)
+    vision = vision_config(cfg)
+    if language_config(cfg) is not None or vision is None:
+        raise ValueError(f"method {cfg.method!r} prunes inside the language model (FastV): its image tokens are the vanilla ones")
+    family = family_cls(target, cfg)
+    family.validate()
+    extra: dict[str, Any] = {}
+    if processor is not None:
+        extra["processor"] = processor
+    if batch_num_images is not None:
+        extra["batch_num_images"] = batch_num_images
+    return family.count_visual_tokens(sizes, vision, **extra)
+
+
+def _size_list(image_sizes: Any) -> list[tuple[int, int]]:
+    """``(h, w)`` or a sequence of them (lists, tuples, a (I, 2) tensor) as a list of int pairs."""
+    if torch.is_tensor(image_sizes):
+        image_sizes = image_sizes.tolist()
+    pairs = list(image_sizes)
+    if len(pairs) == 2 and all(isinstance(v, (int, float)) or hasattr(v, "__index__") for v in pairs):
+        pairs = [pairs]
+    out = []
+    for i, hw in enumerate(pairs):
+        try:
+            h, w = hw
+            h_i, w_i = int(h), int(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_sizes[{i}] must be a (height, width) pair, got {hw!r}") from None
+        if h_i != h or w_i != w or h_i < 1 or w_i < 1:
+            raise ValueError(f"image_sizes[{i}] = {tuple(hw)}: height and width must be whole numbers >= 1")
+        out.append((h_i, w_i))
+    return out
+
+
 def embed_prompt(
     model: Any, embeddings: ImageEmbeddings, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:

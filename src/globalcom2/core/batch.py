@@ -54,7 +54,17 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry
-from .plans import SCORE_DTYPE, CompressionPlan, _check_layout, _check_views, _floor_count, holistic_scores, keep_best
+from .plans import (
+    SCORE_DTYPE,
+    CompressionPlan,
+    _check_count,
+    _check_layout,
+    _check_views,
+    _floor_count,
+    fixed_budgets,
+    holistic_scores,
+    keep_best,
+)
 
 __all__ = ["BatchPlan", "plan_batch", "gather_batch", "compress_batch", "joint_rows", "is_batchable"]
 
@@ -177,6 +187,7 @@ def plan_batch(
     temperature: float = 10.0,
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
+    count: str = "published",
 ) -> BatchPlan:
     """Plan every image of a batch at once, with one host sync.
 
@@ -189,12 +200,13 @@ def plan_batch(
         importance: per image, (V_i, N) importance (or scores) of its views, thumbnail first; all
             on one device, with the same N.
         geometries: per image, its crop geometry (None, or one view: a single-view image).
-        retention_ratio, layout, temperature, allocation, scoring: as the per-image functions.
+        retention_ratio, layout, temperature, allocation, scoring, count: as the per-image functions.
 
     Returns:
         :class:`BatchPlan`.
     """
     _check_layout(layout)
+    _check_count(count)
     if not importance:
         raise ValueError("plan_batch needs at least one image")
     host = _describe(importance, geometries, joint)
@@ -281,7 +293,8 @@ def plan_batch(
             ratios = _crop_ratios(thumb, thumb_keep, cols, crop_ok, host, crop_order, crop_runs, crop_perm,
                                   retention_ratio, temperature, allocation)
             glob = _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, valid, cols)
-            keep, score = _select(imp[:, 1:], glob, valid, ratios, scoring)
+            budgets = fixed_budgets(valid.sum(2), ratios, retention_ratio) if count == "fixed" else None
+            keep, score = _select(imp[:, 1:], glob, valid, ratios, scoring, budgets)
         else:
             ratios = torch.zeros((b, 0), dtype=torch.float64, device=dev)
             keep = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
@@ -456,10 +469,10 @@ def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, va
     return torch.where(valid, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
 
 
-def _select(local, glob, valid, ratios, scoring):
+def _select(local, glob, valid, ratios, scoring, budgets=None):
     """Step 4's selection for every crop of every image (see :func:`~globalcom2.core.plans.select_crop_tokens`)."""
     score = holistic_scores(local.to(SCORE_DTYPE), glob, valid, scoring)  # (B, Cm, N)
-    return keep_best(score, valid, ratios), score
+    return keep_best(score, valid, ratios, budgets), score
 
 
 #: Largest output one gather writes, by device type (None or absent: the whole batch at once).

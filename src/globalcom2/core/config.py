@@ -45,6 +45,13 @@ Layout = Literal["official", "spatial"]
 #: The sequence layouts a selection method can hand to the language model (see :mod:`globalcom2.core.plans`).
 LAYOUTS: tuple[str, ...] = ("official", "spatial")
 
+Count = Literal["published", "fixed"]
+
+#: How many tokens an image keeps (``SPEC.md``, "Fixed count"): ``"published"``, each crop's
+#: ``floor(n_j r_j)`` (the published code's count, known only after the tower ran), or ``"fixed"``,
+#: ``floor(R * sum_j n_j)`` apportioned over the crops (a function of the image size alone).
+COUNTS: tuple[str, ...] = ("published", "fixed")
+
 C = TypeVar("C", bound="MethodConfig")
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "crop_retention_ratios",
     "thumbnail_keep_indices",
     "select_crop_tokens",
+    "fixed_budgets",
     "plan_image",
     "plan_single_view",
     "gather_features",
@@ -253,6 +254,7 @@ def select_crop_tokens(
     geom: CropGeometry,
     crop_ratios: torch.Tensor,
     scoring: str = "global_local",
+    budgets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 3-4: which unpadded tokens each crop keeps, by holistic (global + local) score.
 
@@ -268,6 +270,7 @@ def select_crop_tokens(
         crop_ratios: (C,) retention ratio ``r_j`` of each crop.
         scoring: ``"global_local"`` (the method), or the ablations ``"global_only"`` /
             ``"local_only"`` (one of the two normalised terms).
+        budgets: (C,) long tokens each crop keeps (``count="fixed"``); None: ``floor(n_j r_j)``.
 
     Returns:
         keep: (C, N) bool, True at the true positions of the kept tokens.
@@ -289,23 +292,88 @@ def select_crop_tokens(
         glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
     glob = grid_to_crops(glob, geom)  # (C, N)
     score = holistic_scores(crop_importance.to(SCORE_DTYPE), glob, valid, scoring)
-    return keep_best(score, valid, crop_ratios), valid, score
+    return keep_best(score, valid, crop_ratios, budgets), valid, score
 
 
-def keep_best(score: torch.Tensor, valid: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
-    """Each crop's ``floor(n_j * r_j)`` best valid tokens by ``score`` (stable on ties).
+def fixed_budgets(n_valid: torch.Tensor, ratios: torch.Tensor, retention_ratio: float) -> torch.Tensor:
+    """``count="fixed"`` (SPEC.md, "Fixed count"): the crops' total ``K = floor(R * sum_j n_j)``
+    apportioned over the crops in proportion to the published budgets ``w_j = n_j r_j``, no crop
+    above ``n_j`` (largest remainder; ties to the lower crop index).
+
+    Quota ``q_j = K' w_j / sum w`` over the crops not yet capped; a crop whose quota exceeds
+    ``n_j`` gets ``n_j`` and the rest is apportioned again. The capped crops are always those of
+    the highest ``r_j = w_j / n_j`` (capping one raises every other quota), so they are found at
+    once, without a data-dependent loop: sorted by ``r_j`` (descending, stable), the first ``m``
+    crops are capped, ``m`` the first position whose crop fits, ``(K - sum_{i<m} n_i) r_m <=
+    sum_{i>=m} w_i``. Then ``b_j = floor(q_j)`` and the ``K' - sum b_j`` leftover tokens go one
+    each to the crops with the largest ``q_j - b_j`` (ties: lower crop index). No host sync.
+
+    Args:
+        n_valid: (..., C) valid tokens of each crop (padded crops of a batch: 0).
+        ratios: (..., C) each crop's published ratio ``r_j`` (float64).
+        retention_ratio: R.
+
+    Returns:
+        (..., C) long budgets ``b_j``, ``0 <= b_j <= n_j``, summing to ``K`` per image.
+    """
+    dev = ratios.device
+    n = n_valid.to(device=dev, dtype=torch.float64)
+    c = n.shape[-1]
+    if c == 0:
+        return torch.zeros(n.shape, dtype=torch.long, device=dev)
+    w = n * ratios.to(torch.float64)  # (..., C)
+    total = torch.floor(n.sum(-1, keepdim=True) * float(retention_ratio))  # (..., 1) K: sums of integers, exact
+    has = n > 0
+    rate = torch.where(has, w / n.clamp_min(1.0), torch.full_like(w, -1.0))  # empty crops sort last
+    order = torch.argsort(rate, dim=-1, descending=True, stable=True)  # (..., C)
+    n_s, w_s, r_s = n.gather(-1, order), w.gather(-1, order), rate.gather(-1, order)
+    capped_before = torch.cumsum(n_s, -1) - n_s  # (..., C) sum of n over the crops ahead
+    w_from = torch.flip(torch.cumsum(torch.flip(w_s, [-1]), -1), [-1])  # (..., C) sum of w from here on
+    fits = ((total - capped_before) * r_s <= w_from) | (r_s < 0)  # (..., C)
+    first_fit = torch.where(fits, torch.arange(c, device=dev), torch.full_like(order, c)).amin(-1, keepdim=True)
+    capped_s = torch.arange(c, device=dev) < first_fit  # (..., C) in sorted order
+    capped = torch.zeros_like(capped_s).scatter_(-1, order, capped_s)  # (..., C) in crop order
+    free = ~capped & has
+    left = total - torch.where(capped, n, torch.zeros_like(n)).sum(-1, keepdim=True)  # (..., 1) integers: exact
+    # Sums of reals as running sums, left to right: a batch's padded crops (zeros at the end) then
+    # give the same bits as the image alone.
+    w_free = torch.where(free, w, torch.zeros_like(w))
+    w_sum = torch.cumsum(w_free, -1)[..., -1:]
+    # Every uncapped crop at w_j = 0 (an allocation ablation can give r_j = 0) but tokens left:
+    # those go by size, n_j, so that the total is still K.
+    w_free = torch.where(w_sum > 0, w_free, torch.where(free, n, torch.zeros_like(n)))
+    w_sum = torch.cumsum(w_free, -1)[..., -1:]
+    quota = torch.where(w_sum > 0, left * w_free / w_sum.clamp_min(1e-300), torch.zeros_like(w))
+    base = torch.minimum(torch.floor(quota), n)
+    base = torch.where(capped, n, torch.where(free, base, torch.zeros_like(base)))
+    leftover = total - base.sum(-1, keepdim=True)  # (..., 1)
+    eligible = free & (base < n)
+    frac = torch.where(eligible, quota - torch.floor(quota), torch.full_like(quota, -1.0))
+    rank_order = torch.argsort(frac, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(rank_order).scatter_(-1, rank_order, torch.arange(c, device=dev).expand_as(rank_order))
+    extra = (rank < leftover) & eligible
+    return (base + extra.to(base.dtype)).long()
+
+
+def keep_best(score: torch.Tensor, valid: torch.Tensor, ratios: torch.Tensor, budgets: torch.Tensor | None = None) -> torch.Tensor:
+    """Each crop's ``floor(n_j * r_j)`` best valid tokens by ``score`` (stable on ties), or its
+    ``budgets`` best when given (``count="fixed"``: :func:`fixed_budgets`).
 
     Args:
         score: (..., N) scores of each crop's tokens (``-inf`` where padded).
         valid: (..., N) bool, unpadded positions (``n_j`` = their count).
         ratios: (...) each crop's retention ratio ``r_j``.
+        budgets: (...) long, tokens each crop keeps (None: ``floor(n_j * r_j)``).
 
     Returns:
         (..., N) bool, True at the kept tokens (per crop along the last axis: any leading shape
         gives the same selection).
     """
     dev = score.device
-    k = _floor_count(valid.sum(dim=-1), ratios.to(device=dev, dtype=torch.float64))  # (...)
+    if budgets is None:
+        k = _floor_count(valid.sum(dim=-1), ratios.to(device=dev, dtype=torch.float64))  # (...)
+    else:
+        k = budgets.to(dev)
     order = torch.argsort(score, dim=-1, descending=True, stable=True)  # (..., N)
     ranks = torch.arange(score.shape[-1], device=dev).expand(score.shape)
     rank = torch.empty_like(order).scatter_(-1, order, ranks)
@@ -444,6 +512,7 @@ def plan_image(
     crop_ratios: torch.Tensor | None = None,
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
+    count: str = "published",
 ) -> CompressionPlan:
     """Run GlobalCom2's decisions for one thumbnail-plus-crops image.
 
@@ -457,6 +526,8 @@ def plan_image(
             :func:`crop_retention_ratios` with ``allocation``.
         allocation: crop budget allocation (see :func:`crop_retention_ratios`).
         scoring: crop token scoring (see :func:`select_crop_tokens`).
+        count: ``"published"`` (crop j keeps ``floor(n_j r_j)``) or ``"fixed"`` (the crops keep
+            ``floor(R * sum n_j)`` in all, :func:`fixed_budgets`).
 
     Returns:
         A :class:`CompressionPlan`; its ``index`` addresses the table
@@ -467,9 +538,25 @@ def plan_image(
     thumb, crops = importance[0], importance[1:]  # (N,), (C, N)
     if crop_ratios is None:
         crop_ratios = crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature, allocation)
-    keep, valid, score = select_crop_tokens(crops, thumb, geom, crop_ratios, scoring)
+    budgets = crop_budgets(geom, crop_ratios, retention_ratio, count)
+    keep, valid, score = select_crop_tokens(crops, thumb, geom, crop_ratios, scoring, budgets)
     thumb_keep = thumbnail_keep_indices(thumb, retention_ratio)  # descending importance
     return assemble_plan(thumb_keep, keep, valid, geom, layout, crop_ratios, thumb, score)
+
+
+def crop_budgets(geom: CropGeometry, crop_ratios: torch.Tensor, retention_ratio: float, count: str) -> torch.Tensor | None:
+    """(C,) long budgets of the crops for ``count="fixed"`` (:func:`fixed_budgets` over each crop's
+    valid tokens, from the geometry: no sync); None for ``"published"``."""
+    _check_count(count)
+    if count == "published":
+        return None
+    n_valid = valid_mask(geom, crop_ratios.device).sum(1)  # (C,)
+    return fixed_budgets(n_valid, crop_ratios, retention_ratio)
+
+
+def _check_count(count: str) -> None:
+    if count not in ("published", "fixed"):
+        raise ValueError(f"count must be 'published' or 'fixed', got {count!r}")
 
 
 def _check_layout(layout: str) -> None:
@@ -668,6 +755,7 @@ def compress_image(
     temperature: float = 10.0,
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
+    count: str = "published",
 ) -> tuple[torch.Tensor, CompressionPlan]:
     """GlobalCom2 for one image: decide, then gather.
 
@@ -684,7 +772,9 @@ def compress_image(
     if geom is None or features.shape[0] == 1:
         plan = plan_single_view(importance[0], retention_ratio, layout)
     else:
-        plan = plan_image(importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring)
+        plan = plan_image(
+            importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring, count=count
+        )
     return gather_features(features, newline, plan.index), plan
 
 

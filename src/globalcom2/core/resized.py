@@ -141,6 +141,7 @@ def select_resized_tokens(
     geom: ResizedCropGeometry,
     crop_ratios: torch.Tensor,
     scoring: str = "global_local",
+    retention_ratio: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 3-4 on the resized map: which resized positions each crop keeps.
 
@@ -150,6 +151,8 @@ def select_resized_tokens(
         geom: the resized geometry.
         crop_ratios: (C,) ``r_j``.
         scoring: ``"global_local"`` (the method), ``"global_only"`` or ``"local_only"``.
+        retention_ratio: R for ``count="fixed"`` (the crops keep ``floor(R * sum n_j)`` in all,
+            :func:`~globalcom2.core.plans.fixed_budgets`); None: ``floor(n_j r_j)`` each.
 
     Returns:
         keep: (C, N) bool at pseudo positions; valid: (C, N) bool, the resized map's positions;
@@ -177,7 +180,12 @@ def select_resized_tokens(
     else:
         raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
     n_own = member.sum(1)  # (C,)
-    k = torch.floor(n_own.to(torch.float64) * crop_ratios.to(device=dev, dtype=torch.float64)).long()  # (C,)
+    if retention_ratio is None:
+        k = torch.floor(n_own.to(torch.float64) * crop_ratios.to(device=dev, dtype=torch.float64)).long()  # (C,)
+    else:
+        from .plans import fixed_budgets
+
+        k = fixed_budgets(n_own, crop_ratios.to(device=dev, dtype=torch.float64), retention_ratio)  # (C,)
     masked = torch.where(member, score[None, :], torch.full_like(score, float("-inf"))[None, :])  # (C, P)
     order = torch.argsort(masked, dim=1, descending=True, stable=True)
     p = loc.shape[0]
@@ -198,6 +206,7 @@ def plan_resized(
     crop_ratios: torch.Tensor | None = None,
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
+    count: str = "published",
 ) -> "plans.CompressionPlan":
     """GlobalCom2's decisions for an image whose crop map was resized (``spatial`` only).
 
@@ -208,16 +217,19 @@ def plan_resized(
         retention_ratio, temperature, allocation, scoring: as :func:`globalcom2.core.plans.plan_image`
             (Step 2 is unchanged: the thumbnail's S x S map split into the gh x gw grid).
         crop_ratios: (C,) override of ``r_j`` (tests).
+        count: ``"published"`` or ``"fixed"`` (see :func:`~globalcom2.core.plans.plan_image`).
     """
     from . import plans
 
+    plans._check_count(count)
     if layout != "spatial":
         raise ValueError(f"a resized (anyres_max) crop map has only the 'spatial' layout, got {layout!r}")
     thumb = importance[0]
     if crop_ratios is None:
         crop_ratios = plans.crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature, allocation)
     local = crops_to_grid(importance[1:], geom)[: geom.row1, : geom.col1]  # (h', w')
-    keep, valid, score = select_resized_tokens(local, thumb, geom, crop_ratios, scoring)
+    fixed = retention_ratio if count == "fixed" else None
+    keep, valid, score = select_resized_tokens(local, thumb, geom, crop_ratios, scoring, fixed)
     thumb_keep = plans.thumbnail_keep_indices(thumb, retention_ratio)
     return plans.assemble_plan(thumb_keep, keep, valid, geom, layout, crop_ratios, thumb, score)
 
@@ -232,9 +244,12 @@ def compress_resized(
     temperature: float = 10.0,
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
+    count: str = "published",
 ) -> tuple[torch.Tensor, "plans.CompressionPlan"]:
     """:func:`plan_resized`, then gather (the counterpart of :func:`~.plans.compress_image`)."""
     from . import plans
 
-    plan = plan_resized(importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring)
+    plan = plan_resized(
+        importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring, count=count
+    )
     return plans.gather_features(features, newline, plan.index), plan

@@ -59,7 +59,10 @@ def shrink_placeholders(
     pad_token_id: int = 0,
     padding_side: str | None = None,
 ) -> ShrunkInputs:
-    """Keep the first ``new_counts[i]`` placeholders of image ``i``'s run and drop the rest.
+    """Keep the first ``new_counts[i]`` placeholders of image ``i``'s run and drop the rest; an
+    image that needs *more* than it has (the ``official`` layout's padded-row newlines near R = 1:
+    SPEC.md, "no method may produce more tokens than the prompt holds placeholders for") gets its
+    last placeholder repeated.
 
     Images are numbered in reading order of the flattened batch (row by row), which is the order
     in which LLaVA-style models scatter image features into placeholders.
@@ -68,7 +71,7 @@ def shrink_placeholders(
         input_ids: (B, L) token ids.
         image_token_id: the placeholder id.
         old_counts: (I,) placeholders each image has now (the vanilla count).
-        new_counts: (I,) placeholders each image must have, ``<= old_counts``.
+        new_counts: (I,) placeholders each image must have (usually ``<= old_counts``).
         attention_mask: (B, L) or None; padding (0) positions are dropped and padding is rebuilt.
         labels: (B, L) or None.
         pad_token_id: id written into new padding.
@@ -97,23 +100,30 @@ def shrink_placeholders(
     if old.numel():
         rank = ordinal - (ends - old)[image_of]
         keep_img = rank < new[image_of]
+        # Copies of each position: 1 if kept; an image's last placeholder also carries its growth.
+        grow = (new - old).clamp_min(0)[image_of]
+        extra = torch.where(flat & (rank == old[image_of] - 1), grow, torch.zeros_like(grow))
     else:
         keep_img = torch.zeros_like(flat)
+        extra = torch.zeros_like(flat, dtype=torch.long)
     keep = (~flat | keep_img).reshape(bsz, length)  # (B, L)
     mask_in = attention_mask.to(dev).bool() if attention_mask is not None else None
     if mask_in is not None:
         keep &= mask_in
-    lengths = keep.sum(1)  # (B,)
+    rep = keep.long() + extra.reshape(bsz, length) * keep.long()  # (B, L)
+    lengths = rep.sum(1)  # (B,)
 
     # The one host sync: every number the host needs, read together.
     zero = torch.zeros((), dtype=torch.long, device=dev)
     longest = lengths.max() if bsz else zero
-    wanted = [is_img.sum(), old.sum() if old_total is None else zero, longest, (lengths != longest).any().long()]
+    wanted = [is_img.sum(), old.sum() if old_total is None else zero, longest, (lengths != longest).any().long(),
+              extra.sum(), lengths.sum()]
     infer = padding_side is None and mask_in is not None and length > 0
     if infer:
         wanted += [(~mask_in[:, -1]).any().long(), (~mask_in[:, 0]).any().long()]
     numbers = torch.stack(wanted).tolist()
     found, new_len, ragged = numbers[0], numbers[2], bool(numbers[3])
+    grows, total = numbers[4] > 0, numbers[5]
     expected = numbers[1] if old_total is None else old_total
     if found != expected:
         raise ValueError(
@@ -123,7 +133,9 @@ def shrink_placeholders(
         )
     if padding_side is None:
         # infer_padding_side's rule: "right" if some row ends with padding, else "left".
-        padding_side = "right" if infer and numbers[4] else "left"
+        padding_side = "right" if infer and numbers[6] else "left"
+    if grows:
+        return _regrow(input_ids, attention_mask, labels, keep, rep, lengths, new_len, total, pad_token_id, padding_side, ragged)
 
     col = torch.cumsum(keep.long(), 1) - 1  # (B, L) target column for kept tokens (right padding)
     if padding_side == "left":
@@ -147,6 +159,37 @@ def shrink_placeholders(
     new_labels = None
     if labels is not None:
         new_labels = scatter(labels, IGNORE_INDEX, labels.dtype)
+    return ShrunkInputs(input_ids=ids, attention_mask=mask, labels=new_labels, keep=keep, padding_side=padding_side)
+
+
+def _regrow(input_ids, attention_mask, labels, keep, rep, lengths, new_len, total, pad_token_id, padding_side, ragged):
+    """:func:`shrink_placeholders` where some image grows: every position is written ``rep`` times
+    (sizes known from the one sync, so no further one); repeated placeholders get ``-100`` labels."""
+    dev = input_ids.device
+    bsz, length = input_ids.shape
+    start = rep.cumsum(1) - rep  # (B, L) first output column of each position (right padding)
+    if padding_side == "left":
+        start = start + (new_len - lengths)[:, None]
+    flat_rep = rep.reshape(-1)
+    src = torch.repeat_interleave(torch.arange(bsz * length, device=dev), flat_rep, output_size=total)  # (T,)
+    first = torch.repeat_interleave(flat_rep.cumsum(0) - flat_rep, flat_rep, output_size=total)
+    offset = torch.arange(total, device=dev) - first  # copy number within a run
+    rows, cols = src // length, start.reshape(-1)[src] + offset
+
+    def place(values: torch.Tensor, fill: int | float, dtype: torch.dtype, copies: int | float | None = None) -> torch.Tensor:
+        out = torch.full((bsz, new_len), fill, dtype=dtype, device=dev)
+        vals = values.reshape(-1).to(dtype)[src]
+        if copies is not None:
+            vals = torch.where(offset > 0, torch.full((), copies, dtype=dtype, device=dev), vals)
+        out[rows, cols] = vals
+        return out
+
+    ids = place(input_ids, pad_token_id, input_ids.dtype)
+    mask = None
+    if attention_mask is not None or ragged:
+        mask_dtype = attention_mask.dtype if attention_mask is not None else torch.long
+        mask = place(torch.ones_like(input_ids, dtype=mask_dtype), 0, mask_dtype)
+    new_labels = place(labels, IGNORE_INDEX, labels.dtype, copies=IGNORE_INDEX) if labels is not None else None
     return ShrunkInputs(input_ids=ids, attention_mask=mask, labels=new_labels, keep=keep, padding_side=padding_side)
 
 

@@ -39,6 +39,12 @@ class VisionMethodConfig(MethodConfig):
 
     layout_field: ClassVar[str | None] = "layout"
 
+    @property
+    def fixed_count(self) -> bool:
+        """Whether the number of tokens an image keeps is a function of its size alone (what a
+        processor or a serving engine must know before the tower runs; SPEC.md "Fixed count")."""
+        return True
+
     def compress(
         self,
         features: "torch.Tensor",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
-from ..core.config import LAYOUTS, Layout, check_choice, check_ratio
+from ..core.config import COUNTS, LAYOUTS, Count, Layout, check_choice, check_ratio
 from .base import VisionMethodConfig, register_method
 from .globalcom2 import IMPORTANCES
 
@@ -38,6 +38,9 @@ class FasterVLMConfig(VisionMethodConfig):
             positions, the natural order for a baseline).
         importance: the importance signal (see :data:`globalcom2.methods.globalcom2.IMPORTANCES`;
             default ``"auto"``: the family's default for its tower).
+        count: ``"published"`` or ``"fixed"`` (SPEC.md "Fixed count"); this method's count is a
+            function of the image size already, so both give the same tokens (accepted so that one
+            setting serves every method).
     """
 
     method: ClassVar[str] = "fastervlm"
@@ -45,12 +48,14 @@ class FasterVLMConfig(VisionMethodConfig):
     retention_ratio: float = 0.25
     layout: Layout = "spatial"
     importance: str = "auto"
+    count: Count = "published"
 
     def __post_init__(self) -> None:
         self._reject_none()
         self._set("retention_ratio", check_ratio(self.retention_ratio))
         self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
         self._set("importance", check_choice(self.importance, IMPORTANCES, "importance"))
+        self._set("count", check_choice(self.count, COUNTS, "count"))
 
     def compress(
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"

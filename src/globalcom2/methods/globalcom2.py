@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
-from ..core.config import LAYOUTS, Layout, check_choice, check_positive, check_ratio
+from ..core.config import COUNTS, LAYOUTS, Count, Layout, check_choice, check_positive, check_ratio
 from .base import VisionMethodConfig, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,12 @@ class GlobalCom2Config(VisionMethodConfig):
             ``"global_only"`` or ``"local_only"`` one of the two.
         importance: the importance signal, one of :data:`IMPORTANCES` (default ``"auto"``: the
             family's default, ``"cls"`` on LLaVA-NeXT, ``"attention_received"`` on LLaVA-OneVision).
+        count: ``"published"`` (default: crop j keeps ``floor(n_j r_j)``, token for token the
+            published code; the count depends on the image's content) or ``"fixed"`` (SPEC.md
+            "Fixed count": the crops keep ``floor(R * sum_j n_j)`` in all, apportioned over them by
+            ``n_j r_j``, so an image's token count is a function of its size alone:
+            :func:`globalcom2.visual_token_count`; what serving engines and a processor that writes
+            the compressed count need).
     """
 
     method: ClassVar[str] = "globalcom2"
@@ -75,6 +81,7 @@ class GlobalCom2Config(VisionMethodConfig):
     allocation: str = "softmax_sum"
     scoring: str = "global_local"
     importance: str = "auto"
+    count: Count = "published"
 
     def __post_init__(self) -> None:
         self._reject_none()
@@ -85,6 +92,7 @@ class GlobalCom2Config(VisionMethodConfig):
         self._set("allocation", check_choice(self.allocation, ALLOCATIONS, "allocation"))
         self._set("scoring", check_choice(self.scoring, SCORINGS, "scoring"))
         self._set("importance", check_choice(self.importance, IMPORTANCES, "importance"))
+        self._set("count", check_choice(self.count, COUNTS, "count"))
 
     def compress(
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
@@ -93,11 +101,11 @@ class GlobalCom2Config(VisionMethodConfig):
             # LLaVA-OneVision's anyres_max_K resized crop map: select on it (SPEC.md, "LLaVA-OneVision").
             return resized.compress_resized(
                 features, importance, newline, geom, self.retention_ratio, self.layout, self.temperature,
-                allocation=self.allocation, scoring=self.scoring,
+                allocation=self.allocation, scoring=self.scoring, count=self.count,
             )
         return plans.compress_image(
             features, importance, geom, newline, self.retention_ratio, self.layout, self.temperature,
-            allocation=self.allocation, scoring=self.scoring,
+            allocation=self.allocation, scoring=self.scoring, count=self.count,
         )
 
     def compress_batch(
@@ -111,8 +119,13 @@ class GlobalCom2Config(VisionMethodConfig):
         images on LLaVA-OneVision's resized crop map are compressed one by one (their per-crop
         step works on another geometry), the others still in one pass."""
         single = [batch.is_batchable(g, int(f.shape[0])) for f, g in zip(features, geometries)]
-        options = dict(temperature=self.temperature, allocation=self.allocation, scoring=self.scoring)
+        options = dict(temperature=self.temperature, allocation=self.allocation, scoring=self.scoring, count=self.count)
         return _batched_where_possible(self, single, features, importance, geometries, newline, options)
+
+    @property
+    def fixed_count(self) -> bool:
+        """``count="fixed"`` (or the ``uniform`` ablation, whose ``floor(n_j R)`` needs no content)."""
+        return self.count == "fixed" or self.allocation == "uniform"
 
     @classmethod
     def keep_all(cls, **options: Any) -> "GlobalCom2Config":

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from ..core.config import check_ratio
+from ..core.config import COUNTS, Count, check_choice, check_ratio
 from .base import VisionMethodConfig, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,15 +65,20 @@ class PoolingConfig(VisionMethodConfig):
 
     Args:
         retention_ratio: R, ``0 < R <= 1``.
+        count: ``"published"`` or ``"fixed"`` (SPEC.md "Fixed count"); this method's count is a
+            function of the image size already, so both give the same tokens (accepted so that one
+            setting serves every method).
     """
 
     method: ClassVar[str] = "pooling"
 
     retention_ratio: float = 0.25
+    count: Count = "published"
 
     def __post_init__(self) -> None:
         self._reject_none()
         self._set("retention_ratio", check_ratio(self.retention_ratio))
+        self._set("count", check_choice(self.count, COUNTS, "count"))
 
     layout_field: ClassVar[str | None] = None  # one arrangement: the pooled maps, row by row
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
-from ..core.config import LAYOUTS, Layout, check_choice, check_int, check_ratio
+from ..core.config import COUNTS, LAYOUTS, Count, Layout, check_choice, check_int, check_ratio
 from .base import VisionMethodConfig, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +37,9 @@ class RandomConfig(VisionMethodConfig):
         retention_ratio: R, ``0 < R <= 1``.
         layout: as for FasterVLM (default ``"spatial"``).
         seed: the generator's seed (default 0).
+        count: ``"published"`` or ``"fixed"`` (SPEC.md "Fixed count"); this method's count is a
+            function of the image size already, so both give the same tokens (accepted so that one
+            setting serves every method).
     """
 
     method: ClassVar[str] = "random"
@@ -44,12 +47,14 @@ class RandomConfig(VisionMethodConfig):
     retention_ratio: float = 0.25
     layout: Layout = "spatial"
     seed: int = 0
+    count: Count = "published"
 
     def __post_init__(self) -> None:
         self._reject_none()
         self._set("retention_ratio", check_ratio(self.retention_ratio))
         self._set("layout", check_choice(self.layout, LAYOUTS, "layout"))
         self._set("seed", check_int(self.seed, "seed", minimum=0))
+        self._set("count", check_choice(self.count, COUNTS, "count"))
 
     def compress(
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"

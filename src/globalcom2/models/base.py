@@ -11,11 +11,15 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+from contextvars import ContextVar
 
 from .. import methods
 from .._lazy import lazy_module
 from .._patching import PatchedMethod
+from . import calls as _calls
+from .calls import cache_keyword  # noqa: F401  (its home before models.calls; tests and callers import it here)
 from ..methods.base import VisionMethodConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -292,6 +296,11 @@ class QKCapture:
     ``all_queries``, every query too (for :func:`globalcom2.core.importance.attention_received`).
     The hooks live only inside ``with``; the tower keeps its own attention implementation.
 
+    Per call, never shared between calls: a hook writes into the capture open *in the running
+    thread / task* on that attention module (a context variable), not into the one that registered
+    it, so two threads encoding on one model (whose hooks both sit on the one shared module and
+    fire for both) each get their own queries and keys.
+
     Attributes (after the tower ran inside ``with``):
         q_cls: (V, D) the [CLS] queries. queries: (V, T, D) with ``all_queries``, else None.
         keys: (V, T, D).
@@ -306,18 +315,37 @@ class QKCapture:
         self.keys: torch.Tensor | None = None
         self._handles: list[Any] = []
 
+    def _keep_q(self, out: torch.Tensor) -> None:
+        self.q_cls = out[:, 0]  # (V, D)
+        if self.all_queries:
+            self.queries = out  # (V, T, D)
+
+    def _keep_k(self, out: torch.Tensor) -> None:
+        self.keys = out  # (V, T, D)
+
     def __enter__(self) -> "QKCapture":
+        attn = self.attn
+
+        def running() -> "QKCapture | None":
+            for cap in reversed(_QK_OPEN.get()):
+                if cap.attn is attn:
+                    return cap
+            return None
+
         def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            self.q_cls = out[:, 0]  # (V, D)
-            if self.all_queries:
-                self.queries = out  # (V, T, D)
+            cap = running()
+            if cap is not None:
+                cap._keep_q(out)
 
         def keep_k(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            self.keys = out  # (V, T, D)
+            cap = running()
+            if cap is not None:
+                cap._keep_k(out)
 
+        _QK_OPEN.set((*_QK_OPEN.get(), self))
         self._handles = [
-            getattr(self.attn, self.q_module).register_forward_hook(keep_q),
-            getattr(self.attn, self.k_module).register_forward_hook(keep_k),
+            getattr(attn, self.q_module).register_forward_hook(keep_q),
+            getattr(attn, self.k_module).register_forward_hook(keep_k),
         ]
         return self
 
@@ -325,6 +353,11 @@ class QKCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        _QK_OPEN.set(tuple(cap for cap in _QK_OPEN.get() if cap is not self))
+
+
+#: The :class:`QKCapture` objects open in this thread / task, innermost last.
+_QK_OPEN: "ContextVar[tuple[QKCapture, ...]]" = ContextVar("globalcom2_qk_captures", default=())
 
 
 class Family(Adapter):
@@ -372,9 +405,8 @@ class Family(Adapter):
         self.last: CompressedImages | None = None
         #: Visual-token counts of the most recent prefill (see :func:`globalcom2.last_stats`).
         self.stats: CompressionStats | None = None
-        self._vanilla_rows: torch.Tensor | None = None  # (B,) image tokens before compression
+        self._vanilla_rows = None  # (B,) image tokens before compression (per call: see the property)
         self._last_visual: torch.Tensor | None = None  # (B, T) bool, image tokens of the last prefill
-        self._turn: _Turn | None = None  # the last compressed generate's prompt, for chat continuations
         self._warned_context = False
 
     @property
@@ -412,6 +444,41 @@ class Family(Adapter):
         """(rows, columns) of the crop grid of image ``index`` of a processor's output, or None
         when it is seen as one view (for reports; no encoding)."""
         return None
+
+    def size_layout(self, image_sizes: Sequence[tuple[int, int]], **options: Any) -> tuple[list[int], list[Any], int]:
+        """What the processor and the model make of images of these sizes, from the sizes alone
+        (no pixels, no tower): per image its number of views and its crop geometry (None for one
+        view, the family's geometry class otherwise), and the tokens per view N.
+
+        ``options``: what else decides it (``batch_num_images`` on LLaVA-OneVision, the
+        ``processor`` whose tiling rule InternVL follows)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot lay out images from their sizes")
+
+    def count_visual_tokens(
+        self, image_sizes: Sequence[tuple[int, int]], config: Any = None, **options: Any
+    ) -> list[int]:
+        """Per image, the visual tokens (newlines included) the method hands the language model, from
+        the image sizes alone: the same planning code as :meth:`compress` run on zero-width
+        features and constant importance, so it equals what :meth:`compress` produces for any image
+        of these sizes whenever the method's count depends on the size only
+        (``config.fixed_count``; GlobalCom2 needs ``count="fixed"``)."""
+        cfg = config if config is not None else self.vision_config
+        if cfg is None:
+            raise ValueError(f"method {self.config.method!r} has no vision-side compression to count")
+        if not cfg.fixed_count:
+            raise ValueError(
+                f"method {cfg.method!r} with count={getattr(cfg, 'count', None)!r} keeps a number of tokens that "
+                "depends on the image's content; use count='fixed' for a count known from the size"
+            )
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+        views, geoms, n = self.size_layout(sizes, **options)
+        feats = [torch.zeros((v, n, 1)) for v in views]
+        imps = [torch.zeros((v, n), dtype=torch.float64) for v in views]
+        encoded = EncodedImages(
+            features=feats, importance=imps, geometries=list(geoms), image_sizes=sizes, vanilla_counts=[0] * len(sizes)
+        )
+        out = self.compress(encoded, cfg, newline=torch.zeros(1))
+        return [int(t.shape[0]) for t in out.tokens]
 
     def check_vision(self) -> None:
         """Raise ``ValueError`` if this model's vision side cannot be compressed (checked at apply)."""
@@ -543,17 +610,20 @@ class Family(Adapter):
         self.check_vision()
 
     # -- vision side ----------------------------------------------------------------------------
-    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None) -> CompressedImages:
+    def compress(
+        self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: "torch.Tensor | None" = None
+    ) -> CompressedImages:
         """Apply a vision-side method (default: this adapter's) to every encoded image.
 
         The whole batch goes to the method at once (:func:`globalcom2.methods.compress_images`):
         GlobalCom2, FasterVLM and random plan and gather every image in one vectorised pass with
-        one host sync per batch (:mod:`globalcom2.core.batch`); other methods run per image."""
+        one host sync per batch (:mod:`globalcom2.core.batch`); other methods run per image.
+        ``newline``: the row written for newlines (default: the model's own)."""
         cfg = config or self.vision_config
         if cfg is None:
             raise ValueError(f"method {self.config.method!r} has no vision-side compression")
         tokens, plans = methods.compress_images(
-            encoded.features, encoded.importance, encoded.geometries, self.image_newline(), cfg
+            encoded.features, encoded.importance, encoded.geometries, self.image_newline() if newline is None else newline, cfg
         )
         return CompressedImages(tokens=list(tokens), plans=list(plans), vanilla_counts=encoded.vanilla_counts)
 
@@ -695,6 +765,9 @@ class Family(Adapter):
         methods = {"forward": "_patched_forward"}
         if hasattr(self.model, "generate"):
             methods["generate"] = "_patched_generate"
+        if hasattr(self.model, "_merge_criteria_processor_list"):
+            # generate's merge of its own processors / criteria with the caller's (see calls.merge_lists)
+            methods["_merge_criteria_processor_list"] = "_patched_merge"
         return methods
 
     @staticmethod
@@ -707,15 +780,45 @@ class Family(Adapter):
         method, or precomputed image embeddings for any method)."""
         return call.get(EMBEDDINGS_KWARG) is not None or (self.vision_config is not None and self._has_images(call))
 
+    @property
+    def _vanilla_rows(self) -> "torch.Tensor | None":
+        """(B,) image tokens per row before compression, handed from :meth:`prepare_inputs` to the
+        prefill of the same call: per thread / task (a context variable), never shared between calls."""
+        held = _PENDING_ROWS.get()
+        return held[1] if held is not None and held[0] == id(self) else None
+
+    @_vanilla_rows.setter
+    def _vanilla_rows(self, rows: "torch.Tensor | None") -> None:
+        _PENDING_ROWS.set(None if rows is None else (id(self), rows))
+
     def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode)."""
+        """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode).
+
+        Outside a patched ``generate`` (the caller's own prefill and decode steps), a compressing
+        prefill leaves its :class:`~.calls.Turn` on the KV cache it fills, and a later step on that
+        cache given in the caller's coordinates (the caller's growing ``attention_mask``) is
+        translated to the cache's (:func:`~.calls.caller_step`)."""
         call = bind_arguments(original, args, kwargs)
         check_call_inputs(call)
+        own = _calls.GENERATE_CALL.get() is None  # the caller's own call, not a step of a patched generate
+        turn = None
         if self._compresses(call):
+            before = call
             call = self.prepare_inputs(call)
-        if _is_prefill(call) and call.get("input_ids") is not None:
+            if own and _calls.is_prefill(call) and torch.is_tensor(before.get("input_ids")):
+                turn = _calls.Turn(before["input_ids"], call["input_ids"], before.get("attention_mask"), call.get("attention_mask"))
+        elif own:
+            cache = _calls.given_cache(call)
+            known = _calls.turn_of(cache)
+            if known is not None:
+                _calls.caller_step(call, known, _calls.cache_length(cache))
+        if _calls.is_prefill(call) and call.get("input_ids") is not None:
             self._on_prefill(call["input_ids"])
-        return original(**call)
+        out = original(**call)
+        if turn is not None:
+            cache = _calls.output_cache(out)
+            _calls.remember_turn(cache if cache is not None else _calls.given_cache(call), turn)
+        return out
 
     def _on_prefill(self, input_ids: torch.Tensor) -> None:
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
@@ -767,89 +870,136 @@ class Family(Adapter):
         returned sequences (plus new text) is continued on the compressed cache.
         """
         call = bind_arguments(original, args, kwargs)
-        _cache_under_installed_name(call)
+        _calls.cache_under_installed_name(call)
         input_ids = call.pop("inputs", None)
         if input_ids is None:
             input_ids = call.pop("input_ids", None)
         if (
             input_ids is not None
             and (self.vision_config is not None or call.get(EMBEDDINGS_KWARG) is not None)
-            and _cache_length(_given_cache(call)) > 0
+            and _calls.cache_length(_calls.given_cache(call)) > 0
         ):
             return self._continue_turn(original, input_ids, call)
         if input_ids is None or not self._compresses(call):
             if input_ids is not None:
                 call["inputs"] = input_ids
-            return original(**call)
+            return self._run_generate(original, (), call, _calls.GenerateCall(self))
         call["input_ids"] = input_ids
         with torch.no_grad():
             prepared = self.prepare_inputs(call)
         short_ids = prepared.pop("input_ids")
-        return self._generate_short(original, input_ids, short_ids, prepared)
+        return self._generate_short(original, input_ids, short_ids, prepared, call.get("attention_mask"))
+
+    def _patched_merge(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``generate``'s merge of the processors / criteria it builds with the caller's (see
+        :func:`~.calls.merge_lists`)."""
+        return _calls.merge_lists(original, self, *args, **kwargs)
+
+    @staticmethod
+    def _run_generate(original: Callable[..., Any], args: tuple[Any, ...], call: dict[str, Any], state: Any) -> Any:
+        """The original ``generate`` with ``state`` as this context's :data:`~.calls.GENERATE_CALL`."""
+        token = _calls.GENERATE_CALL.set(state)
+        try:
+            return original(*args, **call)
+        finally:
+            _calls.GENERATE_CALL.reset(token)
 
     def _generate_short(
-        self, original: Callable[..., Any], input_ids: torch.Tensor, short_ids: torch.Tensor, call: dict[str, Any]
+        self,
+        original: Callable[..., Any],
+        input_ids: torch.Tensor,
+        short_ids: torch.Tensor,
+        call: dict[str, Any],
+        mask: "torch.Tensor | None",
     ) -> Any:
-        """Run the original ``generate`` on ``short_ids`` (B, T1) standing for ``input_ids`` (B, T0)."""
-        _vanilla_lengths(call, input_ids.shape[1] - short_ids.shape[1], getattr(self.model, "generation_config", None))
-        _vanilla_prompt_views(call, input_ids, short_ids.shape[1])
-        out = original(short_ids, **call)
-        self._turn = _Turn(input_ids, short_ids, call.get("attention_mask"))
-        return _restore_prompt(out, input_ids, short_ids.shape[1])
+        """Run the original ``generate`` on ``short_ids`` (B, T1) standing for ``input_ids`` (B, T0)
+        (whose attention mask is ``mask``; ``call`` holds the short one), and leave the turn on the
+        KV cache it filled."""
+        _calls.vanilla_lengths(call, input_ids.shape[1] - short_ids.shape[1], getattr(self.model, "generation_config", None))
+        if call.get("streamer") is not None:
+            call["streamer"] = _calls.PromptStreamer(call["streamer"], input_ids)
+        out = self._run_generate(original, (short_ids,), call, _calls.GenerateCall(self, input_ids, short_ids.shape[1]))
+        turn = _calls.Turn(input_ids, short_ids, mask, call.get("attention_mask"))
+        for cache in (_calls.given_cache(call), _calls.output_cache(out)):
+            _calls.remember_turn(cache, turn)
+        return _calls.restore_prompt(out, input_ids, short_ids.shape[1])
 
     def _continue_turn(self, original: Callable[..., Any], input_ids: torch.Tensor, call: dict[str, Any]) -> Any:
-        """A chat turn on the ``past_key_values`` of an earlier compressed ``generate``.
+        """A chat turn on the KV cache of an earlier compressed call (``generate``, or a prefill).
 
-        ``input_ids`` (B, T) must start with that call's prompt (the sequences it returned start
-        with it): the prompt is swapped for its compressed form, which the cache holds, and
-        generation goes on from there, as running the whole conversation afresh with the image would.
+        ``input_ids`` (B, T) must start with the prompt of the call that filled that cache (the
+        sequences it returned start with it): the prompt is swapped for its compressed form, which
+        the cache holds (the :class:`~.calls.Turn` the call left on that very cache object, so that
+        interleaved conversations never mix), and generation goes on from there, as running the
+        whole conversation afresh with its images would. New images (placeholders past the cached
+        tokens, their ``pixel_values`` given) are encoded and compressed as the first turn's were.
         """
-        image_id = self.image_token_id
-        turn = self._turn
+        cache = _calls.given_cache(call)
+        turn = _calls.turn_of(cache)
         if turn is not None and turn.matches(input_ids):
             if self.fastv is not None:
                 raise ValueError(
                     "continuing a FastV generate from its past_key_values is not supported (its cache is pruned "
                     "per layer); pass the whole conversation with pixel_values and no past_key_values"
                 )
-            t0 = turn.original_ids.shape[1]
-            short_ids = torch.cat([turn.short_ids.to(input_ids.device), input_ids[:, t0:]], dim=1)
             mask = call.get("attention_mask")
-            if mask is not None:
-                head = turn.short_mask if turn.short_mask is not None else torch.ones_like(turn.short_ids)
-                call["attention_mask"] = torch.cat([head.to(mask), mask[:, t0:]], dim=1)
-            # The images are in the cache already (the vanilla generate ignores them on a continued cache too).
-            for key in ("pixel_values", EMBEDDINGS_KWARG, *self.image_inputs):
-                call.pop(key, None)
-            return self._generate_short(original, input_ids, short_ids, call)
-        cached = _cache_length(_given_cache(call))
-        if bool((input_ids[:, cached:] == image_id).any()):
+            short_ids = self._continued_prompt(input_ids, call, turn, _calls.cache_length(cache))
+            return self._generate_short(original, input_ids, short_ids, call, mask)
+        if turn is not None:
             raise ValueError(
-                "past_key_values were given with image placeholders beyond the cached tokens, but they do not "
-                "continue this model's last compressed generate call: pass that call's returned sequences (plus "
-                "the new turn) with its past_key_values, or the whole conversation with pixel_values and no "
-                "past_key_values"
+                "these past_key_values hold a compressed conversation whose prompt the input_ids do not start with: "
+                "pass the sequences returned with that cache (plus the new turn), or the whole conversation with "
+                "pixel_values and no past_key_values"
+            )
+        cached = _calls.cache_length(cache)
+        if bool((input_ids[:, cached:] == self.image_token_id).any()):
+            raise ValueError(
+                "past_key_values were given with image placeholders beyond the cached tokens, but they were not filled "
+                "by a compressed call of this model: pass that call's returned sequences (plus the new turn) with its "
+                "past_key_values, or the whole conversation with pixel_values and no past_key_values"
             )
         call["inputs"] = input_ids
-        return original(**call)
+        return self._run_generate(original, (), call, _calls.GenerateCall(self))
 
-
-@dataclass
-class _Turn:
-    """The prompt of the last compressed ``generate`` call: what the caller passed and what the
-    language model (and so the KV cache) saw instead."""
-
-    original_ids: torch.Tensor  # (B, T0)
-    short_ids: torch.Tensor  # (B, T1)
-    short_mask: torch.Tensor | None  # (B, T1)
-
-    def matches(self, input_ids: torch.Tensor) -> bool:
-        t0 = self.original_ids.shape[1]
-        return (
-            input_ids.shape[0] == self.original_ids.shape[0]
-            and input_ids.shape[1] >= t0
-            and torch.equal(input_ids[:, :t0], self.original_ids.to(input_ids.device))
-        )
+    def _continued_prompt(self, input_ids: torch.Tensor, call: dict[str, Any], turn: Any, cached: int) -> torch.Tensor:
+        """The short sequence of a continued turn: the turn's short prompt, then what followed it in
+        ``input_ids`` (B, T), whose new images (if their ``pixel_values`` or image embeddings are given)
+        are compressed; ``call``'s attention mask and image arguments are rewritten to match."""
+        t0 = turn.t0
+        split = min(t0 + max(cached - turn.t1, 0), input_ids.shape[1])  # where the uncached tokens start
+        head = torch.cat([turn.short_ids.to(input_ids.device), input_ids[:, t0:split]], dim=1)
+        tail = input_ids[:, split:]
+        mask = call.get("attention_mask")
+        head_mask = tail_mask = None
+        if mask is not None:
+            head_mask = torch.cat([turn.head_mask().to(mask), mask[:, t0:split]], dim=1)
+            tail_mask = mask[:, split:]
+        images = {k: call.pop(k) for k in ("pixel_values", EMBEDDINGS_KWARG, *self.image_inputs) if k in call}
+        images = {k: v for k, v in images.items() if v is not None}
+        if self._compresses(images) and bool((tail == self.image_token_id).any()):
+            part = {"input_ids": tail, **images}
+            if tail_mask is not None:
+                part["attention_mask"] = tail_mask
+            try:
+                with torch.no_grad():
+                    prepared = self.prepare_inputs(part)
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} (a continued chat turn takes the images whose placeholders follow the cached conversation, "
+                    "and only those, as the vanilla model does; or pass the whole conversation with all its images and "
+                    "no past_key_values)"
+                ) from None
+            self._vanilla_rows = None  # no prefill follows on a continued cache
+            tail = prepared["input_ids"]
+            if prepared.get("attention_mask") is not None:
+                tail_mask = prepared["attention_mask"]
+                head_mask = head_mask if head_mask is not None else torch.ones_like(head)
+            call["mm_encoder_outputs"] = prepared["mm_encoder_outputs"]
+        # Without new images given, those of the earlier turns are in the cache already (the vanilla
+        # generate takes no pixel_values for a continued cache either).
+        if head_mask is not None:
+            call["attention_mask"] = torch.cat([head_mask, tail_mask], dim=1)
+        return torch.cat([head, tail], dim=1)
 
 
 def pad_token_id_of(model: Any) -> int:
@@ -876,142 +1026,5 @@ def _rows_total(placeholders: "torch.Tensor", prompt_counts: list[int], values: 
     return out.index_add_(0, rows, torch.tensor(values, dtype=torch.long, device=dev))
 
 
-def _given_cache(call: dict[str, Any]) -> Any:
-    """The KV cache a ``generate`` call was given (``cache``, or the older ``past_key_values``)."""
-    cache = call.get("cache")
-    return cache if cache is not None else call.get("past_key_values")
-
-
-def cache_keyword() -> str:
-    """The name the installed transformers' ``generate`` takes a KV cache by: ``"cache"`` from the
-    release that renamed ``past_key_values`` (its generate outputs carry ``.cache``, and passing
-    ``past_key_values`` gives a FutureWarning), else ``"past_key_values"`` (5.18)."""
-    global _CACHE_KEYWORD
-    if _CACHE_KEYWORD is None:
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-        fields = getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {})
-        _CACHE_KEYWORD = "cache" if "cache" in fields else "past_key_values"
-    return _CACHE_KEYWORD
-
-
-_CACHE_KEYWORD: str | None = None
-
-
-def _cache_under_installed_name(call: dict[str, Any]) -> None:
-    """A ``generate`` call's KV cache, given as ``cache`` or ``past_key_values``, passed on under
-    :func:`cache_keyword`'s name (either works on every supported transformers, and no
-    deprecation warning is raised from here). Both given: left to transformers."""
-    want = cache_keyword()
-    other = "past_key_values" if want == "cache" else "cache"
-    if other in call and call.get(want) is None:
-        call.pop(want, None)
-        call[want] = call.pop(other)
-
-
-def _cache_length(cache: Any) -> int:
-    get_len = getattr(cache, "get_seq_length", None)
-    return int(get_len()) if get_len is not None else 0
-
-
-def _vanilla_lengths(call: dict[str, Any], delta: int, model_config: Any) -> None:
-    """Shift ``max_length`` / ``min_length`` (total lengths, prompt included) by the ``delta`` tokens
-    the prompt lost, so they allow as many new tokens as on the vanilla model. Given as arguments
-    or set in the generation config in use; ``max_new_tokens`` / ``min_new_tokens`` need nothing,
-    and neither does transformers' model-agnostic default ``max_length`` (it adds the prompt length)."""
-    if delta == 0:
-        return
-    from transformers import GenerationConfig
-
-    config = call.get("generation_config") or model_config
-    for key, new_key in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
-        if call.get(new_key) is not None:
-            continue
-        if call.get(key) is not None:
-            call[key] = max(int(call[key]) - delta, 0)
-            continue
-        if config is None or getattr(config, new_key, None) is not None:
-            continue
-        value = getattr(config, key, None)
-        if not value or (key == "max_length" and value == GenerationConfig().max_length):
-            continue
-        call[key] = max(int(value) - delta, 0)
-
-
-def _vanilla_prompt_views(call: dict[str, Any], input_ids: torch.Tensor, short_len: int) -> None:
-    """Let the caller's stopping criteria, logits processors and streamer see the caller's prompt."""
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    for key, kind, view in (
-        ("stopping_criteria", StoppingCriteriaList, _CriteriaView),
-        ("logits_processor", LogitsProcessorList, _ProcessorView),
-    ):
-        items = call.get(key)
-        if items:
-            call[key] = kind([view(item, input_ids, short_len) for item in items])
-    if call.get("streamer") is not None:
-        call["streamer"] = _PromptStreamer(call["streamer"], input_ids)
-
-
-def _vanilla_ids(ids: torch.Tensor, prompt: torch.Tensor, short_len: int) -> torch.Tensor:
-    """(B', T1 + n) running sequences with the caller's (B, T0) prompt in place of the short one."""
-    prefix = prompt.to(ids.device).repeat_interleave(ids.shape[0] // prompt.shape[0], dim=0)
-    return torch.cat([prefix, ids[:, short_len:]], dim=1)
-
-
-class _CriteriaView:
-    def __init__(self, criteria: Any, prompt: torch.Tensor, short_len: int) -> None:
-        self.criteria, self.prompt, self.short_len = criteria, prompt, short_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> Any:
-        return self.criteria(_vanilla_ids(input_ids, self.prompt, self.short_len), scores, **kwargs)
-
-
-class _ProcessorView:
-    def __init__(self, processor: Any, prompt: torch.Tensor, short_len: int) -> None:
-        self.processor, self.prompt, self.short_len = processor, prompt, short_len
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.processor(_vanilla_ids(input_ids, self.prompt, self.short_len), scores)
-
-
-class _PromptStreamer:
-    """A streamer whose first ``put`` (the prompt) is the caller's prompt, not the shortened one."""
-
-    def __init__(self, streamer: Any, prompt: torch.Tensor) -> None:
-        self.streamer, self.prompt, self._first = streamer, prompt, True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self._first:
-            self._first = False
-            value = self.prompt.to(value.device)
-        self.streamer.put(value)
-
-    def end(self) -> None:
-        self.streamer.end()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.streamer, name)
-
-
-def _is_prefill(call: dict[str, Any]) -> bool:
-    """Whether a forward call starts a sequence (no KV cache yet, or an empty one)."""
-    cache = _given_cache(call)
-    if cache is None:
-        return True
-    get_len = getattr(cache, "get_seq_length", None)
-    return get_len is not None and int(get_len()) == 0
-
-
-def _restore_prompt(out: Any, original_ids: torch.Tensor, short_len: int) -> Any:
-    """Put the caller's own prompt ids back in front of the generated tokens."""
-    seqs = out if torch.is_tensor(out) else getattr(out, "sequences", None)
-    if seqs is None:  # pragma: no cover - unknown output type, leave it alone
-        return out
-    expand = seqs.shape[0] // original_ids.shape[0]
-    prefix = original_ids.to(seqs.device).repeat_interleave(expand, dim=0)
-    restored = torch.cat([prefix, seqs[:, short_len:]], dim=1)
-    if torch.is_tensor(out):
-        return restored
-    out.sequences = restored
-    return out
+#: (id of the adapter, (B,) rows) from a call's prepare_inputs to its prefill, per thread / task.
+_PENDING_ROWS: "ContextVar[tuple[int, Any] | None]" = ContextVar("globalcom2_pending_rows", default=None)

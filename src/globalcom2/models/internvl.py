@@ -76,6 +76,15 @@ DEFAULT_MAX_PATCHES = 12
 VIEW_SIZE, PATCH_SIZE, DOWNSAMPLE_RATIO = 448, 14, 0.5
 
 
+def _tiled_canvas() -> Any:
+    """The processor's own ``get_optimal_tiled_canvas`` (GOT-OCR2's tiling, which InternVL uses)."""
+    try:
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+    except ImportError:  # pragma: no cover - an older transformers
+        from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+    return get_optimal_tiled_canvas
+
+
 def _pair(value: Any) -> int:
     """``image_size`` / ``patch_size`` may be an int or a (h, w) pair: its first side."""
     return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
@@ -190,12 +199,8 @@ class InternVLAdapter(Family):
         """(rows, cols) the processor chose for an image of this size cut into ``num_tiles`` tiles:
         its own ``get_optimal_tiled_canvas`` over the grids of exactly that many tiles (the grid it
         chose among all grids up to ``max_patches`` is also the best of those)."""
-        try:
-            from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-        except ImportError:  # pragma: no cover - an older transformers
-            from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
         size = self.view_size
-        cols, rows = get_optimal_tiled_canvas((int(image_hw[0]), int(image_hw[1])), (size, size), num_tiles, num_tiles)
+        cols, rows = _tiled_canvas()((int(image_hw[0]), int(image_hw[1])), (size, size), num_tiles, num_tiles)
         return int(rows), int(cols)
 
     def _grid(self, views: torch.Tensor, image_hw: tuple[int, int] | None) -> tuple[int, int]:
@@ -326,9 +331,32 @@ class InternVLAdapter(Family):
             vanilla_counts=[v * side * side for v in views],
         )
 
-    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None) -> CompressedImages:
+    def size_layout(self, image_sizes: Any, processor: Any = None, **options: Any) -> tuple[list[int], list[Any], int]:
+        """Views (tiles, plus the thumbnail when there is more than one tile) and geometry per image
+        size, by the processor's tiling rule (``crop_to_patches``, ``min_patches``, ``max_patches``
+        of ``processor``'s image processor; without one, InternVL's published settings: 1 to 12)."""
+        get_optimal_tiled_canvas = _tiled_canvas()
+        ip = getattr(processor, "image_processor", processor)
+        crop = bool(getattr(ip, "crop_to_patches", True))
+        lo, hi = int(getattr(ip, "min_patches", 1)), int(getattr(ip, "max_patches", 12))
+        size, side = self.view_size, self.side
+        views, geoms = [], []
+        for hw in image_sizes:
+            cols, rows = get_optimal_tiled_canvas((int(hw[0]), int(hw[1])), (size, size), lo, hi) if crop and hi > 1 else (1, 1)
+            if rows * cols <= 1:
+                views.append(1)
+                geoms.append(None)
+            else:
+                views.append(1 + rows * cols)
+                geoms.append(tiles.full_geometry((int(rows), int(cols)), side))
+        return views, geoms, side * side
+
+    def compress(
+        self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None
+    ) -> CompressedImages:
         """Any vision method on the thumbnail-first views, then the model's order (tiles, thumbnail,
-        no newline); ``pooling`` pools each view on its own (see the module's docstring)."""
+        no newline); ``pooling`` pools each view on its own (see the module's docstring).
+        ``newline`` is accepted for the common signature (InternVL writes none)."""
         cfg = config or self.vision_config
         if cfg is None:
             raise ValueError(f"method {self.config.method!r} has no vision-side compression")

@@ -94,6 +94,24 @@ class LlavaNextAdapter(Family):
         vc = self.hf_config.vision_config
         return image_size_to_num_patches(list(image_hw), self.hf_config.image_grid_pinpoints, vc.image_size)
 
+    def size_layout(self, image_sizes: Any, **options: Any) -> tuple[list[int], list[Any], int]:
+        """Views (thumbnail + AnyRes crops, the model's own rule) and crop geometry per image size."""
+        vc = self.hf_config.vision_config
+        side = vc.image_size // vc.patch_size
+        views, geoms = [], []
+        for hw in image_sizes:
+            s = (int(hw[0]), int(hw[1]))
+            v = self.num_views(s)
+            views.append(v)
+            if v == 1:
+                geoms.append(None)
+                continue
+            grid = self.grid_shape(s)
+            if grid[0] * grid[1] != v - 1:
+                raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
+            geoms.append(plans.crop_geometry(s, grid, side))
+        return views, geoms, side * side
+
     def encode(
         self,
         pixel_values: torch.Tensor,
@@ -153,16 +171,8 @@ class LlavaNextAdapter(Family):
                 raise RuntimeError("the vision tower's last attention layer did not run")
             importance = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
 
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        geoms: list[CropGeometry | None] = []
-        for s, v in zip(sizes, views):
-            if v == 1:
-                geoms.append(None)
-                continue
-            grid = self.grid_shape(s)
-            if grid[0] * grid[1] != v - 1:
-                raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
-            geoms.append(plans.crop_geometry(s, grid, side))
+        _, geoms, n = self.size_layout(sizes)
+        side = math.isqrt(n)
         return EncodedImages(
             features=list(torch.split(feats, views, dim=0)),
             importance=list(torch.split(importance.to(feats.device), views, dim=0)),

@@ -195,11 +195,9 @@ class LlavaOnevisionAdapter(Family):
         if strategy != "full":
             raise ValueError(f"GlobalCom2 on {self.display_name} needs vision_feature_select_strategy='full', got {strategy!r}")
         aspect = cfg.vision_aspect_ratio if vision_aspect_ratio is None else vision_aspect_ratio
-        max_views = resized.parse_anyres_max(aspect)
         self.importance_mode()
         sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
-        patching = self._patching(batch_num_images, len(sizes))
-        views = [self.num_views(s) if p else 1 for s, p in zip(sizes, patching)]
+        views, layout_geoms, _ = self.size_layout(sizes, batch_num_images=batch_num_images, vision_aspect_ratio=aspect)
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)
         elif pixel_values.dim() != 4:
@@ -227,22 +225,39 @@ class LlavaOnevisionAdapter(Family):
             raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per view, expected {n} ({side} x {side})")
         features = list(torch.split(feats, views, dim=0))
         imps = list(torch.split(importance, views, dim=0))
-        geoms: list[CropGeometry | None] = []
+        geoms: list[CropGeometry | None] = list(layout_geoms)
         counts: list[int] = []
-        for i, (s, v) in enumerate(zip(sizes, views)):
+        for i, geom in enumerate(geoms):
+            if geom is None:
+                counts.append(n + 1)
+                continue
+            if isinstance(geom, resized.ResizedCropGeometry):
+                features[i], imps[i] = _resize_views(features[i], imps[i], geom)
+            counts.append(geom.vanilla_num_tokens())
+        return EncodedImages(features=features, importance=imps, geometries=geoms, image_sizes=sizes, vanilla_counts=counts)
+
+    def size_layout(
+        self, image_sizes: Any, batch_num_images: Any = None, vision_aspect_ratio: str | None = None, **options: Any
+    ) -> tuple[list[int], list[Any], int]:
+        """Views and geometry per image size: the AnyRes crops only for the image of a one-image
+        prompt (HF's rule, ``batch_num_images``), a resized geometry where ``anyres_max_K`` shrinks
+        the crop map."""
+        side = self.side
+        max_views = resized.parse_anyres_max(vision_aspect_ratio or self.hf_config.vision_aspect_ratio)
+        sizes = [(int(hw[0]), int(hw[1])) for hw in image_sizes]
+        patching = self._patching(batch_num_images, len(sizes))
+        views, geoms = [], []
+        for s, p in zip(sizes, patching):
+            v = self.num_views(s) if p else 1
+            views.append(v)
             if v == 1:
                 geoms.append(None)
-                counts.append(n + 1)
                 continue
             grid = self.grid_shape(s)
             if grid[0] * grid[1] != v - 1:
                 raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
-            geom = resized.anyres_geometry(s, grid, side, max_views)
-            if isinstance(geom, resized.ResizedCropGeometry):
-                features[i], imps[i] = _resize_views(features[i], imps[i], geom)
-            geoms.append(geom)
-            counts.append(geom.vanilla_num_tokens())
-        return EncodedImages(features=features, importance=imps, geometries=geoms, image_sizes=sizes, vanilla_counts=counts)
+            geoms.append(resized.anyres_geometry(s, grid, side, max_views))
+        return views, geoms, side * side
 
     def image_newline(self) -> torch.Tensor:
         """The (D,) image-newline embedding (also when accelerate offloads it; see LLaVA-NeXT's)."""
