@@ -224,8 +224,18 @@ def check_image_inputs(pixel_values: Any, image_inputs: Mapping[str, Any]) -> No
     sizes = image_inputs.get("image_sizes")
     if sizes is None:
         return
+    if torch.is_tensor(sizes):
+        if sizes.device.type != "cpu":
+            return  # reading it here would wait for the device: the family checks it where it reads it once
+        sizes = sizes.numpy().tolist()  # host memory: no device sync
+    check_image_sizes(sizes)
+
+
+def check_image_sizes(sizes: Any) -> None:
+    """``image_sizes`` read on the host: positive whole ``(height, width)`` pairs, one per image
+    (a ValueError naming the argument, instead of a division by zero deep in the geometry)."""
     try:
-        rows = sizes.tolist() if torch.is_tensor(sizes) else [list(s) for s in sizes]
+        rows = [list(s) for s in sizes]
         pairs = [(float(h), float(w)) for h, w in rows]
     except (TypeError, ValueError):
         raise ValueError(f"image_sizes must be (height, width) pairs, one per image; got {sizes!r}") from None

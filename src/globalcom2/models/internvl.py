@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
 from .._lazy import lazy_module
-from .base import CompressedImages, EncodedImages, Family, QKCapture, register_family
+from .base import CompressedImages, EncodedImages, Family, QKCapture, check_image_sizes, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
@@ -281,7 +281,9 @@ class InternVLAdapter(Family):
             raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but the prompts' images need {sum(views)}")
         sizes_in = None
         if image_sizes is not None:
-            sizes_in = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+            rows = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # the one read of the sizes
+            check_image_sizes(rows)
+            sizes_in = [tuple(int(v) for v in s) for s in rows]
             if len(sizes_in) != len(views):
                 raise ValueError(f"image_sizes has {len(sizes_in)} entries for {len(views)} images")
         cfg = self.hf_config

@@ -25,7 +25,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import EncodedImages, Family, QKCapture, register_family
+from .base import EncodedImages, Family, QKCapture, check_image_sizes, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
@@ -139,7 +139,9 @@ class LlavaNextAdapter(Family):
         strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
         if strategy != "default":
             raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
-        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        rows = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # the one read of the sizes
+        check_image_sizes(rows)
+        sizes = [tuple(int(v) for v in s) for s in rows]
         views = [self.num_views(s) for s in sizes]
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)

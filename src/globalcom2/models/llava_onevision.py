@@ -36,7 +36,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import EncodedImages, Family, QKCapture, register_family
+from .base import EncodedImages, Family, QKCapture, check_image_sizes, register_family
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
@@ -196,7 +196,9 @@ class LlavaOnevisionAdapter(Family):
             raise ValueError(f"GlobalCom2 on {self.display_name} needs vision_feature_select_strategy='full', got {strategy!r}")
         aspect = cfg.vision_aspect_ratio if vision_aspect_ratio is None else vision_aspect_ratio
         self.importance_mode()
-        sizes = [tuple(int(v) for v in s) for s in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        rows = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # the one read of the sizes
+        check_image_sizes(rows)
+        sizes = [tuple(int(v) for v in s) for s in rows]
         views, layout_geoms, _ = self.size_layout(sizes, batch_num_images=batch_num_images, vision_aspect_ratio=aspect)
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:v] for pv, v in zip(pixel_values, views)], dim=0)
