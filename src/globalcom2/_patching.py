@@ -43,5 +43,46 @@ class PatchedMethod:
             return self.original(*args, **kwargs)
         return getattr(self.owner, self.handler)(self.original, *self.bound, *args, **kwargs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (``pickle``, ``torch.save`` of the model) and deep-copied as its plain state,
+        set after the object exists (its owner refers back to it).
+
+        Its signature is left out (it holds the annotations' ForwardRefs, code objects included:
+        "cannot pickle code objects") and read again when loaded. An ``original`` that is the
+        class's method bound to the instance is stored as (instance, name) and bound again when
+        loaded, to the loaded (or copied) instance."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("__signature__", "__wrapped__")}
+        original = self.original
+        if inspect.ismethod(original):
+            name = getattr(original.__func__, "__name__", None)
+            if name is not None and getattr(type(original.__self__), name, None) is original.__func__:
+                state["original"] = _ClassMethodOf(original.__self__, name)
+        return (_blank, (), state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.original, _ClassMethodOf):
+            self.original = self.original.bind()
+        self.__wrapped__ = self.original
+        try:
+            self.__signature__ = inspect.signature(self.original)
+        except (TypeError, ValueError):  # pragma: no cover - builtins only
+            pass
+
     def __repr__(self) -> str:
         return f"<globalcom2 patched {getattr(self, '__qualname__', self.handler)}{'' if self.active else ' (inactive)'}>"
+
+
+class _ClassMethodOf:
+    """(instance, name): the class's method ``name`` bound to ``instance``, as pickled."""
+
+    def __init__(self, instance: Any, name: str) -> None:
+        self.instance, self.name = instance, name
+
+    def bind(self) -> Callable[..., Any]:
+        return getattr(type(self.instance), self.name).__get__(self.instance, type(self.instance))
+
+
+def _blank() -> PatchedMethod:
+    """An empty :class:`PatchedMethod`, filled by its ``__setstate__`` (unpickling, deep copies)."""
+    return PatchedMethod.__new__(PatchedMethod)

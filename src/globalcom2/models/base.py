@@ -336,23 +336,20 @@ class QKCapture:
     def __enter__(self) -> "QKCapture":
         attn = self.attn
 
-        def running() -> "QKCapture | None":
-            for cap in reversed(_QK_OPEN.get()):
-                if cap.attn is attn:
-                    return cap
-            return None
-
+        # Run eagerly, a hook writes into the capture open on ``attn`` in the running thread / task;
+        # traced by torch.compile (which replays the write as a side effect of this call), into this one.
         def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            cap = running()
+            cap = self if torch.compiler.is_compiling() else _running_capture(attn)
             if cap is not None:
                 cap._keep_q(out)
 
         def keep_k(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            cap = running()
+            cap = self if torch.compiler.is_compiling() else _running_capture(attn)
             if cap is not None:
                 cap._keep_k(out)
 
-        _QK_OPEN.set((*_QK_OPEN.get(), self))
+        if not torch.compiler.is_compiling():
+            _QK_OPEN.set((*_QK_OPEN.get(), self))
         self._handles = [
             getattr(attn, self.q_module).register_forward_hook(keep_q),
             getattr(attn, self.k_module).register_forward_hook(keep_k),
@@ -363,11 +360,20 @@ class QKCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
-        _QK_OPEN.set(tuple(cap for cap in _QK_OPEN.get() if cap is not self))
+        if not torch.compiler.is_compiling():
+            _QK_OPEN.set(tuple(cap for cap in _QK_OPEN.get() if cap is not self))
 
 
 #: The :class:`QKCapture` objects open in this thread / task, innermost last.
 _QK_OPEN: "ContextVar[tuple[QKCapture, ...]]" = ContextVar("globalcom2_qk_captures", default=())
+
+
+def _running_capture(attn: Any) -> "QKCapture | None":
+    """The capture open on ``attn`` in the running thread / task (the innermost), or None."""
+    for cap in reversed(_QK_OPEN.get()):
+        if cap.attn is attn:
+            return cap
+    return None
 
 
 class Family(Adapter):
