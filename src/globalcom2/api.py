@@ -105,7 +105,7 @@ def resolve_method(model: Any, config: Any, method: str | None, options: dict[st
     return target, family_cls, cfg
 
 
-def apply(model: M, config: Any = None, *, method: str | None = None, **options: Any) -> M:
+def apply(model: M, config: Any = None, *, method: str | None = None, processor: Any = None, **options: Any) -> M:
     """Apply a token-compression method to a model instance, in place, and return it.
 
     Keep calling ``model(...)``, ``model.generate(...)`` and the model's processor as usual: every
@@ -126,6 +126,13 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
             published code to be ``official`` to), ``temperature`` (10.0), ``allocation``
             and ``scoring`` (the paper's ablations). FastV: ``retention_ratio``, ``layer``.
             Compositions: FastV's options prefixed with ``fastv_``.
+        processor: the model's processor, to patch as well (the recommended way, "count
+            first"): it then writes each image's *compressed* count of placeholders, so the prompt
+            the caller holds is the sequence the model runs and every ``generate`` option, cache,
+            mask and chat turn works as on the vanilla model. The count must be known from the
+            image size: ``count="fixed"`` is the default here (SPEC.md, "Fixed count"); a
+            ``count="published"`` GlobalCom2 is a ``ValueError``. :func:`remove` restores both.
+            The patched model also takes prompts with the vanilla placeholders.
 
     Returns:
         ``model`` itself.
@@ -134,12 +141,37 @@ def apply(model: M, config: Any = None, *, method: str | None = None, **options:
         ValueError: a bad argument (named in the message), an unknown method, or an unsupported model.
         RuntimeError: an untested ``transformers`` version.
     """
+    if processor is not None and "count" not in options and not (config is not None and method is None):
+        from .methods import make_config, vision_config
+
+        probe = vision_config(make_config(method or "globalcom2", config))
+        if probe is not None and "count" in getattr(probe, "__dataclass_fields__", {}):
+            options = {**options, "count": "fixed"}
     target, adapter_cls, cfg = resolve_method(model, config, method, options)
     _check_transformers()
     adapter = adapter_cls(target, cfg)
     adapter.validate()
+    if processor is not None:
+        from . import processors
+        from .methods import vision_config
+
+        vision = vision_config(cfg)
+        if vision is None:
+            raise ValueError(
+                f"method {cfg.method!r} prunes inside the language model: the prompt keeps the vanilla placeholders, "
+                "leave processor= out"
+            )
+        if not vision.fixed_count:
+            raise ValueError(
+                f"processor=: the processor writes each image's count before the vision tower runs, but "
+                f"{vision.method!r} with count={getattr(vision, 'count', None)!r} depends on the image's content; "
+                "use count='fixed'"
+            )
+        patch = processors.ProcessorPatch(processor, adapter_cls, adapter.hf_config, vision)  # checked before patching
     remove(target)
     adapter.patch()
+    if processor is not None:
+        adapter.processor_patch = patch.attach()
     return model
 
 
@@ -151,6 +183,10 @@ def remove(model: M) -> M:
     """
     adapter = get_adapter(model)
     if adapter is not None:
+        patch = getattr(adapter, "processor_patch", None)
+        if patch is not None:
+            patch.detach()
+            adapter.processor_patch = None
         adapter.unpatch()
     return model
 

@@ -334,6 +334,10 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     _check_transformers()
     family = family_cls(target, cfg)
     family.validate()
+    from .api import get_adapter
+
+    # A prompt from a processor patched with apply(..., processor=...) carries compressed counts.
+    family.processor_patch = getattr(get_adapter(target), "processor_patch", None)
     pixel_values = inputs.get("pixel_values") if hasattr(inputs, "get") else None
     if pixel_values is None:
         raise ValueError("inputs must hold pixel_values (the model's processor output for the images)")

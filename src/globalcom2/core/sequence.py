@@ -30,6 +30,7 @@ class ShrunkInputs:
         labels: (B, L') labels moved along with their tokens (``-100`` on padding), or None.
         keep: (B, L) bool, which of the original positions survive.
         padding_side: "left" or "right", the side the new padding is on.
+        form: ``"old"`` (the prompt held ``old_counts``) or ``"alt"`` (``alt_old_counts``).
     """
 
     input_ids: torch.Tensor
@@ -37,6 +38,7 @@ class ShrunkInputs:
     labels: torch.Tensor | None
     keep: torch.Tensor
     padding_side: str
+    form: str = "old"
 
 
 def infer_padding_side(attention_mask: torch.Tensor | None, default: str = "left") -> str:
@@ -58,6 +60,7 @@ def shrink_placeholders(
     labels: torch.Tensor | None = None,
     pad_token_id: int = 0,
     padding_side: str | None = None,
+    alt_old_counts: Sequence[int] | None = None,
 ) -> ShrunkInputs:
     """Keep the first ``new_counts[i]`` placeholders of image ``i``'s run and drop the rest; an
     image that needs *more* than it has (the ``official`` layout's padded-row newlines near R = 1:
@@ -77,12 +80,15 @@ def shrink_placeholders(
         pad_token_id: id written into new padding.
         padding_side: "left" or "right"; inferred from ``attention_mask`` when None (left when
             there is no padding, the convention for generation).
+        alt_old_counts: host ints, the other form the prompt may hold (e.g. ``new_counts`` for a
+            prompt that already carries the compressed count): when the placeholders do not add up
+            to ``old_counts`` but to these, the prompt is read with them (found in the same sync).
 
     Returns:
-        :class:`ShrunkInputs`.
+        :class:`ShrunkInputs` (``form``: ``"old"`` or ``"alt"``, the counts the prompt held).
 
     Raises:
-        ValueError: when the placeholders in ``input_ids`` do not add up to ``sum(old_counts)``.
+        ValueError: when the placeholders in ``input_ids`` add up to neither.
     """
     dev = input_ids.device
     bsz, length = input_ids.shape
@@ -125,6 +131,12 @@ def shrink_placeholders(
     found, new_len, ragged = numbers[0], numbers[2], bool(numbers[3])
     grows, total = numbers[4] > 0, numbers[5]
     expected = numbers[1] if old_total is None else old_total
+    if found != expected and alt_old_counts is not None and found == sum(int(c) for c in alt_old_counts):
+        out = shrink_placeholders(
+            input_ids, image_token_id, alt_old_counts, new_counts, attention_mask, labels, pad_token_id, padding_side
+        )
+        out.form = "alt"
+        return out
     if found != expected:
         raise ValueError(
             f"input_ids hold {found} image placeholder tokens but the {old.numel()} image(s) need {expected} "

@@ -424,6 +424,8 @@ class Family(Adapter):
         self._vanilla_rows = None  # (B,) image tokens before compression (per call: see the property)
         self._last_visual: torch.Tensor | None = None  # (B, T) bool, image tokens of the last prefill
         self._warned_context = False
+        #: The processor patched to write each image's compressed count (apply(..., processor=...)).
+        self.processor_patch: Any = None
 
     @property
     def last_visual_positions(self) -> list[torch.Tensor] | None:
@@ -487,14 +489,54 @@ class Family(Adapter):
                 "depends on the image's content; use count='fixed' for a count known from the size"
             )
         sizes = [(int(h), int(w)) for h, w in image_sizes]
-        views, geoms, n = self.size_layout(sizes, **options)
+        return self._count_layout(*self.size_layout(sizes, **options), cfg)
+
+    def _count_layout(self, views: list[int], geoms: list[Any], n: int, cfg: Any) -> list[int]:
+        """Token counts of images laid out as ``views`` / ``geoms``: the planning on constant
+        importance and zero-width features (no gather of real widths, nothing from the model)."""
         feats = [torch.zeros((v, n, 1)) for v in views]
         imps = [torch.zeros((v, n), dtype=torch.float64) for v in views]
         encoded = EncodedImages(
-            features=feats, importance=imps, geometries=list(geoms), image_sizes=sizes, vanilla_counts=[0] * len(sizes)
+            features=feats, importance=imps, geometries=list(geoms), image_sizes=[(0, 0)] * len(views),
+            vanilla_counts=[0] * len(views),
         )
         out = self.compress(encoded, cfg, newline=torch.zeros(1))
         return [int(t.shape[0]) for t in out.tokens]
+
+    def processed_counts(self, image_inputs: Mapping[str, Any], processor: Any, config: Any = None) -> list[int]:
+        """Per image of a processor's image output (``pixel_values``, ``image_sizes``, ...), the
+        compressed count (what a patched processor writes: ``apply(..., processor=...)``)."""
+        cfg = config if config is not None else self.vision_config
+        return self._count_layout(*self.processed_layout(image_inputs, processor), cfg)
+
+    def processed_layout(self, image_inputs: Mapping[str, Any], processor: Any) -> tuple[list[int], list[Any], int]:
+        """:meth:`size_layout` of the images of a processor's image output (its ``image_sizes``)."""
+        sizes = image_inputs["image_sizes"]
+        sizes = sizes.tolist() if hasattr(sizes, "tolist") else sizes
+        options: dict[str, Any] = {"processor": processor}
+        if image_inputs.get("batch_num_images") is not None:
+            options["batch_num_images"] = image_inputs["batch_num_images"]
+        return self.size_layout([(int(h), int(w)) for h, w in sizes], **options)
+
+    @classmethod
+    def placeholder_text(cls, processor: Any, count: int) -> str:
+        """The text a processor writes for one image of ``count`` visual tokens (the family's own
+        form: ``<image>`` x count here)."""
+        return processor.image_token * int(count)
+
+    @classmethod
+    def counter(cls, hf_config: Any, config: Any) -> "Family":
+        """A family instance without a model, for counting only (:meth:`processed_counts`,
+        :meth:`count_visual_tokens`): what a processor in another process needs, picklable and
+        small (the model's config and the method's, no weights)."""
+        obj = cls.__new__(cls)
+        obj.model = None
+        obj.config = config
+        obj.inner = _ConfigOnly(hf_config)
+        obj.vision_config = methods.vision_config(config)
+        obj.fastv_config = methods.language_config(config)
+        obj.fastv = None
+        return obj
 
     def check_vision(self) -> None:
         """Raise ``ValueError`` if this model's vision side cannot be compressed (checked at apply)."""
@@ -676,10 +718,17 @@ class Family(Adapter):
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 raise ValueError(f"pass either pixel_values or {EMBEDDINGS_KWARG}, not both")
             compressed, prompt_counts, input_ids, mask = self._given_images(given, input_ids, mask, kwargs)
+            alt_counts = None
         else:
             encoded = self.encode(pixel_values, **image_inputs)
             compressed = self.compress(encoded)
-            prompt_counts = compressed.vanilla_counts
+            # The prompt holds the vanilla placeholders, or already the compressed count (a processor
+            # patched with apply(..., processor=...) writes it): the one expected first, the other
+            # accepted (told apart in shrink_placeholders' one sync).
+            forms = [list(compressed.vanilla_counts), list(compressed.counts)]
+            if self.processor_patch is not None:
+                forms.reverse()
+            prompt_counts, alt_counts = forms
         shrunk = sequence.shrink_placeholders(
             input_ids,
             self.image_token_id,
@@ -688,7 +737,10 @@ class Family(Adapter):
             attention_mask=mask,
             labels=kwargs.get("labels"),
             pad_token_id=self._pad_token_id(),
+            alt_old_counts=alt_counts,
         )
+        if shrunk.form == "alt":
+            prompt_counts = alt_counts
         kwargs["input_ids"] = shrunk.input_ids
         if shrunk.attention_mask is not None:
             kwargs["attention_mask"] = shrunk.attention_mask
@@ -708,7 +760,7 @@ class Family(Adapter):
         )
         self._check_context(shrunk.input_ids.shape[1])
         placeholders = input_ids == self.image_token_id
-        if given is None:
+        if list(prompt_counts) == list(compressed.vanilla_counts):
             self._vanilla_rows = placeholders.sum(1)
         else:  # the prompt may not hold the vanilla placeholders: add them up per row
             self._vanilla_rows = _rows_total(placeholders, prompt_counts, compressed.vanilla_counts)
@@ -1027,6 +1079,13 @@ def pad_token_id_of(model: Any) -> int:
         if isinstance(pad, int):
             return pad
     return 0
+
+
+class _ConfigOnly:
+    """Stands in for a model where only its ``config`` is read (:meth:`Family.counter`)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
 
 
 def _rows_total(placeholders: "torch.Tensor", prompt_counts: list[int], values: list[int]) -> "torch.Tensor":

@@ -215,6 +215,10 @@ class InternVLAdapter(Family):
 
     def _views_per_image(self, input_ids: torch.Tensor) -> list[int]:
         runs = tiles.runs_per_image(input_ids, self.image_token_id)
+        if self.processor_patch is not None:  # the processor wrote compressed counts: views from them
+            views = [self._views_of_count(r) for r in runs]
+            if all(v is not None for v in views):
+                return [int(v) for v in views]
         n = self.tokens_per_view
         bad = [r for r in runs if r % n]
         if bad:
@@ -352,6 +356,45 @@ class InternVLAdapter(Family):
                 views.append(1 + rows * cols)
                 geoms.append(tiles.full_geometry((int(rows), int(cols)), side))
         return views, geoms, side * side
+
+    def processed_layout(self, image_inputs: Any, processor: Any) -> tuple[list[int], list[Any], int]:
+        """Views per image from the processor's own ``num_patches`` (its output has no image sizes).
+        The tiles' arrangement does not change a count (every tile is full), so a 1 x (V - 1) grid
+        stands for it."""
+        views = image_inputs["num_patches"]
+        views = [int(v) for v in (views.tolist() if hasattr(views, "tolist") else views)]
+        side = self.side
+        geoms = [None if v == 1 else tiles.full_geometry((1, v - 1), side) for v in views]
+        return views, geoms, side * side
+
+    def _views_of_count(self, run: int) -> int | None:
+        """The views of an image whose prompt holds ``run`` compressed placeholders (what a patched
+        processor wrote): the one view count whose compressed count is ``run`` (None if none is)."""
+        ip = getattr(self.processor_patch.processor, "image_processor", None)
+        most = 1 + int(getattr(ip, "max_patches", 12))
+        cache = self.__dict__.setdefault("_count_views", {})
+        key = (self.vision_config, most)
+        if key not in cache:
+            side = self.side
+            views = list(range(1, most + 1))
+            geoms = [None if v == 1 else tiles.full_geometry((1, v - 1), side) for v in views]
+            counts = self._count_layout(views, geoms, side * side, self.vision_config)
+            found: dict[int, list[int]] = {}
+            for v, c in zip(views, counts):
+                found.setdefault(c, []).append(v)
+            cache[key] = found
+        matches = cache[key].get(int(run), [])
+        if len(matches) > 1:
+            raise ValueError(
+                f"an image run of {run} compressed placeholders fits {matches} views at this retention ratio; "
+                "pass num_patches=[...] with the call"
+            )
+        return matches[0] if matches else None
+
+    @classmethod
+    def placeholder_text(cls, processor: Any, count: int) -> str:
+        """``<img>`` + ``<IMG_CONTEXT>`` x count + ``</img>``, as the processor writes an image."""
+        return f"{processor.start_image_token}{processor.image_token * int(count)}{processor.end_image_token}"
 
     def compress(
         self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None
