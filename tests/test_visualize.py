@@ -423,3 +423,16 @@ def test_cli_draws_another_method(image_file, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "pooling averages every token" in captured.out and out.is_file()
+
+
+def test_a_method_asking_for_another_signal_is_drawn_with_it(tiny):
+    """visualize encoded with GlobalCom2's default signal ([CLS]) and compressed each method with
+    it: a method asking for ``attention_received`` was drawn with [CLS] scores (issue 25)."""
+    model, processor = tiny
+    image = make_image(480, 640)
+    inputs = processor(images=[image], text=["<image>"], return_tensors="pt")
+    for signal in ("cls", "attention_received"):
+        vis = visualize(model, processor, image, (0.25,), options={"importance": signal})
+        plan = globalcom2.compress_images(model, inputs, retention_ratio=0.25, importance=signal).plans[0]
+        assert set(np.flatnonzero(vis.masks[0].thumb_kept.reshape(-1))) == set(plan.thumb_keep.tolist())
+        assert np.array_equal(vis.masks[0].crop_ratios, plan.crop_ratios.numpy())

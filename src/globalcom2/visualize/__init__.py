@@ -121,10 +121,23 @@ def visualize(
     inputs = processor(images=[image], text=[image_token], return_tensors="pt")
     param = next(adapter.inner.vision_tower.parameters())
     pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
+    encodings: dict[str, Any] = {}
+
+    def encoded_for(cfg: Any) -> Any:
+        """The images encoded with the importance signal ``cfg`` asks for (one encoding per signal:
+        a method that asks for another signal than GlobalCom2's default gets its own)."""
+        key = str(getattr(cfg, "importance", "auto"))
+        if key not in encodings:
+            encoder = family(model, cfg)
+            encoder.validate()
+            encodings[key] = encoder.encode_inputs({**inputs, "pixel_values": pixel_values})
+        return encodings[key]
+
     with torch.no_grad():
-        encoded = adapter.encode_inputs({**inputs, "pixel_values": pixel_values})
-        guide = adapter.compress(encoded, guide_cfg).plans[0]  # GlobalCom2's signals, for the maps
-        plans = [adapter.compress(encoded, v).plans[0] if v is not None else None for v in vcfgs]
+        guide_encoded = encoded_for(guide_cfg)
+        guide = adapter.compress(guide_encoded, guide_cfg).plans[0]  # GlobalCom2's signals, for the maps
+        plans = [adapter.compress(encoded_for(v), v).plans[0] if v is not None else None for v in vcfgs]
+        encoded = encoded_for(vcfgs[0]) if vcfgs[0] is not None else guide_encoded
     vanilla = encoded.vanilla_counts[0]
     geom = encoded.geometries[0]
     vc = adapter.hf_config.vision_config
