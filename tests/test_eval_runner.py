@@ -152,7 +152,7 @@ def test_plan_runs():
     assert plan_runs([0.5], ["globalcom2"], {"layout": "spatial"})[0].config["layout"] == "spatial"
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         plan_runs([0.5], ["nope"])
-    with pytest.raises(ValueError, match="bogus belong to none of the methods globalcom2; their options: allocation, importance, layout"):
+    with pytest.raises(ValueError, match="bogus belong to none of the methods globalcom2; their options: allocation, count, importance, layout"):
         plan_runs([0.5], ["globalcom2"], {"bogus": 1})
     with pytest.raises(ValueError, match="retention_ratio is not a method option"):
         plan_runs([0.5], ["globalcom2"], {"retention_ratio": 0.3})
