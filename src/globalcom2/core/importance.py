@@ -1,4 +1,5 @@
-"""Importance signals that need more than the [CLS] row: "attention received" (towers without [CLS]).
+"""Importance signals for towers without a [CLS] token: "similarity" (the default there) and
+"attention received" (an ablation).
 
 ``SPEC.md``, "Importance without a [CLS] token": at the tower's last layer, per view and head h,
 ``a[h, q, k] = softmax_k(q_hq . k_hk * head_dim**-0.5)`` over the view's N patches; importance of
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_received"]
+__all__ = ["attention_received", "feature_similarity"]
 
 #: Queries per chunk: the largest temporary is (V, heads, chunk, N) float32.
 DEFAULT_CHUNK = 128
@@ -49,3 +50,27 @@ def attention_received(
         probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # (V, h, c, T)
         total += probs.sum(dim=(1, 2))
     return total / float(num_heads * t)
+
+
+def feature_similarity(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """SPEC.md ``importance="similarity"``: per view, ``s_i = -cos(x_i, g)`` with ``x_i`` the view's
+    patch features at the model's feature layer (what the projector receives) and ``g`` the mean of
+    that view's N patch features: tokens unlike the view's average are the informative ones.
+
+    Computed in float64 (SPEC.md writes float32, the least it needs): as for the [CLS] logits
+    (:data:`globalcom2.core.plans.SCORE_DTYPE`), the products of float32 or 16-bit numbers are exact
+    there, so near-ties come out the same whichever order a machine's kernels sum in, on every
+    device and in every engine; the cost is O(V N D) once per image.
+
+    Args:
+        features: (V, N, D) patch features of V views (any float dtype).
+        eps: the lower bound of each norm, as ``torch.nn.functional.cosine_similarity``.
+
+    Returns:
+        (V, N) float64 importance (in [-1, 1]).
+    """
+    x = features.detach().to(torch.float64)  # (V, N, D)
+    g = x.mean(dim=1, keepdim=True)  # (V, 1, D)
+    dots = (x * g).sum(dim=-1)  # (V, N)
+    norms = x.norm(dim=-1).clamp_min(eps) * g.norm(dim=-1).clamp_min(eps)  # (V, N)
+    return -(dots / norms)

@@ -32,11 +32,13 @@ ALLOCATIONS: tuple[str, ...] = ("softmax_sum", "softmax_max", "uniform", "topk_c
 SCORINGS: tuple[str, ...] = ("global_local", "global_only", "local_only")
 
 #: The importance signal of the methods that rank tokens by importance: ``"auto"`` (the family's
-#: default for its tower: ``"cls"`` with a [CLS] token, ``"attention_received"`` without),
-#: ``"cls"`` (the [CLS] query's last-layer logits) or ``"attention_received"`` (mean softmax
-#: attention each patch receives at the last layer, SPEC.md "Importance without a [CLS] token").
-#: The family reads it when it encodes the images; one that cannot give it raises at ``apply``.
-IMPORTANCES: tuple[str, ...] = ("auto", "cls", "attention_received")
+#: default for its tower: ``"cls"`` with a [CLS] token, ``"similarity"`` without), ``"cls"`` (the
+#: [CLS] query's last-layer logits), ``"similarity"`` (``-cos`` of each patch's feature-layer
+#: features to the view's mean, the paper's signal for towers without [CLS]; defined on every
+#: tower) or ``"attention_received"`` (mean softmax attention each patch receives at the last
+#: layer, an ablation). SPEC.md, "Importance without a [CLS] token". The family reads it when it
+#: encodes the images; one that cannot give it raises at ``apply``.
+IMPORTANCES: tuple[str, ...] = ("auto", "cls", "similarity", "attention_received")
 
 
 @register_method
@@ -64,7 +66,7 @@ class GlobalCom2Config(VisionMethodConfig):
             the L2-normalised local [CLS] importance plus the L2-normalised global guidance,
             ``"global_only"`` or ``"local_only"`` one of the two.
         importance: the importance signal, one of :data:`IMPORTANCES` (default ``"auto"``: the
-            family's default, ``"cls"`` on LLaVA-NeXT, ``"attention_received"`` on LLaVA-OneVision).
+            family's default, ``"cls"`` on LLaVA-NeXT and InternVL, ``"similarity"`` on LLaVA-OneVision).
         count: ``"published"`` (default: crop j keeps ``floor(n_j r_j)``, token for token the
             published code; the count depends on the image's content) or ``"fixed"`` (SPEC.md
             "Fixed count": the crops keep ``floor(R * sum_j n_j)`` in all, apportioned over them by

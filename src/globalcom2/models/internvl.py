@@ -44,8 +44,10 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
 * Layout: ``spatial`` only (the model's order with the dropped tokens removed); ``official`` raises
   a ``ValueError`` naming the family (there is no published InternVL code to be official to).
 * Importance option (where the methods have ``importance``): ``"auto"`` / ``"cls"`` are the [CLS]
-  logits above (InternViT has [CLS]); ``"attention_received"`` (an ablation here) is the attention
-  each patch receives from the other patches, folded 2 x 2 the same way.
+  logits above (InternViT has [CLS]); ``"similarity"`` (an ablation here) is ``-cos`` of each
+  folded token's features (the projector's input) to the view's mean; ``"attention_received"``
+  (an ablation here) is the attention each patch receives from the other patches, folded 2 x 2
+  the same way.
 * For tools: :meth:`InternVLAdapter.view_geometry` is (448, 16) (the config's ``image_size`` /
   ``patch_size`` are pairs and count patches before the pixel shuffle), and
   :meth:`InternVLAdapter.vanilla_plan` gives the vanilla sequence as a plan (no newlines, the
@@ -177,7 +179,8 @@ class InternVLAdapter(Family):
 
     def _importance_kind(self) -> str:
         """The vision method's ``importance`` option where it has one: ``"auto"`` / ``"cls"`` (the
-        [CLS] logits, InternViT has [CLS]) or ``"attention_received"`` (an ablation here)."""
+        [CLS] logits, InternViT has [CLS]), or the ablations ``"similarity"`` (on the projector's
+        input: the folded tokens) and ``"attention_received"``."""
         return str(getattr(self.vision_config, "importance", "auto") or "auto")
 
     def _shuffle_index(self, device: Any) -> torch.Tensor:
@@ -297,23 +300,30 @@ class InternVLAdapter(Family):
             raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
 
         attn = self.last_attention()
-        received = self._importance_kind() == "attention_received"
-        with QKCapture(attn, all_queries=received, q_module="q_norm", k_module="k_norm") as cap:
+        kind = self._importance_kind()
+        received = kind == "attention_received"
+        projector = self.inner.multi_modal_projector if kind == "similarity" else None
+        with QKCapture(attn, all_queries=received, q_module="q_norm", k_module="k_norm", inputs_of=projector) as cap:
             out = self.inner.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=layer, vision_feature_select_strategy=strategy, return_dict=True
             )
         feats = out.pooler_output  # (sum V, N, D), the model's own features
         if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
             raise RuntimeError("the vision tower's last attention layer did not run")
-        if received:  # an ablation here: attention received over the patches ([CLS] row and column left out)
-            from ..core import importance as importance_ops
+        from ..core import importance as importance_ops
 
-            patch_scores = importance_ops.attention_received(
-                cap.queries.detach()[:, 1:], cap.keys.detach()[:, 1:], attn.num_heads, attn.scale
-            )  # (V, P*P)
+        if kind == "similarity":  # an ablation here: -cos to the view's mean, on the projector's input
+            if cap.inputs is None:  # pragma: no cover - defensive
+                raise RuntimeError("the projector did not run")
+            importance = importance_ops.feature_similarity(cap.inputs).to(feats.device)  # (V, N): tokens already folded
         else:
-            patch_scores = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)
-        importance = self.token_importance(patch_scores).to(feats.device)  # (V, N)
+            if received:  # an ablation here: attention received over the patches ([CLS] row and column left out)
+                patch_scores = importance_ops.attention_received(
+                    cap.queries.detach()[:, 1:], cap.keys.detach()[:, 1:], attn.num_heads, attn.scale
+                )  # (V, P*P)
+            else:
+                patch_scores = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)
+            importance = self.token_importance(patch_scores).to(feats.device)  # (V, N)
 
         side, view = self.side, self.view_size
         features, importances, geoms, sizes = [], [], [], []

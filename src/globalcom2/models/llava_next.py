@@ -153,8 +153,10 @@ class LlavaNextAdapter(Family):
         tower = self.inner.vision_tower
         attn = self.last_attention()
         # The importance option (config field ``importance``): "auto" / "cls" is the method's [CLS]
-        # logits; "attention_received" (an ablation here) the SigLIP-style signal over the N patches.
-        received = getattr(self.vision_config, "importance", "auto") == "attention_received"
+        # logits; "similarity" and "attention_received" (ablations here) the signals of towers
+        # without [CLS], over the N patches (SPEC.md).
+        mode = getattr(self.vision_config, "importance", "auto")
+        received = mode == "attention_received"
         with QKCapture(attn, all_queries=received) as cap:
             out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
         if isinstance(layer, int):
@@ -162,7 +164,9 @@ class LlavaNextAdapter(Family):
         else:
             hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
         feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
-        if received:  # softmax over the N patches only (the [CLS] row and column left out), SPEC.md
+        if mode == "similarity":  # -cos to the view's mean, on what the projector receives
+            importance = importance_ops.feature_similarity(hidden[:, 1:])  # (V, N)
+        elif received:  # softmax over the N patches only (the [CLS] row and column left out), SPEC.md
             if cap.queries is None or cap.keys is None:  # pragma: no cover - defensive
                 raise RuntimeError("the vision tower's last attention layer did not run")
             importance = importance_ops.attention_received(

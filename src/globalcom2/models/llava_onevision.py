@@ -19,11 +19,14 @@ What this family computes (``SPEC.md``, "Other families" / "LLaVA-OneVision"):
   The resized map is handed to the methods at "pseudo" positions of the crop rows (the top-left
   ``h' x w'`` of the joint grid), so the ``spatial`` layout, the joint budgets (fastervlm,
   random) and pooling work on it unchanged and keep-all gives the vanilla sequence.
-* Importance: ``importance="attention_received"`` (the default here, ``"auto"``): the mean
-  softmax attention every patch receives at the tower's last layer, per view, from the last
-  attention module's ``q_proj`` / ``k_proj`` outputs captured by hooks while the tower runs, in
-  query chunks (:func:`globalcom2.core.importance.attention_received`; no ``output_attentions``,
-  no eager switch, the tower keeps SDPA). ``importance="cls"`` raises (SigLIP has no [CLS]).
+* Importance: ``importance="similarity"`` (the default here, ``"auto"``; SPEC.md): per view,
+  ``-cos`` of each patch's features at the feature layer (what the projector receives) to the
+  view's mean (:func:`globalcom2.core.importance.feature_similarity`). ``"attention_received"``
+  (an ablation): the mean softmax attention every patch receives at the tower's last layer, from
+  the last attention module's ``q_proj`` / ``k_proj`` outputs captured by hooks while the tower
+  runs, in query chunks (:func:`globalcom2.core.importance.attention_received`; no
+  ``output_attentions``, no eager switch, the tower keeps SDPA). ``importance="cls"`` raises
+  (SigLIP has no [CLS]).
 * Layout: ``spatial`` only (the vanilla order with the dropped tokens removed); there is no
   published code for an ``official`` layout to reproduce, so asking for it raises.
 * Placeholders: the vanilla count of each image is what HF's processor writes (N + h (w + 1),
@@ -98,14 +101,15 @@ class LlavaOnevisionAdapter(Family):
     # -- checks ---------------------------------------------------------------------------------
     def importance_mode(self) -> str:
         """The importance signal the vision method asks for, resolved for this family
-        (``"auto"`` -> ``"attention_received"``; ``"cls"`` is a ``ValueError``)."""
+        (``"auto"`` -> ``"similarity"``, SPEC.md; ``"attention_received"`` an ablation; ``"cls"``
+        is a ``ValueError``)."""
         mode = getattr(self.vision_config, "importance", "auto")
         if mode == "cls":
             raise ValueError(
                 f"importance='cls' is not available on {self.display_name}: its SigLIP tower has no [CLS] token; "
-                "use importance='attention_received' (the default, 'auto')"
+                "use importance='similarity' (the default, 'auto') or 'attention_received'"
             )
-        return "attention_received"
+        return "attention_received" if mode == "attention_received" else "similarity"
 
     def check_vision(self) -> None:
         strategy = self.hf_config.vision_feature_select_strategy
@@ -208,18 +212,22 @@ class LlavaOnevisionAdapter(Family):
             raise ValueError(f"pixel_values hold {pixel_values.shape[0]} views but image_sizes imply {sum(views)}")
 
         attn = self.last_attention()
-        with QKCapture(attn, all_queries=True) as cap:
+        received = self.importance_mode() == "attention_received"
+        with QKCapture(attn, all_queries=received) as cap:
             out = self.inner.vision_tower(pixel_values, output_hidden_states=layer, return_dict=True)
         if isinstance(layer, int):
             hidden = out.hidden_states[layer]
         else:
             hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
         feats = self.inner.multi_modal_projector(hidden)  # (V, N, D): "full", no [CLS] to drop
-        if cap.queries is None or cap.keys is None:  # pragma: no cover - defensive
-            raise RuntimeError("the vision tower's last attention layer did not run")
-        importance = importance_ops.attention_received(
-            cap.queries.detach(), cap.keys.detach(), attn.num_heads, attn.scale
-        ).to(feats.device)  # (V, N)
+        if received:  # the ablation: attention each patch receives at the last layer
+            if cap.queries is None or cap.keys is None:  # pragma: no cover - defensive
+                raise RuntimeError("the vision tower's last attention layer did not run")
+            importance = importance_ops.attention_received(
+                cap.queries.detach(), cap.keys.detach(), attn.num_heads, attn.scale
+            ).to(feats.device)  # (V, N)
+        else:  # the default: -cos to the view's mean, on what the projector receives
+            importance = importance_ops.feature_similarity(hidden).to(feats.device)  # (V, N)
 
         side = self.side
         n = side * side
