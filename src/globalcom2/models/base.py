@@ -311,13 +311,22 @@ class QKCapture:
     it, so two threads encoding on one model (whose hooks both sit on the one shared module and
     fire for both) each get their own queries and keys.
 
+    With ``inputs_of`` (a module, e.g. the projector), its input is kept too (``inputs``: the
+    features the ``similarity`` importance is computed on where the family cannot read them
+    otherwise).
+
     Attributes (after the tower ran inside ``with``):
         q_cls: (V, D) the [CLS] queries. queries: (V, T, D) with ``all_queries``, else None.
-        keys: (V, T, D).
+        keys: (V, T, D). inputs: the first input of ``inputs_of`` (None without it).
     """
 
-    def __init__(self, attn: nn.Module, all_queries: bool = False, q_module: str = "q_proj", k_module: str = "k_proj") -> None:
+    def __init__(
+        self, attn: nn.Module, all_queries: bool = False, q_module: str = "q_proj", k_module: str = "k_proj",
+        inputs_of: nn.Module | None = None,
+    ) -> None:
         self.attn = attn
+        self.inputs_of = inputs_of
+        self.inputs: torch.Tensor | None = None
         self.all_queries = all_queries
         self.q_module, self.k_module = q_module, k_module
         self.q_cls: torch.Tensor | None = None
@@ -354,6 +363,14 @@ class QKCapture:
             getattr(attn, self.q_module).register_forward_hook(keep_q),
             getattr(attn, self.k_module).register_forward_hook(keep_k),
         ]
+        if self.inputs_of is not None:
+
+            def keep_in(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                cap = self if torch.compiler.is_compiling() else _running_capture(attn)
+                if cap is not None:
+                    cap.inputs = args[0]
+
+            self._handles.append(self.inputs_of.register_forward_pre_hook(keep_in))
         return self
 
     def __exit__(self, *exc: Any) -> None:
