@@ -9,11 +9,11 @@ Importing this module loads neither torch nor transformers (tensor code is impor
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
-
-from contextvars import ContextVar
 
 from .. import methods
 from .._lazy import lazy_module
@@ -877,6 +877,12 @@ class Family(Adapter):
         _PENDING_ROWS.set(None if rows is None else (id(self), rows))
 
     def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.fastv is None:
+            return self._forward(original, *args, **kwargs)
+        with _FASTV_CALLS:  # FastV's layer patch holds the running call's state: one call at a time
+            return self._forward(original, *args, **kwargs)
+
+    def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode).
 
         Outside a patched ``generate`` (the caller's own prefill and decode steps), a compressing
@@ -886,18 +892,19 @@ class Family(Adapter):
         call = bind_arguments(original, args, kwargs)
         check_call_inputs(call)
         own = _calls.GENERATE_CALL.get() is None  # the caller's own call, not a step of a patched generate
+        prefill = _calls.is_prefill(call)
         turn = None
         if self._compresses(call):
             before = call
             call = self.prepare_inputs(call)
-            if own and _calls.is_prefill(call) and torch.is_tensor(before.get("input_ids")):
+            if own and prefill and torch.is_tensor(before.get("input_ids")):
                 turn = _calls.Turn(before["input_ids"], call["input_ids"], before.get("attention_mask"), call.get("attention_mask"))
-        elif own:
+        elif own and not prefill:
             cache = _calls.given_cache(call)
             known = _calls.turn_of(cache)
             if known is not None:
                 _calls.caller_step(call, known, _calls.cache_length(cache))
-        if _calls.is_prefill(call) and call.get("input_ids") is not None:
+        if prefill and call.get("input_ids") is not None:
             self._on_prefill(call["input_ids"])
         out = original(**call)
         if turn is not None:
@@ -945,6 +952,12 @@ class Family(Adapter):
         super().unpatch()
 
     def _patched_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.fastv is None:
+            return self._generate(original, *args, **kwargs)
+        with _FASTV_CALLS:
+            return self._generate(original, *args, **kwargs)
+
+    def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``generate``: compress once (without a graph, as the vanilla ``generate`` runs), generate on
         the shorter prompt, and give the caller's prompt back in front of the new tokens.
 
@@ -1117,6 +1130,11 @@ def _rows_total(placeholders: "torch.Tensor", prompt_counts: list[int], values: 
     rows = torch.searchsorted(row_end, starts, right=True).clamp_max(placeholders.shape[0] - 1)
     return out.index_add_(0, rows, torch.tensor(values, dtype=torch.long, device=dev))
 
+
+#: Held by a call of a model patched with FastV, whose layer patch keeps the running call's state
+#: (which visual tokens, which layer pruned them): threads take turns on such models (re-entrant:
+#: generate's own forward calls, an assistant model).
+_FASTV_CALLS = threading.RLock()
 
 #: (id of the adapter, (B,) rows) from a call's prepare_inputs to its prefill, per thread / task.
 _PENDING_ROWS: "ContextVar[tuple[int, Any] | None]" = ContextVar("globalcom2_pending_rows", default=None)
