@@ -1,0 +1,277 @@
+"""What the vLLM model subclasses share: the processor's fixed counts, the request settings carried
+to the model, the cache key, the compression of a step's images, and variable-length embeddings.
+
+Imported by vLLM (through the lazily registered model classes) only."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from ...methods import config_to_dict
+from ...models.base import EncodedImages
+from . import settings as _settings
+
+#: Per-image field the processor adds to carry the request's retention ratio to the model.
+RATIO_FIELD = "globalcom2_retention_ratio"
+
+
+class GlobalCom2InfoMixin:
+    """For a vLLM ``BaseProcessingInfo`` subclass: the request's config and fixed counts."""
+
+    #: globalcom2 ``model_type`` of the family.
+    globalcom2_model_type: ClassVar[str] = ""
+
+    def globalcom2_config(self, mm_kwargs: Mapping[str, Any] | None = None) -> Any:
+        """The config of a request (None when GlobalCom2 is off for this engine)."""
+        hf_config = self.get_hf_config()  # type: ignore[attr-defined]
+        engine = _settings.engine_settings(hf_config)
+        request = _settings.request_settings(mm_kwargs)
+        if engine is None:
+            if request:
+                raise ValueError(
+                    f"mm_processor_kwargs {sorted(request)} are GlobalCom2 settings, but GlobalCom2 is not on for this "
+                    "model: start the engine with hf_overrides={'globalcom2': {...}} (or globalcom2 serve)"
+                )
+            return None
+        return _settings.resolve(self.globalcom2_model_type, hf_config, engine, request)
+
+    def globalcom2_counter(self, config: Any) -> Any:
+        return _settings.counter(self.globalcom2_model_type, self.get_hf_config(), config)  # type: ignore[attr-defined]
+
+    def globalcom2_count(self, config: Any, height: int, width: int, **options: Any) -> int:
+        """Visual tokens of one image of this size under ``config`` (newlines included)."""
+        return _count(self, config, int(height), int(width), tuple(sorted(options.items())))
+
+    def globalcom2_max_count(self, config: Any, sizes: Sequence[tuple[int, int]], vanilla: int) -> int:
+        """An upper bound of one image's tokens at any request's ratio: R = 1 keeps every token (a
+        layout may add newlines on top: official's padded rows), so the largest of the vanilla
+        count and the R = 1 count over ``sizes``."""
+        keep_all = config.replace(retention_ratio=1.0)
+        return max([int(vanilla)] + [self.globalcom2_count(keep_all, h, w) for h, w in sizes])
+
+
+def _count(info: GlobalCom2InfoMixin, config: Any, height: int, width: int, options: tuple) -> int:
+    return _cached_count(info.globalcom2_model_type, _Key(info.get_hf_config()), config, height, width, options)  # type: ignore[attr-defined]
+
+
+class _Key:
+    """A model config as a cache key, by identity."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def __hash__(self) -> int:
+        return id(self.config)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and other.config is self.config
+
+
+@lru_cache(maxsize=4096)
+def _cached_count(model_type: str, hf: _Key, config: Any, height: int, width: int, options: tuple) -> int:
+    counter = _settings.counter(model_type, hf.config, config)
+    return int(counter.count_visual_tokens([(height, width)], config, **dict(options))[0])
+
+
+class GlobalCom2ProcessorMixin:
+    """For a vLLM multimodal processor subclass: strips the request's GlobalCom2 keys before the
+    Hugging Face processor, adds the request's ratio per image (:data:`RATIO_FIELD`), and puts the
+    resolved settings into the items' cache key (two requests with different settings never share
+    a processed item or an encoder result; the same settings always do)."""
+
+    def _apply_hf_processor_main(self, mm_items: Any, hf_kwargs: Mapping[str, object]) -> Any:
+        config = self.info.globalcom2_config(hf_kwargs)  # type: ignore[attr-defined]
+        out = super()._apply_hf_processor_main(mm_items, _settings.strip_request(hf_kwargs))  # type: ignore[misc]
+        if config is not None:
+            n = _num_pixel_images(out)
+            if n:
+                out[RATIO_FIELD] = torch.full((n,), float(config.retention_ratio), dtype=torch.float64)
+        return out
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, Any]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
+        if RATIO_FIELD in hf_inputs:
+            fields[RATIO_FIELD] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_mm_hashes(self, inputs: Any) -> Any:
+        config = self.info.globalcom2_config(inputs.hf_processor_mm_kwargs)  # type: ignore[attr-defined]
+        if config is not None:
+            kwargs = dict(_settings.strip_request(inputs.hf_processor_mm_kwargs))
+            kwargs["globalcom2"] = config_to_dict(config)
+            inputs = dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return super()._get_mm_hashes(inputs)  # type: ignore[misc]
+
+
+def _num_pixel_images(out: Any) -> int:
+    """Images of a processed batch that went through the Hugging Face processor (not embeddings)."""
+    sizes = out.get("image_sizes") if hasattr(out, "get") else None
+    if sizes is not None and out.get("pixel_values") is not None:
+        return int(len(sizes))
+    patches = out.get("image_num_patches") if hasattr(out, "get") else None  # InternVL
+    if patches is not None and out.get("pixel_values_flat") is not None:
+        return int(len(patches))
+    return 0
+
+
+def request_ratios(kwargs: dict[str, Any], count: int, default: float) -> list[float]:
+    """Per image of a step, the retention ratio its request asked for (the engine's by default)."""
+    ratios = kwargs.pop(RATIO_FIELD, None)
+    if ratios is None:
+        return [float(default)] * count
+    if isinstance(ratios, (list, tuple)):
+        values = [float(r) for r in ratios]
+    else:
+        values = [float(r) for r in ratios.reshape(-1).tolist()]
+    if len(values) != count:
+        raise ValueError(f"{len(values)} GlobalCom2 ratios for {count} images")
+    return values
+
+
+def compress_groups(
+    family_cls: Any,
+    hf_config: Any,
+    config: Any,
+    ratios: Sequence[float],
+    features: Sequence[torch.Tensor],
+    importance: Sequence[torch.Tensor],
+    geometries: Sequence[Any],
+    newline: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """Compress a step's images, batched per retention ratio (one vectorised pass and one host sync
+    per distinct ratio: :func:`globalcom2.methods.compress_images` through the family's
+    ``compress``, which puts the tokens in the model's order)."""
+    out: list[torch.Tensor | None] = [None] * len(features)
+    groups: dict[float, list[int]] = {}
+    for i, r in enumerate(ratios):
+        groups.setdefault(float(r), []).append(i)
+    for ratio, idx in groups.items():
+        cfg = config if ratio == config.retention_ratio else config.replace(retention_ratio=ratio)
+        family = family_cls.counter(hf_config, cfg)
+        encoded = EncodedImages(
+            features=[features[i] for i in idx],
+            importance=[importance[i] for i in idx],
+            geometries=[geometries[i] for i in idx],
+            image_sizes=[(0, 0)] * len(idx),
+            vanilla_counts=[0] * len(idx),
+        )
+        tokens = family.compress(encoded, cfg, newline=newline).tokens
+        for i, t in zip(idx, tokens):
+            out[i] = t
+    return out  # type: ignore[return-value]
+
+
+def embeddings_list(data: Any) -> Any:
+    """Precomputed image embeddings as vLLM batched them: a (B, n, D) tensor, or a list of
+    (n_i, D) tensors when their lengths differ (kept as a list)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    return [t for t in data]
+
+
+class ClsImportance(torch.nn.Module):
+    """The [CLS] importance of a ViT's last layer from the hidden state entering it (SPEC.md,
+    Step 0): that layer's pre-attention norm, the [CLS] query (one token) and the keys, then
+    :func:`globalcom2.core.plans.cls_attention_logits` (float64). Never a whole extra layer: vLLM
+    builds the tower only up to the feature layer (LLaVA-NeXT: the second to last), so this module
+    holds the last layer's norm and q/k projections only, loaded from the checkpoint.
+
+    Replicated on every tensor-parallel rank (plain ``nn.Linear`` with the full weights): each rank
+    computes the same importance from the same (gathered) hidden state, so every rank keeps the
+    same tokens without a collective. ``q_norm`` / ``k_norm`` (InternViT's qk normalisation over
+    the whole width) apply when given."""
+
+    def __init__(
+        self, hidden: int, num_heads: int, norm: torch.nn.Module, bias: bool = True,
+        q_norm: torch.nn.Module | None = None, k_norm: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = int(num_heads)
+        self.scale = (hidden // self.num_heads) ** -0.5
+        self.norm = norm
+        self.q_proj = torch.nn.Linear(hidden, hidden, bias=bias)
+        self.k_proj = torch.nn.Linear(hidden, hidden, bias=bias)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+
+    def queries_keys(self, hidden: torch.Tensor, all_queries: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm(hidden)
+        q = self.q_proj(x if all_queries else x[:, :1])
+        k = self.k_proj(x)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, k
+
+    @torch.no_grad()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(V, 1 + N, D) hidden state ([CLS] first) -> (V, N) float64 [CLS] logits, head-averaged."""
+        from ...core.plans import cls_attention_logits
+
+        q, k = self.queries_keys(hidden)
+        return cls_attention_logits(q[:, 0], k, self.num_heads, self.scale)
+
+    @torch.no_grad()
+    def attention_received(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(V, N, D) hidden state (no [CLS]) -> (V, N) mean softmax attention each token receives."""
+        from ...core.importance import attention_received
+
+        q, k = self.queries_keys(hidden, all_queries=True)
+        return attention_received(q, k, self.num_heads, self.scale)
+
+
+def capture_last_input(layers: torch.nn.ModuleList, full_depth: int) -> "_InputCapture":
+    """Capture the hidden state entering the tower's last layer (index ``full_depth - 1``) while
+    the tower runs, where vLLM built that layer; otherwise the tower's output is that state."""
+    return _InputCapture(layers[full_depth - 1] if len(layers) >= full_depth else None)
+
+
+class _InputCapture:
+    def __init__(self, layer: torch.nn.Module | None) -> None:
+        self.layer = layer
+        self.hidden: torch.Tensor | None = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "_InputCapture":
+        if self.layer is not None:
+            def keep(_m: Any, args: tuple, kwargs: dict) -> None:
+                self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+            self._handle = self.layer.register_forward_pre_hook(keep, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def result(self, tower_output: torch.Tensor) -> torch.Tensor:
+        return tower_output if self.layer is None else self.hidden  # type: ignore[return-value]
+
+
+def load_importance_weights(
+    module: ClsImportance, prefix: str, names: Mapping[str, str], weights: Any
+) -> tuple[Any, set[str]]:
+    """Split ``weights`` (name, tensor) into what ``module`` takes (``prefix`` + a name of ``names``
+    -> its parameter ``names[name]``, copied in; every weight is also passed on, since vLLM's tower
+    takes the same tensors where it built that layer) and the rest; returns (the passed-on
+    iterator, the parameter names loaded, relative to the model)."""
+    loaded: set[str] = set()
+    params = dict(module.named_parameters())
+
+    def gen() -> Any:
+        for name, w in weights:
+            if name.startswith(prefix) and name[len(prefix):] in names:
+                target = names[name[len(prefix):]]
+                params[target].data.copy_(w.to(params[target].dtype))
+                loaded.add(target)
+            yield name, w
+
+    return gen(), loaded
