@@ -84,7 +84,8 @@ def _distinct_counts(model, processor, size):
     """Two seeds whose images of ``size`` compress to different lengths (None if all agree)."""
     seen: dict[int, int] = {}
     for seed in range(8):
-        count = globalcom2.compress_images(model, _inputs(processor, [make_image(*size, seed=seed)]), retention_ratio=R).counts[0]
+        inputs = _inputs(processor, [make_image(*size, seed=seed)])
+        count = globalcom2.compress_images(model, inputs, retention_ratio=R).counts[0]
         if seen and count not in seen:
             return next(iter(seen.values())), seed
         seen.setdefault(count, seed)
@@ -137,7 +138,7 @@ def test_a_new_image_in_a_continued_turn_is_encoded(family):
     a = _inputs(processor, [make_image(480, 640, seed=0)])
     c = processor(images=[make_image(300, 900, seed=5)], text=[_prompt(processor, "And this one?")],
                   return_tensors="pt", add_special_tokens=False)
-    emb = _join(globalcom2.compress_images(model, a, retention_ratio=R), globalcom2.compress_images(model, c, retention_ratio=R))
+    emb = _join(*(globalcom2.compress_images(model, x, retention_ratio=R) for x in (a, c)))
 
     globalcom2.apply(model, retention_ratio=R)
     first = model.generate(**a, **_greedy(2), return_dict_in_generate=True)

@@ -149,9 +149,11 @@ class Turn:
 
     def removed(self) -> "torch.Tensor":
         """(B,) real (unpadded) tokens the compression removed from each row's prompt."""
-        real0 = self.original_mask.long().sum(1) if self.original_mask is not None else torch.full_like(self.original_ids[:, 0], self.t0)
-        real1 = self.short_mask.long().sum(1) if self.short_mask is not None else torch.full_like(self.short_ids[:, 0], self.t1)
-        return real0.to(real1.device) - real1
+        def real(mask: "torch.Tensor | None", ids: "torch.Tensor") -> "torch.Tensor":
+            return mask.long().sum(1) if mask is not None else torch.full_like(ids[:, 0], ids.shape[1])
+
+        real1 = real(self.short_mask, self.short_ids)
+        return real(self.original_mask, self.original_ids).to(real1.device) - real1
 
 
 def remember_turn(cache: Any, turn: Turn) -> None:
