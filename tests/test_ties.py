@@ -166,8 +166,12 @@ def constant_importance(monkeypatch):
     def zeros_received(queries, keys, num_heads, scale, chunk=importance.DEFAULT_CHUNK):
         return torch.zeros(keys.shape[0], keys.shape[1], dtype=torch.float32, device=keys.device)
 
+    def zeros_similarity(features, eps=1e-8):
+        return torch.zeros(features.shape[:2], dtype=P.SCORE_DTYPE, device=features.device)
+
     monkeypatch.setattr(P, "cls_attention_logits", zeros_cls)
     monkeypatch.setattr(importance, "attention_received", zeros_received)
+    monkeypatch.setattr(importance, "feature_similarity", zeros_similarity)
 
 
 def _first(mask: torch.Tensor, k: int) -> torch.Tensor:
