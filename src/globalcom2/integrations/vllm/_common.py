@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -19,6 +20,9 @@ from . import settings as _settings
 
 #: Per-image field the processor adds to carry the request's retention ratio to the model.
 RATIO_FIELD = "globalcom2_retention_ratio"
+#: The config of the request whose prompt updates are being computed (vLLM's processing info asks
+#: ``get_num_image_tokens(width, height)`` without the request's kwargs).
+_REQUEST: "ContextVar[tuple[Any] | None]" = ContextVar("globalcom2_vllm_request", default=None)
 
 
 class GlobalCom2InfoMixin:
@@ -40,6 +44,11 @@ class GlobalCom2InfoMixin:
                 )
             return None
         return _settings.resolve(self.globalcom2_model_type, hf_config, engine, request)
+
+    def globalcom2_active_config(self) -> Any:
+        """The config of the request being processed, else the engine's (None when off)."""
+        held = _REQUEST.get()
+        return held[0] if held is not None else self.globalcom2_config()
 
     def globalcom2_counter(self, config: Any) -> Any:
         return _settings.counter(self.globalcom2_model_type, self.get_hf_config(), config)  # type: ignore[attr-defined]
@@ -93,6 +102,13 @@ class GlobalCom2ProcessorMixin:
             if n:
                 out[RATIO_FIELD] = torch.full((n,), float(config.retention_ratio), dtype=torch.float64)
         return out
+
+    def _get_mm_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any) -> Any:
+        token = _REQUEST.set((self.info.globalcom2_config(hf_processor_mm_kwargs),))  # type: ignore[attr-defined]
+        try:
+            return super()._get_mm_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
+        finally:
+            _REQUEST.reset(token)
 
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, Any]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))  # type: ignore[misc]
@@ -219,12 +235,13 @@ class ClsImportance(torch.nn.Module):
         return cls_attention_logits(q[:, 0], k, self.num_heads, self.scale)
 
     @torch.no_grad()
-    def attention_received(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(V, N, D) hidden state (no [CLS]) -> (V, N) mean softmax attention each token receives."""
+    def attention_received(self, hidden: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """(V, T, D) hidden state -> (V, T - skip) mean softmax attention each token receives from
+        the others, the first ``skip`` tokens ([CLS]) left out as rows and columns."""
         from ...core.importance import attention_received
 
         q, k = self.queries_keys(hidden, all_queries=True)
-        return attention_received(q, k, self.num_heads, self.scale)
+        return attention_received(q[:, skip:], k[:, skip:], self.num_heads, self.scale)
 
 
 def capture_last_input(layers: torch.nn.ModuleList, full_depth: int) -> "_InputCapture":
@@ -275,3 +292,46 @@ def load_importance_weights(
             yield name, w
 
     return gen(), loaded
+
+
+#: HF CLIP / SigLIP names of a layer's pre-attention norm and q/k projections -> ClsImportance's.
+VIT_IMPORTANCE_NAMES = {
+    "layer_norm1.weight": "norm.weight", "layer_norm1.bias": "norm.bias",
+    "self_attn.q_proj.weight": "q_proj.weight", "self_attn.q_proj.bias": "q_proj.bias",
+    "self_attn.k_proj.weight": "k_proj.weight", "self_attn.k_proj.bias": "k_proj.bias",
+}
+
+
+def similarity(features: torch.Tensor) -> torch.Tensor:
+    """SPEC.md ``importance="similarity"`` on what the projector receives (V, N, D) -> (V, N)."""
+    from ...core.importance import feature_similarity
+
+    return feature_similarity(features)
+
+
+def load_weights_with_importance(
+    model: torch.nn.Module, weights: Any, prefix: str, names: Mapping[str, str], attr: str = "globalcom2_importance"
+) -> set[str]:
+    """vLLM's ``AutoWeightsLoader`` on ``model`` (weights already under vLLM's names), with the
+    tower's last-layer norm and q/k weights (``prefix`` + ``names``) also copied into
+    ``model.<attr>`` (:class:`ClsImportance`). A ValueError when the checkpoint lacks them."""
+    from vllm.model_executor.models.utils import AutoWeightsLoader
+
+    module = getattr(model, attr, None)
+    if module is None:  # an importance computed from the features alone (similarity)
+        return set(AutoWeightsLoader(model).load_weights(weights))
+    rest, loaded = load_importance_weights(module, prefix, names, weights)
+    done = AutoWeightsLoader(model).load_weights(rest)
+    missing = set(names.values()) - loaded
+    if missing:
+        raise ValueError(f"GlobalCom2 needs the vision tower's last layer ({prefix}*): {sorted(missing)} not in the checkpoint")
+    return set(done) | {f"{attr}.{n}" for n in loaded}
+
+
+def hub_name(name: str, w: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """A transformers-5 ``save_pretrained`` writes a LLaVA tower as ``[model.]vision_tower.embeddings...``;
+    vLLM (and the llava-hf hub checkpoints) name it ``vision_tower.vision_model.embeddings...``."""
+    for head in ("model.vision_tower.", "vision_tower."):
+        if name.startswith(head) and not name.startswith(head + "vision_model."):
+            return head + "vision_model." + name[len(head):], w
+    return name, w

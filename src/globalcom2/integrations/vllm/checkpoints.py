@@ -69,13 +69,37 @@ def save(model: Any, processor: Any, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    _with_video_processor(processor).save_pretrained(path)
     for file in sorted(path.glob("*.safetensors")):
         tensors = load_file(str(file))
         renamed = {_hub_name(k): v for k, v in tensors.items()}
         if renamed.keys() != tensors.keys():
             save_file(renamed, str(file), metadata={"format": "pt"})
     return path
+
+
+def _with_video_processor(processor: Any) -> Any:
+    """The families' tiny processors leave the video processor out (it needs torchvision, absent
+    from the main venv); the saved processor has the real one, which vLLM's processor loads."""
+    if getattr(processor, "video_processor", True) is not None:
+        return processor
+    from transformers import (
+        InternVLProcessor, InternVLVideoProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+    )
+
+    if isinstance(processor, LlavaOnevisionProcessor):
+        return LlavaOnevisionProcessor(
+            image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+            video_processor=LlavaOnevisionVideoProcessor(), num_image_tokens=processor.num_image_tokens,
+            vision_feature_select_strategy=processor.vision_feature_select_strategy,
+            vision_aspect_ratio=processor.vision_aspect_ratio,
+        )
+    if isinstance(processor, InternVLProcessor):
+        return InternVLProcessor(
+            image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+            video_processor=InternVLVideoProcessor(), image_seq_length=processor.image_seq_length,
+        )
+    return processor
 
 
 def _hub_name(name: str) -> str:

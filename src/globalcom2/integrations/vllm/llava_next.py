@@ -13,7 +13,7 @@ its processing info and processor. Vanilla vLLM when the config has no ``"global
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import torch
@@ -26,8 +26,6 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
-from vllm.multimodal.processing import PromptReplacement
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from ...models.llava_next import LlavaNextAdapter
@@ -39,7 +37,7 @@ class GlobalCom2LlavaNextProcessingInfo(_common.GlobalCom2InfoMixin, LlavaNextPr
     globalcom2_model_type = LlavaNextAdapter.model_type
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        config = self.globalcom2_config()
+        config = self.globalcom2_active_config()
         if config is None:
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         return self.globalcom2_count(config, image_height, image_width)
@@ -58,22 +56,8 @@ class GlobalCom2LlavaNextProcessingInfo(_common.GlobalCom2InfoMixin, LlavaNextPr
 class GlobalCom2LlavaNextMultiModalProcessor(
     _common.GlobalCom2ProcessorMixin, LlavaNextMultiModalProcessor[GlobalCom2LlavaNextProcessingInfo]
 ):
-    def _get_prompt_updates(
-        self, mm_items: Any, hf_processor_mm_kwargs: Mapping[str, object], out_mm_kwargs: Any
-    ) -> Sequence[PromptReplacement]:
-        config = self.info.globalcom2_config(hf_processor_mm_kwargs)
-        if config is None:
-            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        image_token_id = self.info.get_hf_config().image_token_index
-
-        def replacement(item_idx: int) -> list[int]:
-            images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-            if isinstance(images, ImageEmbeddingItems):
-                return [image_token_id] * images.get_feature_size(item_idx)
-            size = images.get_image_size(item_idx)
-            return [image_token_id] * self.info.globalcom2_count(config, size.height, size.width)
-
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+    """Placeholders from :meth:`GlobalCom2LlavaNextProcessingInfo.get_num_image_tokens`, which
+    reads the request's config while its prompt updates are computed."""
 
 
 class LlavaNextImageEmbeddingList(TensorSchema):
@@ -108,6 +92,10 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
                 f"this model uses {config.vision_feature_select_strategy!r}"
             )
         vc = config.vision_config
+        #: "auto"/"cls": the [CLS] logits; "attention_received", "similarity": the ablations (SPEC.md)
+        self.globalcom2_mode = getattr(self.globalcom2, "importance", "auto")
+        if self.globalcom2_mode == "similarity":
+            return
         with self._mark_tower_model(vllm_config, "image"):
             self.globalcom2_importance = _common.ClsImportance(
                 vc.hidden_size, vc.num_attention_heads, torch.nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
@@ -147,7 +135,12 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         layers = self.vision_tower.vision_model.encoder.layers
         with _common.capture_last_input(layers, self.config.vision_config.num_hidden_layers) as cap:
             hidden = self.vision_tower(stacked, select_layers=None, feature_select_strategy=None)  # (V, 1 + N, Dv)
-        importance = self.globalcom2_importance(cap.result(hidden))  # (V, N) float64
+        if self.globalcom2_mode == "similarity":
+            importance = _common.similarity(hidden[:, 1:])
+        elif self.globalcom2_mode == "attention_received":
+            importance = self.globalcom2_importance.attention_received(cap.result(hidden), skip=1)
+        else:
+            importance = self.globalcom2_importance(cap.result(hidden))  # (V, N) float64 [CLS] logits
         feats = self.multi_modal_projector(hidden[:, 1:])  # (V, N, D): vLLM's "default" selection
         if feats.shape[1] != n:
             raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per view, expected {n}")
@@ -160,31 +153,11 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
 
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        weights = (_hub_name(name, w) for name, w in weights)
+        weights = (_common.hub_name(name, w) for name, w in weights)
         if self.globalcom2 is None:
             return super().load_weights(weights)
         last = self.config.vision_config.num_hidden_layers - 1
-        prefix = f"vision_tower.vision_model.encoder.layers.{last}."
-        names = {
-            "layer_norm1.weight": "norm.weight", "layer_norm1.bias": "norm.bias",
-            "self_attn.q_proj.weight": "q_proj.weight", "self_attn.q_proj.bias": "q_proj.bias",
-            "self_attn.k_proj.weight": "k_proj.weight", "self_attn.k_proj.bias": "k_proj.bias",
-        }
-        mapped = self.hf_to_vllm_mapper.apply(weights)
-        rest, loaded = _common.load_importance_weights(self.globalcom2_importance, prefix, names, mapped)
-        from vllm.model_executor.models.utils import AutoWeightsLoader
-
-        done = AutoWeightsLoader(self).load_weights(rest)
-        missing = set(names.values()) - loaded
-        if missing:
-            raise ValueError(f"GlobalCom2 needs the vision tower's last layer ({prefix}*): {sorted(missing)} not in the checkpoint")
-        return done | {f"globalcom2_importance.{n}" for n in loaded}
-
-
-def _hub_name(name: str, w: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """A transformers-5 ``save_pretrained`` writes the CLIP tower as ``[model.]vision_tower.embeddings...``;
-    vLLM (and the llava-hf hub checkpoints) name it ``vision_tower.vision_model.embeddings...``."""
-    for head in ("model.vision_tower.", "vision_tower."):
-        if name.startswith(head) and not name.startswith(head + "vision_model."):
-            return head + "vision_model." + name[len(head):], w
-    return name, w
+        return _common.load_weights_with_importance(
+            self, self.hf_to_vllm_mapper.apply(weights), f"vision_tower.vision_model.encoder.layers.{last}.",
+            _common.VIT_IMPORTANCE_NAMES,
+        )
