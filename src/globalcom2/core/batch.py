@@ -6,12 +6,16 @@ batch is planned at once and every output token is gathered with one ``index_sel
 
 * **Padding and masks.** Images are padded to the batch's largest crop count ``Cm`` (views beyond
   an image's own are masked out) and their crop grids to the batch's largest joint grid
-  ``Hm x Wm``; single-view images (no crops) ride along with ``C = 0``. Per-image integers (grid,
-  unpadded rectangle, table offsets) are computed on the host from the geometries (never from
-  tensor data) and reach the device in **one** non-blocking copy.
-* **One sync.** The output lengths (and, for joint budgets, how many thumbnail tokens each image
-  keeps) are the only data-dependent sizes: they are read with one ``.tolist()`` per batch, then
-  everything is compacted with scatters of known size.
+  ``Hm x Wm``; single-view images (no crops) ride along with ``C = 0``.
+* **Geometry on the host.** Everything that follows from the geometries alone (unpadded masks,
+  crop regions, resized-map cells, every output slot's source, newline positions) is built with
+  numpy in :class:`BatchPrep` (cached per batch shape and settings) and reaches the device in
+  three packed copies: the device pass runs only the ops that read the importance, about 60
+  kernels for a batch whatever its size (``tests/test_batch_ops.py`` counts them; 150 before).
+* **One sync, or none.** With the published count the output lengths are read with one
+  ``.tolist()`` per batch (joint budgets: how many thumbnail tokens each image keeps); with
+  ``count="fixed"`` they follow from the geometry, the step makes no sync and its shapes depend
+  only on the image sizes (:meth:`BatchPrep.step` compiles with ``fullgraph=True``).
 * **One gather, no second copy.** The per-image feature tensors are, in every family, consecutive
   slices of the tower's one output tensor; :func:`joint_rows` sees that and addresses them as one
   ``(sum V N, D)`` table without copying (otherwise it concatenates them). The output is one
@@ -46,6 +50,7 @@ differ).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -62,15 +67,12 @@ from .plans import (
     _check_views,
     _floor_count,
     fixed_budgets,
-    holistic_scores,
-    keep_best,
 )
 
-__all__ = ["BatchPlan", "plan_batch", "gather_batch", "compress_batch", "joint_rows", "is_batchable"]
-
-#: Column of each per-image integer in the host table sent to the device (see :class:`_Host`).
-_FIELDS = ("gh", "gw", "row0", "row1", "col0", "col1", "crops", "offset", "k", "interp_base", "interp_w")
-
+__all__ = [
+    "BatchPlan", "BatchPrep", "prepare_batch", "plan_batch", "gather_batch", "compress_batch", "joint_rows",
+    "joint_importance", "is_batchable",
+]
 
 @dataclass
 class BatchPlan:
@@ -80,9 +82,10 @@ class BatchPlan:
         plans: per image, its :class:`~globalcom2.core.plans.CompressionPlan` (equal to what the
             per-image functions return; ``index`` addresses the image's own table).
         index: (L,) long rows of the batch's joint table (:func:`joint_rows`); newline positions
-            hold the image's first row and are overwritten after the gather.
+            hold a row of the table and are overwritten after the gather.
         newline_positions: (M,) long output positions of the image-newline tokens.
-        lengths: per image, its number of output tokens (host ints, read with the one sync).
+        lengths: per image, its number of output tokens (host ints: from the geometry with
+            ``count="fixed"`` and joint budgets, else read with the one sync).
         newline_counts: per image, how many of them are newlines (host ints, from the geometry).
     """
 
@@ -99,6 +102,27 @@ def is_batchable(geom: CropGeometry | None, views: int) -> bool:
     if geom is None or views == 1:
         return True
     return getattr(geom, "src_row1", None) is None
+
+
+def _consecutive(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``parts`` as one tensor concatenated along dim 0 *without a copy* when they are consecutive
+    slices of one contiguous tensor (``torch.split`` of one output), else None."""
+    first = parts[0]
+    base = first._base if first._base is not None else first
+    if not base.is_contiguous():
+        return None
+    row = math.prod(first.shape[1:])
+    offset = first.storage_offset()
+    for f in parts:
+        if not f.is_contiguous() or (f._base if f._base is not None else f) is not base or f.storage_offset() != offset:
+            return None
+        offset += f.numel()
+    start = first.storage_offset() - base.storage_offset()
+    rows = sum(int(f.shape[0]) for f in parts)
+    if row == 0 or start % row or base.numel() % row:
+        return None
+    flat = base.reshape(-1, *first.shape[1:])
+    return flat if start == 0 and rows == flat.shape[0] else flat[start // row : start // row + rows]
 
 
 def joint_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -139,7 +163,7 @@ def _describe(importance: Sequence[torch.Tensor], geometries: Sequence[CropGeome
     if len(importance) != len(geometries):
         raise ValueError(f"{len(importance)} importance maps for {len(geometries)} geometries")
     n = int(importance[0].shape[-1])
-    crops, views, geoms = [], [], []
+    views, geoms = [], []
     for imp, geom in zip(importance, geometries):
         if imp.dim() != 2 or int(imp.shape[1]) != n:
             raise ValueError(f"every image's importance must be (V, {n}); got {tuple(imp.shape)}")
@@ -149,9 +173,13 @@ def _describe(importance: Sequence[torch.Tensor], geometries: Sequence[CropGeome
             _check_views(imp, geom)
             if not joint and not is_batchable(geom, v):
                 raise ValueError("plan_batch plans GlobalCom2 on plain crop grids only (resized maps: globalcom2.core.resized)")
-        crops.append(0 if single else geom.num_crops)
         views.append(v)
         geoms.append(None if single else geom)
+    return _host(geoms, views, n)
+
+
+def _host(geoms: list[CropGeometry | None], views: list[int], n: int) -> _Host:
+    crops = [0 if g is None else g.num_crops for g in geoms]
     multi = [g for g in geoms if g is not None]
     side = multi[0].side if multi else math.isqrt(n)
     return _Host(
@@ -177,6 +205,488 @@ def _permute(x: torch.Tensor, order: list[int], index: torch.Tensor) -> torch.Te
     return x if order == sorted(order) else x.index_select(0, index)
 
 
+class BatchPrep:
+    """Everything about a batch's plan that follows from its geometries and settings alone, made on
+    the host (numpy: no device op), and the device pass that completes it from the importance.
+
+    The tables (which crop tokens are unpadded, where each sits in its image's crop grid, which
+    resized-map cell guides it, which output slot reads which table row, where the newlines go)
+    are integer functions of the geometry: they are built with numpy and reach the device as three
+    packed tensors (one copy each on an accelerator), so the device pass runs only the ops that
+    read the importance, about 50 kernels for a batch whatever its size
+    (``tests/test_batch_ops.py`` counts them).
+
+    :meth:`run` is the device pass. With ``count="fixed"`` (and for joint budgets) every output
+    length is known here (:attr:`lengths`); for GlobalCom2 with ``count="fixed"`` the thumbnail
+    counts too, so :meth:`run` then makes no host sync at all and its shapes depend only on the
+    geometries: ``torch.compile(prep.run, fullgraph=True)`` captures it in one graph.
+    """
+
+    def __init__(
+        self,
+        host: _Host,
+        retention_ratio: float,
+        layout: str,
+        joint: bool,
+        temperature: float,
+        allocation: str,
+        scoring: str,
+        count: str,
+    ) -> None:
+        import numpy as np
+
+        self.host = host
+        self.ratio = float(retention_ratio)
+        self.layout, self.joint, self.temperature = layout, joint, float(temperature)
+        self.allocation, self.scoring, self.count = allocation, scoring, count
+        if not joint and allocation not in ("softmax_sum", "softmax_max", "uniform", "topk_count"):
+            raise ValueError(f"allocation must be one of softmax_sum, softmax_max, uniform, topk_count; got {allocation!r}")
+        if not joint and scoring not in ("global_local", "global_only", "local_only"):
+            raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
+        n, s, cm, hm, wm = host.n, host.side, host.cm, host.hm, host.wm
+        b = len(host.views)
+        self.b = b
+        spatial = layout == "spatial"
+        self.spatial = spatial
+        self.k_t = k_t = _floor_count(n, self.ratio)
+        ks = [k_t if g is None or not joint else _floor_count(n + g.valid_rows * g.valid_cols, self.ratio) for g in host.geoms]
+        self.ks = ks
+        # thumbnail slots: its kept tokens (official), or its N positions (spatial)
+        self.t_slots = t_slots = n if spatial else (max(ks) if joint else k_t)
+        width = wm + 1
+        self.p_slots = p_slots = t_slots + hm * width + 1
+        self.cw = cw = n if spatial else n + 1  # crop part of the source buffer, per crop
+        x_nl = t_slots + cm * cw  # buffer column holding the image's newline row
+        x_none = x_nl + 1  # buffer column holding -1 (an empty slot)
+
+        t = np.arange(n)
+        valid = np.zeros((b, cm, n), dtype=bool)
+        pos = np.zeros((b, cm, n), dtype=np.int64)
+        region = np.zeros((b, n), dtype=np.int64)
+        crop_ok = np.zeros((b, cm), dtype=bool)
+        slot_map = np.full((b, p_slots), x_none, dtype=np.int64)
+        slot_map[:, :t_slots] = np.arange(t_slots)
+        consts = np.zeros((b, 2), dtype=np.int64)
+        consts[:, 1] = -1
+        nl_slots: list[int] = []
+        nl_counts: list[int] = []
+        view_rows: list[int] = []
+        offsets: list[int] = []
+        lengths: list[int] = []
+        size_keys = [(g.valid_rows, g.valid_cols) if g is not None and not g.is_empty else (0, 0) for g in host.geoms]
+        size_order, size_runs = _groups(size_keys)
+        interp_base = [0] * b
+        at = 0
+        for key, start, end in size_runs:
+            for p in range(start, end):
+                interp_base[size_order[p]] = at + (p - start) * key[0] * key[1]
+            at += (end - start) * key[0] * key[1]
+        offset = view_start = 0
+        rr = np.arange(hm)[:, None]
+        cc = np.arange(wm)[None, :]
+        for i, (g, v, c) in enumerate(zip(host.geoms, host.views, host.crops)):
+            view_rows.extend(view_start + min(j, c) for j in range(1 + cm))
+            offsets.append(offset)
+            offset += v * n
+            view_start += v
+            consts[i, 0] = (1 + c) * n
+            before = len(nl_slots)
+            if g is None:
+                slot_map[i, -1] = x_nl
+                nl_slots.append(i * p_slots + p_slots - 1)
+                nl_counts.append(1)
+                lengths.append(ks[i] + 1)
+                continue
+            gh, gw = g.grid_h, g.grid_w
+            crop_ok[i, :c] = True
+            j = np.arange(c)[:, None]
+            rows = (j // gw) * s + t[None] // s  # (C, N) joint-grid row of each crop token
+            cols = (j % gw) * s + t[None] % s
+            ok = (rows >= g.row0) & (rows < g.row1) & (cols >= g.col0) & (cols < g.col1)
+            valid[i, :c] = ok
+            pos[i, :c] = np.where(ok, interp_base[i] + (rows - g.row0) * size_keys[i][1] + (cols - g.col0), 0)
+            idx = np.arange(s)
+            row_region = np.minimum(idx // max(s // gh, 1), gh - 1)
+            col_region = np.minimum(idx // max(s // gw, 1), gw - 1)
+            region[i] = (row_region[:, None] * gw + col_region[None, :]).reshape(-1)
+            # grid slots: (r, c) of the joint grid reads crop j's position t (spatial: its true
+            # position; official: the position's index in the crop's list of valid tokens)
+            in_grid = (rr < g.height) & (cc < g.width)
+            jj = (rr // s) * gw + cc // s
+            tt = (rr % s) * s + cc % s
+            grid = np.where(in_grid, t_slots + jj * cw + tt, x_none)  # (Hm, Wm)
+            base = t_slots + np.arange(hm)[:, None] * width
+            block = slot_map[i, t_slots : t_slots + hm * width].reshape(hm, width)
+            block[:, :wm] = grid
+            if spatial:
+                nl_rows = range(g.row0, g.row1)
+            else:
+                nl_rows = range(g.height) if not g.is_empty else range(0)
+            for r in nl_rows:
+                block[r, wm] = x_nl
+                nl_slots.append(i * p_slots + int(base[r, 0]) + wm)
+            nl_counts.append(len(nl_slots) - before)
+            if count == "fixed" or joint:
+                crop_total = ks[i] - k_t if joint else int(math.floor(float(ok.sum()) * self.ratio))
+                lengths.append((ks[i] if joint else k_t + crop_total) + nl_counts[-1])
+        self.nl_counts = nl_counts
+        self.offsets = offsets
+        self.rows_total = offset
+        #: per image, its output length when the geometry decides it (fixed count, joint budgets); else None
+        self.lengths: list[int] | None = lengths if (count == "fixed" or joint) and len(lengths) == b else None
+        #: per image, its kept thumbnail tokens when the geometry decides it (not for joint budgets)
+        self.thumb_counts: list[int] | None = None if joint else [k_t] * b
+        self.identity_views = view_rows == list(range(len(view_rows)))
+        crop_order, crop_runs = _groups(host.crops)
+        self.crop_order, self.crop_runs = crop_order, crop_runs
+        self.size_order, self.size_runs = size_order, size_runs
+        if not spatial:
+            vidx = np.cumsum(valid, axis=2) - 1
+        else:
+            vidx = np.zeros((b, cm, n), dtype=np.int64)
+        tval = (n + np.arange(cm)[:, None] * n + t[None]).reshape(-1)  # (Cm N,) each crop token's own table row
+        n_valid = valid.sum(2)
+        ints = [np.asarray(view_rows, np.int64), region.reshape(-1), pos.reshape(-1), vidx.reshape(-1), tval,
+                slot_map.reshape(-1), consts.reshape(-1), np.asarray(nl_slots, np.int64),
+                np.asarray(crop_order, np.int64), np.asarray(size_order, np.int64), np.asarray(ks, np.int64),
+                n_valid.reshape(-1).astype(np.int64)]
+        self._int_sizes = [a.size for a in ints]
+        full_valid = np.concatenate([np.ones((b, 1, n), dtype=bool), valid], axis=1)
+        bools = [np.concatenate([valid.reshape(-1), ~valid.reshape(-1)]), ~crop_ok.reshape(-1), ~full_valid.reshape(-1)]
+        self._bool_sizes = [a.size for a in bools]
+        floats = [n_valid.reshape(-1).astype(np.float64)]
+        self._float_sizes = [a.size for a in floats]
+        self._ints = torch.from_numpy(np.concatenate(ints))
+        self._bools = torch.from_numpy(np.concatenate(bools))
+        self._floats = torch.from_numpy(np.concatenate(floats))
+        self._on: dict[str, dict[str, torch.Tensor]] = {}
+        self._rep: tuple[list[int], torch.Tensor] | None = None
+        if self.lengths is not None:
+            self._offsets_of(self.lengths)
+
+    # -- the tables on the device ---------------------------------------------------------------
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        b, n, cm = self.b, self.host.n, self.host.cm
+        key = str(device)
+        cached = self._on.get(key)
+        if cached is not None:
+            return cached
+        ints, bools, floats = (t.to(device, non_blocking=True) for t in (self._ints, self._bools, self._floats))
+        (view_rows, region, pos, vidx, tval, slot_map, consts, nl_idx, crop_perm, size_perm, ks, n_valid_l) = torch.split(
+            ints, self._int_sizes
+        )
+        valid, crop_off, full_invalid = torch.split(bools, self._bool_sizes)
+        (n_valid,) = (floats,)
+        tables = {
+            "view_rows": view_rows, "region": region.view(b, n), "pos": pos, "vidx": vidx.view(b, cm, n),
+            "tval": tval.view(1, cm, n), "slot_map": slot_map.view(b, self.p_slots), "consts": consts.view(b, 2),
+            "nl_idx": nl_idx, "crop_perm": crop_perm, "size_perm": size_perm, "ks": ks.view(b, 1),
+            "n_valid_l": n_valid_l.view(b, cm), "valid": valid[: b * cm * n].view(b, cm, n),
+            "invalid": valid[b * cm * n :].view(b, cm, n), "crop_off": crop_off.view(b, cm),
+            "full_invalid": full_invalid.view(b, 1 + cm, n), "n_valid": n_valid.view(b, cm),
+        }
+        self._on[key] = tables  # views of the one copy, made once per device
+        return tables
+
+    # -- the device pass ------------------------------------------------------------------------
+    def run(self, importance_rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+        """The plan from the batch's importance as one ``(sum V_i, N)`` table (the images' maps in
+        order, see :func:`joint_importance`): ``index`` (L,) rows of the joint feature table,
+        ``local_index`` (L,) rows of each image's own table, ``newline_positions`` (M,), and
+        ``thumb_keep`` / ``keep`` / ``ratios`` / ``score`` (padded per image) for the plans.
+        Also returns the per-image lengths and kept thumbnail tokens (host ints): read with one host
+        sync only when :attr:`lengths` or :attr:`thumb_counts` is unknown (published count, joint
+        budgets). A prep is shared between calls (and threads): ``run`` changes nothing on it but
+        caches."""
+        host = self.host
+        b, n, cm = self.b, host.n, host.cm
+        dev = importance_rows.device
+        tab = self._tables(dev)
+        if self.identity_views:
+            imp = importance_rows.view(b, 1 + cm, n)
+        else:
+            imp = importance_rows.index_select(0, tab["view_rows"]).view(b, 1 + cm, n)
+        imp64 = imp.to(SCORE_DTYPE)
+        out: dict[str, torch.Tensor] = {}
+        if self.joint:
+            thumb_vals, keep, ratios, score = self._joint(imp64, tab)
+            drop = ~keep
+        else:
+            order_t = torch.argsort(imp64[:, 0], dim=1, descending=True, stable=True)
+            thumb_keep = order_t[:, : self.k_t]  # (B, k_t), most important first
+            out["thumb_keep"] = thumb_keep
+            if self.spatial:
+                thumb_vals = torch.full((b, n), -1, dtype=torch.long, device=dev).scatter_(1, thumb_keep, thumb_keep)
+            else:
+                thumb_vals = thumb_keep
+            if cm:
+                ratios = self._crop_ratios(imp64[:, 0], thumb_keep, tab)
+                glob = self._global_scores(imp64[:, 0], tab)
+                score = _holistic(imp64[:, 1:], glob, tab["invalid"], self.scoring)  # (B, Cm, N)
+                if self.count == "fixed":
+                    k = fixed_budgets(tab["n_valid_l"], ratios, self.ratio)
+                else:
+                    k = torch.floor(tab["n_valid"] * ratios).long()
+                keep, drop = self._keep_best(score, tab["invalid"], k)
+            else:
+                ratios = torch.zeros((b, 0), dtype=torch.float64, device=dev)
+                keep = drop = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
+                score = torch.zeros((b, 0, n), dtype=SCORE_DTYPE, device=dev)
+        out.update(keep=keep, ratios=ratios, score=score)
+
+        # ---- every output slot's source row (-1: empty), one gather ------------------------------
+        parts = [thumb_vals]
+        if cm:
+            if self.spatial:
+                parts.append(tab["tval"].expand(b, cm, n).masked_fill(drop, -1).view(b, cm * n))
+            else:
+                target = tab["vidx"].masked_fill(drop, n)  # dropped tokens go to a spare column
+                src = torch.full((b, cm, n + 1), -1, dtype=torch.long, device=dev)
+                parts.append(src.scatter_(2, target, tab["tval"].expand(b, cm, n)).view(b, cm * (n + 1)))
+        parts.append(tab["consts"])
+        slots = torch.cat(parts, dim=1).gather(1, tab["slot_map"])  # (B, P)
+        flags = slots >= 0
+
+        # ---- lengths: from the geometry, or the one host sync ----------------------------------
+        lengths, thumb_counts = self.lengths, self.thumb_counts
+        if lengths is None or thumb_counts is None:
+            if lengths is None:
+                lengths = flags.sum(1).tolist()
+            else:
+                thumb_counts = flags[:, : self.t_slots].sum(1).tolist()
+        total = sum(lengths)
+        flat_flags = flags.view(-1)
+        dest = torch.where(flat_flags, torch.cumsum(flat_flags, 0) - 1, total)
+        local_index = torch.empty(total + 1, dtype=torch.long, device=dev).scatter_(0, dest, slots.view(-1))[:total]
+        # rows of the joint table: each image's offset added (a host table: its lengths are known now);
+        # a newline row (the image's table size) may point one past the table: overwritten after the gather
+        index = local_index if self.b == 1 else local_index + self._offsets_of(lengths).to(dev, non_blocking=True)
+        out["index"] = index.clamp(max=max(self.rows_total - 1, 0))
+        out["local_index"] = local_index
+        out["newline_positions"] = dest.index_select(0, tab["nl_idx"])
+        if "thumb_keep" not in out:
+            out["thumb_keep"] = thumb_vals
+        return out, lengths, thumb_counts
+
+    def step(self, features: torch.Tensor, importance_rows: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+        """The whole compression step as one function of tensors: the batch's ``(L, D)`` tokens
+        from its joint feature table ``(sum V_i N, D)`` (:func:`joint_rows`), its joint importance
+        table ``(sum V_i, N)`` (:func:`joint_importance`) and the ``(D,)`` newline row. With
+        ``count="fixed"`` (GlobalCom2) nothing in it reads the device and every shape follows from
+        the geometries, so ``torch.compile(prep.step, fullgraph=True)`` is one graph."""
+        out, _, _ = self.run(importance_rows)
+        tokens = features.index_select(0, out["index"])
+        positions = out["newline_positions"]
+        return tokens.index_copy(0, positions, newline.to(tokens.dtype)[None].expand(positions.shape[0], -1))
+
+    def _offsets_of(self, lengths: list[int]) -> torch.Tensor:
+        """(L,) long, each output position's image offset in the joint table (host)."""
+        import numpy as np
+
+        rep = self._rep
+        if rep is None or rep[0] != lengths:
+            rep = (list(lengths), torch.from_numpy(np.repeat(np.asarray(self.offsets, np.int64), lengths)))
+            self._rep = rep
+        return rep[1]
+
+    def _keep_best(self, score: torch.Tensor, invalid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each crop's ``k`` best valid tokens by ``score`` (stable on ties), as :func:`keep_best`:
+        (kept, not kept)."""
+        order = torch.argsort(score, dim=-1, descending=True, stable=True)  # (B, Cm, N)
+        ranks = torch.arange(score.shape[-1], device=score.device).expand(score.shape)
+        rank = torch.empty_like(order).scatter_(-1, order, ranks)
+        drop = (rank >= k[..., None]) | invalid
+        return ~drop, drop
+
+    def _joint(self, imp64, tab):
+        """One budget per image over its thumbnail and unpadded crop tokens (plan_joint, batched)."""
+        b, n, cm = self.b, self.host.n, self.host.cm
+        dev = imp64.device
+        full_invalid = tab["full_invalid"]
+        masked = imp64.masked_fill(full_invalid, float("-inf"))
+        flat = masked.view(b, (1 + cm) * n)
+        # Padded views sit after the image's own and are -inf: a stable sort leaves the image's own
+        # ranking exactly as over its (1 + C) N tokens alone.
+        order = torch.argsort(flat, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1], device=dev).expand_as(order))
+        kept = (rank < tab["ks"]) & ~full_invalid.view(b, -1)
+        keep = kept[:, n:].view(b, cm, n)
+        if self.spatial:
+            thumb_vals = torch.where(kept[:, :n], torch.arange(n, device=dev), -1)
+        else:
+            top = order[:, : self.t_slots]
+            ok = (torch.arange(self.t_slots, device=dev)[None] < tab["ks"]) & (top < n)
+            thumb_vals = torch.where(ok, top, -1)
+        ratios = keep.sum(2).to(torch.float64) / tab["n_valid"].clamp_min(1.0)
+        return thumb_vals, keep, ratios, masked[:, 1:]
+
+    def _crop_ratios(self, thumb, thumb_keep, tab):
+        """Step 2 for every image (see :func:`~globalcom2.core.plans.crop_retention_ratios`)."""
+        b, cm = self.b, self.host.cm
+        dev = thumb.device
+        ratio, tau, allocation = self.ratio, self.temperature, self.allocation
+        crop_off, region = tab["crop_off"], tab["region"]
+        if allocation == "uniform":
+            return torch.full((b, cm), ratio, dtype=torch.float64, device=dev)
+        if allocation == "topk_count":
+            kept_region = region.gather(1, thumb_keep)
+            counts = torch.zeros((b, cm), dtype=torch.float64, device=dev).scatter_add_(
+                1, kept_region, torch.ones(kept_region.shape, dtype=torch.float64, device=dev)
+            )
+            total = counts.sum(1, keepdim=True)  # integer-valued: exact in any order
+            crops = (~crop_off).sum(1, keepdim=True).to(torch.float64)
+            share = torch.where(total > 0, counts * crops / total.clamp_min(1.0), torch.ones_like(counts))
+            return torch.clamp(ratio * share, max=1.0)
+        if allocation == "softmax_sum":
+            sums = torch.zeros((b, cm), dtype=torch.float64, device=dev).scatter_add_(1, region, thumb)
+        else:
+            sums = torch.full((b, cm), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce(
+                1, region, thumb, reduce="amax"
+            )
+        top = sums.masked_fill(crop_off, float("-inf")).amax(1, keepdim=True)
+        e = torch.exp((sums - top) / tau).masked_fill(crop_off, 0.0)
+        e_sum = self._group_reduce(e, tab["crop_perm"], "sum")
+        sigma = e / (e_sum + 1e-8)
+        mean = self._group_reduce(sigma, tab["crop_perm"], "mean")
+        return torch.clamp(ratio * (1.0 + sigma - mean), max=1.0)
+
+    def _group_reduce(self, x, perm, how):
+        """(B, 1) sum or mean of each row's first ``C_b`` entries, reducing over exactly ``C_b`` of them
+        (one call per crop count: the bits of a 1-D reduction of C values)."""
+        order, runs = self.crop_order, self.crop_runs
+        if len(runs) == 1:  # one crop count: no permutation, one reduction
+            c = runs[0][0]
+            part = x[:, :c] if c != x.shape[1] else x
+            return part.sum(1, keepdim=True) if how == "sum" else part.mean(1, keepdim=True)
+        xs = _permute(x, order, perm)
+        outs = []
+        for c, start, end in runs:
+            if c == 0:
+                outs.append(torch.zeros(end - start, dtype=x.dtype, device=x.device))
+                continue
+            part = xs[start:end, :c]
+            outs.append(part.sum(1) if how == "sum" else part.mean(1))
+        out = torch.cat(outs)
+        if order != sorted(order):
+            out = torch.empty_like(out).index_copy_(0, perm, out)
+        return out[:, None]
+
+    def _global_scores(self, thumb, tab):
+        """Step 4's global guidance of every crop token: the thumbnail's map resized (bilinear, as
+        ``F.interpolate`` does it, one call per distinct unpadded size) to the unpadded area."""
+        b, n, cm, s = self.b, self.host.n, self.host.cm, self.host.side
+        ts = _permute(thumb, self.size_order, tab["size_perm"])
+        maps = []
+        for (h, w), start, end in self.size_runs:
+            if h * w == 0:
+                continue
+            part = ts[start:end].reshape(end - start, 1, s, s)
+            maps.append(F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False).reshape(-1))
+        if not maps:
+            return torch.zeros((b, cm, n), dtype=SCORE_DTYPE, device=thumb.device)
+        flat = torch.cat(maps) if len(maps) > 1 else maps[0]
+        # padded positions read cell 0: every score masks them
+        return flat.index_select(0, tab["pos"]).view(b, cm, n)
+
+    # -- per-image plans ------------------------------------------------------------------------
+    def plans(
+        self, run: tuple[dict[str, torch.Tensor], list[int], list[int]], importance: Sequence[torch.Tensor]
+    ) -> BatchPlan:
+        """The :class:`BatchPlan` of :meth:`run`'s output (views, no device op but slicing)."""
+        host, n = self.host, self.host.n
+        out, lengths, thumb_counts = run
+        dev = out["index"].device
+        cm = host.cm
+        # one unbind per field for the whole batch; a slice only where an image has fewer crops
+        fields = [x.unbind(0) for x in (out["keep"], self._tables(dev)["valid"], out["ratios"], out["score"])] if cm else None
+        plans: list[CompressionPlan] = []
+        single = None
+        idxs = torch.split(out["local_index"], lengths)
+        for i, (g, c) in enumerate(zip(host.geoms, host.crops)):
+            idx = idxs[i]
+            thumb_keep_i = idx[: thumb_counts[i]]
+            if g is None:
+                if single is None:
+                    empty_bool = torch.zeros((0, n), dtype=torch.bool, device=dev)
+                    single = dict(crop_keep=empty_bool, crop_valid=empty_bool,
+                                  crop_ratios=torch.zeros(0, dtype=torch.float64, device=dev),
+                                  crop_score=torch.zeros((0, n), dtype=SCORE_DTYPE, device=dev))
+                plans.append(CompressionPlan(
+                    index=idx, thumb_keep=thumb_keep_i, thumb_importance=importance[i][0].reshape(-1), geometry=None,
+                    layout=self.layout, **single,
+                ))
+            else:
+                keep_i, valid_i, ratios_i, score_i = (f[i] if c == cm else f[i][:c] for f in fields)
+                plans.append(CompressionPlan(
+                    index=idx, thumb_keep=thumb_keep_i, crop_keep=keep_i, crop_valid=valid_i, crop_ratios=ratios_i,
+                    thumb_importance=importance[i][0], crop_score=score_i, geometry=g, layout=self.layout,
+                ))
+        return BatchPlan(
+            plans=plans, index=out["index"], newline_positions=out["newline_positions"], lengths=list(lengths),
+            newline_counts=self.nl_counts,
+        )
+
+
+def _normalized(x: torch.Tensor, invalid: torch.Tensor) -> torch.Tensor:
+    """:func:`~globalcom2.core.plans._l2_normalize_masked` with the padded positions given (the same ops' bits)."""
+    x = x.masked_fill(invalid, 0.0)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _holistic(local: torch.Tensor, glob: torch.Tensor, invalid: torch.Tensor, scoring: str) -> torch.Tensor:
+    """:func:`~globalcom2.core.plans.holistic_scores` (the same arithmetic, bit for bit) with the
+    padded positions from the host tables instead of negating the valid mask on the device."""
+    if scoring == "global_local":
+        score = _normalized(local, invalid) + _normalized(glob, invalid)
+    elif scoring == "global_only":
+        score = _normalized(glob, invalid)
+    else:
+        score = _normalized(local, invalid)
+    return score.masked_fill(invalid, float("-inf"))
+
+
+def prepare_batch(
+    importance: Sequence[torch.Tensor],
+    geometries: Sequence[CropGeometry | None],
+    retention_ratio: float,
+    layout: str = "official",
+    *,
+    joint: bool = False,
+    temperature: float = 10.0,
+    allocation: str = "softmax_sum",
+    scoring: str = "global_local",
+    count: str = "published",
+) -> BatchPrep:
+    """The host half of :func:`plan_batch` (its arguments; ``importance`` is read for its shapes only)."""
+    _check_layout(layout)
+    _check_count(count)
+    if not importance:
+        raise ValueError("plan_batch needs at least one image")
+    host = _describe(importance, geometries, joint)
+    key = (tuple(host.geoms), tuple(host.views), host.n, float(retention_ratio), layout, joint, float(temperature),
+           allocation, scoring, count)
+    return _prep(key)
+
+
+#: Preps of recent batch shapes (sizes repeat: a server's images, a benchmark's loop).
+PREP_CACHE_SIZE = 256
+
+
+@functools.lru_cache(maxsize=PREP_CACHE_SIZE)
+def _prep(key: tuple) -> BatchPrep:
+    geoms, views, n = key[:3]
+    return BatchPrep(_host(list(geoms), list(views), n), *key[3:])
+
+
+def joint_importance(importance: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The images' ``(V_i, N)`` importance maps as one ``(sum V_i, N)`` table: a view when they are
+    consecutive slices of one tensor (as the families make them), else one concatenation."""
+    if len(importance) == 1:
+        return importance[0]
+    whole = _consecutive(importance)
+    return whole if whole is not None else torch.cat(list(importance))
+
+
 def plan_batch(
     importance: Sequence[torch.Tensor],
     geometries: Sequence[CropGeometry | None],
@@ -189,12 +699,14 @@ def plan_batch(
     scoring: str = "global_local",
     count: str = "published",
 ) -> BatchPlan:
-    """Plan every image of a batch at once, with one host sync.
+    """Plan every image of a batch at once, with at most one host sync.
 
     ``joint=False`` is GlobalCom2 (what :func:`~globalcom2.core.plans.plan_image` /
     :func:`~globalcom2.core.plans.plan_single_view` decide per image, with the same
     ``allocation`` / ``scoring`` ablations); ``joint=True`` is one budget per image ranked by
     ``importance`` as scores (:func:`~globalcom2.core.plans.plan_joint`: FasterVLM, random).
+    :func:`prepare_batch` (host) then :meth:`BatchPrep.run` (device): no sync with
+    ``count="fixed"``, one otherwise.
 
     Args:
         importance: per image, (V_i, N) importance (or scores) of its views, thumbnail first; all
@@ -205,274 +717,11 @@ def plan_batch(
     Returns:
         :class:`BatchPlan`.
     """
-    _check_layout(layout)
-    _check_count(count)
-    if not importance:
-        raise ValueError("plan_batch needs at least one image")
-    host = _describe(importance, geometries, joint)
-    dev = importance[0].device
-    n, s, cm, hm, wm = host.n, host.side, host.cm, host.hm, host.wm
-    b = len(host.views)
-    spatial = layout == "spatial"
-    k_t = _floor_count(n, float(retention_ratio))
-
-    # ---- host integers -> one device table -------------------------------------------------
-    per: dict[str, list[int]] = {f: [] for f in _FIELDS}
-    view_rows: list[int] = []
-    offset = view_start = 0
-    size_keys = [(g.valid_rows, g.valid_cols) if g is not None and not g.is_empty else (0, 0) for g in host.geoms]
-    size_order, size_runs = _groups(size_keys)
-    interp_base = [0] * b
-    pos = 0
-    for key, start, end in size_runs:
-        for p in range(start, end):
-            interp_base[size_order[p]] = pos + (p - start) * key[0] * key[1]
-        pos += (end - start) * key[0] * key[1]
-    for i, (g, v, c) in enumerate(zip(host.geoms, host.views, host.crops)):
-        gh, gw = (g.grid_h, g.grid_w) if g is not None else (1, 1)
-        rect = (g.row0, g.row1, g.col0, g.col1) if g is not None else (0, 0, 0, 0)
-        k = k_t if g is None or not joint else _floor_count(n + g.valid_rows * g.valid_cols, float(retention_ratio))
-        vals = (gh, gw, *rect, c, offset, k, interp_base[i], size_keys[i][1])
-        for f, val in zip(_FIELDS, vals):
-            per[f].append(int(val))
-        view_rows.extend(view_start + min(j, c) for j in range(1 + cm))
-        offset += v * n
-        view_start += v
-    crop_order, crop_runs = _groups(host.crops)
-    # Slots: per image [thumbnail T][crop grid hm x (wm + 1), newline last in each row][one trailing newline].
-    t_slots = n if spatial else (max(per["k"]) if joint else k_t)
-    width = wm + 1
-    p_slots = t_slots + hm * width + 1
-    nl_slots: list[int] = []
-    nl_counts: list[int] = []
-    for i, g in enumerate(host.geoms):
-        base = i * p_slots + t_slots + wm
-        before = len(nl_slots)
-        if g is None:
-            nl_slots.append(i * p_slots + p_slots - 1)
-        elif spatial:
-            nl_slots.extend(range(base + g.row0 * width, base + g.row1 * width, width))
-        elif not g.is_empty:
-            nl_slots.extend(range(base, base + g.height * width, width))
-        nl_counts.append(len(nl_slots) - before)
-    packed = torch.tensor(
-        [x for f in _FIELDS for x in per[f]] + view_rows + crop_order + size_order + nl_slots, dtype=torch.long
-    ).to(dev, non_blocking=True)
-    cols = dict(zip(_FIELDS, packed[: len(_FIELDS) * b].view(len(_FIELDS), b, 1).unbind(0)))  # each (B, 1)
-    rest = packed[len(_FIELDS) * b :]
-    view_idx, rest = rest[: b * (1 + cm)], rest[b * (1 + cm) :]
-    crop_perm, size_perm, nl_idx = rest[:b], rest[b : 2 * b], rest[2 * b :]
-
-    # ---- importance, padded to (B, 1 + Cm, N) ----------------------------------------------
-    imp_all = torch.cat(list(importance)) if b > 1 else importance[0]
-    imp = imp_all.index_select(0, view_idx).reshape(b, 1 + cm, n)
-    thumb = imp[:, 0]  # (B, N)
-    j_idx = torch.arange(cm, device=dev)[None]  # (1, Cm)
-    crop_ok = j_idx < cols["crops"]  # (B, Cm)
-    t_idx = torch.arange(n, device=dev)
-    rows = (j_idx // cols["gw"])[..., None] * s + (t_idx // s)[None, None]  # (B, Cm, N) joint-grid row
-    colg = (j_idx % cols["gw"])[..., None] * s + (t_idx % s)[None, None]  # (B, Cm, N) joint-grid column
-    valid = (
-        crop_ok[..., None]
-        & (rows >= cols["row0"][..., None]) & (rows < cols["row1"][..., None])
-        & (colg >= cols["col0"][..., None]) & (colg < cols["col1"][..., None])
-    )  # (B, Cm, N)
-
-    if joint:
-        thumb_flags, thumb_rows, keep, ratios, score = _joint(imp, valid, cols, n, cm, spatial, t_slots)
-    else:
-        order_t = torch.argsort(thumb, dim=1, descending=True, stable=True)
-        thumb_keep = order_t[:, :k_t]  # (B, k_t), most important first
-        if spatial:
-            thumb_flags = torch.zeros((b, n), dtype=torch.bool, device=dev).scatter_(1, thumb_keep, True)
-            thumb_rows = t_idx.expand(b, n)
-        else:
-            thumb_flags = torch.ones((b, k_t), dtype=torch.bool, device=dev)
-            thumb_rows = thumb_keep
-        if cm:
-            ratios = _crop_ratios(thumb, thumb_keep, cols, crop_ok, host, crop_order, crop_runs, crop_perm,
-                                  retention_ratio, temperature, allocation)
-            glob = _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, valid, cols)
-            budgets = fixed_budgets(valid.sum(2), ratios, retention_ratio) if count == "fixed" else None
-            keep, score = _select(imp[:, 1:], glob, valid, ratios, scoring, budgets)
-        else:
-            ratios = torch.zeros((b, 0), dtype=torch.float64, device=dev)
-            keep = torch.zeros((b, 0, n), dtype=torch.bool, device=dev)
-            score = torch.zeros((b, 0, n), dtype=SCORE_DTYPE, device=dev)
-
-    # ---- slots of the sequence ----------------------------------------------------------------
-    nl_local = (1 + cols["crops"]) * n  # (B, 1): the newline row of each image's own table (as plan_single_view's)
-    parts_rows = [thumb_rows]
-    parts_flags = [thumb_flags]
-    if hm:
-        r = torch.arange(hm, device=dev)[:, None]
-        c = torch.arange(wm, device=dev)[None]
-        in_grid = (r < cols["gh"][..., None] * s) & (c < cols["gw"][..., None] * s) & (cols["crops"][..., None] > 0)
-        jt = ((r // s) * cols["gw"][..., None] + c // s) * n + (r % s) * s + (c % s)  # (B, Hm, Wm)
-        jt = torch.where(in_grid, jt, torch.zeros((), dtype=jt.dtype, device=dev)).reshape(b, hm * wm)
-        keep_flat = keep.reshape(b, cm * n)
-        if spatial:
-            flags = keep_flat.gather(1, jt)
-            local = n + jt
-            nl_flag = (r[:, 0][None] >= cols["row0"]) & (r[:, 0][None] < cols["row1"])  # (B, Hm)
-        else:
-            vidx = valid.long().cumsum(dim=2) - 1
-            target = torch.where(keep, vidx, torch.full_like(vidx, n))  # dropped tokens go to a spare column
-            placed = torch.zeros((b, cm, n + 1), dtype=torch.bool, device=dev).scatter_(2, target, True)[..., :n]
-            src = torch.zeros((b, cm, n + 1), dtype=torch.long, device=dev).scatter_(2, target, t_idx.expand(b, cm, n))
-            flags = placed.reshape(b, cm * n).gather(1, jt)
-            j_of = jt // n
-            local = n + j_of * n + src[..., :n].reshape(b, cm * n).gather(1, jt)
-            nonempty = (cols["row1"] > cols["row0"]) & (cols["col1"] > cols["col0"])  # (B, 1)
-            nl_flag = (r[:, 0][None] < cols["gh"] * s) & nonempty & (cols["crops"] > 0)
-        flags = flags & in_grid.reshape(b, hm * wm)
-        grid_rows = torch.cat([local.reshape(b, hm, wm), nl_local[..., None].expand(b, hm, 1)], dim=2)
-        grid_flags = torch.cat([flags.reshape(b, hm, wm), nl_flag[..., None]], dim=2)
-        parts_rows.append(grid_rows.reshape(b, hm * width))
-        parts_flags.append(grid_flags.reshape(b, hm * width))
-    parts_rows.append(nl_local)
-    parts_flags.append(cols["crops"] == 0)
-    slot_rows = torch.cat(parts_rows, dim=1)  # (B, P) rows of each image's own table
-    slot_flags = torch.cat(parts_flags, dim=1)  # (B, P)
-
-    # ---- the one host sync: output lengths (and kept thumbnail tokens) ------------------------
-    lengths_t = slot_flags.sum(1)
-    lengths, thumb_counts = torch.stack([lengths_t, thumb_flags.sum(1)]).tolist()
-    total = sum(lengths)
-    flat_flags = slot_flags.reshape(-1)
-    dest = torch.where(flat_flags, flat_flags.long().cumsum(0) - 1, torch.full_like(lengths_t[:1], total))
-    is_nl = slot_rows == nl_local
-    joint_slots = torch.where(is_nl, cols["offset"], slot_rows + cols["offset"]).reshape(-1)
-    local_index = torch.empty(total + 1, dtype=torch.long, device=dev).scatter_(0, dest, slot_rows.reshape(-1))[:total]
-    index = torch.empty(total + 1, dtype=torch.long, device=dev).scatter_(0, dest, joint_slots)[:total]
-    newline_positions = dest.index_select(0, nl_idx)
-
-    plans: list[CompressionPlan] = []
-    start = 0
-    empty_bool = torch.zeros((0, n), dtype=torch.bool, device=dev)
-    for i, (g, c) in enumerate(zip(host.geoms, host.crops)):
-        idx = local_index[start : start + lengths[i]]
-        start += lengths[i]
-        thumb_keep_i = idx[: thumb_counts[i]]
-        if g is None:
-            plans.append(CompressionPlan(
-                index=idx, thumb_keep=thumb_keep_i, crop_keep=empty_bool, crop_valid=empty_bool,
-                crop_ratios=torch.zeros(0, dtype=torch.float64, device=dev), thumb_importance=importance[i][0].reshape(-1),
-                crop_score=torch.zeros((0, n), dtype=SCORE_DTYPE, device=dev), geometry=None, layout=layout,
-            ))
-        else:
-            plans.append(CompressionPlan(
-                index=idx, thumb_keep=thumb_keep_i, crop_keep=keep[i, :c], crop_valid=valid[i, :c],
-                crop_ratios=ratios[i, :c], thumb_importance=importance[i][0], crop_score=score[i, :c],
-                geometry=g, layout=layout,
-            ))
-    return BatchPlan(
-        plans=plans, index=index, newline_positions=newline_positions, lengths=lengths, newline_counts=nl_counts
+    prep = prepare_batch(
+        importance, geometries, retention_ratio, layout, joint=joint, temperature=temperature,
+        allocation=allocation, scoring=scoring, count=count,
     )
-
-
-def _joint(imp, valid, cols, n, cm, spatial, t_slots):
-    """One budget per image over its thumbnail and unpadded crop tokens (plan_joint, batched)."""
-    b = imp.shape[0]
-    dev = imp.device
-    full_valid = torch.cat([torch.ones((b, 1, n), dtype=torch.bool, device=dev), valid], dim=1)  # (B, 1 + Cm, N)
-    masked = imp.to(SCORE_DTYPE).masked_fill(~full_valid, float("-inf"))
-    flat = masked.reshape(b, (1 + cm) * n)
-    # Padded views sit after the image's own and are -inf: a stable sort leaves the image's own
-    # ranking exactly as over its (1 + C) N tokens alone.
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1], device=dev).expand_as(order))
-    kept = (rank < cols["k"]) & full_valid.reshape(b, -1)
-    keep = kept[:, n:].reshape(b, cm, n)
-    if spatial:
-        thumb_flags, thumb_rows = kept[:, :n], torch.arange(n, device=dev).expand(b, n)
-    else:
-        top = order[:, :t_slots]
-        thumb_flags = (torch.arange(t_slots, device=dev)[None] < cols["k"]) & (top < n)
-        thumb_rows = torch.where(thumb_flags, top, torch.zeros((), dtype=top.dtype, device=dev))
-    n_valid = valid.sum(2).to(torch.float64)
-    ratios = keep.sum(2).to(torch.float64) / n_valid.clamp_min(1.0)
-    return thumb_flags, thumb_rows, keep, ratios, masked[:, 1:]
-
-
-def _crop_ratios(thumb, thumb_keep, cols, crop_ok, host, crop_order, crop_runs, crop_perm, ratio, tau, allocation):
-    """Step 2 for every image (see :func:`~globalcom2.core.plans.crop_retention_ratios`)."""
-    b, n = thumb.shape
-    dev = thumb.device
-    cm, s = host.cm, host.side
-    if allocation == "uniform":
-        return torch.full((b, cm), float(ratio), dtype=torch.float64, device=dev)
-    idx = torch.arange(s, device=dev)[None]
-    row_region = torch.minimum(idx // torch.clamp_min(s // cols["gh"], 1), cols["gh"] - 1)  # (B, S)
-    col_region = torch.minimum(idx // torch.clamp_min(s // cols["gw"], 1), cols["gw"] - 1)  # (B, S)
-    region = (row_region[:, :, None] * cols["gw"][..., None] + col_region[:, None, :]).reshape(b, n)  # (B, N)
-    if allocation == "topk_count":
-        kept_region = region.gather(1, thumb_keep)
-        counts = torch.zeros((b, cm), dtype=torch.float64, device=dev).scatter_add_(
-            1, kept_region, torch.ones(kept_region.shape, dtype=torch.float64, device=dev)
-        )
-        total = counts.sum(1, keepdim=True)  # integer-valued: exact in any order
-        share = torch.where(total > 0, counts * cols["crops"].to(torch.float64) / total.clamp_min(1.0), torch.ones_like(counts))
-        return torch.clamp(ratio * share, max=1.0)
-    if allocation == "softmax_sum":
-        sums = torch.zeros((b, cm), dtype=torch.float64, device=dev).scatter_add_(1, region, thumb.to(torch.float64))
-    elif allocation == "softmax_max":
-        sums = torch.full((b, cm), float("-inf"), dtype=torch.float64, device=dev).scatter_reduce(
-            1, region, thumb.to(torch.float64), reduce="amax"
-        )
-    else:
-        raise ValueError(f"allocation must be one of softmax_sum, softmax_max, uniform, topk_count; got {allocation!r}")
-    neg = torch.full((), float("-inf"), dtype=torch.float64, device=dev)
-    top = torch.where(crop_ok, sums, neg).amax(1, keepdim=True)
-    e = torch.where(crop_ok, torch.exp((sums - top) / tau), torch.zeros((), dtype=torch.float64, device=dev))
-    e_sum = _group_reduce(e, crop_order, crop_runs, crop_perm, "sum")
-    sigma = e / (e_sum + 1e-8)
-    mean = _group_reduce(sigma, crop_order, crop_runs, crop_perm, "mean")
-    return torch.clamp(ratio * (1.0 + sigma - mean), max=1.0)
-
-
-def _group_reduce(x, order, runs, perm, how):
-    """(B, 1) sum or mean of each row's first ``C_b`` entries, reducing over exactly ``C_b`` of them
-    (one call per crop count: the bits of a 1-D reduction of C values)."""
-    xs = _permute(x, order, perm)
-    outs = []
-    for c, start, end in runs:
-        if c == 0:
-            outs.append(torch.zeros(end - start, dtype=x.dtype, device=x.device))
-            continue
-        part = xs[start:end, :c]
-        outs.append(part.sum(1) if how == "sum" else part.mean(1))
-    out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    if order != sorted(order):
-        out = torch.empty_like(out).index_copy_(0, perm, out)
-    return out[:, None]
-
-
-def _global_scores(thumb, host, size_order, size_runs, size_perm, rows, colg, valid, cols):
-    """Step 4's global guidance of every crop token: the thumbnail's map resized (bilinear, as
-    ``F.interpolate`` does it, one call per distinct unpadded size) to the unpadded area."""
-    b, n = thumb.shape
-    s = host.side
-    ts = _permute(thumb, size_order, size_perm).to(SCORE_DTYPE)
-    maps = []
-    for (h, w), start, end in size_runs:
-        if h * w == 0:
-            continue
-        part = ts[start:end].reshape(end - start, 1, s, s)
-        maps.append(F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False).reshape(-1))
-    if not maps:
-        return torch.zeros(valid.shape, dtype=SCORE_DTYPE, device=thumb.device)
-    flat = torch.cat(maps) if len(maps) > 1 else maps[0]
-    pos = cols["interp_base"][..., None] + (rows - cols["row0"][..., None]) * cols["interp_w"][..., None] + (colg - cols["col0"][..., None])
-    pos = torch.where(valid, pos, torch.zeros((), dtype=pos.dtype, device=pos.device))
-    vals = flat.index_select(0, pos.reshape(-1)).reshape(pos.shape)  # (take runs multi-threaded on small inputs)
-    return torch.where(valid, vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
-
-
-def _select(local, glob, valid, ratios, scoring, budgets=None):
-    """Step 4's selection for every crop of every image (see :func:`~globalcom2.core.plans.select_crop_tokens`)."""
-    score = holistic_scores(local.to(SCORE_DTYPE), glob, valid, scoring)  # (B, Cm, N)
-    return keep_best(score, valid, ratios, budgets), score
+    return prep.plans(prep.run(joint_importance(importance)), importance)
 
 
 #: Largest output one gather writes, by device type (None or absent: the whole batch at once).
