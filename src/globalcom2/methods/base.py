@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from .._lazy import lazy_module
 from ..core.config import MethodConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -23,8 +24,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.plans import KeptMasks
 
 __all__ = [
-    "LANGUAGE_METHODS", "VISION_METHODS", "LanguageMethodConfig", "VisionMethodConfig", "register_method",
+    "LANGUAGE_METHODS", "VISION_METHODS", "LanguageMethodConfig", "ScoreSelectionConfig", "VisionMethodConfig",
+    "register_method",
 ]
+
+_plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when a method runs
+_batch = lazy_module("globalcom2.core.batch")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,61 @@ class VisionMethodConfig(MethodConfig):
         """A setting of this method that keeps every token (R = 1 by default): with the ``spatial``
         layout the language model gets exactly the vanilla sequence (tests check it)."""
         return cls(retention_ratio=1.0, **options)
+
+
+@dataclass(frozen=True)
+class ScoreSelectionConfig(VisionMethodConfig):
+    """Base of the score-based selection methods: a subclass is its fields and one :meth:`score`.
+
+    The base owns the rest, as kvpress's base press does: the budget (``floor(R (N + sum_j n_j))``
+    tokens per image, one joint ranking over the thumbnail's and the crops' unpadded tokens), the
+    ranking (stable: ties to the lower position), the layouts, the gather, the batch (one
+    vectorised pass and one host sync, :mod:`globalcom2.core.batch`) and every family (the
+    families hand every method the same per-view features, importance and geometry). FasterVLM
+    (``score`` = the importance) and random pruning (``score`` = random draws) are two of them.
+
+    A subclass declares ``retention_ratio``, ``layout`` and ``count`` fields (see
+    ``methods/fastervlm.py``) and implements :meth:`score`; :meth:`scores_batch` may be overridden
+    where scoring many images at once is cheaper.
+    """
+
+    def score(self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None") -> "torch.Tensor":
+        """(V, N) scores of one image's tokens (higher: kept first), from its (V, N, D) features,
+        (V, N) importance (the signal the method's ``importance`` field asks the family for) and
+        geometry. Padded crop positions are never kept, whatever their score."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def scores_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+    ) -> list["torch.Tensor"]:
+        """Per image its :meth:`score` (override to score a batch at once; same values)."""
+        return [self.score(f, i, g) for f, i, g in zip(features, importance, geometries)]
+
+    def compress(
+        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
+    ) -> tuple["torch.Tensor", Any]:
+        scores = self.score(features, importance, geom)
+        return _plans.compress_by_scores(features, scores, geom, newline, self.retention_ratio, self._layout())
+
+    def compress_batch(
+        self,
+        features: "Sequence[torch.Tensor]",
+        importance: "Sequence[torch.Tensor]",
+        geometries: "Sequence[CropGeometry | None]",
+        newline: "torch.Tensor | None",
+    ) -> tuple[list["torch.Tensor"], list[Any]]:
+        """The joint budget for the whole batch in one vectorised pass with one host sync (resized
+        crop maps included: a joint budget needs no per-crop step)."""
+        if not features:
+            return [], []
+        scores = self.scores_batch(features, importance, geometries)
+        return _batch.compress_batch(features, scores, geometries, newline, self.retention_ratio, self._layout(), joint=True)
+
+    def _layout(self) -> str:
+        return str(getattr(self, self.layout_field)) if self.layout_field else "spatial"
 
 
 @dataclass(frozen=True)

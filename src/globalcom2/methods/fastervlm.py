@@ -7,11 +7,10 @@ thumbnail's N tokens and every crop's unpadded tokens: no per-crop budget, no gl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
-from .._lazy import lazy_module
 from ..core.config import COUNTS, LAYOUTS, Count, Layout, check_choice, check_ratio
-from .base import VisionMethodConfig, register_method
+from .base import ScoreSelectionConfig, register_method
 from .globalcom2 import IMPORTANCES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,13 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..core.geometry import CropGeometry
 
-plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
-batch = lazy_module("globalcom2.core.batch")
-
 
 @register_method
 @dataclass(frozen=True)
-class FasterVLMConfig(VisionMethodConfig):
+class FasterVLMConfig(ScoreSelectionConfig):
     """FasterVLM-style [CLS] pruning (Zhang et al. 2024), on the AnyRes views.
 
     Keeps the ``floor(R * (N + sum_j n_j))`` tokens with the highest [CLS] importance (the same
@@ -57,18 +53,5 @@ class FasterVLMConfig(VisionMethodConfig):
         self._set("importance", check_choice(self.importance, IMPORTANCES, "importance"))
         self._set("count", check_choice(self.count, COUNTS, "count"))
 
-    def compress(
-        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
-    ) -> tuple["torch.Tensor", Any]:
-        return plans.compress_by_scores(features, importance, geom, newline, self.retention_ratio, self.layout)
-
-    def compress_batch(
-        self,
-        features: "Sequence[torch.Tensor]",
-        importance: "Sequence[torch.Tensor]",
-        geometries: "Sequence[CropGeometry | None]",
-        newline: "torch.Tensor | None",
-    ) -> tuple[list["torch.Tensor"], list[Any]]:
-        """The batch in one vectorised pass with one host sync (:mod:`globalcom2.core.batch`,
-        ``joint=True``); the joint budget needs no per-crop step, so resized crop maps are batched too."""
-        return batch.compress_batch(features, importance, geometries, newline, self.retention_ratio, self.layout, joint=True)
+    def score(self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None") -> "torch.Tensor":
+        return importance  # the [CLS] logits (or the family's own signal)

@@ -7,15 +7,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from .._lazy import lazy_module
 from ..core.config import COUNTS, LAYOUTS, Count, Layout, check_choice, check_int, check_ratio
-from .base import VisionMethodConfig, register_method
+from .base import ScoreSelectionConfig, register_method
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..core.geometry import CropGeometry
 
-plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
-batch = lazy_module("globalcom2.core.batch")
 torch = lazy_module("torch")
 
 
@@ -27,7 +25,7 @@ def random_scores(views: int, n: int, seed: int, device: Any) -> "torch.Tensor":
 
 @register_method
 @dataclass(frozen=True)
-class RandomConfig(VisionMethodConfig):
+class RandomConfig(ScoreSelectionConfig):
     """Random pruning: the same joint budget as :class:`FasterVLMConfig`, tokens drawn at random.
 
     The draw uses a private generator seeded with ``seed`` for every image (never the global RNG),
@@ -56,27 +54,20 @@ class RandomConfig(VisionMethodConfig):
         self._set("seed", check_int(self.seed, "seed", minimum=0))
         self._set("count", check_choice(self.count, COUNTS, "count"))
 
-    def compress(
-        self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
-    ) -> tuple["torch.Tensor", Any]:
-        scores = random_scores(importance.shape[0], importance.shape[1], self.seed, importance.device)
-        return plans.compress_by_scores(features, scores, geom, newline, self.retention_ratio, self.layout)
+    def score(self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None") -> "torch.Tensor":
+        return random_scores(importance.shape[0], importance.shape[1], self.seed, importance.device)
 
-    def compress_batch(
+    def scores_batch(
         self,
         features: "Sequence[torch.Tensor]",
         importance: "Sequence[torch.Tensor]",
         geometries: "Sequence[CropGeometry | None]",
-        newline: "torch.Tensor | None",
-    ) -> tuple[list["torch.Tensor"], list[Any]]:
-        """FasterVLM's batched joint budget on random scores: the scores of every image are drawn
-        on the CPU exactly as :meth:`compress` draws them (same generator, same seed, one draw per
-        distinct view count) and reach the device in one non-blocking copy."""
-        if not importance:
-            return [], []
+    ) -> list["torch.Tensor"]:
+        """The scores of every image drawn on the CPU exactly as :meth:`score` draws them (same
+        generator, same seed, one draw per distinct view count), reaching the device in one
+        non-blocking copy."""
         n = int(importance[0].shape[1])
         views = [int(imp.shape[0]) for imp in importance]
         drawn = {v: random_scores(v, n, self.seed, "cpu") for v in set(views)}
         on_host = torch.cat([drawn[v] for v in views])
-        scores = list(torch.split(on_host.to(importance[0].device, non_blocking=True), views))
-        return batch.compress_batch(features, scores, geometries, newline, self.retention_ratio, self.layout, joint=True)
+        return list(torch.split(on_host.to(importance[0].device, non_blocking=True), views))
