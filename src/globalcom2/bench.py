@@ -27,8 +27,18 @@ What is measured, and how (every setting, vanilla included, gets exactly the sam
   Linux's ``VmHWM`` after resetting it (``/proc/self/clear_refs``) or, where that is not possible,
   sampled every 2 ms, minus the baseline RSS. Measured on the last timed run of the prefill and of
   ``generate`` (no extra calls); the previous run's outputs are released before each run.
-* **Timing**, gpt-fast style: warm-up runs are excluded, CUDA is synchronised before every timer
-  read, each figure is the median of ``runs`` runs.
+* **Timing**: the settings run **interleaved round-robin** (every round runs every setting once:
+  its prefill, then its ``generate``), so a change of the machine's load hits every setting alike;
+  warm-up rounds are excluded, CUDA is synchronised before every clock read, each figure is the
+  median of ``runs`` rounds with its spread (half the range, in percent of the median), and each
+  ``x`` time ratio is the median of the per-round ratios to vanilla's run of the same round.
+  ``clock="cpu"`` reads the process's CPU time (``time.process_time``) instead of the wall clock:
+  on a shared CPU it does not count the time other processes hold the cores (on a GPU the wall
+  clock is the one to use).
+* **Vision / compression split**, read inside the same timed prefill (no separate encode call):
+  ``compress_ms`` is the family's compression step (an instance-level wrapper of the applied
+  adapter's ``compress`` for the call), ``vision_ms`` everything from the model's ``forward`` to
+  its language model's ``forward`` but that step (tower, projector, placeholder and embedding work).
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -51,6 +61,14 @@ from ._io import atomic_path
 from .generation import sync
 
 MIB = 1024 * 1024
+
+#: What ``clock`` may be: the wall clock, or the process's CPU time (all its threads).
+CLOCKS = ("wall", "cpu")
+
+
+def now(clock: str = "wall") -> float:
+    """Seconds on ``clock``: ``time.perf_counter()`` (wall) or ``time.process_time()`` (cpu)."""
+    return time.process_time() if clock == "cpu" else time.perf_counter()
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> tuple[float, Any]:
@@ -236,9 +254,10 @@ class LanguageModelProbe:
     for each layer where it has none).
     """
 
-    def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, module: torch.nn.Module, device: torch.device, clock: str = "wall") -> None:
         self.module = module
         self.device = device
+        self.clock = clock
         self.times_ms: list[float] = []
         self.layer_shapes: list[list[tuple[int, int]]] = []
         self._handles: list[Any] = []
@@ -250,11 +269,11 @@ class LanguageModelProbe:
             x = _leading_tensor(args, kwargs, ("inputs_embeds", "input_ids"))
             self._input_shape = tuple(x.shape[:2]) if x is not None else (0, 0)
             sync(self.device)
-            self._t0 = time.perf_counter()
+            self._t0 = now(self.clock)
 
         def stop(_m: Any, _args: Any, _kwargs: Any, _out: Any) -> None:
             sync(self.device)
-            self.times_ms.append((time.perf_counter() - self._t0) * 1e3)
+            self.times_ms.append((now(self.clock) - self._t0) * 1e3)
             if not self.layer_shapes[-1]:
                 n = int(getattr(getattr(self.module, "config", None), "num_hidden_layers", 1) or 1)
                 self.layer_shapes[-1] = [self._input_shape] * n
@@ -290,7 +309,7 @@ def analytic_lm_flops(arch: Any, layer_shapes: Sequence[tuple[int, int]]) -> flo
     return blocks + batch * lm_head_op(arch).flops
 
 
-def _step_clock(device: torch.device) -> Any:
+def _step_clock(device: torch.device, clock: str = "wall") -> Any:
     """A logits processor that records the time (after a device sync) at every generation step."""
     from transformers import LogitsProcessor
 
@@ -300,7 +319,7 @@ def _step_clock(device: torch.device) -> Any:
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             sync(device)
-            self.times.append(time.perf_counter())
+            self.times.append(now(clock))
             return scores
 
     return StepClock()
@@ -311,6 +330,119 @@ def _accepts(model: Any, name: str) -> bool:
         return name in inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
+
+
+class PrefillProbe:
+    """What one prefill spends where, read inside that call (no separate encode): the time from the
+    model's ``forward`` to its language model's ``forward`` (tower, projector, compression,
+    placeholder and embedding work), the family's compression step inside it (an instance-level
+    wrapper of the applied adapter's ``compress``, removed on exit), and the language model's own
+    forward (:class:`LanguageModelProbe`: its time and each decoder layer's ``(batch, tokens)``).
+    Every reading is on ``clock``, after a device sync."""
+
+    def __init__(self, model: Any, language_model: torch.nn.Module, device: torch.device, clock: str = "wall") -> None:
+        self.model, self.device, self.clock = model, device, clock
+        self.lm = LanguageModelProbe(language_model, device, clock)
+        self.compress_ms = 0.0
+        self._start = 0.0
+        self._lm_start = 0.0
+        self._handles: list[Any] = []
+        self._adapter: Any = None
+
+    @property
+    def lm_ms(self) -> float:
+        return self.lm.times_ms[-1] if self.lm.times_ms else math.nan
+
+    @property
+    def before_lm_ms(self) -> float:
+        return (self._lm_start - self._start) * 1e3 if self._lm_start else math.nan
+
+    @property
+    def layer_shapes(self) -> list[tuple[int, int]]:
+        return self.lm.layer_shapes[-1] if self.lm.layer_shapes else []
+
+    def __enter__(self) -> "PrefillProbe":
+        import globalcom2
+
+        def start(*_a: Any, **_k: Any) -> None:
+            sync(self.device)
+            self._start = now(self.clock)
+
+        def lm_start(*_a: Any, **_k: Any) -> None:
+            if not self._lm_start:
+                sync(self.device)
+                self._lm_start = now(self.clock)
+
+        self._handles = [
+            self.model.register_forward_pre_hook(start),
+            self.lm.module.register_forward_pre_hook(lm_start),
+        ]
+        self.lm.__enter__()
+        adapter = globalcom2.get_adapter(self.model) if globalcom2.is_applied(self.model) else None
+        if adapter is not None and "compress" not in vars(adapter):
+            inner = adapter.compress
+
+            def compress(*args: Any, **kwargs: Any) -> Any:
+                sync(self.device)
+                t0 = now(self.clock)
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    sync(self.device)
+                    self.compress_ms += (now(self.clock) - t0) * 1e3
+
+            adapter.compress = compress  # this instance only, for this call
+            self._adapter = adapter
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lm.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._adapter is not None:
+            del self._adapter.compress
+            self._adapter = None
+
+
+#: Figures sampled once per timed round, per setting.
+_SAMPLED = ("prefill_ms", "lm_prefill_ms", "vision_ms", "compress_ms", "generate_ms", "decode_ms_per_token")
+
+
+def _measure(
+    fn: Callable[[], Any], device: torch.device, baseline: int, clock: str, with_memory: bool
+) -> tuple[float, Any, int]:
+    """One timed call: (ms on ``clock``, its output, peak bytes above ``baseline`` or 0)."""
+    peak = 0
+    if with_memory:
+        settle(device)
+    with PeakMemory(device, baseline) if with_memory else contextlib.nullcontext() as mem:
+        sync(device)
+        t0 = now(clock)
+        out = fn()
+        sync(device)
+        ms = (now(clock) - t0) * 1e3
+    if mem is not None:
+        peak = mem.above
+    return ms, out, peak
+
+
+def _spread(values: Sequence[float]) -> float:
+    """Half the range of ``values`` in percent of their median (0 for one value; NaN for none)."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan
+    med = statistics.median(vals)
+    return 50.0 * (max(vals) - min(vals)) / med if med else 0.0
+
+
+def _paired(row: "BenchRow", base: "BenchRow", key: str) -> float:
+    """Median over the rounds of ``row``'s figure over vanilla's in the same round."""
+    a, b = row.samples.get(key, []), base.samples.get(key, [])
+    pairs = [x / y for x, y in zip(a, b) if y and not (math.isnan(x) or math.isnan(y))]
+    if len(a) != len(b) or not pairs:
+        return _ratio(getattr(row, key), getattr(base, key))
+    return statistics.median(pairs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +458,9 @@ class BenchRow:
     lower than ``visual_tokens`` only for FastV (see :mod:`globalcom2.methods`). ``lm_tokens`` is
     the length of the sequence the language model prefilled (all rows of the batch, padding
     included). ``peak_mem_mib`` (generate) and ``prefill_mem_mib`` are peaks above the memory in
-    use after loading (``baseline_mib``).
+    use after loading (``baseline_mib``). Times are medians over ``runs`` interleaved rounds on
+    ``clock``; ``*_spread`` is half their range in percent of the median; ``samples`` holds every
+    round's figure (the ``*_x`` time ratios are medians of the per-round ratios to vanilla).
     """
 
     method: str
@@ -356,6 +490,12 @@ class BenchRow:
     kv_cache_x: float = 1.0
     peak_mem_x: float = 1.0
     prefill_mem_x: float = 1.0
+    clock: str = "wall"
+    runs: int = 1
+    prefill_spread: float = math.nan
+    lm_prefill_spread: float = math.nan
+    generate_spread: float = math.nan
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -368,13 +508,16 @@ BENCH_COLUMNS = [
     ("tokens_x", "x tokens", ".3f"),
     ("effective_tokens", "eff. tokens", ".0f"),
     ("prefill_ms", "prefill ms", ".1f"),
+    ("prefill_spread", "prefill ±%", ".0f"),
     ("prefill_x", "x prefill", ".3f"),
     ("lm_prefill_ms", "LM prefill ms", ".1f"),
+    ("lm_prefill_spread", "LM ±%", ".0f"),
     ("lm_prefill_x", "x LM prefill", ".3f"),
     ("lm_flops_x", "x LM FLOPs", ".3f"),
     ("vision_ms", "vision ms", ".1f"),
     ("compress_ms", "compress ms", ".2f"),
     ("generate_ms", "generate ms", ".1f"),
+    ("generate_spread", "generate ±%", ".0f"),
     ("generate_x", "x generate", ".3f"),
     ("decode_ms_per_token", "decode ms/tok", ".2f"),
     ("prefill_mem_mib", "prefill +MiB", ".0f"),
@@ -417,9 +560,10 @@ def run_bench(
     methods: Sequence[str] = ("globalcom2",),
     options: dict[str, Any] | None = None,
     no_grad: bool = False,
+    clock: str = "wall",
 ) -> list[BenchRow]:
     """Measure vanilla and every method at each ratio on the same ``inputs`` (see the module
-    docstring for what each figure is).
+    docstring for what each figure is), the settings interleaved round-robin.
 
     Args:
         model: a model of a registered family (it is left as it was afterwards).
@@ -434,12 +578,19 @@ def run_bench(
         options: method options, given to every method that has them.
         no_grad: run every measured call under ``torch.no_grad()``; by default they run in the
             caller's grad mode, as the user's own calls would.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: the
+            process's CPU time, all its threads; on a shared CPU it does not count the time other
+            processes hold the cores).
 
     Returns:
         One :class:`BenchRow` for vanilla, then one per (method, ratio), with ``*_x`` ratios to
-        vanilla. ``vision_ms`` is the vision tower plus projector; ``compress_ms`` the vision-side
-        compression step (0 for vanilla and FastV, whose work happens inside the prefill).
+        vanilla (medians of the per-round ratios). ``vision_ms`` and ``compress_ms`` are read inside
+        the timed prefill: the compression step (the family's ``compress``; 0 for vanilla and
+        FastV), and everything before the language model's forward but that step (tower,
+        projector, placeholder and embedding work).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
     import globalcom2
 
     from .efficiency import LMArch
@@ -453,8 +604,7 @@ def run_bench(
     plan += method_settings(methods, ratios, options)
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
-    # A never-applied adapter times the vision side (encode, then each method's compression step)
-    # the same way for every setting, FastV and vanilla included, and finds the language model.
+    # A never-applied adapter finds the language model and its architecture.
     family = adapter_for(model)
     timer = family(model, family.with_default_layout(GlobalCom2Config()))
     timer.validate()
@@ -478,107 +628,99 @@ def run_bench(
     settle(device)
     baseline = memory_in_use(device)  # weights, inputs and the process: what is "loaded"
 
-    def measured(fn: Callable[[], Any]) -> tuple[float, Any, int]:
-        """(median ms, last output, peak bytes above the baseline of the last timed run)."""
-        out = None
-        for _ in range(warmup):
-            out = None
-            out = fn()
-        times = []
-        peak = 0
-        n = max(1, runs)
-        for i in range(n):
-            out = None
-            if i == n - 1:
-                settle(device)
-            with PeakMemory(device, baseline) if i == n - 1 else contextlib.nullcontext() as mem:
-                sync(device)
-                t0 = time.perf_counter()
-                out = fn()
-                sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
-            if mem is not None:
-                peak = mem.above
-        return statistics.median(times), out, peak
-
-    rows: list[BenchRow] = []
-    iterator: Iterable[Any] = progress(plan) if progress else plan
+    # Settings interleaved round-robin: every round runs every setting once (prefill, then
+    # generate), so a change of the machine's load hits all settings alike, and each ratio is the
+    # median of per-round ratios to vanilla's run of the same round.
+    n_runs = max(1, runs)
+    samples: list[dict[str, list[float]]] = [{k: [] for k in _SAMPLED} for _ in plan]
+    info: list[dict[str, Any]] = [{} for _ in plan]
+    rounds = range(warmup + n_runs)
+    iterator: Iterable[Any] = progress(rounds) if progress else rounds
     try:
-        for label, method, ratio, opts in iterator:
+        for rnd in iterator:
+            timed, last = rnd >= warmup, rnd == warmup + n_runs - 1
+            for i, (label, method, ratio, opts) in enumerate(plan):
+                globalcom2.remove(model)
+                if method is not None:
+                    globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
+                fig = samples[i]
+                with PrefillProbe(model, language_model, device, clock) as probe:
+                    ms, out, peak = _measure(in_mode(lambda: model(**inputs, **prefill_kwargs)), device, baseline, clock, last)
+                if timed:
+                    fig["prefill_ms"].append(ms)
+                    fig["lm_prefill_ms"].append(probe.lm_ms)
+                    fig["vision_ms"].append(max(probe.before_lm_ms - probe.compress_ms, 0.0))
+                    fig["compress_ms"].append(probe.compress_ms)
+                if last:
+                    info[i]["prefill_peak"] = peak
+                    info[i]["kv"] = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+                    info[i]["shapes"] = probe.layer_shapes
+                    stats = globalcom2.last_stats(model)
+                    if stats is None:  # vanilla: the processor's placeholders
+                        visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                        info[i]["visual"], info[i]["effective"] = visual, float(visual)
+                    else:
+                        info[i]["visual"] = sum(stats.visual_tokens)
+                        info[i]["effective"] = float(sum(stats.effective_visual_tokens))
+                del out
+                stepclock = _step_clock(device, clock)
+
+                def generate() -> Any:
+                    return model.generate(**inputs, **gen_kwargs, logits_processor=[stepclock])
+
+                ms, out, peak = _measure(in_mode(generate), device, baseline, clock, last)
+                del out
+                if timed:
+                    fig["generate_ms"].append(ms)
+                    c = stepclock.times
+                    if len(c) == max_new_tokens and len(c) > 1:
+                        fig["decode_ms_per_token"].append((c[-1] - c[0]) * 1e3 / (len(c) - 1))
+                if last:
+                    info[i]["generate_peak"] = peak
             globalcom2.remove(model)
-            vision = None
-            if method is not None:
-                globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
-                vision = globalcom2.get_adapter(model).vision_config
-            # Neither output is kept: in grad mode each holds the vision tower's autograd graph,
-            # which would count in the memory of the calls measured after it.
-            vision_ms, encoded = median_ms(in_mode(lambda: timer.encode_inputs(inputs)), device, runs, warmup)
-            compress_ms = 0.0
-            if vision is not None:
-                compress_ms = median_ms(in_mode(lambda: timer.compress(encoded, vision)), device, runs, warmup)[0]
-            del encoded
-
-            with LanguageModelProbe(language_model, device) as probe:
-                prefill_ms, out, prefill_peak = measured(in_mode(lambda: model(**inputs, **prefill_kwargs)))
-            kv = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
-            del out
-            timed_lm = probe.times_ms[warmup:] if len(probe.times_ms) == warmup + max(1, runs) else probe.times_ms
-            lm_ms = statistics.median(timed_lm) if timed_lm else math.nan
-            shapes = probe.layer_shapes[-1] if probe.layer_shapes else []
-            lm_tokens = sum(b * t for b, t in shapes[:1])
-            stats = globalcom2.last_stats(model)
-            if stats is None:  # vanilla: the processor's placeholders
-                visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-                effective = float(visual)
-            else:
-                visual, effective = sum(stats.visual_tokens), float(sum(stats.effective_visual_tokens))
-
-            clocks: list[Any] = []
-
-            def generate() -> Any:
-                clock = _step_clock(device)
-                clocks.append(clock)
-                return model.generate(**inputs, **gen_kwargs, logits_processor=[clock])
-
-            generate_ms, out, generate_peak = measured(in_mode(generate))
-            del out
-            decodes = [
-                (c.times[-1] - c.times[0]) * 1e3 / (len(c.times) - 1)
-                for c in clocks[warmup:] if len(c.times) == max_new_tokens and len(c.times) > 1
-            ]
-            rows.append(
-                BenchRow(
-                    method=label,
-                    ratio=ratio,
-                    visual_tokens=int(visual),
-                    prefill_ms=prefill_ms,
-                    vision_ms=vision_ms,
-                    compress_ms=compress_ms,
-                    generate_ms=generate_ms,
-                    tokens_per_s=batch * max_new_tokens / (generate_ms / 1e3),
-                    peak_mem_mib=generate_peak / MIB,
-                    kv_cache_mib=kv / MIB,
-                    effective_tokens=effective,
-                    lm_tokens=int(lm_tokens),
-                    lm_prefill_ms=lm_ms,
-                    lm_tflops=analytic_lm_flops(arch, shapes) / 1e12 if shapes else math.nan,
-                    decode_ms_per_token=statistics.median(decodes) if decodes else math.nan,
-                    prefill_mem_mib=prefill_peak / MIB,
-                    baseline_mib=baseline / MIB,
-                    no_grad=bool(no_grad),
-                )
-            )
     finally:
         globalcom2.remove(model)
         if previous is not None:
             globalcom2.apply(model, previous)
+    rows: list[BenchRow] = []
+    for (label, method, ratio, _), fig, got in zip(plan, samples, info):
+        med = {k: statistics.median(v) if v else math.nan for k, v in fig.items()}
+        shapes = got["shapes"]
+        rows.append(
+            BenchRow(
+                method=label,
+                ratio=ratio,
+                visual_tokens=int(got["visual"]),
+                prefill_ms=med["prefill_ms"],
+                vision_ms=med["vision_ms"],
+                compress_ms=med["compress_ms"],
+                generate_ms=med["generate_ms"],
+                tokens_per_s=batch * max_new_tokens / (med["generate_ms"] / 1e3),
+                peak_mem_mib=got["generate_peak"] / MIB,
+                kv_cache_mib=got["kv"] / MIB,
+                effective_tokens=got["effective"],
+                lm_tokens=int(sum(b * t for b, t in shapes[:1])),
+                lm_prefill_ms=med["lm_prefill_ms"],
+                lm_tflops=analytic_lm_flops(arch, shapes) / 1e12 if shapes else math.nan,
+                decode_ms_per_token=med["decode_ms_per_token"],
+                prefill_mem_mib=got["prefill_peak"] / MIB,
+                baseline_mib=baseline / MIB,
+                no_grad=bool(no_grad),
+                clock=clock,
+                runs=n_runs,
+                prefill_spread=_spread(fig["prefill_ms"]),
+                lm_prefill_spread=_spread(fig["lm_prefill_ms"]),
+                generate_spread=_spread(fig["generate_ms"]),
+                samples={k: list(v) for k, v in fig.items()},
+            )
+        )
     base = rows[0]
     for row in rows:
-        row.prefill_x = _ratio(row.prefill_ms, base.prefill_ms)
-        row.lm_prefill_x = _ratio(row.lm_prefill_ms, base.lm_prefill_ms)
+        row.prefill_x = _paired(row, base, "prefill_ms")
+        row.lm_prefill_x = _paired(row, base, "lm_prefill_ms")
         row.lm_flops_x = _ratio(row.lm_tflops, base.lm_tflops)
-        row.generate_x = _ratio(row.generate_ms, base.generate_ms)
-        row.decode_x = _ratio(row.decode_ms_per_token, base.decode_ms_per_token)
+        row.generate_x = _paired(row, base, "generate_ms")
+        row.decode_x = _paired(row, base, "decode_ms_per_token")
         row.tokens_x = _ratio(row.visual_tokens, base.visual_tokens)
         row.kv_cache_x = _ratio(row.kv_cache_mib, base.kv_cache_mib)
         row.peak_mem_x = _ratio(row.peak_mem_mib, base.peak_mem_mib)

@@ -35,8 +35,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "(CUDA max allocated minus the allocation after loading; on CPU the peak RSS minus the RSS after "
             "loading), KV-cache size and visual tokens, with ratios to vanilla. The calls run in your grad mode "
             "(autograd on, as a plain model(...) call; generate always runs without a graph): --no-grad runs "
-            "them under torch.no_grad(). Warm-up runs are excluded, CUDA is synchronised before every timer "
-            "read, medians of --runs. The default model is the tiny random demo model (offline); "
+            "them under torch.no_grad(). The settings run interleaved round-robin (each round runs every setting "
+            "once), warm-up rounds are excluded, CUDA is synchronised before every clock read; medians of --runs "
+            "rounds with their spread, ratios as medians of per-round ratios; vision and compression times are "
+            "read inside the same timed prefill. The default model is the tiny random demo model (offline); "
             "--model wide-random measures real widths offline; pass a checkpoint for real numbers."
         ),
         epilog=(
@@ -68,6 +70,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     bench.add_argument("--no-grad", action="store_true",
                        help="run every measured call under torch.no_grad() (default: in the caller's grad mode, "
                             "autograd on, as a plain model(...) call runs; generate has its own no_grad either way)")
+    bench.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                       help="what times are read on: wall (time.perf_counter) or cpu (the process's CPU time, "
+                            "all threads: on a shared CPU it leaves out the time other processes hold the cores) "
+                            "(default: wall)")
     add_device_arguments(bench, "auto: cuda when available (default: auto)")
     bench.add_argument("--format", choices=FORMAT_CHOICES, default="table", help="output format (default: table)")
     bench.add_argument("--plot", default=None, metavar="OUT.png", help="also write a PNG of latency and tokens vs ratio")
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = run_bench(model, dict(inputs), ratios, max_new_tokens=args.max_new_tokens, runs=args.runs,
                          warmup=args.warmup, progress=progress, methods=methods, options=options,
-                         no_grad=args.no_grad)
+                         no_grad=args.no_grad, clock=args.clock)
     except ValueError as e:  # e.g. FastV on an attention implementation it cannot mask
         raise CLIError(one_line(str(e))) from None
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
@@ -152,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         memory = "CUDA max allocated" if str(device).startswith("cuda") else "peak RSS"
         echo(f"+MiB: {memory} above the {rows[0].baseline_mib:.0f} MiB in use after loading; x LM FLOPs: analytic "
              f"(LLM-Viewer); {'torch.no_grad()' if args.no_grad else 'grad mode on (--no-grad to turn it off)'}; "
-             f"decode: per new token after the prefill ({args.max_new_tokens} generated).")
+             f"decode: per new token after the prefill ({args.max_new_tokens} generated); {args.clock} clock, "
+             f"median of {args.runs} interleaved round(s), ±%: half the range.")
     if args.plot is not None:
         try:
             plot_rows(rows, str(Path(args.plot).expanduser()), title=_plot_title(args, model, device), note=note)
@@ -166,6 +173,7 @@ def _plot_title(args: argparse.Namespace, model: Any, device: str) -> str:
     """What the plot shows: the model, its dtype and device, the runs behind each median, the grad mode."""
     dtype = str(model.dtype).replace("torch.", "")
     images = len(args.image or [None])
-    return (f"globalcom2 bench: {args.model} ({dtype} on {device}), median of {args.runs} run(s) after "
+    return (f"globalcom2 bench: {args.model} ({dtype} on {device}), median of {args.runs} run(s) (settings "
+            f"interleaved, {args.clock} clock) after "
             f"{args.warmup} warm-up, batch {max(args.batch_size, images)}, {args.max_new_tokens} new tokens, "
             f"{'no_grad' if args.no_grad else 'grad mode on'}")
