@@ -402,6 +402,8 @@ class CompressionPlan:
         crop_score: (C, N) holistic score of every crop token (``-inf`` where padded).
         geometry: the crop geometry, or None for a single view.
         layout: "official" or "spatial".
+        table: (V, N, D) the features to gather from when the method changed them (a merging
+            method such as VisionZip writes its merged tokens there); None: the image's own.
     """
 
     index: torch.Tensor
@@ -413,6 +415,7 @@ class CompressionPlan:
     crop_score: torch.Tensor
     geometry: CropGeometry | None
     layout: str
+    table: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

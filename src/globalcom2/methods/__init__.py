@@ -43,6 +43,7 @@ from .globalcom2 import GlobalCom2Config  # noqa: E402  (isort: skip)
 from .fastervlm import FasterVLMConfig  # noqa: E402
 from .random import RandomConfig, random_scores  # noqa: E402
 from .pooling import PoolingConfig, PoolingPlan  # noqa: E402
+from .visionzip import VisionZipConfig  # noqa: E402
 from .fastv import FastVConfig  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -372,7 +373,7 @@ def compress_images(
 __all__ = [
     "ComposedConfig", "FASTV", "FasterVLMConfig", "FastVConfig", "GlobalCom2Config", "LANGUAGE_METHODS",
     "LanguageMethodConfig", "MethodSetting", "PoolingConfig", "PoolingPlan", "RandomConfig", "UnknownOptionError",
-    "VISION_METHODS", "VisionMethodConfig", "check_method_options", "coerce_value", "compress_image",
+    "VISION_METHODS", "VisionMethodConfig", "VisionZipConfig", "check_method_options", "coerce_value", "compress_image",
     "compress_images",
     "config_from_dict", "config_to_dict", "fastv_config", "language_config", "make_config", "method_names",
     "option_names", "parse_method_options", "plan_settings", "random_scores", "register_method", "vision_config",

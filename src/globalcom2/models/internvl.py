@@ -428,7 +428,7 @@ class InternVLAdapter(Family):
                     )
                 index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
                 p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
-                t = plans.gather_features(feats, None, index)
+                t = plans.gather_features(p.table if p.table is not None else feats, None, index)
             toks.append(t)
             plan_list.append(p)
         return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
