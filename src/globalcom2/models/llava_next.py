@@ -22,6 +22,7 @@ registered only while the tower runs: the tower keeps its attention implementati
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
@@ -157,12 +158,23 @@ class LlavaNextAdapter(Family):
         # without [CLS], over the N patches (SPEC.md).
         mode = getattr(self.vision_config, "importance", "auto")
         received = mode == "attention_received"
-        with QKCapture(attn, all_queries=received) as cap:
-            out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
-        if isinstance(layer, int):
-            hidden = out.hidden_states[layer]
+        last = self._last_layer(attn)
+        if last is not None and self._before_last(layer):
+            # The features are the last layer's input: run the tower up to it only, and of the last
+            # layer only what the importance reads (its first layer norm, then q and k).
+            hidden = run_until(tower, last, pixel_values)  # (V, T, C): hidden_states[layer]
+            cap = _Captured()
+            if mode != "similarity":
+                x = last.layer_norm1(hidden)
+                cap.queries = attn.q_proj(x)  # (V, T, C): on every token, as the layer computes it (same bits)
+                cap.q_cls, cap.keys = cap.queries[:, 0], attn.k_proj(x)
         else:
-            hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+            with QKCapture(attn, all_queries=received) as cap:
+                out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
+            if isinstance(layer, int):
+                hidden = out.hidden_states[layer]
+            else:
+                hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
         feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
         if mode == "similarity":  # -cos to the view's mean, on what the projector receives
             importance = importance_ops.feature_similarity(hidden[:, 1:])  # (V, N)
@@ -186,6 +198,20 @@ class LlavaNextAdapter(Family):
             image_sizes=sizes,
             vanilla_counts=[side * side + 1 if g is None else g.vanilla_num_tokens() for g in geoms],
         )
+
+    def _last_layer(self, attn: Any) -> Any:
+        """The encoder layer holding ``attn`` when it has CLIP's ``layer_norm1`` before it (else None:
+        the tower then runs whole, with the q/k hooks)."""
+        for module in self.inner.vision_tower.modules():
+            if getattr(module, "self_attn", None) is attn and hasattr(module, "layer_norm1"):
+                return module
+        return None
+
+    def _before_last(self, layer: Any) -> bool:
+        """Whether feature layer ``layer`` (an index of the tower's hidden states, L + 1 of them) is
+        the last layer's input, hidden_states[L - 1] (LLaVA-NeXT's -2)."""
+        n = int(self.hf_config.vision_config.num_hidden_layers)
+        return isinstance(layer, int) and not isinstance(layer, bool) and layer % (n + 1) == n - 1 and -(n + 1) <= layer <= n
 
     def image_newline(self) -> torch.Tensor:
         """The (D,) image-newline embedding, also when accelerate offloads it (``device_map`` with
@@ -253,6 +279,49 @@ class LlavaNextAdapter(Family):
         resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
         canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
         return thumb, canvas, lay
+
+
+class _Captured:
+    """What :class:`QKCapture` holds, computed directly (the truncated tower)."""
+
+    q_cls: Any = None
+    queries: Any = None
+    keys: Any = None
+
+
+class _TowerStop(Exception):
+    """Raised by :func:`run_until`'s hook to leave the tower with the stop layer's input."""
+
+    def __init__(self, hidden: Any) -> None:
+        super().__init__("tower stopped")
+        self.hidden = hidden
+
+
+#: The stop layers open in this thread / task (a hook on a shared module fires for every caller).
+_STOPS: "ContextVar[tuple[Any, ...]]" = ContextVar("globalcom2_tower_stops", default=())
+
+
+def run_until(tower: Any, layer: Any, pixel_values: Any) -> Any:
+    """The tower's hidden state entering ``layer`` (one of its encoder layers): the tower's own
+    ``forward`` (embeddings, pre-norm, the layers before it; the same ops and bits as a full run's
+    ``hidden_states``), left as that layer is called, so neither it nor any later layer runs. The
+    hook acts only for the caller that opened it (a context variable): another thread running the
+    same tower whole is not stopped."""
+
+    def stop(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if layer in _STOPS.get():
+            raise _TowerStop(args[0] if args else kwargs["hidden_states"])
+
+    token = _STOPS.set((*_STOPS.get(), layer))
+    handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        tower(pixel_values)
+    except _TowerStop as done:
+        return done.hidden
+    finally:
+        handle.remove()
+        _STOPS.reset(token)
+    raise RuntimeError("the vision tower did not reach its last layer")  # pragma: no cover - defensive
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
