@@ -11,12 +11,16 @@ encodes one image that becomes a 2 x 2 crop grid, and times, in one run:
 then the compression step and the vanilla packing per image for batches of ``--batches`` images
 (1, 4 and 16 by default: the encoded image repeated, as one contiguous tensor like the tower's
 output; GlobalCom2 plans and gathers a batch in one pass, so its time per image should stay flat),
-and the host synchronisations of one prefill with one image, vanilla vs patched, *counted* as ops
+the aten ops the compression step dispatches per batch, *counted* (``globalcom2._opcount.OpCounter``:
+all ops, and the kernels among them, i.e. the ops that are not views; on a GPU each kernel is a
+launch), and the host synchronisations of one prefill with one image, vanilla vs patched, *counted* as ops
 (``globalcom2._syncs.SyncCounter``: scalar reads, ``.tolist()``, data-dependent output sizes,
 blocking host/device copies; what a GPU would wait for, counted on any device).
 
 Warm-up runs are excluded, CUDA is synchronised before each timer read, and the median of
-``--runs`` runs is reported (five times as many for the cheap steps).
+``--runs`` runs is reported (five times as many for the cheap steps); the compression step and
+the vanilla packing of a batch run interleaved (one of each per round). ``--clock cpu`` reads the
+process's CPU time instead of the wall clock (on a shared CPU: leaves out other processes' time).
 
     python benchmarks/compression_step.py                 # CPU, float32, real sizes
     python benchmarks/compression_step.py --device cuda --dtype float16
@@ -56,21 +60,32 @@ def build_model(tiny: bool, hidden_size: int, dtype: torch.dtype, device: str):
     return LlavaNextForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
 
 
-def timed(fn: Callable[[], object], device: str, runs: int, warmup: int) -> tuple[float, object]:
-    """Median wall time in ms over ``runs`` calls after ``warmup`` untimed ones."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(runs):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], object], device: str, runs: int, warmup: int, clock: str = "wall") -> tuple[float, object]:
+    """Median time in ms over ``runs`` calls after ``warmup`` untimed ones."""
+    median, out = interleaved([fn], device, runs, warmup, clock)[0]
+    return median, out
+
+
+def interleaved(fns: list[Callable[[], object]], device: str, runs: int, warmup: int, clock: str = "wall") -> list[tuple[float, object]]:
+    """Each of ``fns`` once per round, in turn (``warmup`` untimed rounds first); per function its
+    median time in ms and last output."""
+    read = CLOCK[clock]
+    outs: list[object] = [None] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(warmup + runs):
+        for i, fn in enumerate(fns):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = read()
+            outs[i] = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[i].append((read() - t0) * 1e3)
+    return [(statistics.median(t), o) for t, o in zip(times, outs)]
 
 
 def repeat_encoded(encoded, images: int):
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", default="1,4,16", help="images per batch for the per-image times")
     p.add_argument("--tiny", action="store_true", help="use the tiny demo model (smoke test)")
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCK), help="wall clock or process CPU time")
     args = p.parse_args(argv)
 
     import globalcom2
@@ -134,23 +150,32 @@ def main(argv: list[str] | None = None) -> None:
     pixel_values = torch.randn(1, views, 3, 336, 336, generator=g).to(args.device, dtype)
     image_sizes = torch.tensor([[h, w]])
 
+    from globalcom2._opcount import OpCounter
+
     with torch.no_grad():
-        t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes), args.device, args.runs, args.warmup)
-        t_compress, compressed = timed(lambda: adapter.compress(encoded), args.device, args.runs * 5, args.warmup)
-        t_pack, packed = timed(lambda: adapter.vanilla_pack(encoded), args.device, args.runs * 5, args.warmup)
-        per_image = []
+        t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes), args.device, args.runs, args.warmup, args.clock)
+        (t_compress, compressed), (t_pack, packed) = interleaved(
+            [lambda: adapter.compress(encoded), lambda: adapter.vanilla_pack(encoded)], args.device, args.runs * 5,
+            args.warmup, args.clock,
+        )
+        per_image, ops = [], []
         for images in batches:
             enc = repeat_encoded(encoded, images)
-            tc, _ = timed(lambda: adapter.compress(enc), args.device, args.runs * 5, args.warmup)
-            tp, _ = timed(lambda: adapter.vanilla_pack(enc), args.device, args.runs * 5, args.warmup)
+            (tc, _), (tp, _) = interleaved(
+                [lambda: adapter.compress(enc), lambda: adapter.vanilla_pack(enc)], args.device, args.runs * 5,
+                args.warmup, args.clock,
+            )
             per_image.append((images, tc / images, tp / images))
+            with OpCounter() as counted:
+                adapter.compress(enc)
+            ops.append((images, counted.total, counted.kernels))
     globalcom2.remove(model)
     placeholders = encoded.vanilla_counts[0]
     syncs_vanilla = prefill_syncs(model, False, pixel_values, image_sizes, placeholders, args)
     syncs_patched = prefill_syncs(model, True, pixel_values, image_sizes, placeholders, args)
 
     d = encoded.features[0].shape[-1]
-    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} image={h}x{w} "
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} clock={args.clock} image={h}x{w} "
           f"grid={grid[0]}x{grid[1]} views={views} hidden={d} R={args.retention_ratio} layout={args.layout}")
     print(f"visual tokens: vanilla {packed[0].shape[0]} -> GlobalCom2 {compressed.tokens[0].shape[0]}")
     print(f"{'step':<34}{'median ms':>12}{'x vision':>10}")
@@ -161,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'images':>8}{'GlobalCom2 step':>18}{'vanilla packing':>18}")
     for images, tc, tp in per_image:
         print(f"{images:>8}{tc:>18.3f}{tp:>18.3f}")
+    print("aten ops of the GlobalCom2 step per batch (counted; all / kernels): "
+          + ", ".join(f"{images} image(s): {total} / {kernels}" for images, total, kernels in ops))
     print(f"host syncs per prefill (counted, one image): vanilla {syncs_vanilla}, GlobalCom2 {syncs_patched}")
 
 
