@@ -131,7 +131,7 @@ def _num_pixel_images(out: Any) -> int:
     if sizes is not None and out.get("pixel_values") is not None:
         return int(len(sizes))
     patches = out.get("image_num_patches") if hasattr(out, "get") else None  # InternVL
-    if patches is not None and out.get("pixel_values_flat") is not None:
+    if patches is not None and out.get("pixel_values") is not None:
         return int(len(patches))
     return 0
 
@@ -335,3 +335,10 @@ def hub_name(name: str, w: torch.Tensor) -> tuple[str, torch.Tensor]:
         if name.startswith(head) and not name.startswith(head + "vision_model."):
             return head + "vision_model." + name[len(head):], w
     return name, w
+
+
+@lru_cache(maxsize=1024)
+def _cached_views_count(model_type: str, hf: _Key, config: Any, views: int) -> int:
+    """Tokens of one image of ``views`` views (families whose count depends on that alone: InternVL)."""
+    counter = _settings.counter(model_type, hf.config, config)
+    return int(counter.processed_counts({"num_patches": [views]}, None, config)[0])

@@ -70,6 +70,8 @@ def save(model: Any, processor: Any, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     _with_video_processor(processor).save_pretrained(path)
+    if getattr(model.config, "model_type", "") not in ("llava_next", "llava_onevision"):
+        return path  # InternVL's tower is saved under the names vLLM reads
     for file in sorted(path.glob("*.safetensors")):
         tensors = load_file(str(file))
         renamed = {_hub_name(k): v for k, v in tensors.items()}
