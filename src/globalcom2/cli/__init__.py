@@ -25,7 +25,7 @@ from typing import Sequence
 
 from .. import __version__
 from ..generation import build_prompt
-from . import bench, demo, efficiency, embed, eval, generate, visualize
+from . import bench, demo, efficiency, embed, eval, generate, serve, visualize
 from .common import EXAMPLE_MODEL, PROG, CLIError, Parser, echo, hub_access, load_image, one_line, para, parse_method_arguments
 
 # The model-family functions (check_model_type, load_model, get_model) are deliberately not
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: The command modules, in the order ``globalcom2 --help`` lists them.
-COMMANDS = (demo, generate, embed, efficiency, bench, visualize, eval)
+COMMANDS = (demo, generate, embed, efficiency, bench, visualize, eval, serve)
 
 
 def _family_names(conjunction: str) -> str:
