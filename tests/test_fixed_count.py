@@ -127,8 +127,17 @@ def test_the_count_from_the_size_is_what_compression_produces(family, method, la
     images = [make_image(*hw, seed=i) for i, hw in enumerate(SIZES)]
     batch = processor(images=images, text=[f"{processor.image_token}\nWhat?"] * len(images), return_tensors="pt", padding=True)
     options = {"layout": layout} if layout else {}
-    for ratio in RATIOS:
-        produced = globalcom2.compress_images(model, batch, method=method, retention_ratio=ratio, count="fixed", **options).counts
+    # One encoding for every ratio (the signal does not depend on R); the first ratio through the
+    # public compress_images as well, to tie the two paths.
+    configs = [make_config(method, retention_ratio=r, count="fixed", **options) for r in RATIOS]
+    configs = [family.with_default_layout(c) if not layout else c for c in configs]
+    encoder = family(model, configs[0])
+    with torch.no_grad():
+        encoded = encoder.encode_inputs(batch)
+    public = globalcom2.compress_images(model, batch, method=method, retention_ratio=RATIOS[0], count="fixed", **options).counts
+    assert public == encoder.compress(encoded, vision_config(configs[0])).counts
+    for ratio, cfg in zip(RATIOS, configs):
+        produced = encoder.compress(encoded, vision_config(cfg)).counts
         counted = globalcom2.visual_token_counts(
             model, SIZES, method=method, retention_ratio=ratio, count="fixed", processor=processor, **options
         )
