@@ -30,21 +30,26 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+#: (model_type, extra engine settings): each family's default importance, and OneVision's
+#: attention_received ablation (the hidden state entering SigLIP's last layer, captured while it runs).
+SETTINGS = [("internvl", {}), ("llava_onevision", {}), ("llava_onevision", {"importance": "attention_received"})]
+
+
+@pytest.fixture(scope="module", params=SETTINGS, ids=lambda p: "-".join([p[0], *p[1].values()]))
 def family(request, tmp_path_factory):
     from vllm import LLM
 
-    model_type = request.param
+    model_type, extra = request.param
     path, model, _ = checkpoints.save_tiny(model_type, tmp_path_factory.mktemp(model_type))
     processor = AutoProcessor.from_pretrained(path)
-    llm = LLM(model=str(path), hf_overrides={"globalcom2": {"retention_ratio": 0.25}}, **ENGINE)
-    yield model_type, model, processor, llm
+    llm = LLM(model=str(path), hf_overrides={"globalcom2": {"retention_ratio": 0.25, **extra}}, **ENGINE)
+    yield model_type, model, processor, llm, extra
     del llm
     gc.collect()
 
 
 def test_family_equals_hf_with_per_request_ratio(family):
-    model_type, model, processor, llm = family
+    model_type, model, processor, llm, extra = family
     prompt, sizes = FAMILIES[model_type]
     images = [make_image(h, w, s) for h, w, s in sizes]
     ratios = [None, 0.1, None]
@@ -56,4 +61,4 @@ def test_family_equals_hf_with_per_request_ratio(family):
         requests.append(req)
     outs = llm.generate(requests, sampling(), use_tqdm=False)
     for image, r, out in zip(images, ratios, outs):
-        assert_same(vllm_result(out), hf_result(model, processor, image, prompt, retention_ratio=r or 0.25))
+        assert_same(vllm_result(out), hf_result(model, processor, image, prompt, retention_ratio=r or 0.25, **extra))

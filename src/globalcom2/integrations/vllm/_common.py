@@ -244,33 +244,30 @@ class ClsImportance(torch.nn.Module):
         return attention_received(q[:, skip:], k[:, skip:], self.num_heads, self.scale)
 
 
-def capture_last_input(layers: torch.nn.ModuleList, full_depth: int) -> "_InputCapture":
-    """Capture the hidden state entering the tower's last layer (index ``full_depth - 1``) while
-    the tower runs, where vLLM built that layer; otherwise the tower's output is that state."""
-    return _InputCapture(layers[full_depth - 1] if len(layers) >= full_depth else None)
+class LastLayerInput:
+    """The hidden state entering the tower's last layer (index ``full_depth - 1``) while the tower
+    runs, where vLLM built that layer (the project's one hook class,
+    :class:`~globalcom2.models.base.QKCapture`, with ``inputs_of`` that layer; its q/k hooks sit on
+    ``importance``'s own projections, which do not run inside); otherwise the tower's output is
+    that state (:meth:`result`)."""
 
+    def __init__(self, layers: torch.nn.ModuleList, full_depth: int, importance: torch.nn.Module | None) -> None:
+        from ...models.base import QKCapture
 
-class _InputCapture:
-    def __init__(self, layer: torch.nn.Module | None) -> None:
-        self.layer = layer
-        self.hidden: torch.Tensor | None = None
-        self._handle: Any = None
+        layer = layers[full_depth - 1] if len(layers) >= full_depth else None
+        self._cap = QKCapture(importance, inputs_of=layer) if layer is not None and importance is not None else None
 
-    def __enter__(self) -> "_InputCapture":
-        if self.layer is not None:
-            def keep(_m: Any, args: tuple, kwargs: dict) -> None:
-                self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-            self._handle = self.layer.register_forward_pre_hook(keep, with_kwargs=True)
+    def __enter__(self) -> "LastLayerInput":
+        if self._cap is not None:
+            self._cap.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        if self._cap is not None:
+            self._cap.__exit__(*exc)
 
     def result(self, tower_output: torch.Tensor) -> torch.Tensor:
-        return tower_output if self.layer is None else self.hidden  # type: ignore[return-value]
+        return tower_output if self._cap is None else self._cap.inputs  # type: ignore[return-value]
 
 
 def load_importance_weights(

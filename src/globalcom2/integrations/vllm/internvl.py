@@ -155,7 +155,8 @@ class GlobalCom2InternVLForConditionalGeneration(InternS1ForConditionalGeneratio
         pixel_values = image_input["pixel_values"]  # (sum V, 3, 448, 448), per image its tiles then the thumbnail
         views = [int(v) for v in image_input["num_patches"].tolist()]
         layers = self.vision_tower.encoder.layer
-        with _common.capture_last_input(layers, self.config.vision_config.num_hidden_layers) as cap:
+        depth = self.config.vision_config.num_hidden_layers
+        with _common.LastLayerInput(layers, depth, getattr(self, "globalcom2_importance", None)) as cap:
             hidden = self.vision_tower(pixel_values=pixel_values)  # (V, 1 + P*P, Dv)
         patches = hidden[:, 1:]
         p = int(patches.shape[1] ** 0.5)

@@ -133,7 +133,8 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         per_image = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
         stacked = torch.cat([pv[:v] for pv, v in zip(per_image, views)])
         layers = self.vision_tower.vision_model.encoder.layers
-        with _common.capture_last_input(layers, self.config.vision_config.num_hidden_layers) as cap:
+        depth = self.config.vision_config.num_hidden_layers
+        with _common.LastLayerInput(layers, depth, getattr(self, "globalcom2_importance", None)) as cap:
             hidden = self.vision_tower(stacked, select_layers=None, feature_select_strategy=None)  # (V, 1 + N, Dv)
         if self.globalcom2_mode == "similarity":
             importance = _common.similarity(hidden[:, 1:])

@@ -119,7 +119,8 @@ class GlobalCom2LlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
         per_image = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
         stacked = torch.cat([pv[:v] for pv, v in zip(per_image, views)])
         layers = self.vision_tower.vision_model.encoder.layers
-        with _common.capture_last_input(layers, self.config.vision_config.num_hidden_layers) as cap:
+        depth = self.config.vision_config.num_hidden_layers
+        with _common.LastLayerInput(layers, depth, getattr(self, "globalcom2_importance", None)) as cap:
             hidden = self.vision_tower(stacked, feature_select_strategy="full")  # (V, N, Dv)
         if self.globalcom2_mode == "attention_received":
             importance = self.globalcom2_importance.attention_received(cap.result(hidden))  # (V, N)
