@@ -301,3 +301,55 @@ def test_a_vanilla_prompt_still_works_on_a_processor_patched_model(family):
         a = model(**run.inputs).logits[:, -1]
         b = model(**vanilla_inputs).logits[:, -1]
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_new_image_in_a_continued_turn(family):
+    """Turn 2 brings a new image (the processor writes its compressed count): the vanilla model
+    on the whole compressed conversation, scores compared."""
+    run = Applied(family)
+    model, processor = run.model, run.processor
+    a = _inputs(processor, SIZES[:1], (0,))
+    c = processor(images=[make_image(300, 900, seed=5)], text=[f"{processor.image_token}\nAnd this one?"],
+                  return_tensors="pt", add_special_tokens=False)
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with torch.no_grad():
+        first = model.generate(**a, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, c["input_ids"]], dim=1)
+        images = {k: v for k, v in c.items() if k not in ("input_ids", "attention_mask")}
+        second = dict(max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **images, **{name: getattr(first, name)}, **second)
+    emb_a, emb_c = globalcom2.compress_images(model, a), globalcom2.compress_images(model, c)
+
+    def reference(m):
+        embeds = m.get_input_embeddings()(ids)
+        image_id = m.config.image_token_id
+        rows = torch.cat([emb_a.embeddings[0], emb_c.embeddings[0]]).to(embeds.dtype)
+        mask = ids[0] == image_id
+        assert int(mask.sum()) == rows.shape[0]  # the prompt holds exactly the compressed counts
+        embeds[0, mask] = rows
+        return m.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=torch.ones_like(ids), **second)
+
+    _same_generation(out, run.vanilla(reference), 0)
+
+
+def test_through_peft_on_the_processor_path():
+    peft = pytest.importorskip("peft")
+    from globalcom2.models.llava_next import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=0)  # its own: PEFT rewrites the modules
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    try:
+        globalcom2.apply(wrapped, processor=processor, retention_ratio=0.25)
+        inputs = _inputs(processor)
+        emb = globalcom2.compress_images(wrapped, inputs)
+        with torch.no_grad():
+            got = wrapped(**inputs).logits
+        globalcom2.remove(wrapped)
+        feed = globalcom2.embed_prompt(model, emb, inputs["input_ids"], inputs["attention_mask"])
+        with torch.no_grad():
+            want = wrapped(**feed).logits
+        torch.testing.assert_close(got, want)
+        assert not processors.is_patched(processor)
+    finally:
+        globalcom2.remove(wrapped)
