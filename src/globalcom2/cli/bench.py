@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     def progress(items: Any) -> Any:
-        return tqdm(items, desc=f"{PROG} bench", unit="setting", file=sys.stderr, leave=False)
+        return tqdm(items, desc=f"{PROG} bench (interleaved rounds)", unit="round", file=sys.stderr, leave=False)
 
     grad = "torch.no_grad()" if args.no_grad else "grad mode on"
     status(
