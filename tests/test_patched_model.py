@@ -40,8 +40,12 @@ def fresh():
 
 
 def _record_grad_mode(model):
+    """The grad mode the vision side runs in, read at the tower's embeddings (the patched encode
+    leaves the tower's own forward at the feature layer, so a hook on the whole tower never fires)."""
     seen: list[bool] = []
-    handle = model.model.vision_tower.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    handle = embeddings.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
     return seen, handle
 
 

@@ -178,7 +178,8 @@ def test_model_state_is_left_as_it_was(tiny):
 def test_the_image_is_encoded_once(tiny, monkeypatch):
     model, processor = tiny
     calls = []
-    handle = model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    tower = model.model.vision_tower  # its embeddings: the patched encode stops the tower's forward early
+    handle = getattr(tower, "vision_model", tower).embeddings.register_forward_hook(lambda *a: calls.append(1))
     try:
         vis = visualize(model, processor, make_image(480, 640), (0.5, 0.25, 0.1), heatmaps=True)
     finally:
