@@ -409,23 +409,17 @@ def visual_token_counts(
 
 
 def _size_list(image_sizes: Any) -> list[tuple[int, int]]:
-    """``(h, w)`` or a sequence of them (lists, tuples, a (I, 2) tensor) as a list of int pairs."""
+    """``(h, w)`` or a sequence of them (lists, tuples, a (I, 2) tensor) as a list of int pairs,
+    checked by the patched call's own check (:func:`~globalcom2.models.base.check_image_sizes`)."""
+    from .models.base import check_image_sizes
+
     if torch.is_tensor(image_sizes):
         image_sizes = image_sizes.tolist()
     pairs = list(image_sizes)
     if len(pairs) == 2 and all(isinstance(v, (int, float)) or hasattr(v, "__index__") for v in pairs):
         pairs = [pairs]
-    out = []
-    for i, hw in enumerate(pairs):
-        try:
-            h, w = hw
-            h_i, w_i = int(h), int(w)
-        except (TypeError, ValueError):
-            raise ValueError(f"image_sizes[{i}] must be a (height, width) pair, got {hw!r}") from None
-        if h_i != h or w_i != w or h_i < 1 or w_i < 1:
-            raise ValueError(f"image_sizes[{i}] = {tuple(hw)}: height and width must be whole numbers >= 1")
-        out.append((h_i, w_i))
-    return out
+    check_image_sizes(pairs)
+    return [(int(h), int(w)) for h, w in pairs]
 
 
 def embed_prompt(
