@@ -65,6 +65,18 @@ class GlobalCom2InfoMixin:
         return max([int(vanilla)] + [self.globalcom2_count(keep_all, h, w) for h, w in sizes])
 
 
+class GlobalCom2SizeCountMixin(GlobalCom2InfoMixin):
+    """For families whose vLLM count is asked by image size (LLaVA-NeXT, LLaVA-OneVision)."""
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """vLLM's count for an image of this size (what it writes before the encoder runs): the
+        fixed count of the request's config, vLLM's own when GlobalCom2 is off."""
+        config = self.globalcom2_active_config()
+        if config is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)  # type: ignore[misc]
+        return self.globalcom2_count(config, image_height, image_width)
+
+
 def _count(info: GlobalCom2InfoMixin, config: Any, height: int, width: int, options: tuple) -> int:
     return _cached_count(info.globalcom2_model_type, _Key(info.get_hf_config()), config, height, width, options)  # type: ignore[attr-defined]
 

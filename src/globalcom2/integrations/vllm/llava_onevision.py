@@ -34,14 +34,8 @@ from . import _common
 from .settings import engine_config
 
 
-class GlobalCom2LlavaOnevisionProcessingInfo(_common.GlobalCom2InfoMixin, LlavaOnevisionProcessingInfo):
+class GlobalCom2LlavaOnevisionProcessingInfo(_common.GlobalCom2SizeCountMixin, LlavaOnevisionProcessingInfo):
     globalcom2_model_type = LlavaOnevisionAdapter.model_type
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        config = self.globalcom2_active_config()
-        if config is None:
-            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return self.globalcom2_count(config, image_height, image_width)
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
         config = self.globalcom2_config()
