@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(v) for v in args.batches.split(",") if v.strip()]
     model = build_model(args.tiny, args.hidden_size, dtype, args.device)
     globalcom2.apply(model, retention_ratio=args.retention_ratio, layout=args.layout)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     views = adapter.num_views((h, w))
     grid = adapter.grid_shape((h, w))
     g = torch.Generator().manual_seed(0)

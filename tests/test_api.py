@@ -30,7 +30,7 @@ def test_apply_returns_model_and_shortens_the_sequence(tiny):
     vanilla = _logits(model, inputs)
     assert globalcom2.apply(model, retention_ratio=0.25) is model
     out = _logits(model, inputs)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     kept, total = adapter.last.counts[0], adapter.last.vanilla_counts[0]
     assert total == int((inputs.input_ids == model.config.image_token_id).sum())
     assert out.shape[1] == vanilla.shape[1] - (total - kept)
@@ -194,7 +194,7 @@ def test_several_images_in_one_prompt(tiny):
     inputs = processor(images=images, text=["<image> and <image>: compare"], return_tensors="pt")
     globalcom2.apply(model, retention_ratio=0.25)
     out = _logits(model, inputs)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     assert len(adapter.last.counts) == 2
     assert out.shape[1] == inputs.input_ids.shape[1] - sum(adapter.last.vanilla_counts) + sum(adapter.last.counts)
 
@@ -233,7 +233,7 @@ def test_labels_are_shortened_with_the_sequence(tiny):
     globalcom2.apply(model)
     with torch.no_grad():
         out = model(**inputs, labels=labels)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     start = int(is_img[0].nonzero()[0, 0])
     vanilla, kept = adapter.last.vanilla_counts[0], adapter.last.counts[0]
     expected = torch.cat([labels[0, :start], torch.full((kept,), -100), labels[0, start + vanilla:]])
@@ -249,7 +249,7 @@ def test_model_dtype_is_respected():
     globalcom2.apply(model)
     with torch.no_grad():
         out = model(**inputs)
-    tokens = globalcom2.get_adapter(model).last.tokens[0]
+    tokens = globalcom2.get_family(model).last.tokens[0]
     assert tokens.dtype == torch.bfloat16 and out.logits.dtype == torch.bfloat16
 
 

@@ -314,7 +314,7 @@ def test_run_bench_memory_is_far_below_the_process(tiny):
 
 
 def test_wide_config_has_the_real_widths():
-    from globalcom2.models.llava_next import LlavaNextAdapter, build_processor, build_wide_config
+    from globalcom2.models.llava_next import LlavaNextFamily, build_processor, build_wide_config
 
     tok = build_processor().tokenizer
     config = build_wide_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, text_layers=3)
@@ -323,7 +323,7 @@ def test_wide_config_has_the_real_widths():
             v.num_attention_heads, v.hidden_act) == (336, 14, 1024, 4096, 24, 16, "quick_gelu")
     assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
             t.num_hidden_layers) == (4096, 11008, 32, 32, 3)
-    assert config.vision_feature_layer == -2 and LlavaNextAdapter.max_visual_tokens(config) == 2880
+    assert config.vision_feature_layer == -2 and LlavaNextFamily.max_visual_tokens(config) == 2880
     with pytest.raises(ValueError, match="text_layers"):
         build_wide_config(len(tok), 4, 3, text_layers=0)
 

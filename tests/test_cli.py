@@ -260,9 +260,9 @@ def test_canvas_layout_matches_the_processor_arithmetic():
 
 
 def test_single_view_picture_and_atomic_save(tmp_path):
-    from globalcom2 import ops
+    from globalcom2.core import geometry, plans
 
-    plan = ops.plan_single_view(torch.arange(576.0), 0.25)
+    plan = plans.plan_single_view(torch.arange(576.0), 0.25)
     img = render_kept_tokens(Image.new("RGB", (50, 40), (200, 100, 50)), plan, title="one view")
     assert img.width >= 336 and img.height >= 336
     path = save_png(img, tmp_path / "sub" / "one.png")

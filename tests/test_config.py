@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from globalcom2 import GlobalCom2Config
-from globalcom2.config import FasterVLMConfig, PoolingConfig, RandomConfig
-from globalcom2.fastv import FastVConfig
+from globalcom2.methods import FasterVLMConfig, PoolingConfig, RandomConfig
+from globalcom2.methods import FastVConfig
 from globalcom2.methods import VISION_METHODS, make_config
 
 
@@ -230,6 +230,6 @@ def test_choice_fields_reject_non_strings_with_their_type():
 
 
 def test_import_does_not_load_torch_or_numpy():
-    code = "import sys, globalcom2, globalcom2.config; print('torch' in sys.modules, 'numpy' in sys.modules)"
+    code = "import sys, globalcom2, globalcom2.methods; print('torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

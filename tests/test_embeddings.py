@@ -80,7 +80,7 @@ def test_vanilla_model_on_the_embeddings_is_the_patched_model(family, method, la
     assert globalcom2.last_stats(model).visual_tokens == emb.counts
     assert torch.equal(vanilla_logits, patched_logits)
     assert torch.equal(vanilla_tokens, patched_tokens)
-    for got, want in zip(emb.embeddings, globalcom2.get_adapter(model).last.tokens):
+    for got, want in zip(emb.embeddings, globalcom2.get_family(model).last.tokens):
         assert torch.equal(got, want)
 
 
@@ -131,7 +131,7 @@ def test_repeated_questions_and_chat_turns_reuse_the_embeddings(family):
     first = _inputs(processor, [0])
     emb = globalcom2.compress_images(model, first)
     encodes = []
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     original_encode = adapter.encode
     adapter.encode = lambda *a, **k: encodes.append(1) or original_encode(*a, **k)
     try:
@@ -162,7 +162,7 @@ def test_compress_images_touches_no_model_state(family):
     inputs = _inputs(processor, [0])
     with torch.no_grad():
         model(**inputs)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     last, stats = adapter.last, adapter.stats
     params = {k: v.clone() for k, v in model.state_dict().items()}
     keys = set(model.__dict__)

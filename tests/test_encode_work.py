@@ -34,7 +34,7 @@ def test_truncated_tower_gives_the_full_runs_bits_and_skips_the_last_layers_rest
                        return_tensors="pt", padding=True)
     globalcom2.apply(model, retention_ratio=0.25, importance=mode)
     try:
-        adapter = globalcom2.get_adapter(model)
+        adapter = globalcom2.get_family(model)
         last = adapter.inner.vision_tower.encoder.layers[-1]
         ran = []
         handles = [m.register_forward_hook(lambda *a, name=name: ran.append(name))
@@ -59,7 +59,7 @@ def test_a_whole_tower_run_in_the_same_thread_after_a_truncated_one_is_not_stopp
     inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
     globalcom2.apply(model, retention_ratio=0.25)
     try:
-        adapter = globalcom2.get_adapter(model)
+        adapter = globalcom2.get_family(model)
         with torch.no_grad():
             adapter.encode_inputs(inputs)
             out = adapter.inner.vision_tower(inputs["pixel_values"][0], output_hidden_states=True, return_dict=True)

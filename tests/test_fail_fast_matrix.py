@@ -475,14 +475,14 @@ def _inputs(model_type):
 @pytest.mark.parametrize("call, expected", [
     ("remove(None)", "model must be a torch.nn.Module"), ("is_applied('x')", "model must be a torch.nn.Module"),
     ("get_config(1)", "model must be a torch.nn.Module"), ("last_stats([])", "model must be a torch.nn.Module"),
-    ("get_adapter(object())", "model must be a torch.nn.Module"),
+    ("get_family(object())", "model must be a torch.nn.Module"),
 ])
 def test_api_model_argument(call, expected):
     """TYPE: the model argument of the inspection functions (was AttributeError)."""
     import globalcom2
 
     with pytest.raises(TypeError, match=expected):
-        eval(call, {k: getattr(globalcom2, k) for k in ("remove", "is_applied", "get_config", "last_stats", "get_adapter")})
+        eval(call, {k: getattr(globalcom2, k) for k in ("remove", "is_applied", "get_config", "last_stats", "get_family")})
 
 
 APPLY_CASES = [

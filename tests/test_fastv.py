@@ -1,4 +1,4 @@
-"""FastV token pruning inside the language model (globalcom2.fastv).
+"""FastV token pruning inside the language model (globalcom2.methods.fastv).
 
 Tiny random Llama models built in code. The central check compares the patched (really shorter)
 model against an independent mask-based reference: the unpatched model where layers >= K may not
@@ -19,7 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from globalcom2.fastv import FastVConfig, FastVPatch
+from globalcom2.methods.fastv import FastVConfig, FastVPatch
 
 from conftest import make_image
 

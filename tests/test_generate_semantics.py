@@ -149,7 +149,7 @@ def test_a_new_image_in_a_continued_turn_is_encoded(family):
         input_ids=ids, attention_mask=mask, **images, **{cache_keyword(): first[cache_keyword()]},
         **_greedy(3), return_dict_in_generate=True, output_scores=True,
     )
-    stats = globalcom2.get_adapter(model).last
+    stats = globalcom2.get_family(model).last
     globalcom2.remove(model)
     assert stats.counts == emb.counts[1:]  # the new image was compressed
     seqs, scores = _scored(out)
@@ -320,7 +320,7 @@ def test_a_patched_model_pickles_and_loads_as_a_patched_model(image_factory, how
         torch.save(model, buf)
         buf.seek(0)
         loaded = torch.load(buf, weights_only=False)
-    assert globalcom2.is_applied(loaded) and globalcom2.get_adapter(loaded).model is loaded
+    assert globalcom2.is_applied(loaded) and globalcom2.get_family(loaded).model is loaded
     with torch.no_grad():
         expected = model(**inputs).logits
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=0, rtol=0)

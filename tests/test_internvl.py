@@ -22,7 +22,7 @@ from globalcom2.models import families
 #: Whether ``globalcom2.models`` registers InternVL itself (its registry line).
 _LISTED = any(f.model_type == "internvl" for f in families())
 
-from globalcom2.models.internvl import TINY_MAX_PATCHES, InternVLAdapter, build_tiny_internvl  # noqa: E402
+from globalcom2.models.internvl import TINY_MAX_PATCHES, InternVLFamily, build_tiny_internvl  # noqa: E402
 
 if not _LISTED:
     # Importing the family module registers it (@register_family). Until the registry line is in
@@ -42,7 +42,7 @@ def _registered():
     if _LISTED:
         yield
         return
-    _family_registry.register_family(InternVLAdapter)
+    _family_registry.register_family(InternVLFamily)
     yield
     _family_registry._REGISTRY.pop("internvl", None)
 
@@ -153,7 +153,7 @@ def test_kept_tokens_and_order_match_the_reference(tiny, ratio):
     feats = _vanilla_features(model, inputs, views)
     globalcom2.apply(model, method="globalcom2", retention_ratio=ratio)
     _logits(model, inputs)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     encoded = adapter.encode_inputs(inputs)
     for i, size in enumerate(sizes):
         grid = _processor_grid(size) if views[i] > 1 else None
@@ -178,7 +178,7 @@ def test_importance_is_the_cls_logits_mapped_through_pixel_shuffle(tiny):
     seen = {}
     handle = attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
     try:
-        adapter = InternVLAdapter(model, GlobalCom2Config(layout="spatial"))
+        adapter = InternVLFamily(model, GlobalCom2Config(layout="spatial"))
         with torch.no_grad():
             encoded = adapter.encode_inputs(inputs)
     finally:
@@ -215,7 +215,7 @@ def test_importance_without_qk_norm():
     seen = {}
     handle = attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
     with torch.no_grad():
-        encoded = InternVLAdapter(model, GlobalCom2Config(layout="spatial")).encode_inputs(inputs)
+        encoded = InternVLFamily(model, GlobalCom2Config(layout="spatial")).encode_inputs(inputs)
     handle.remove()
     with torch.no_grad():
         q, k = attn.q_proj(seen["x"]).double(), attn.k_proj(seen["x"]).double()
@@ -240,7 +240,7 @@ def test_keep_all_is_the_vanilla_sequence(tiny, config):
     feats = _vanilla_features(model, inputs, views)
     globalcom2.apply(model, config)
     out = _logits(model, inputs)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     for got, f in zip(adapter.last.tokens, feats):
         assert torch.equal(got, f.reshape(-1, f.shape[-1]))  # tiles, then the thumbnail: the model's sequence
     assert torch.equal(out, vanilla)
@@ -251,7 +251,7 @@ def test_budgets_match_the_formulas(tiny):
     sizes = MULTI[:2] + SINGLE
     inputs = _inputs(processor, sizes)
     views = _views(inputs, model)
-    adapter = InternVLAdapter(model, GlobalCom2Config(layout="spatial"))
+    adapter = InternVLFamily(model, GlobalCom2Config(layout="spatial"))
     with torch.no_grad():
         encoded = adapter.encode_inputs(inputs)
     for ratio in (0.1, 0.25, 0.5, 1.0):
@@ -304,7 +304,7 @@ def test_image_sizes_give_the_same_grid(tiny):
     model, processor = tiny
     sizes = MULTI
     inputs = _inputs(processor, sizes)
-    adapter = InternVLAdapter(model, GlobalCom2Config(layout="spatial"))
+    adapter = InternVLFamily(model, GlobalCom2Config(layout="spatial"))
     with torch.no_grad():
         from_pixels = adapter.encode_inputs(inputs)
         given = adapter.encode_inputs({**inputs, "image_sizes": torch.tensor(sizes)})
@@ -346,7 +346,7 @@ def test_plans_keep_thumbnail_first_masks(tiny):
     inputs = _inputs(processor, MULTI[:1])
     globalcom2.apply(model, method="globalcom2", retention_ratio=0.25)
     _logits(model, inputs)
-    plan = globalcom2.get_adapter(model).last.plans[0]
+    plan = globalcom2.get_family(model).last.plans[0]
     masks = plan.kept_masks()
     rows, cols = _processor_grid(MULTI[0])
     assert masks.crop.shape == (rows * cols, N) and bool(masks.valid.all())
@@ -359,18 +359,18 @@ def test_plans_keep_thumbnail_first_masks(tiny):
 
 
 def test_family_metadata():
-    assert InternVLAdapter.default_max_visual_tokens() == 13 * 256
+    assert InternVLFamily.default_max_visual_tokens() == 13 * 256
     cfg = {"vision_config": {"image_size": [448, 448], "patch_size": [14, 14]}, "downsample_ratio": 0.5, "max_patches": 6}
-    assert InternVLAdapter.max_visual_tokens(cfg) == 7 * 256
-    assert InternVLAdapter.layouts == ("spatial",)
-    assert InternVLAdapter.default_text_model_type == "qwen2"
-    for arch in InternVLAdapter.language_models.values():
+    assert InternVLFamily.max_visual_tokens(cfg) == 7 * 256
+    assert InternVLFamily.layouts == ("spatial",)
+    assert InternVLFamily.default_text_model_type == "qwen2"
+    for arch in InternVLFamily.language_models.values():
         name, layers, hidden, heads, kv, head_dim, inter, vocab = arch
         assert hidden % heads == 0 and heads % kv == 0 and layers > 0 and vocab > 0
     from globalcom2.core.geometry import CropGeometry
 
     geom = CropGeometry(side=S, grid_h=2, grid_w=3, row0=0, row1=32, col0=0, col1=48)
-    thumb, canvas, lay = InternVLAdapter.picture_views(make_image(480, 640), geom, 448)
+    thumb, canvas, lay = InternVLFamily.picture_views(make_image(480, 640), geom, 448)
     assert thumb.shape == (448, 448, 3) and canvas.shape == (896, 1344, 3)
     assert lay["top"] == lay["left"] == 0 and (lay["new_height"], lay["new_width"]) == (896, 1344)
 
@@ -389,7 +389,7 @@ def test_attention_received_importance_option(tiny):
     attn = model.model.vision_tower.encoder.layer[-1].attention
     seen = {}
     handle = attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
-    adapter = InternVLAdapter(model, GlobalCom2Config(layout="spatial", importance="attention_received"))
+    adapter = InternVLFamily(model, GlobalCom2Config(layout="spatial", importance="attention_received"))
     adapter.validate()
     with torch.no_grad():
         encoded = adapter.encode_inputs(inputs)

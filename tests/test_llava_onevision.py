@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import globalcom2
 from globalcom2.core.importance import attention_received
 from globalcom2.methods import make_config
-from globalcom2.models.llava_onevision import LlavaOnevisionAdapter
+from globalcom2.models.llava_onevision import LlavaOnevisionFamily
 
 from conftest import make_image
 
@@ -31,7 +31,7 @@ SIZES = [(480, 640), (300, 900), (1152, 1536)]
 
 @pytest.fixture(scope="module")
 def ov():
-    model, processor = LlavaOnevisionAdapter.build_tiny(seed=0)
+    model, processor = LlavaOnevisionFamily.build_tiny(seed=0)
     yield model, processor
     globalcom2.remove(model)
 
@@ -208,7 +208,7 @@ def test_kept_tokens_match_the_spec_reference(ov, size, importance):
     globalcom2.apply(model, method="globalcom2", retention_ratio=R, **options)
     try:
         _logits(model, inputs)
-        adapter = globalcom2.get_adapter(model)
+        adapter = globalcom2.get_family(model)
         tokens = adapter.last.tokens[0]
         torch.testing.assert_close(tokens, vanilla[positions], atol=1e-6, rtol=1e-6)
         # Budgets: floor(N R) thumbnail tokens, floor(n_j r_j) per crop, one newline per map row.
@@ -229,7 +229,7 @@ def test_resized_map_is_exercised(ov):
     assert n == N + 70 * (93 + 1)  # the processor's count after anyres_max_9 resizing
     globalcom2.apply(model, method="globalcom2", retention_ratio=0.5)
     try:
-        enc = globalcom2.get_adapter(model).encode_inputs(inputs)
+        enc = globalcom2.get_family(model).encode_inputs(inputs)
         g = enc.geometries[0]
         assert (g.grid_h, g.grid_w, g.row1, g.col1) == (3, 4, 70, 93) and enc.vanilla_counts == [n]
     finally:
@@ -242,7 +242,7 @@ def test_attention_received_equals_brute_force(ov):
     globalcom2.apply(model, method="fastervlm", retention_ratio=0.5, importance="attention_received")
     try:
         with torch.no_grad():
-            enc = globalcom2.get_adapter(model).encode_inputs(inputs)
+            enc = globalcom2.get_family(model).encode_inputs(inputs)
     finally:
         globalcom2.remove(model)
     ref = brute_importance(model, inputs["pixel_values"][0])
@@ -342,7 +342,7 @@ def test_llava_next_attention_received_ablation(tiny):
     globalcom2.apply(model, method="globalcom2", importance="attention_received")
     try:
         with torch.no_grad():
-            enc = globalcom2.get_adapter(model).encode_inputs(inputs)
+            enc = globalcom2.get_family(model).encode_inputs(inputs)
         _logits(model, inputs)
     finally:
         globalcom2.remove(model)
@@ -363,7 +363,7 @@ def test_llava_next_attention_received_ablation(tiny):
 
 
 def test_family_facts():
-    fam = LlavaOnevisionAdapter
+    fam = LlavaOnevisionFamily
     assert fam.default_text_model_type == "qwen2" and fam.layouts == ("spatial",)
     assert fam.default_max_visual_tokens() == N + 81 * 98
     assert set(fam.language_models) == {

@@ -68,7 +68,7 @@ def test_shortens_reports_and_restores(family, method, layout):
     assert globalcom2.get_config(model).method == method
     first, second = _logits(model, inputs), _logits(model, inputs)
     assert torch.equal(first, second)  # deterministic (random pruning included: a private seeded generator)
-    adapter, stats = globalcom2.get_adapter(model), globalcom2.last_stats(model)
+    adapter, stats = globalcom2.get_family(model), globalcom2.last_stats(model)
     vanilla = (inputs.input_ids == model.config.image_token_id).sum(1).tolist()
     assert stats.vanilla_visual_tokens == vanilla
     cfg = globalcom2.get_config(model)

@@ -222,7 +222,7 @@ def test_fastervlm_ranks_by_the_cls_importance(tiny):
     model, processor = tiny
     inputs = _inputs(processor, [0])
     globalcom2.apply(model, method="fastervlm", retention_ratio=0.2, layout="official")
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     with torch.no_grad():
         encoded = adapter.encode(inputs.pixel_values, inputs.image_sizes)
     plan = adapter.compress(encoded).plans[0]
@@ -234,7 +234,7 @@ def test_random_is_deterministic_private_and_seeded(tiny):
     model, processor = tiny
     inputs = _inputs(processor, [0])
     globalcom2.apply(model, method="random", retention_ratio=0.25, seed=3)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     torch.manual_seed(0)
     _logits(model, inputs)
     first = adapter.last.plans[0].index.clone()
@@ -244,7 +244,7 @@ def test_random_is_deterministic_private_and_seeded(tiny):
     assert torch.equal(adapter.last.plans[0].index, first)
     globalcom2.apply(model, method="random", retention_ratio=0.25, seed=4)
     _logits(model, inputs)
-    assert not torch.equal(globalcom2.get_adapter(model).last.plans[0].index, first)
+    assert not torch.equal(globalcom2.get_family(model).last.plans[0].index, first)
 
 
 @pytest.mark.parametrize("allocation", ["softmax_sum", "softmax_max", "uniform", "topk_count"])
@@ -254,7 +254,7 @@ def test_globalcom2_ablations_run_end_to_end(tiny, allocation, scoring):
     inputs = _inputs(processor, [0])
     globalcom2.apply(model, retention_ratio=0.25, allocation=allocation, scoring=scoring)
     _logits(model, inputs)
-    plan = globalcom2.get_adapter(model).last.plans[0]
+    plan = globalcom2.get_family(model).last.plans[0]
     thumb = plan.thumb_importance
     geom = plan.geometry
     expected_r = ops.crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), 0.25, allocation=allocation)

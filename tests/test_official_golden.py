@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from globalcom2 import ops
+from globalcom2.core import geometry, plans
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "official_golden.json").read_text())
 
@@ -26,8 +26,8 @@ def _importance(views: int, n: int = 576) -> torch.Tensor:
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=lambda c: f"{c['image_hw']}-R{c['retention_ratio']}")
 def test_official_layout_matches_the_published_code(case):
     gh, gw = case["grid_hw"]
-    geom = ops.crop_geometry(tuple(case["image_hw"]), (gh, gw), 24)
-    plan = ops.plan_image(_importance(1 + gh * gw), geom, case["retention_ratio"], layout="official")
+    geom = geometry.crop_geometry(tuple(case["image_hw"]), (gh, gw), 24)
+    plan = plans.plan_image(_importance(1 + gh * gw), geom, case["retention_ratio"], layout="official")
     newline = (1 + gh * gw) * 576
     order = [-1 if i == newline else i for i in plan.index.tolist()]
     assert order == case["order"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -83,18 +85,19 @@ def test_registries_load_neither_torch_nor_transformers():
     assert out.strip() == "[]"
 
 
-def test_the_paths_of_0_1_are_the_same_objects():
-    import globalcom2
-    from globalcom2 import adapters, config, core, fastv, methods, models, ops, sequence, tiny
-    from globalcom2.core import plans
+def test_one_name_per_thing_and_no_paths_of_an_unreleased_0_1():
+    """0.1 was never released: its module paths and the Adapter/Family double name are gone."""
+    import importlib
 
-    assert ops.plan_image is plans.plan_image and ops.CropGeometry is core.geometry.CropGeometry
-    assert ops._valid_mask is core.geometry.valid_mask
-    assert config.GlobalCom2Config is methods.GlobalCom2Config is globalcom2.GlobalCom2Config
-    assert fastv.FastVConfig is methods.FastVConfig is globalcom2.FastVConfig
-    assert adapters.LlavaNextAdapter is models.LlavaNextAdapter and adapters.adapter_for is models.adapter_for
-    assert sequence.shrink_placeholders is core.sequence.shrink_placeholders
-    assert tiny.build_tiny_llava_next is models.llava_next.build_tiny_llava_next
+    import globalcom2
+    from globalcom2 import models
+
+    for gone in ("ops", "config", "fastv", "sequence", "adapters"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(f"globalcom2.{gone}")
+    for name in ("Adapter", "adapter_for", "LlavaNextAdapter"):
+        assert not hasattr(models, name), name
+    assert not hasattr(globalcom2, "get_adapter") and callable(globalcom2.get_family)
 
 
 def test_a_method_is_one_class_and_one_registration(tiny):
@@ -135,7 +138,7 @@ def test_a_method_is_one_class_and_one_registration(tiny):
         globalcom2.apply(model, method="raster", retention_ratio=0.25)
         with torch.no_grad():
             model(**inputs)
-        plan = globalcom2.get_adapter(model).last.plans[0]
+        plan = globalcom2.get_family(model).last.plans[0]
         n = plan.thumb_importance.shape[0]
         k = int(0.25 * (n + int(plan.crop_valid.sum())))  # one joint budget, the earliest tokens first
         assert plan.thumb_keep.tolist() == list(range(min(n, k)))

@@ -81,7 +81,7 @@ def _spec_counts(image: ref.RefImage) -> tuple[int, list[int], int]:
 
 def _check_counts(model, expected: ref.RefBatch) -> None:
     """The package's per-image plan and the reference both keep the SPEC's counts."""
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     assert adapter is not None and adapter.last is not None
     plans = adapter.last.plans
     assert len(plans) == len(expected.images)
@@ -345,7 +345,7 @@ def test_batch_rows_equal_their_single_prompt_runs(tiny):
 
 @pytest.mark.parametrize("hw", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
 def test_spatial_keeping_everything_is_the_vanilla_sequence(tiny, hw):
-    from globalcom2 import ops
+    from globalcom2.core import geometry, plans
 
     model, processor = tiny
     inputs = _inputs(processor, [hw], [PROMPT])
@@ -365,11 +365,11 @@ def test_spatial_keeping_everything_is_the_vanilla_sequence(tiny, hw):
     assert torch.equal(ref.materialize(plan.entries, feats, newline), vanilla)
 
     # the package, on the same features and importance
-    pgeom = ops.crop_geometry(hw, (geom.gh, geom.gw), geom.side)
-    pplan = ops.plan_image(
+    pgeom = geometry.crop_geometry(hw, (geom.gh, geom.gw), geom.side)
+    pplan = plans.plan_image(
         imp.float(), pgeom, 1.0, layout="spatial", crop_ratios=torch.ones(geom.num_crops, dtype=torch.float64)
     )
-    assert torch.equal(ops.gather_features(feats, newline, pplan.index), vanilla)
+    assert torch.equal(plans.gather_features(feats, newline, pplan.index), vanilla)
     assert pplan.num_tokens == geom.vanilla_count() == int(lens[0])
 
 

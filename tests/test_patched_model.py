@@ -60,7 +60,7 @@ def test_generate_runs_the_vision_side_without_a_graph_and_keeps_none(tiny):
     finally:
         handle.remove()
     assert seen == [False]  # as the vanilla generate, which runs under no_grad
-    last = globalcom2.get_adapter(model).last
+    last = globalcom2.get_family(model).last
     assert all(t.grad_fn is None and not t.requires_grad for t in last.tokens)
 
 
@@ -77,7 +77,7 @@ def test_forward_keeps_the_callers_grad_mode_but_keeps_no_graph(tiny):
         handle.remove()
     assert seen == [False, True]
     assert logits.requires_grad  # gradients still reach the model when training
-    assert all(t.grad_fn is None for t in globalcom2.get_adapter(model).last.tokens)
+    assert all(t.grad_fn is None for t in globalcom2.get_family(model).last.tokens)
 
 
 def test_assisted_generation_works_on_a_patched_model(tiny):
@@ -220,7 +220,7 @@ def test_a_deep_copy_is_an_independent_patched_model(fresh, method):
     with torch.no_grad():
         before = model(**inputs).logits
     twin = copy.deepcopy(model)
-    assert globalcom2.is_applied(twin) and globalcom2.get_adapter(twin).model is twin
+    assert globalcom2.is_applied(twin) and globalcom2.get_family(twin).model is twin
     with torch.no_grad():
         assert torch.equal(twin(**inputs).logits, before)
         twin.lm_head.weight.mul_(2.0)  # the copy runs its own weights ...
@@ -250,7 +250,7 @@ def test_apply_reaches_through_a_peft_model(fresh):
     lora = peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     wrapped = peft.get_peft_model(model, lora)
     assert globalcom2.apply(wrapped, retention_ratio=0.25) is wrapped
-    assert globalcom2.is_applied(wrapped) and globalcom2.get_adapter(wrapped).model is model
+    assert globalcom2.is_applied(wrapped) and globalcom2.get_family(wrapped).model is model
     with torch.no_grad():
         torch.testing.assert_close(wrapped(**inputs).logits, expected)
     out = wrapped.generate(**inputs, **_greedy(max_new_tokens=2))
@@ -268,7 +268,7 @@ def test_apply_reaches_through_torch_compile(fresh):
     globalcom2.remove(model)
     compiled = torch.compile(model, backend="eager")
     assert globalcom2.apply(compiled, retention_ratio=0.25) is compiled
-    assert globalcom2.get_adapter(compiled).model is model
+    assert globalcom2.get_family(compiled).model is model
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs).logits, expected)
     globalcom2.remove(compiled)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from globalcom2.sequence import infer_padding_side, shrink_placeholders
+from globalcom2.core.sequence import infer_padding_side, shrink_placeholders
 
 I = 9  # image placeholder id
 P = 0  # pad id

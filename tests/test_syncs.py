@@ -48,7 +48,7 @@ def test_compression_of_an_encoded_batch_syncs_once(tiny, image_factory):
     images = [image_factory(h, w, seed=i) for i, (h, w) in enumerate([(672, 672), (300, 900), (336, 336), (900, 300)])]
     inputs = processor(images=images, text=["<image>x"] * 4, return_tensors="pt", padding=True)
     globalcom2.apply(model)
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     with torch.no_grad():
         encoded = adapter.encode(inputs["pixel_values"], inputs["image_sizes"])
         with SyncCounter() as syncs:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import globalcom2
-from globalcom2 import ops
-from globalcom2.adapters import LlavaNextAdapter
+from globalcom2.core import geometry, plans
+from globalcom2.models import LlavaNextFamily
 from globalcom2.cli import main
 from globalcom2.picture import wrap_words
 from globalcom2.visualize import RatioMasks, _kept_pixels, _model_views, _to_grid, visualize
@@ -33,7 +33,7 @@ def _joint_by_hand(crop_major: np.ndarray, gh: int, gw: int, s: int) -> np.ndarr
 
 
 def _encode(model, processor, image):
-    adapter = LlavaNextAdapter(model, globalcom2.GlobalCom2Config())
+    adapter = LlavaNextFamily(model, globalcom2.GlobalCom2Config())
     inputs = processor(images=[image], text=["<image>"], return_tensors="pt")
     with torch.no_grad():
         return adapter, adapter.encode(inputs["pixel_values"], inputs["image_sizes"]), inputs
@@ -102,7 +102,7 @@ def test_masks_match_the_plans(tiny, size):
 
 
 def test_joint_grid_mapping_by_hand():
-    geom = ops.crop_geometry((480, 640), (2, 3), 4)
+    geom = geometry.crop_geometry((480, 640), (2, 3), 4)
     x = np.arange(6 * 16).reshape(6, 16)
     assert np.array_equal(_to_grid(x, geom), _joint_by_hand(x, 2, 3, 4))
     # One token by hand: crop 4 (row 1, column 1), local index 6 (row 1, column 2) -> (5, 6).
@@ -166,10 +166,10 @@ def test_model_state_is_left_as_it_was(tiny):
     visualize(model, processor, make_image(480, 640), (0.25,))
     assert not globalcom2.is_applied(model) and "forward" not in model.__dict__
     globalcom2.apply(model, retention_ratio=0.5, layout="spatial")
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     forward = model.__dict__["forward"]
     visualize(model, processor, make_image(480, 640), (0.1, 0.25), heatmaps=True)
-    assert globalcom2.get_adapter(model) is adapter and model.__dict__["forward"] is forward
+    assert globalcom2.get_family(model) is adapter and model.__dict__["forward"] is forward
     assert globalcom2.get_config(model) == globalcom2.GlobalCom2Config(retention_ratio=0.5, layout="spatial")
     assert adapter.last is None  # the applied adapter did not run
     assert torch.is_grad_enabled() and not model.training

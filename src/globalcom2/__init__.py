@@ -19,7 +19,7 @@ from .methods import FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomCon
 
 __version__ = "0.1.0"
 
-_API = ("apply", "compressed", "get_adapter", "get_config", "is_applied", "last_stats", "remove")
+_API = ("apply", "compressed", "get_family", "get_config", "is_applied", "last_stats", "remove")
 _LAZY = {
     "FastVConfig": ".methods", "ComposedConfig": ".methods", "method_names": ".methods",
     "compress_images": ".embeddings", "load_embeddings": ".embeddings", "embed_prompt": ".embeddings",
@@ -28,7 +28,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import apply, compressed, get_adapter, get_config, is_applied, last_stats, remove
+    from .api import apply, compressed, get_family, get_config, is_applied, last_stats, remove
     from .methods import FastVConfig
     from .methods import ComposedConfig, method_names
     from .embeddings import ImageEmbeddings, compress_images, embed_prompt, load_embeddings, visual_token_counts

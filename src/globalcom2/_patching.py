@@ -1,9 +1,43 @@
-"""Reversible, deep-copyable per-instance method patches (used by the adapters and by FastV)."""
+"""Reversible, deep-copyable per-instance method patches (used by the model families and by FastV)."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+#: Attribute under which an applied family (the patch of a model instance) lives on that instance.
+STATE_ATTR = "_globalcom2_family"
+
+
+class _Missing:
+    """"No instance attribute was there before patching": one object that copies and pickles as itself
+    (a plain ``object()`` sentinel would be duplicated by ``copy.deepcopy`` and then restored as the
+    model's ``forward``)."""
+
+    _instance: "_Missing | None" = None
+
+    def __new__(cls) -> "_Missing":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
 
 
 class PatchedMethod:
@@ -16,7 +50,7 @@ class PatchedMethod:
     patched model. It keeps the original's name, docstring and ``inspect.signature`` (transformers
     inspects ``forward``'s signature).
 
-    ``active = False`` turns it into a pass-through to ``original``: :meth:`Adapter.unpatch` does
+    ``active = False`` turns it into a pass-through to ``original``: :meth:`InstancePatch.unpatch` does
     that when another wrapper (accelerate's ``prepare``, for example) was set on top of it after
     patching, so that removing GlobalCom2 keeps that wrapper working.
     """
@@ -86,3 +120,58 @@ class _ClassMethodOf:
 def _blank() -> PatchedMethod:
     """An empty :class:`PatchedMethod`, filled by its ``__setstate__`` (unpickling, deep copies)."""
     return PatchedMethod.__new__(PatchedMethod)
+
+
+class InstancePatch:
+    """Base class of what patches one model instance (:class:`globalcom2.models.Family` is the one there is).
+
+    Subclasses set :attr:`model_names` (the class names they handle, for error messages),
+    implement :meth:`supports`, and list in :meth:`patched_methods` the instance methods they
+    replace. Patching is per instance: the class, and every other model in the process, is left
+    alone. :meth:`unpatch` restores exactly what was there before (including a method that an
+    earlier wrapper such as accelerate's hooks had set on the instance).
+    """
+
+    model_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        self.model = model
+        self.config = config
+        self._saved: dict[str, Any] = {}
+
+    # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if this model instance cannot be compressed (checked at apply)."""
+
+    def patched_methods(self) -> dict[str, str]:  # pragma: no cover - abstract
+        """Map of instance method name -> name of this patch's handler, called as
+        ``handler(original_bound_method, *args, **kwargs)`` (see :class:`PatchedMethod`)."""
+        raise NotImplementedError
+
+    # -- patching -------------------------------------------------------------------------------
+    def patch(self) -> None:
+        for name, handler in self.patched_methods().items():
+            original = getattr(self.model, name)
+            self._saved[name] = (self.model.__dict__.get(name, _MISSING), PatchedMethod(self, handler, original))
+            setattr(self.model, name, self._saved[name][1])
+        setattr(self.model, STATE_ATTR, self)
+
+    def unpatch(self) -> None:
+        """Restore what was there before :meth:`patch`. Where something else wrapped a patched
+        method afterwards (accelerate's ``prepare`` wraps ``forward``), that wrapper stays and ours,
+        inside it, becomes a pass-through to the original."""
+        for name, (saved, ours) in self._saved.items():
+            ours.active = False
+            ours.owner = None  # a pass-through left inside someone's wrapper must not keep this patch alive
+            if self.model.__dict__.get(name) is not ours:
+                continue  # wrapped by someone else since: keep their wrapper, ours now passes through
+            if saved is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                setattr(self.model, name, saved)
+        self._saved.clear()
+        self.model.__dict__.pop(STATE_ATTR, None)

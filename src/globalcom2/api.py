@@ -9,12 +9,12 @@ from typing import Any, Iterator, TypeVar
 
 from torch import nn
 
-from .models import STATE_ATTR, Adapter, CompressionStats, adapter_for
+from .models import STATE_ATTR, CompressionStats, Family, family_for
 
 M = TypeVar("M", bound=nn.Module)
 
 #: transformers versions this release is tested with (checked by :func:`apply`): the whole test
-#: suite passes on 5.18 to 5.24; 5.17 and older lack `mm_encoder_outputs`, which the adapter needs.
+#: suite passes on 5.18 to 5.24; 5.17 and older lack `mm_encoder_outputs`, which the patched model needs.
 TRANSFORMERS_RANGE = (">=5.18", "<6")
 
 
@@ -52,8 +52,8 @@ def unwrap_model(model: Any) -> Any:
     return model
 
 
-def get_adapter(model: nn.Module) -> Adapter | None:
-    """The adapter applied to ``model`` (or to the model inside its PEFT / compile wrapper), or None.
+def get_family(model: nn.Module) -> Family | None:
+    """The :class:`~globalcom2.models.Family` instance applied to ``model`` (or to the model inside its PEFT / compile wrapper), or None.
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module`` (``None``, a string, a processor...).
@@ -65,13 +65,13 @@ def get_adapter(model: nn.Module) -> Adapter | None:
 
 def is_applied(model: nn.Module) -> bool:
     """Whether a method (GlobalCom2 or another) is currently applied to ``model``."""
-    return get_adapter(model) is not None
+    return get_family(model) is not None
 
 
 def get_config(model: nn.Module) -> Any:
     """The config the applied method runs with on ``model`` (a :class:`GlobalCom2Config` for
     GlobalCom2), or None when nothing is applied."""
-    adapter = get_adapter(model)
+    adapter = get_family(model)
     return None if adapter is None else adapter.config
 
 
@@ -82,7 +82,7 @@ def last_stats(model: nn.Module) -> CompressionStats | None:
     language model, ``vanilla_visual_tokens``, ``lm_visual_tokens`` after FastV, and the
     layer-averaged ``effective_visual_tokens``.
     """
-    adapter = get_adapter(model)
+    adapter = get_family(model)
     return None if adapter is None else getattr(adapter, "stats", None)
 
 
@@ -99,7 +99,7 @@ def resolve_method(model: Any, config: Any, method: str | None, options: dict[st
             raise ValueError(f"config must be a method config such as GlobalCom2Config, got {type(config).__name__}")
     cfg = make_config(method, config, **options)
     target = unwrap_model(model)
-    family_cls = adapter_for(target)
+    family_cls = family_for(target)
     if config is None and "layout" not in options:  # no layout asked for: the family's default
         cfg = family_cls.with_default_layout(cfg)
     return target, family_cls, cfg
@@ -181,7 +181,7 @@ def remove(model: M) -> M:
     A wrapper set on the patched model afterwards (accelerate's ``prepare`` wraps ``forward``)
     stays in place and keeps working: the method inside it passes straight through again.
     """
-    adapter = get_adapter(model)
+    adapter = get_family(model)
     if adapter is not None:
         patch = getattr(adapter, "processor_patch", None)
         if patch is not None:

@@ -378,7 +378,7 @@ class PrefillProbe:
             self.lm.module.register_forward_pre_hook(lm_start),
         ]
         self.lm.__enter__()
-        adapter = globalcom2.get_adapter(self.model) if globalcom2.is_applied(self.model) else None
+        adapter = globalcom2.get_family(self.model) if globalcom2.is_applied(self.model) else None
         if adapter is not None and "compress" not in vars(adapter):
             inner = adapter.compress
 
@@ -595,7 +595,7 @@ def run_bench(
 
     from .efficiency import LMArch
     from .methods import GlobalCom2Config
-    from .models import adapter_for
+    from .models import family_for
 
     options = dict(options or {})
     if layout is not None:
@@ -605,7 +605,7 @@ def run_bench(
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
     # A never-applied adapter finds the language model and its architecture.
-    family = adapter_for(model)
+    family = family_for(model)
     timer = family(model, family.with_default_layout(GlobalCom2Config()))
     timer.validate()
     language_model = timer.language_model()

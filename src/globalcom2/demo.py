@@ -1,6 +1,6 @@
 """The offline demo: GlobalCom2 on a shipped sample image and a tiny random LLaVA-NeXT.
 
-Nothing is downloaded. The model comes from :meth:`~globalcom2.models.llava_next.LlavaNextAdapter.build_tiny`: it has
+Nothing is downloaded. The model comes from :meth:`~globalcom2.models.llava_next.LlavaNextFamily.build_tiny`: it has
 the real LLaVA-NeXT geometry (336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids) but
 random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
 *which* tokens are kept is meaningless.
@@ -145,7 +145,7 @@ def run_demo(
     default = GlobalCom2Config()
     with globalcom2.compressed(model, default), torch.no_grad():
         seq_len = int(model(**inputs).logits.shape[1])
-        adapter = globalcom2.get_adapter(model)
+        adapter = globalcom2.get_family(model)
         forward_count = int(adapter.last.counts[0])
         encoded = adapter.encode_inputs(inputs)
         results = [(cfg, adapter.compress(encoded, cfg)) for cfg in configs]

@@ -334,10 +334,10 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     _check_transformers()
     family = family_cls(target, cfg)
     family.validate()
-    from .api import get_adapter
+    from .api import get_family
 
     # A prompt from a processor patched with apply(..., processor=...) carries compressed counts.
-    family.processor_patch = getattr(get_adapter(target), "processor_patch", None)
+    family.processor_patch = getattr(get_family(target), "processor_patch", None)
     pixel_values = inputs.get("pixel_values") if hasattr(inputs, "get") else None
     if pixel_values is None:
         raise ValueError("inputs must hold pixel_values (the model's processor output for the images)")
@@ -439,7 +439,7 @@ def embed_prompt(
             or a model of another width, or the prompt's placeholders fit none of the forms.
     """
     from .api import unwrap_model
-    from .models import adapter_for
+    from .models import family_for
     from .models.base import pad_token_id_of
 
     if not isinstance(embeddings, ImageEmbeddings):
@@ -450,7 +450,7 @@ def embed_prompt(
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of shape (batch, length), got {type(input_ids).__name__}")
     target = unwrap_model(model)
-    family = adapter_for(target)  # ValueError naming what is supported
+    family = family_for(target)  # ValueError naming what is supported
     if embeddings.model_type != family.model_type:
         raise ValueError(
             f"these image embeddings come from a {embeddings.model_type!r} model, this is a {family.model_type!r} one "

@@ -15,7 +15,7 @@ crops still lose tokens (:func:`full_ratio_note`): GlobalCom2 gives crop j
 ``r_j = min(1, R * (1 + sigma_j - mean(sigma)))``, below 1 for the crops the thumbnail rates below
 average, even at R = 1.
 
->>> plan = globalcom2.get_adapter(model).last.plans[0]               # doctest: +SKIP
+>>> plan = globalcom2.get_family(model).last.plans[0]               # doctest: +SKIP
 >>> save_png(render_kept_tokens(image, plan), "kept.png")            # doctest: +SKIP
 """
 
@@ -297,7 +297,7 @@ def render_kept_tokens(
     Args:
         image: the original image (any mode; converted to RGB).
         plan: the image's :class:`~globalcom2.ops.CompressionPlan` (e.g.
-            ``get_adapter(model).last.plans[0]``).
+            ``get_family(model).last.plans[0]``).
         view: pixels per side of one ViT view (336 for the llava-hf checkpoints).
         title, subtitle: text above the picture.
         note: an optional warning printed in red under the legend.

@@ -135,12 +135,12 @@ def run(args: argparse.Namespace) -> int:
     status(f"{PROG}: generating with {title} ({settings}) ...")
     answer, gen_s = _generate(model, processor, inputs, args.max_new_tokens)
     stats = globalcom2.last_stats(model)
-    last = globalcom2.get_adapter(model).last
+    last = globalcom2.get_family(model).last
     kept, vanilla = int(stats.visual_tokens[0]), int(stats.vanilla_visual_tokens[0])
     lm_kept = None if stats.lm_visual_tokens is None else int(stats.lm_visual_tokens[0])
     plan = last.plans[0] if last is not None and vcfg is not None else None
     masks = plan.kept_masks() if plan is not None and plan.geometry is not None else None
-    adapter = globalcom2.get_adapter(model)
+    adapter = globalcom2.get_family(model)
     family = adapter.display_name
     grid = adapter.view_grid(inputs)
 

@@ -10,17 +10,17 @@ ask this registry, never a family by name. Importing it loads neither torch nor 
 from __future__ import annotations
 
 from .base import (
-    STATE_ATTR, Adapter, CompressedImages, CompressionStats, EncodedImages, Family, adapter_for, describe_supported,
+    STATE_ATTR, CompressedImages, CompressionStats, EncodedImages, Family, family_for, describe_supported,
     families, family_for, family_for_model_type, register_family, supported_model_names, supported_model_types,
 )
 
 # The registry: one line per family.
-from .llava_next import LlavaNextAdapter  # noqa: E402
-from .llava_onevision import LlavaOnevisionAdapter  # noqa: E402
-from .internvl import InternVLAdapter  # noqa: E402
+from .llava_next import LlavaNextFamily  # noqa: E402
+from .llava_onevision import LlavaOnevisionFamily  # noqa: E402
+from .internvl import InternVLFamily  # noqa: E402
 
 __all__ = [
-    "STATE_ATTR", "Adapter", "CompressedImages", "CompressionStats", "EncodedImages", "Family", "LlavaNextAdapter",
-    "adapter_for", "describe_supported", "families", "family_for", "family_for_model_type", "register_family",
+    "STATE_ATTR", "CompressedImages", "CompressionStats", "EncodedImages", "Family", "LlavaNextFamily",
+    "family_for", "describe_supported", "families", "family_for", "family_for_model_type", "register_family",
     "supported_model_names", "supported_model_types",
 ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from .. import methods
 from .._lazy import lazy_module
-from .._patching import PatchedMethod
+from .._patching import STATE_ATTR, InstancePatch  # noqa: F401  (STATE_ATTR: models exports it)
 from . import calls as _calls
 from .calls import cache_keyword  # noqa: F401  (its home before models.calls; tests and callers import it here)
 from ..methods.base import VisionMethodConfig
@@ -30,39 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
 torch = lazy_module("torch")
 sequence = lazy_module("globalcom2.core.sequence")
 
-#: Attribute under which an applied adapter lives on a model instance.
-STATE_ATTR = "_globalcom2_adapter"
 #: Keyword argument of a patched ``forward`` / ``generate`` taking precomputed
 #: :class:`~globalcom2.embeddings.ImageEmbeddings` in place of ``pixel_values``.
 EMBEDDINGS_KWARG = "image_embeddings"
 
 
-class _Missing:
-    """"No instance attribute was there before patching": one object that copies and pickles as itself
-    (a plain ``object()`` sentinel would be duplicated by ``copy.deepcopy`` and then restored as the
-    model's ``forward``)."""
-
-    _instance: "_Missing | None" = None
-
-    def __new__(cls) -> "_Missing":
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __copy__(self) -> "_Missing":
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> "_Missing":
-        return self
-
-    def __reduce__(self) -> str:
-        return "_MISSING"
-
-    def __repr__(self) -> str:
-        return "<missing>"
-
-
-_MISSING = _Missing()
 
 
 @dataclass
@@ -83,61 +55,6 @@ class CompressionStats:
     vanilla_visual_tokens: list[int]
     lm_visual_tokens: list[int] | None
     effective_visual_tokens: list[float]
-
-
-class Adapter:
-    """Base class of what patches one model instance (see :class:`Family` for a model family).
-
-    Subclasses set :attr:`model_names` (the class names they handle, for error messages),
-    implement :meth:`supports`, and list in :meth:`patched_methods` the instance methods they
-    replace. Patching is per instance: the class, and every other model in the process, is left
-    alone. :meth:`unpatch` restores exactly what was there before (including a method that an
-    earlier wrapper such as accelerate's hooks had set on the instance).
-    """
-
-    model_names: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, model: nn.Module, config: Any) -> None:
-        self.model = model
-        self.config = config
-        self._saved: dict[str, Any] = {}
-
-    # -- to implement -------------------------------------------------------------------------
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` if this model instance cannot be compressed (checked at apply)."""
-
-    def patched_methods(self) -> dict[str, str]:  # pragma: no cover - abstract
-        """Map of instance method name -> name of this adapter's handler, called as
-        ``handler(original_bound_method, *args, **kwargs)`` (see :class:`PatchedMethod`)."""
-        raise NotImplementedError
-
-    # -- patching -------------------------------------------------------------------------------
-    def patch(self) -> None:
-        for name, handler in self.patched_methods().items():
-            original = getattr(self.model, name)
-            self._saved[name] = (self.model.__dict__.get(name, _MISSING), PatchedMethod(self, handler, original))
-            setattr(self.model, name, self._saved[name][1])
-        setattr(self.model, STATE_ATTR, self)
-
-    def unpatch(self) -> None:
-        """Restore what was there before :meth:`patch`. Where something else wrapped a patched
-        method afterwards (accelerate's ``prepare`` wraps ``forward``), that wrapper stays and ours,
-        inside it, becomes a pass-through to the original."""
-        for name, (saved, ours) in self._saved.items():
-            ours.active = False
-            ours.owner = None  # a pass-through left inside someone's wrapper must not keep this adapter alive
-            if self.model.__dict__.get(name) is not ours:
-                continue  # wrapped by someone else since: keep their wrapper, ours now passes through
-            if saved is _MISSING:
-                self.model.__dict__.pop(name, None)
-            else:
-                setattr(self.model, name, saved)
-        self._saved.clear()
-        self.model.__dict__.pop(STATE_ATTR, None)
 
 
 _REGISTRY: dict[str, type["Family"]] = {}
@@ -181,7 +98,7 @@ def family_for_model_type(model_type: Any) -> type["Family"]:
     return cls
 
 
-def adapter_for(model: Any) -> type["Family"]:
+def family_for(model: Any) -> type["Family"]:
     """The family class that handles ``model``, or a ``ValueError`` naming what is supported."""
     for cls in reversed(list(_REGISTRY.values())):
         if cls.supports(model):
@@ -191,9 +108,6 @@ def adapter_for(model: Any) -> type["Family"]:
         f"{', '.join(supported_model_names())} (Hugging Face transformers)"
     )
 
-
-#: The family class that handles a model instance (same as :func:`adapter_for`).
-family_for = adapter_for
 
 
 def check_call_inputs(call: dict[str, Any]) -> None:
@@ -393,7 +307,7 @@ def _running_capture(attn: Any) -> "QKCapture | None":
     return None
 
 
-class Family(Adapter):
+class Family(InstancePatch):
     """Everything generic about running a method on a vision-language model; one subclass per
     model family (``globalcom2/models/<family>.py``) supplies only what is family-specific.
 

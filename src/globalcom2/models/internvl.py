@@ -15,7 +15,7 @@ and the GotOcr2 image processor it uses):
 
 How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
 
-* :meth:`InternVLAdapter.encode` runs the model's own ``get_image_features`` (so keep-all is the
+* :meth:`InternVLFamily.encode` runs the model's own ``get_image_features`` (so keep-all is the
   vanilla sequence bit for bit) with two forward hooks on the last attention layer's ``q_norm`` and
   ``k_norm`` (``nn.Identity`` without qk normalisation): the [CLS] logits use q/k exactly as the
   model normalises them, and only the [CLS] row is computed (the tower keeps SDPA/flash, no
@@ -24,7 +24,7 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
   importance is the mean of its 4 patches' logits.
 * Each image's views are reordered **thumbnail first** with a no-padding
   :class:`~globalcom2.core.geometry.CropGeometry` (``row0 = 0, row1 = H, col0 = 0, col1 = W``):
-  every method then runs unchanged on (thumbnail, tiles). :meth:`InternVLAdapter.compress` maps the
+  every method then runs unchanged on (thumbnail, tiles). :meth:`InternVLFamily.compress` maps the
   result back to the model's order with :func:`globalcom2.core.tiles.tiles_then_thumbnail_index`:
   tiles in order, each its kept tokens in raster order, then the thumbnail's kept tokens in raster
   order, no newline. The plans keep their thumbnail-first masks (``kept_masks()``); their ``index``
@@ -48,9 +48,9 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
   folded token's features (the projector's input) to the view's mean; ``"attention_received"``
   (an ablation here) is the attention each patch receives from the other patches, folded 2 x 2
   the same way.
-* For tools: :meth:`InternVLAdapter.view_geometry` is (448, 16) (the config's ``image_size`` /
+* For tools: :meth:`InternVLFamily.view_geometry` is (448, 16) (the config's ``image_size`` /
   ``patch_size`` are pairs and count patches before the pixel shuffle), and
-  :meth:`InternVLAdapter.vanilla_plan` gives the vanilla sequence as a plan (no newlines, the
+  :meth:`InternVLFamily.vanilla_plan` gives the vanilla sequence as a plan (no newlines, the
   thumbnail last), which a picture tracing FastV's kept tokens back to views needs.
 """
 
@@ -97,7 +97,7 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
 
 
 @register_family
-class InternVLAdapter(Family):
+class InternVLFamily(Family):
     """InternVL 2.5 / 3 / 3.5 (``transformers`` ``InternVLForConditionalGeneration`` /
     ``InternVLModel``): InternViT with [CLS], pixel shuffle to 16 x 16 tokens per view, tiles row by
     row then the thumbnail, no padding, no newline; ``spatial`` layout only (see the module's

@@ -38,7 +38,7 @@ importance_ops = lazy_module("globalcom2.core.importance")
 
 
 @register_family
-class LlavaNextAdapter(Family):
+class LlavaNextFamily(Family):
     """LLaVA-NeXT (``transformers`` ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``): a
     CLIP tower with [CLS], the thumbnail first, AnyRes crops unpadded, one newline per row; both
     layouts (``official`` reproduces the published code token for token)."""

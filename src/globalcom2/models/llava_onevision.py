@@ -64,7 +64,7 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
 
 
 @register_family
-class LlavaOnevisionAdapter(Family):
+class LlavaOnevisionFamily(Family):
     """LLaVA-OneVision (``transformers`` ``LlavaOnevisionForConditionalGeneration`` /
     ``LlavaOnevisionModel``): SigLIP views without [CLS] ("attention received" importance), the
     base image first, AnyRes crops unpadded with one newline per row, ``anyres_max_9``
@@ -271,9 +271,9 @@ class LlavaOnevisionAdapter(Family):
 
     def image_newline(self) -> torch.Tensor:
         """The (D,) image-newline embedding (also when accelerate offloads it; see LLaVA-NeXT's)."""
-        from .llava_next import LlavaNextAdapter
+        from .llava_next import LlavaNextFamily
 
-        return LlavaNextAdapter.image_newline(self)  # type: ignore[arg-type]
+        return LlavaNextFamily.image_newline(self)  # type: ignore[arg-type]
 
     def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
         """The vanilla model's sequence of every encoded image (keep-all in the ``spatial`` layout,

@@ -92,7 +92,7 @@ def visualize(
         import matplotlib  # noqa: F401  (the object-oriented API only: no pyplot, no backend switch)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(PLOT_HINT) from exc
-    from ..models import adapter_for
+    from ..models import family_for
     from ..methods import fastv_config, make_config, option_names, vision_config
 
     retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
@@ -102,7 +102,7 @@ def visualize(
     for key, value in (("layout", layout), ("temperature", temperature)):
         if value is not None and key in option_names(method):
             opts[key] = value
-    family = adapter_for(model)
+    family = family_for(model)
     configs = [make_config(method, retention_ratio=r, **opts) for r in retention_ratios]
     if "layout" not in opts:  # as apply: the family's layout where the method's default is not available on it
         configs = [family.with_default_layout(c) for c in configs]

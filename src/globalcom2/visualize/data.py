@@ -211,7 +211,7 @@ def _fastv_masks(
     text = build_prompt(processor, prompt)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)
     with globalcom2.compressed(model, config), torch.no_grad():
-        adapter = globalcom2.get_adapter(model)
+        adapter = globalcom2.get_family(model)
         model(**inputs)
         kept_positions = adapter.fastv.last_kept_positions[0].cpu()  # (k,) sorted positions in the LM input
         visual_positions = adapter.last_visual_positions[0].cpu()  # (n,) positions of the image tokens

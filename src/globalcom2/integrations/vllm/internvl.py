@@ -30,7 +30,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from ...core import tiles
-from ...models.internvl import InternVLAdapter
+from ...models.internvl import InternVLFamily
 from . import _common
 from .settings import engine_config
 
@@ -44,7 +44,7 @@ INTERNVIT_NAMES = {
 
 
 class GlobalCom2InternVLProcessingInfo(_common.GlobalCom2InfoMixin, InternS1ProcessingInfo):
-    globalcom2_model_type = InternVLAdapter.model_type
+    globalcom2_model_type = InternVLFamily.model_type
 
     def globalcom2_views_count(self, config: Any, views: int) -> int:
         """Tokens of one image of ``views`` views (tiles plus the thumbnail) under ``config``."""
@@ -109,7 +109,7 @@ class GlobalCom2InternVLForConditionalGeneration(InternS1ForConditionalGeneratio
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.globalcom2 = engine_config(InternVLAdapter.model_type, config)
+        self.globalcom2 = engine_config(InternVLFamily.model_type, config)
         if self.globalcom2 is None:
             return
         if config.vision_feature_select_strategy != "default" or config.vision_feature_layer != -1:
@@ -185,7 +185,7 @@ class GlobalCom2InternVLForConditionalGeneration(InternS1ForConditionalGeneratio
             features.append(tiles.thumbnail_first(f))
             imps.append(tiles.thumbnail_first(imp))
         ratio_list = _common.request_ratios({_common.RATIO_FIELD: ratios}, len(views), self.globalcom2.retention_ratio)
-        return _common.compress_groups(InternVLAdapter, self.config, self.globalcom2, ratio_list, features, imps, geoms, None)
+        return _common.compress_groups(InternVLFamily, self.config, self.globalcom2, ratio_list, features, imps, geoms, None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.globalcom2 is None:
