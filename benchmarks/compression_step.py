@@ -91,7 +91,7 @@ def interleaved(fns: list[Callable[[], object]], device: str, runs: int, warmup:
 def repeat_encoded(encoded, images: int):
     """``encoded`` (one image) as a batch of ``images`` copies whose features and importance are
     consecutive slices of one tensor each, as the vision tower makes them."""
-    from globalcom2.models.base import EncodedImages
+    from globalcom2.models import EncodedImages
 
     views = [encoded.features[0].shape[0]] * images
     feats = torch.cat([encoded.features[0]] * images)

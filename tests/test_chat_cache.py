@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import globalcom2
-from globalcom2.models.base import cache_keyword
+from globalcom2.models.calls import cache_keyword
 
 PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
 

@@ -8,7 +8,7 @@ import globalcom2
 from conftest import make_image
 from globalcom2.core import importance as importance_ops
 from globalcom2.core import plans
-from globalcom2.models.base import QKCapture
+from globalcom2.models.capture import QKCapture
 
 
 def _full_run(adapter, pixel_values, mode):

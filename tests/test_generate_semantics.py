@@ -22,7 +22,7 @@ import torch
 
 import globalcom2
 from globalcom2.models import families
-from globalcom2.models.base import cache_keyword
+from globalcom2.models.calls import cache_keyword
 from globalcom2.tiny import build_tiny_llava_next
 
 from conftest import family_model, make_image

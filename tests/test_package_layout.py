@@ -151,7 +151,7 @@ def test_a_method_is_one_class_and_one_registration(tiny):
 
 
 def test_one_hook_class_captures_queries_and_keys():
-    """The forward hooks that read a tower's queries and keys are one class (models.base.QKCapture),
+    """The forward hooks that read a tower's queries and keys are one class (models.capture.QKCapture),
     used by every family; core/ stays pure tensor code (no hooks)."""
     defined = {}
     for name, path in _modules().items():
@@ -161,4 +161,4 @@ def test_one_hook_class_captures_queries_and_keys():
                 defined.setdefault(node.name, []).append(name)
         if name.startswith("globalcom2.core"):
             assert "register_forward_hook" not in path.read_text(encoding="utf-8"), name
-    assert defined == {"QKCapture": ["globalcom2.models.base"]}
+    assert defined == {"QKCapture": ["globalcom2.models.capture"]}

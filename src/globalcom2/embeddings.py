@@ -319,7 +319,7 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     """
     from .api import _check_transformers, get_config, resolve_method
     from .methods import language_config, vision_config
-    from .models.base import check_image_inputs
+    from .models.checks import check_image_inputs
 
     if config is None and method is None and not options:
         config = get_config(model)  # the applied method, if any
@@ -410,8 +410,8 @@ def visual_token_counts(
 
 def _size_list(image_sizes: Any) -> list[tuple[int, int]]:
     """``(h, w)`` or a sequence of them (lists, tuples, a (I, 2) tensor) as a list of int pairs,
-    checked by the patched call's own check (:func:`~globalcom2.models.base.check_image_sizes`)."""
-    from .models.base import check_image_sizes
+    checked by the patched call's own check (:func:`~globalcom2.models.checks.check_image_sizes`)."""
+    from .models.checks import check_image_sizes
 
     if torch.is_tensor(image_sizes):
         image_sizes = image_sizes.tolist()
@@ -440,7 +440,7 @@ def embed_prompt(
     """
     from .api import unwrap_model
     from .models import family_for
-    from .models.base import pad_token_id_of
+    from .models.patched_forward import pad_token_id_of
 
     if not isinstance(embeddings, ImageEmbeddings):
         raise TypeError(

@@ -10,9 +10,10 @@ ask this registry, never a family by name. Importing it loads neither torch nor 
 from __future__ import annotations
 
 from .base import (
-    STATE_ATTR, CompressedImages, CompressionStats, EncodedImages, Family, family_for, describe_supported,
-    families, family_for, family_for_model_type, register_family, supported_model_names, supported_model_types,
+    STATE_ATTR, Family, describe_supported, families, family_for, family_for_model_type, register_family,
+    supported_model_names, supported_model_types,
 )
+from .images import CompressedImages, CompressionStats, EncodedImages
 
 # The registry: one line per family.
 from .llava_next import LlavaNextFamily  # noqa: E402
@@ -21,6 +22,6 @@ from .internvl import InternVLFamily  # noqa: E402
 
 __all__ = [
     "STATE_ATTR", "CompressedImages", "CompressionStats", "EncodedImages", "Family", "LlavaNextFamily",
-    "family_for", "describe_supported", "families", "family_for", "family_for_model_type", "register_family",
+    "describe_supported", "families", "family_for", "family_for_model_type", "register_family",
     "supported_model_names", "supported_model_types",
 ]

@@ -1,26 +1,34 @@
-"""What every model family shares: reversible per-instance patching, the family registry, and
-:class:`Family`, which runs any method on a model (input preparation, placeholder shrinking,
-``forward`` / ``generate`` wrapping, prefill detection, stats). A family module
-(``globalcom2/models/<family>.py``) adds only what is family-specific.
+"""The family registry and the contract of a model family: :class:`Family`, the class every
+family subclasses (``globalcom2/models/<family>.py``), with the class attributes and the methods a
+family implements, and everything generic about running a method on a model.
+
+What :class:`Family` does, by concern, lives in modules of its own under ``models/``:
+
+* :mod:`.checks`: the checks of a patched call's inputs shared by every family;
+* :mod:`.capture`: :class:`~.capture.QKCapture`, the hooks that read a tower's queries and keys;
+* :mod:`.images`: :class:`~.images.EncodedImages`, :class:`~.images.CompressedImages`,
+  :class:`~.images.CompressionStats`;
+* :mod:`.patched_forward`: the patched ``forward`` and the input preparation (a mixin);
+* :mod:`.patched_generate`: the patched ``generate`` and its semantics (a mixin), with
+  :mod:`.calls`, what a patched call keeps so the caller's view of the prompt stays the vanilla one.
+
+A family also declares its tiny test model's geometry (:class:`TinyGeometry`, :meth:`Family.tiny_config`);
+:mod:`globalcom2.tiny` builds it.
 
 Importing this module loads neither torch nor transformers (tensor code is imported when it runs).
 """
 
 from __future__ import annotations
 
-import inspect
-import threading
-import warnings
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from .. import methods
 from .._lazy import lazy_module
 from .._patching import STATE_ATTR, InstancePatch  # noqa: F401  (STATE_ATTR: models exports it)
-from . import calls as _calls
-from .calls import cache_keyword  # noqa: F401  (its home before models.calls; tests and callers import it here)
 from ..methods.base import VisionMethodConfig
+from .images import CompressedImages, CompressionStats, EncodedImages
+from .patched_forward import PatchedForward
+from .patched_generate import PatchedGenerate
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
@@ -28,33 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 torch = lazy_module("torch")
-sequence = lazy_module("globalcom2.core.sequence")
-
-#: Keyword argument of a patched ``forward`` / ``generate`` taking precomputed
-#: :class:`~globalcom2.embeddings.ImageEmbeddings` in place of ``pixel_values``.
-EMBEDDINGS_KWARG = "image_embeddings"
-
-
-
-
-@dataclass
-class CompressionStats:
-    """Visual-token counts of the most recent prefill, one entry per batch row.
-
-    Attributes:
-        method: the method's name.
-        visual_tokens: image placeholders entering the language model (after vision-side
-            compression; newlines included).
-        vanilla_visual_tokens: what the vanilla model would have used for the same prompts.
-        lm_visual_tokens: for FastV, the visual tokens left in layers ``K..L-1``; else None.
-        effective_visual_tokens: layer-averaged visual tokens (equals ``visual_tokens`` without FastV).
-    """
-
-    method: str
-    visual_tokens: list[int]
-    vanilla_visual_tokens: list[int]
-    lm_visual_tokens: list[int] | None
-    effective_visual_tokens: list[float]
 
 
 _REGISTRY: dict[str, type["Family"]] = {}
@@ -108,206 +89,7 @@ def family_for(model: Any) -> type["Family"]:
         f"{', '.join(supported_model_names())} (Hugging Face transformers)"
     )
 
-
-
-def check_call_inputs(call: dict[str, Any]) -> None:
-    """The checks of a patched call's inputs that every family shares, before anything is read
-    from them: ``pixel_values`` a tensor; with images, ``input_ids`` / ``attention_mask`` (batch,
-    length) tensors; ``image_sizes`` positive pairs (see :func:`check_image_inputs`). TypeError /
-    ValueError naming the argument, instead of an AttributeError or a division by zero deep inside."""
-    pixel_values = call.get("pixel_values")
-    if pixel_values is not None:
-        check_image_inputs(pixel_values, call)
-    if pixel_values is None and call.get(EMBEDDINGS_KWARG) is None:
-        return
-    for name in ("input_ids", "attention_mask"):
-        value = call.get(name)
-        if value is not None and not (torch.is_tensor(value) and value.dim() == 2):
-            what = f"shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
-            raise TypeError(f"{name} must be a (batch, length) torch.Tensor (the processor's return_tensors='pt'), got {what}")
-
-
-def check_image_inputs(pixel_values: Any, image_inputs: Mapping[str, Any]) -> None:
-    """The checks of a call's images that every family shares, before any encoding: ``pixel_values``
-    a tensor, ``image_sizes`` (where given) positive ``(height, width)`` pairs (TypeError /
-    ValueError naming the argument, instead of a division by zero deep in the geometry)."""
-    if pixel_values is None:
-        raise ValueError("pixel_values are required (the processor's output for the images)")
-    if not torch.is_tensor(pixel_values):
-        raise TypeError(f"pixel_values must be a torch.Tensor (the processor's return_tensors='pt'), got {type(pixel_values).__name__}")
-    sizes = image_inputs.get("image_sizes")
-    if sizes is None:
-        return
-    if torch.is_tensor(sizes):
-        if sizes.device.type != "cpu":
-            return  # reading it here would wait for the device: the family checks it where it reads it once
-        sizes = sizes.numpy().tolist()  # host memory: no device sync
-    check_image_sizes(sizes)
-
-
-def check_image_sizes(sizes: Any) -> None:
-    """``image_sizes`` read on the host: positive whole ``(height, width)`` pairs, one per image
-    (a ValueError naming the argument, instead of a division by zero deep in the geometry)."""
-    try:
-        rows = [list(s) for s in sizes]
-        pairs = [(float(h), float(w)) for h, w in rows]
-    except (TypeError, ValueError):
-        raise ValueError(f"image_sizes must be (height, width) pairs, one per image; got {sizes!r}") from None
-    for i, (h, w) in enumerate(pairs):
-        if not (h >= 1 and w >= 1) or h != int(h) or w != int(w):
-            raise ValueError(f"image_sizes[{i}] = ({h:g}, {w:g}): every (height, width) must be whole numbers >= 1")
-
-
-def bind_arguments(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Name every argument of a call to ``fn`` (positional ones included), flattening ``**kwargs``."""
-    if not args:
-        return dict(kwargs)
-    sig = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    out: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        param = sig.parameters[name]
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(f"{getattr(fn, '__name__', 'function')}() got unexpected extra positional arguments")
-        else:
-            out[name] = value
-    return out
-
-
-@dataclass
-class EncodedImages:
-    """The vision side's output, per image.
-
-    Attributes:
-        features: per image, (V_i, N, D) projected features (in the family's view order).
-        importance: per image, (V_i, N) importance (e.g. float64 [CLS] logits of the last vision layer).
-        geometries: per image, its :class:`~globalcom2.core.geometry.CropGeometry` (None for one view).
-        image_sizes: per image, (height, width) in pixels.
-        vanilla_counts: per image, the placeholder tokens the vanilla model uses (what the processor wrote).
-    """
-
-    features: list["torch.Tensor"]
-    importance: list["torch.Tensor"]
-    geometries: "list[CropGeometry | None]"
-    image_sizes: list[tuple[int, int]]
-    vanilla_counts: list[int] = field(default_factory=list)
-
-
-@dataclass
-class CompressedImages:
-    """A vision-side method's output for a batch: tokens and the plans behind them, per image.
-
-    ``plans`` hold what each image's method decided (a :class:`~globalcom2.core.plans.CompressionPlan`
-    for the selection methods, :class:`~globalcom2.methods.PoolingPlan` for pooling); every plan
-    has ``num_tokens`` and ``kept_masks()``.
-    """
-
-    tokens: list["torch.Tensor"]
-    plans: list[Any]
-    vanilla_counts: list[int] = field(default_factory=list)
-
-    @property
-    def counts(self) -> list[int]:
-        return [t.shape[0] for t in self.tokens]
-
-
-class QKCapture:
-    """Temporarily hooks one attention module's query and key modules (``q_proj`` / ``k_proj``, or
-    ``q_norm`` / ``k_norm`` where the model normalises them) to keep, for the views it runs on, the
-    [CLS] query (token 0) and all keys: enough for the [CLS] row of attention, O(T) per view; with
-    ``all_queries``, every query too (for :func:`globalcom2.core.importance.attention_received`).
-    The hooks live only inside ``with``; the tower keeps its own attention implementation.
-
-    Per call, never shared between calls: a hook writes into the capture open *in the running
-    thread / task* on that attention module (a context variable), not into the one that registered
-    it, so two threads encoding on one model (whose hooks both sit on the one shared module and
-    fire for both) each get their own queries and keys.
-
-    With ``inputs_of`` (a module, e.g. the projector), its input is kept too (``inputs``: the
-    features the ``similarity`` importance is computed on where the family cannot read them
-    otherwise).
-
-    Attributes (after the tower ran inside ``with``):
-        q_cls: (V, D) the [CLS] queries. queries: (V, T, D) with ``all_queries``, else None.
-        keys: (V, T, D). inputs: the first input of ``inputs_of`` (None without it).
-    """
-
-    def __init__(
-        self, attn: nn.Module, all_queries: bool = False, q_module: str = "q_proj", k_module: str = "k_proj",
-        inputs_of: nn.Module | None = None,
-    ) -> None:
-        self.attn = attn
-        self.inputs_of = inputs_of
-        self.inputs: torch.Tensor | None = None
-        self.all_queries = all_queries
-        self.q_module, self.k_module = q_module, k_module
-        self.q_cls: torch.Tensor | None = None
-        self.queries: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-        self._handles: list[Any] = []
-
-    def _keep_q(self, out: torch.Tensor) -> None:
-        self.q_cls = out[:, 0]  # (V, D)
-        if self.all_queries:
-            self.queries = out  # (V, T, D)
-
-    def _keep_k(self, out: torch.Tensor) -> None:
-        self.keys = out  # (V, T, D)
-
-    def __enter__(self) -> "QKCapture":
-        attn = self.attn
-
-        # Run eagerly, a hook writes into the capture open on ``attn`` in the running thread / task;
-        # traced by torch.compile (which replays the write as a side effect of this call), into this one.
-        def keep_q(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            cap = self if torch.compiler.is_compiling() else _running_capture(attn)
-            if cap is not None:
-                cap._keep_q(out)
-
-        def keep_k(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            cap = self if torch.compiler.is_compiling() else _running_capture(attn)
-            if cap is not None:
-                cap._keep_k(out)
-
-        if not torch.compiler.is_compiling():
-            _QK_OPEN.set((*_QK_OPEN.get(), self))
-        self._handles = [
-            getattr(attn, self.q_module).register_forward_hook(keep_q),
-            getattr(attn, self.k_module).register_forward_hook(keep_k),
-        ]
-        if self.inputs_of is not None:
-
-            def keep_in(_m: nn.Module, args: tuple[Any, ...]) -> None:
-                cap = self if torch.compiler.is_compiling() else _running_capture(attn)
-                if cap is not None:
-                    cap.inputs = args[0]
-
-            self._handles.append(self.inputs_of.register_forward_pre_hook(keep_in))
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        if not torch.compiler.is_compiling():
-            _QK_OPEN.set(tuple(cap for cap in _QK_OPEN.get() if cap is not self))
-
-
-#: The :class:`QKCapture` objects open in this thread / task, innermost last.
-_QK_OPEN: "ContextVar[tuple[QKCapture, ...]]" = ContextVar("globalcom2_qk_captures", default=())
-
-
-def _running_capture(attn: Any) -> "QKCapture | None":
-    """The capture open on ``attn`` in the running thread / task (the innermost), or None."""
-    for cap in reversed(_QK_OPEN.get()):
-        if cap.attn is attn:
-            return cap
-    return None
-
-
-class Family(InstancePatch):
+class Family(PatchedGenerate, PatchedForward, InstancePatch):
     """Everything generic about running a method on a vision-language model; one subclass per
     model family (``globalcom2/models/<family>.py``) supplies only what is family-specific.
 
@@ -321,8 +103,12 @@ class Family(InstancePatch):
 
     A family subclass sets the class attributes below and implements :meth:`encode` (and, where
     they apply, :meth:`check_vision`, :meth:`image_newline`, :meth:`vanilla_pack`) plus the
-    classmethods the tools use: :meth:`load`, :meth:`build_tiny`, :meth:`max_visual_tokens`,
-    :meth:`picture_views`. See ``CONTRIBUTING.md``.
+    classmethods the tools use: :meth:`hf_classes`, :meth:`max_visual_tokens`,
+    :meth:`default_max_visual_tokens`, :meth:`picture_views`, and its tiny test model's geometry
+    (:attr:`tiny`, :meth:`tiny_config`). See ``CONTRIBUTING.md``.
+
+    The patched ``forward`` / input preparation and the patched ``generate`` are the mixins
+    :class:`~.patched_forward.PatchedForward` and :class:`~.patched_generate.PatchedGenerate`.
     """
 
     #: ``config.model_type`` of the family's checkpoints (the registry key).
@@ -616,148 +402,6 @@ class Family(InstancePatch):
         )
         return CompressedImages(tokens=list(tokens), plans=list(plans), vanilla_counts=encoded.vanilla_counts)
 
-    # -- language side --------------------------------------------------------------------------
-    def _pad_token_id(self) -> int:
-        return pad_token_id_of(self.model)
-
-    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Turn a call's keyword arguments with ``pixel_values`` into compressed ones.
-
-        Encodes and compresses the images, shortens ``input_ids``/``attention_mask``/``labels``,
-        and passes the compressed features as ``mm_encoder_outputs``.
-        """
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        kwargs = dict(kwargs)
-        pixel_values = kwargs.pop("pixel_values", None)
-        image_inputs = {name: kwargs.pop(name, None) for name in self.image_inputs}
-        given = kwargs.pop(EMBEDDINGS_KWARG, None)
-        input_ids = kwargs.get("input_ids")
-        if kwargs.get("mm_encoder_outputs"):
-            raise ValueError(f"pass either pixel_values / {EMBEDDINGS_KWARG} or mm_encoder_outputs, not both")
-        if input_ids is None:
-            raise ValueError(
-                "GlobalCom2 needs input_ids with image placeholder tokens when pixel_values are given "
-                "(inputs_embeds are not supported: the placeholders must be shortened)"
-            )
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)} when pixel_values are given"
-            )
-        if given is not None:  # precomputed embeddings: no vision tower
-            if pixel_values is not None and pixel_values.shape[0] > 0:
-                raise ValueError(f"pass either pixel_values or {EMBEDDINGS_KWARG}, not both")
-            compressed, prompt_counts, input_ids, mask = self._given_images(given, input_ids, mask, kwargs)
-            alt_counts = None
-        else:
-            encoded = self.encode(pixel_values, **image_inputs)
-            compressed = self.compress(encoded)
-            # The prompt holds the vanilla placeholders, or already the compressed count (a processor
-            # patched with apply(..., processor=...) writes it): the one expected first, the other
-            # accepted (told apart in shrink_placeholders' one sync).
-            forms = [list(compressed.vanilla_counts), list(compressed.counts)]
-            if self.processor_patch is not None:
-                forms.reverse()
-            prompt_counts, alt_counts = forms
-        shrunk = sequence.shrink_placeholders(
-            input_ids,
-            self.image_token_id,
-            prompt_counts,
-            compressed.counts,
-            attention_mask=mask,
-            labels=kwargs.get("labels"),
-            pad_token_id=self._pad_token_id(),
-            alt_old_counts=alt_counts,
-        )
-        if shrunk.form == "alt":
-            prompt_counts = alt_counts
-        kwargs["input_ids"] = shrunk.input_ids
-        if shrunk.attention_mask is not None:
-            kwargs["attention_mask"] = shrunk.attention_mask
-        if kwargs.get("labels") is not None:
-            kwargs["labels"] = shrunk.labels
-        if kwargs.get("position_ids") is not None and shrunk.attention_mask is not None:
-            # Positions of the shortened sequence, counted over real tokens as HF does for padding.
-            kwargs["position_ids"] = (shrunk.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        elif kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = torch.arange(shrunk.input_ids.shape[1], device=input_ids.device)[None].expand_as(
-                shrunk.input_ids
-            )
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=compressed.tokens)}
-        # Kept for inspection: detached, so that it never holds the caller's autograd graph.
-        self.last = CompressedImages(
-            tokens=[t.detach() for t in compressed.tokens], plans=compressed.plans, vanilla_counts=compressed.vanilla_counts
-        )
-        self._check_context(shrunk.input_ids.shape[1])
-        placeholders = input_ids == self.image_token_id
-        if list(prompt_counts) == list(compressed.vanilla_counts):
-            self._vanilla_rows = placeholders.sum(1)
-        else:  # the prompt may not hold the vanilla placeholders: add them up per row
-            self._vanilla_rows = _rows_total(placeholders, prompt_counts, compressed.vanilla_counts)
-        return kwargs
-
-    def _given_images(
-        self, given: Any, input_ids: "torch.Tensor", mask: "torch.Tensor | None", kwargs: dict[str, Any]
-    ) -> tuple[CompressedImages, list[int], "torch.Tensor", "torch.Tensor | None"]:
-        """Precomputed :class:`~globalcom2.embeddings.ImageEmbeddings` as this call's compressed images.
-
-        Returns the images, the placeholders per image the prompt holds (the vanilla model's or
-        ``n_i``; a prompt with one placeholder per image is expanded to ``n_i`` here, in
-        ``input_ids`` / ``mask`` / ``kwargs``), and the possibly expanded ``input_ids`` and ``mask``.
-        """
-        # Recognised by what it carries, not by its class: globalcom2.embeddings sits above the
-        # model families (it uses the public API) and is not imported from here.
-        if not all(hasattr(given, a) for a in ("embeddings", "counts", "vanilla_counts", "model_type", "hidden_size")):
-            raise ValueError(
-                f"{EMBEDDINGS_KWARG} must be ImageEmbeddings (globalcom2.compress_images or load_embeddings), "
-                f"got {type(given).__name__}"
-            )
-        if given.model_type != self.model_type:
-            raise ValueError(
-                f"these image embeddings come from a {given.model_type!r} model, this is a {self.model_type!r} one"
-            )
-        width = getattr(self.hf_config.text_config, "hidden_size", None)
-        if isinstance(width, int) and given.hidden_size not in (0, width):
-            raise ValueError(
-                f"these image embeddings are {given.hidden_size} wide, this model's language model {width}: "
-                "they come from another model"
-            )
-        counts = given.counts
-        found = int((input_ids == self.image_token_id).sum())
-        form = sequence.prompt_form(found, counts, given.vanilla_counts, self.image_token_id)
-        prompt_counts = list(given.vanilla_counts) if form == "vanilla" else counts
-        if form == "one":
-            if kwargs.get("labels") is not None:
-                raise ValueError(
-                    "labels need a prompt with the vanilla model's image placeholders (the processor's output), "
-                    "not one placeholder per image"
-                )
-            input_ids, mask = sequence.expand_placeholders(
-                input_ids, self.image_token_id, counts, attention_mask=mask, pad_token_id=self._pad_token_id()
-            )
-            kwargs["input_ids"] = input_ids
-            if mask is not None:
-                kwargs["attention_mask"] = mask
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = torch.zeros_like(input_ids)  # rebuilt from the new mask below
-        plans = list(given.plans) if given.plans is not None else [None] * len(counts)
-        images = CompressedImages(tokens=list(given.embeddings), plans=plans, vanilla_counts=list(given.vanilla_counts))
-        return images, prompt_counts, input_ids, mask
-
-    def _check_context(self, length: int) -> None:
-        """Warn once per applied adapter when a prompt (visual tokens included) exceeds the language
-        model's context window (``max_position_embeddings``)."""
-        limit = getattr(self.hf_config.text_config, "max_position_embeddings", None)
-        if self._warned_context or not isinstance(limit, int) or length <= limit:
-            return
-        self._warned_context = True
-        warnings.warn(
-            f"the prompt is {length} tokens long with its compressed visual tokens, more than the language model's "
-            f"context window of {limit} (max_position_embeddings); expect degraded answers (this warning is shown once)",
-            UserWarning,
-            stacklevel=4,
-        )
 
     # -- patching -------------------------------------------------------------------------------
     def patched_methods(self) -> dict[str, str]:
@@ -768,87 +412,6 @@ class Family(InstancePatch):
             # generate's merge of its own processors / criteria with the caller's (see calls.merge_lists)
             methods["_merge_criteria_processor_list"] = "_patched_merge"
         return methods
-
-    @staticmethod
-    def _has_images(kwargs: dict[str, Any]) -> bool:
-        pv = kwargs.get("pixel_values")
-        return pv is not None and pv.shape[0] > 0
-
-    def _compresses(self, call: dict[str, Any]) -> bool:
-        """Whether a call's images go through :meth:`prepare_inputs` (pixel_values for a vision
-        method, or precomputed image embeddings for any method)."""
-        return call.get(EMBEDDINGS_KWARG) is not None or (self.vision_config is not None and self._has_images(call))
-
-    @property
-    def _vanilla_rows(self) -> "torch.Tensor | None":
-        """(B,) image tokens per row before compression, handed from :meth:`prepare_inputs` to the
-        prefill of the same call: per thread / task (a context variable), never shared between calls."""
-        held = _PENDING_ROWS.get()
-        return held[1] if held is not None and held[0] == id(self) else None
-
-    @_vanilla_rows.setter
-    def _vanilla_rows(self, rows: "torch.Tensor | None") -> None:
-        _PENDING_ROWS.set(None if rows is None else (id(self), rows))
-
-    def _patched_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.fastv is None:
-            return self._forward(original, *args, **kwargs)
-        with _FASTV_CALLS:  # FastV's layer patch holds the running call's state: one call at a time
-            return self._forward(original, *args, **kwargs)
-
-    def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``forward``: compress, then the original on the shorter sequence (in the caller's grad mode).
-
-        Outside a patched ``generate`` (the caller's own prefill and decode steps), a compressing
-        prefill leaves its :class:`~.calls.Turn` on the KV cache it fills, and a later step on that
-        cache given in the caller's coordinates (the caller's growing ``attention_mask``) is
-        translated to the cache's (:func:`~.calls.caller_step`)."""
-        call = bind_arguments(original, args, kwargs)
-        check_call_inputs(call)
-        own = _calls.GENERATE_CALL.get() is None  # the caller's own call, not a step of a patched generate
-        prefill = _calls.is_prefill(call)
-        turn = None
-        if self._compresses(call):
-            before = call
-            call = self.prepare_inputs(call)
-            if own and prefill and torch.is_tensor(before.get("input_ids")):
-                turn = _calls.Turn(before["input_ids"], call["input_ids"], before.get("attention_mask"), call.get("attention_mask"))
-        elif own and not prefill:
-            cache = _calls.given_cache(call)
-            known = _calls.turn_of(cache)
-            if known is not None:
-                _calls.caller_step(call, known, _calls.cache_length(cache))
-        if prefill and call.get("input_ids") is not None:
-            self._on_prefill(call["input_ids"])
-        out = original(**call)
-        if turn is not None:
-            cache = _calls.output_cache(out)
-            _calls.remember_turn(cache if cache is not None else _calls.given_cache(call), turn)
-        return out
-
-    def _on_prefill(self, input_ids: torch.Tensor) -> None:
-        """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""
-        visual = input_ids == self.image_token_id  # (B, T)
-        self._last_visual = visual
-        counts = visual.sum(1)  # (B,)
-        before = self._vanilla_rows
-        self._vanilla_rows = None
-        if before is None or before.shape != counts.shape:  # no compression on this call
-            before = counts
-        rows, vanilla = torch.stack([counts, before.to(counts.device)]).tolist()  # one host sync
-        lm_rows: list[int] | None = None
-        effective = [float(r) for r in rows]
-        if self.fastv is not None:
-            self.fastv.prepare(visual)
-            lm_rows = [self.fastv_config.kept(r) for r in rows]
-            effective = [self.fastv_config.effective(r, kept, self.fastv.n_layers) for r, kept in zip(rows, lm_rows)]
-        self.stats = CompressionStats(
-            method=self.config.method,
-            visual_tokens=rows,
-            vanilla_visual_tokens=list(vanilla),
-            lm_visual_tokens=lm_rows,
-            effective_visual_tokens=effective,
-        )
 
     # -- patching (FastV's layers too) ----------------------------------------------------------
     def patch(self) -> None:
@@ -865,165 +428,6 @@ class Family(InstancePatch):
             self.fastv.uninstall()
         super().unpatch()
 
-    def _patched_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self.fastv is None:
-            return self._generate(original, *args, **kwargs)
-        with _FASTV_CALLS:
-            return self._generate(original, *args, **kwargs)
-
-    def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``generate``: compress once (without a graph, as the vanilla ``generate`` runs), generate on
-        the shorter prompt, and give the caller's prompt back in front of the new tokens.
-
-        Everything that counts the prompt means what it means on the vanilla model: ``max_length`` /
-        ``min_length`` (given or from the generation config), the caller's stopping criteria and
-        logits processors (they see the vanilla prompt), and a streamer (its first ``put`` is the
-        caller's prompt). A later turn that passes the returned ``past_key_values`` with the
-        returned sequences (plus new text) is continued on the compressed cache.
-        """
-        call = bind_arguments(original, args, kwargs)
-        _calls.cache_under_installed_name(call)
-        input_ids = call.pop("inputs", None)
-        if input_ids is None:
-            input_ids = call.pop("input_ids", None)
-        if (
-            input_ids is not None
-            and (self.vision_config is not None or call.get(EMBEDDINGS_KWARG) is not None)
-            and _calls.cache_length(_calls.given_cache(call)) > 0
-        ):
-            return self._continue_turn(original, input_ids, call)
-        if input_ids is None or not self._compresses(call):
-            if input_ids is not None:
-                call["inputs"] = input_ids
-            return self._run_generate(original, (), call, _calls.GenerateCall(self))
-        call["input_ids"] = input_ids
-        with torch.no_grad():
-            prepared = self.prepare_inputs(call)
-        short_ids = prepared.pop("input_ids")
-        return self._generate_short(original, input_ids, short_ids, prepared, call.get("attention_mask"))
-
-    def _patched_merge(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``generate``'s merge of the processors / criteria it builds with the caller's (see
-        :func:`~.calls.merge_lists`)."""
-        return _calls.merge_lists(original, self, *args, **kwargs)
-
-    @staticmethod
-    def _run_generate(original: Callable[..., Any], args: tuple[Any, ...], call: dict[str, Any], state: Any) -> Any:
-        """The original ``generate`` with ``state`` as this context's :data:`~.calls.GENERATE_CALL`."""
-        token = _calls.GENERATE_CALL.set(state)
-        try:
-            return original(*args, **call)
-        finally:
-            _calls.GENERATE_CALL.reset(token)
-
-    def _generate_short(
-        self,
-        original: Callable[..., Any],
-        input_ids: torch.Tensor,
-        short_ids: torch.Tensor,
-        call: dict[str, Any],
-        mask: "torch.Tensor | None",
-    ) -> Any:
-        """Run the original ``generate`` on ``short_ids`` (B, T1) standing for ``input_ids`` (B, T0)
-        (whose attention mask is ``mask``; ``call`` holds the short one), and leave the turn on the
-        KV cache it filled."""
-        _calls.vanilla_lengths(call, input_ids.shape[1] - short_ids.shape[1], getattr(self.model, "generation_config", None))
-        if call.get("streamer") is not None:
-            call["streamer"] = _calls.PromptStreamer(call["streamer"], input_ids)
-        out = self._run_generate(original, (short_ids,), call, _calls.GenerateCall(self, input_ids, short_ids.shape[1]))
-        turn = _calls.Turn(input_ids, short_ids, mask, call.get("attention_mask"))
-        for cache in (_calls.given_cache(call), _calls.output_cache(out)):
-            _calls.remember_turn(cache, turn)
-        return _calls.restore_prompt(out, input_ids, short_ids.shape[1])
-
-    def _continue_turn(self, original: Callable[..., Any], input_ids: torch.Tensor, call: dict[str, Any]) -> Any:
-        """A chat turn on the KV cache of an earlier compressed call (``generate``, or a prefill).
-
-        ``input_ids`` (B, T) must start with the prompt of the call that filled that cache (the
-        sequences it returned start with it): the prompt is swapped for its compressed form, which
-        the cache holds (the :class:`~.calls.Turn` the call left on that very cache object, so that
-        interleaved conversations never mix), and generation goes on from there, as running the
-        whole conversation afresh with its images would. New images (placeholders past the cached
-        tokens, their ``pixel_values`` given) are encoded and compressed as the first turn's were.
-        """
-        cache = _calls.given_cache(call)
-        turn = _calls.turn_of(cache)
-        if turn is not None and turn.matches(input_ids):
-            if self.fastv is not None:
-                raise ValueError(
-                    "continuing a FastV generate from its past_key_values is not supported (its cache is pruned "
-                    "per layer); pass the whole conversation with pixel_values and no past_key_values"
-                )
-            mask = call.get("attention_mask")
-            short_ids = self._continued_prompt(input_ids, call, turn, _calls.cache_length(cache))
-            return self._generate_short(original, input_ids, short_ids, call, mask)
-        if turn is not None:
-            raise ValueError(
-                "these past_key_values hold a compressed conversation whose prompt the input_ids do not start with: "
-                "pass the sequences returned with that cache (plus the new turn), or the whole conversation with "
-                "pixel_values and no past_key_values"
-            )
-        cached = _calls.cache_length(cache)
-        if bool((input_ids[:, cached:] == self.image_token_id).any()):
-            raise ValueError(
-                "past_key_values were given with image placeholders beyond the cached tokens, but they were not filled "
-                "by a compressed call of this model: pass that call's returned sequences (plus the new turn) with its "
-                "past_key_values, or the whole conversation with pixel_values and no past_key_values"
-            )
-        call["inputs"] = input_ids
-        return self._run_generate(original, (), call, _calls.GenerateCall(self))
-
-    def _continued_prompt(self, input_ids: torch.Tensor, call: dict[str, Any], turn: Any, cached: int) -> torch.Tensor:
-        """The short sequence of a continued turn: the turn's short prompt, then what followed it in
-        ``input_ids`` (B, T), whose new images (if their ``pixel_values`` or image embeddings are given)
-        are compressed; ``call``'s attention mask and image arguments are rewritten to match."""
-        t0 = turn.t0
-        split = min(t0 + max(cached - turn.t1, 0), input_ids.shape[1])  # where the uncached tokens start
-        head = torch.cat([turn.short_ids.to(input_ids.device), input_ids[:, t0:split]], dim=1)
-        tail = input_ids[:, split:]
-        mask = call.get("attention_mask")
-        head_mask = tail_mask = None
-        if mask is not None:
-            head_mask = torch.cat([turn.head_mask().to(mask), mask[:, t0:split]], dim=1)
-            tail_mask = mask[:, split:]
-        images = {k: call.pop(k) for k in ("pixel_values", EMBEDDINGS_KWARG, *self.image_inputs) if k in call}
-        images = {k: v for k, v in images.items() if v is not None}
-        if self._compresses(images) and bool((tail == self.image_token_id).any()):
-            part = {"input_ids": tail, **images}
-            if tail_mask is not None:
-                part["attention_mask"] = tail_mask
-            try:
-                with torch.no_grad():
-                    prepared = self.prepare_inputs(part)
-            except ValueError as err:
-                raise ValueError(
-                    f"{err} (a continued chat turn takes the images whose placeholders follow the cached conversation, "
-                    "and only those, as the vanilla model does; or pass the whole conversation with all its images and "
-                    "no past_key_values)"
-                ) from None
-            self._vanilla_rows = None  # no prefill follows on a continued cache
-            tail = prepared["input_ids"]
-            if prepared.get("attention_mask") is not None:
-                tail_mask = prepared["attention_mask"]
-                head_mask = head_mask if head_mask is not None else torch.ones_like(head)
-            call["mm_encoder_outputs"] = prepared["mm_encoder_outputs"]
-        # Without new images given, those of the earlier turns are in the cache already (the vanilla
-        # generate takes no pixel_values for a continued cache either).
-        if head_mask is not None:
-            call["attention_mask"] = torch.cat([head_mask, tail_mask], dim=1)
-        return torch.cat([head, tail], dim=1)
-
-
-def pad_token_id_of(model: Any) -> int:
-    """The id a shortened prompt is padded with: the model's generation config's, its text config's
-    or its config's ``pad_token_id`` (the first that is set), else 0."""
-    config = getattr(model, "config", None)
-    for cfg in (getattr(model, "generation_config", None), getattr(config, "text_config", None), config):
-        pad = getattr(cfg, "pad_token_id", None) if cfg is not None else None
-        if isinstance(pad, int):
-            return pad
-    return 0
-
 
 class _ConfigOnly:
     """Stands in for a model where only its ``config`` is read (:meth:`Family.counter`)."""
@@ -1031,24 +435,3 @@ class _ConfigOnly:
     def __init__(self, config: Any) -> None:
         self.config = config
 
-
-def _rows_total(placeholders: "torch.Tensor", prompt_counts: list[int], values: list[int]) -> "torch.Tensor":
-    """(B,) per batch row, the sum of ``values[i]`` over the images ``i`` whose ``prompt_counts[i]``
-    placeholders lie in that row (images in reading order of the (B, T) ``placeholders`` mask)."""
-    dev = placeholders.device
-    out = torch.zeros(placeholders.shape[0], dtype=torch.long, device=dev)
-    if not prompt_counts:
-        return out
-    row_end = placeholders.sum(1).cumsum(0)  # (B,) placeholders up to and including each row
-    starts = torch.tensor([0] + list(prompt_counts[:-1]), dtype=torch.long, device=dev).cumsum(0)  # (I,)
-    rows = torch.searchsorted(row_end, starts, right=True).clamp_max(placeholders.shape[0] - 1)
-    return out.index_add_(0, rows, torch.tensor(values, dtype=torch.long, device=dev))
-
-
-#: Held by a call of a model patched with FastV, whose layer patch keeps the running call's state
-#: (which visual tokens, which layer pruned them): threads take turns on such models (re-entrant:
-#: generate's own forward calls, an assistant model).
-_FASTV_CALLS = threading.RLock()
-
-#: (id of the adapter, (B,) rows) from a call's prepare_inputs to its prefill, per thread / task.
-_PENDING_ROWS: "ContextVar[tuple[int, Any] | None]" = ContextVar("globalcom2_pending_rows", default=None)

@@ -61,7 +61,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
 from .._lazy import lazy_module
-from .base import CompressedImages, EncodedImages, Family, QKCapture, check_image_sizes, register_family
+from .base import Family, register_family
+from .capture import QKCapture
+from .checks import check_image_sizes
+from .images import CompressedImages, EncodedImages
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry

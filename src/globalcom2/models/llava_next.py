@@ -26,7 +26,10 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import EncodedImages, Family, QKCapture, check_image_sizes, register_family
+from .base import Family, register_family
+from .capture import QKCapture
+from .checks import check_image_sizes
+from .images import EncodedImages
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry

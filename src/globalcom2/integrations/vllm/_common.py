@@ -15,7 +15,7 @@ import torch
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from ...methods import config_to_dict
-from ...models.base import EncodedImages
+from ...models.images import EncodedImages
 from . import settings as _settings
 
 #: Per-image field the processor adds to carry the request's retention ratio to the model.
@@ -259,12 +259,12 @@ class ClsImportance(torch.nn.Module):
 class LastLayerInput:
     """The hidden state entering the tower's last layer (index ``full_depth - 1``) while the tower
     runs, where vLLM built that layer (the project's one hook class,
-    :class:`~globalcom2.models.base.QKCapture`, with ``inputs_of`` that layer; its q/k hooks sit on
+    :class:`~globalcom2.models.capture.QKCapture`, with ``inputs_of`` that layer; its q/k hooks sit on
     ``importance``'s own projections, which do not run inside); otherwise the tower's output is
     that state (:meth:`result`)."""
 
     def __init__(self, layers: torch.nn.ModuleList, full_depth: int, importance: torch.nn.Module | None) -> None:
-        from ...models.base import QKCapture
+        from ...models.capture import QKCapture
 
         layer = layers[full_depth - 1] if len(layers) >= full_depth else None
         self._cap = QKCapture(importance, inputs_of=layer) if layer is not None and importance is not None else None
