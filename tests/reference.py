@@ -1,7 +1,7 @@
 """An independent, deliberately simple reference implementation of GlobalCom2 (SPEC.md).
 
 This module is a test oracle. It is written from the text of ``SPEC.md`` only and never calls or
-copies ``globalcom2.ops`` (nor the adapter): every step is a plain Python loop over crops, rows
+copies ``globalcom2.core`` (nor the families): every step is a plain Python loop over crops, rows
 and tokens, with scores in float64, so that it can catch mistakes in the vectorised package.
 
 Conventions (as in SPEC.md and Hugging Face LLaVA-NeXT):

@@ -12,6 +12,7 @@ import torch
 
 from globalcom2 import methods
 from globalcom2._syncs import SyncCounter
+from globalcom2.core import geometry
 from globalcom2.core import plans as P
 from globalcom2.core.batch import compress_batch, joint_rows, plan_batch
 
@@ -46,7 +47,7 @@ def _image(rng, side, gen, single_share=0.25, levels=None):
     else:
         grid = rng.choice(GRIDS)
         hw = (rng.randint(20, 3000), rng.randint(20, 3000))  # odd aspect ratios: padding, empty areas
-        geom = P.crop_geometry(hw, grid, side)
+        geom = geometry.crop_geometry(hw, grid, side)
         views = 1 + geom.num_crops
     imp = torch.randn(views, n, generator=gen)
     if levels:
@@ -75,8 +76,8 @@ def test_batched_plans_equal_the_per_image_functions(layout, joint):
 def test_ties_everywhere_and_mixed_single_and_multi_view_batches():
     """Constant maps (every token tied) and two-level maps, single views between crop grids."""
     side, n = 6, 36
-    geoms = [None, P.crop_geometry((100, 700), (1, 3), side), None, P.crop_geometry((900, 200), (3, 1), side),
-             P.crop_geometry((500, 500), (2, 2), side), P.crop_geometry((40, 3000), (2, 2), side)]
+    geoms = [None, geometry.crop_geometry((100, 700), (1, 3), side), None, geometry.crop_geometry((900, 200), (3, 1), side),
+             geometry.crop_geometry((500, 500), (2, 2), side), geometry.crop_geometry((40, 3000), (2, 2), side)]
     for fill in ("zeros", "two_levels"):
         imps = []
         for g in geoms:
@@ -122,7 +123,7 @@ def test_joint_rows_addresses_split_features_without_a_copy():
 
 def test_gradients_reach_the_features_and_the_newline():
     side, d = 4, 3
-    geom = P.crop_geometry((300, 500), (2, 2), side)
+    geom = geometry.crop_geometry((300, 500), (2, 2), side)
     feats_all = torch.randn(6, side * side, d, requires_grad=True)
     newline = torch.randn(d, requires_grad=True)
     feats = list(torch.split(feats_all, [5, 1]))

@@ -6,6 +6,7 @@ import torch
 
 from globalcom2._opcount import OpCounter
 from globalcom2._syncs import SyncCounter
+from globalcom2.core import geometry
 from globalcom2.core import plans as P
 from globalcom2.core.batch import compress_batch, joint_importance, joint_rows, prepare_batch
 
@@ -15,7 +16,7 @@ SIZES = {(1, 2): (336, 672), (2, 1): (672, 336), (2, 2): (672, 672), (1, 3): (33
 
 def _batch(grids, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    geoms = [P.crop_geometry(SIZES[g], g, SIDE) for g in grids]
+    geoms = [geometry.crop_geometry(SIZES[g], g, SIDE) for g in grids]
     views = [1 + g.num_crops for g in geoms]
     feats = list(torch.split(torch.randn(sum(views), N, D, generator=gen), views))
     imps = list(torch.split(torch.randn(sum(views), N, generator=gen, dtype=torch.float64), views))

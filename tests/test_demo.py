@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from globalcom2.core import geometry, plans
+from globalcom2.core import geometry, layouts, plans
 from globalcom2.demo import run_demo
 from globalcom2.picture import full_ratio_note, picture_notes, render_kept_tokens
 
@@ -16,7 +16,7 @@ WHY = "Why tokens are dropped at R = 1"
 RULE = "r_j = min(1, R x (1 + sigma_j - mean(sigma)))"
 
 
-def _plan(retention_ratio: float, allocation: str = "softmax_sum") -> plans.CompressionPlan:
+def _plan(retention_ratio: float, allocation: str = "softmax_sum") -> layouts.CompressionPlan:
     """A 2x2-crop plan whose thumbnail favours the top-left crop (so the others get r_j < 1 at R = 1)."""
     g = torch.Generator().manual_seed(0)
     geom = geometry.crop_geometry((480, 640), (2, 2), 24)

@@ -7,7 +7,6 @@ import torch
 import globalcom2
 from conftest import make_image
 from globalcom2.core import importance as importance_ops
-from globalcom2.core import plans
 from globalcom2.models.capture import QKCapture
 
 
@@ -23,7 +22,7 @@ def _full_run(adapter, pixel_values, mode):
     elif mode == "attention_received":
         imp = importance_ops.attention_received(cap.queries[:, 1:], cap.keys[:, 1:], attn.num_heads, attn.scale)
     else:
-        imp = plans.cls_attention_logits(cap.q_cls, cap.keys, attn.num_heads, attn.scale)
+        imp = importance_ops.cls_attention_logits(cap.q_cls, cap.keys, attn.num_heads, attn.scale)
     return feats, imp
 
 

@@ -20,6 +20,7 @@ import torch
 
 import globalcom2
 from conftest import family_model, make_image
+from globalcom2.core import budgets
 from globalcom2.core import plans as P
 from globalcom2.core.batch import plan_batch
 from globalcom2.core.sequence import IGNORE_INDEX, shrink_placeholders
@@ -73,7 +74,7 @@ def test_fixed_budgets_follow_the_spec_and_sum_to_the_total():
             r = [min(1.0, ratio * (1 + s - sum(sigma) / c)) for s in sigma]
         else:  # anything in [0, 1], ties and zeros included
             r = [rng.choice([0.0, ratio, 1.0, rng.random()]) for _ in range(c)]
-        got = P.fixed_budgets(torch.tensor(n), torch.tensor(r, dtype=torch.float64), ratio).tolist()
+        got = budgets.fixed_budgets(torch.tensor(n), torch.tensor(r, dtype=torch.float64), ratio).tolist()
         assert got == spec_budgets(n, r, ratio), (n, r, ratio)
         assert sum(got) == math.floor(ratio * sum(n)) and all(0 <= b <= m for b, m in zip(got, n))
 
@@ -87,9 +88,9 @@ def test_fixed_budgets_of_a_padded_batch_equal_each_row_alone():
     cm = max(len(n) for n, _ in rows)
     n_pad = torch.tensor([n + [0] * (cm - len(n)) for n, _ in rows])
     r_pad = torch.tensor([r + [0.7] * (cm - len(r)) for _, r in rows], dtype=torch.float64)
-    got = P.fixed_budgets(n_pad, r_pad, 0.3)
+    got = budgets.fixed_budgets(n_pad, r_pad, 0.3)
     for i, (n, r) in enumerate(rows):
-        alone = P.fixed_budgets(torch.tensor(n), torch.tensor(r, dtype=torch.float64), 0.3)
+        alone = budgets.fixed_budgets(torch.tensor(n), torch.tensor(r, dtype=torch.float64), 0.3)
         assert got[i, : len(n)].tolist() == alone.tolist() and not got[i, len(n) :].any()
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import globalcom2
-from globalcom2 import FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomConfig, ops
+from globalcom2 import FasterVLMConfig, GlobalCom2Config, PoolingConfig, RandomConfig
+from globalcom2.core import budgets, geometry, plans
 from globalcom2.methods import (
     config_from_dict,
     config_to_dict,
@@ -122,17 +123,17 @@ def _thumb_4x4() -> torch.Tensor:
 
 
 def test_allocation_uniform_gives_every_crop_r():
-    r = ops.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.25, allocation="uniform")
+    r = budgets.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.25, allocation="uniform")
     assert r.tolist() == [0.25] * 4
 
 
 def test_allocation_topk_count_shares_by_global_topk_membership():
     # floor(16 * 0.25) = 4 kept thumbnail tokens: 3 in region 0, 1 in region 3 -> r = R * C * c / 4.
-    r = ops.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.25, allocation="topk_count")
+    r = budgets.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.25, allocation="topk_count")
     assert r.tolist() == [0.75, 0.0, 0.0, 0.25]
     # Capped at 1, and R everywhere when the thumbnail keeps nothing.
-    assert ops.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.5, allocation="topk_count").max().item() == 1.0
-    assert ops.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.05, allocation="topk_count").tolist() == [0.05] * 4
+    assert budgets.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.5, allocation="topk_count").max().item() == 1.0
+    assert budgets.crop_retention_ratios(_thumb_4x4(), (2, 2), 0.05, allocation="topk_count").tolist() == [0.05] * 4
 
 
 def test_allocation_softmax_max_uses_region_maxima():
@@ -141,14 +142,14 @@ def test_allocation_softmax_max_uses_region_maxima():
     e = torch.exp((s - s.max()) / 10.0)
     sigma = e / (e.sum() + 1e-8)
     expected = torch.clamp(0.25 * (1 + sigma - sigma.mean()), max=1.0)
-    got = ops.crop_retention_ratios(imp, (2, 2), 0.25, temperature=10.0, allocation="softmax_max")
+    got = budgets.crop_retention_ratios(imp, (2, 2), 0.25, temperature=10.0, allocation="softmax_max")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     # and softmax_sum differs (sums 12, 1, 0, 2)
-    assert not torch.allclose(got, ops.crop_retention_ratios(imp, (2, 2), 0.25, allocation="softmax_sum"))
+    assert not torch.allclose(got, budgets.crop_retention_ratios(imp, (2, 2), 0.25, allocation="softmax_sum"))
 
 
 def _image_case(seed=0, hw=(480, 640)):
-    geom = ops.crop_geometry(hw, (2, 2), 24)
+    geom = geometry.crop_geometry(hw, (2, 2), 24)
     g = torch.Generator().manual_seed(seed)
     importance = torch.randn(5, 576, generator=g)
     return geom, importance
@@ -158,8 +159,8 @@ def _image_case(seed=0, hw=(480, 640)):
 def test_scoring_ablations_rank_by_one_term(scoring):
     geom, importance = _image_case()
     ratios = torch.full((4,), 0.3, dtype=torch.float64)
-    keep, valid, score = ops.select_crop_tokens(importance[1:], importance[0], geom, ratios, scoring=scoring)
-    _, _, both = ops.select_crop_tokens(importance[1:], importance[0], geom, ratios)
+    keep, valid, score = plans.select_crop_tokens(importance[1:], importance[0], geom, ratios, scoring=scoring)
+    _, _, both = plans.select_crop_tokens(importance[1:], importance[0], geom, ratios)
     if scoring == "local_only":
         term = importance[1:]
     else:  # the thumbnail map resized onto the unpadded area, cut into crops
@@ -180,10 +181,10 @@ def test_scoring_ablations_rank_by_one_term(scoring):
 @pytest.mark.parametrize("hw", [(480, 640), (1000, 300), (336, 336)])
 @pytest.mark.parametrize("layout", ["official", "spatial"])
 def test_fastervlm_keeps_the_joint_top_k(hw, layout):
-    geom = ops.crop_geometry(hw, (2, 2) if hw != (1000, 300) else (3, 1), 24)
+    geom = geometry.crop_geometry(hw, (2, 2) if hw != (1000, 300) else (3, 1), 24)
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(1 + geom.num_crops, 576, generator=g)
-    plan = ops.plan_joint(scores, geom, 0.25, layout)
+    plan = plans.plan_joint(scores, geom, 0.25, layout)
     valid = plan.crop_valid
     n_total = 576 + int(valid.sum())
     k = math.floor(0.25 * n_total)
@@ -200,8 +201,8 @@ def test_fastervlm_keeps_the_joint_top_k(hw, layout):
 
 def test_pooling_counts_follow_the_formula():
     feats = torch.randn(5, 576, 8)
-    geom = ops.crop_geometry((480, 640), (2, 2), 24)
-    tokens, thumb_hw, crop_hw = ops.pool_image(feats, geom, torch.zeros(8), 0.25)
+    geom = geometry.crop_geometry((480, 640), (2, 2), 24)
+    tokens, thumb_hw, crop_hw = plans.pool_image(feats, geom, torch.zeros(8), 0.25)
     assert thumb_hw == (12, 12)
     h, w = geom.valid_rows, geom.valid_cols
     assert crop_hw == (round(h * 0.5), round(w * 0.5))
@@ -209,7 +210,7 @@ def test_pooling_counts_follow_the_formula():
     # Pooling really averages: the first pooled thumbnail token is the mean of its 2x2 patch.
     torch.testing.assert_close(tokens[0], feats[0].reshape(24, 24, 8)[:2, :2].mean((0, 1)))
     # R = 1 keeps the vanilla arrangement exactly: thumbnail, then unpadded rows with newlines.
-    full, _, crop_full = ops.pool_image(feats, geom, torch.zeros(8), 1.0)
+    full, _, crop_full = plans.pool_image(feats, geom, torch.zeros(8), 1.0)
     assert full.shape[0] == geom.vanilla_num_tokens()
 
 
@@ -226,7 +227,7 @@ def test_fastervlm_ranks_by_the_cls_importance(tiny):
     with torch.no_grad():
         encoded = adapter.encode(inputs.pixel_values, inputs.image_sizes)
     plan = adapter.compress(encoded).plans[0]
-    expected = ops.plan_joint(encoded.importance[0], encoded.geometries[0], 0.2, "official")
+    expected = plans.plan_joint(encoded.importance[0], encoded.geometries[0], 0.2, "official")
     assert torch.equal(plan.index, expected.index)
 
 
@@ -257,7 +258,7 @@ def test_globalcom2_ablations_run_end_to_end(tiny, allocation, scoring):
     plan = globalcom2.get_family(model).last.plans[0]
     thumb = plan.thumb_importance
     geom = plan.geometry
-    expected_r = ops.crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), 0.25, allocation=allocation)
+    expected_r = budgets.crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), 0.25, allocation=allocation)
     torch.testing.assert_close(plan.crop_ratios, expected_r)
     n_valid = plan.crop_valid.sum(1)
     assert plan.crop_keep.sum(1).tolist() == torch.floor(n_valid.double() * expected_r).long().tolist()

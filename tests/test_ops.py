@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from globalcom2.core import geometry, plans
+from globalcom2.core import budgets, geometry, importance, layouts, plans
 
 
 @pytest.mark.parametrize(
@@ -54,16 +54,16 @@ def test_cls_logits_equal_the_cls_row_of_full_attention_logits():
     kh = k.view(v, t, heads, hd).transpose(1, 2)
     full = (qh.double() * scale) @ kh.double().transpose(-1, -2)  # (V, h, T, T): what an eager attention would build
     expected = full.mean(dim=1)[:, 0, 1:]
-    got = plans.cls_attention_logits(q[:, 0], k, heads, scale)
+    got = importance.cls_attention_logits(q[:, 0], k, heads, scale)
     torch.testing.assert_close(got, expected)
     assert got.dtype == torch.float64  # machine-independent: see test_ties.py
-    got_half = plans.cls_attention_logits(q[:, 0].bfloat16(), k.bfloat16(), heads, scale)
+    got_half = importance.cls_attention_logits(q[:, 0].bfloat16(), k.bfloat16(), heads, scale)
     assert got_half.dtype == torch.float64
 
 
 def test_region_scores_sum_quadrants():
     imp = torch.arange(16, dtype=torch.float32)  # 4 x 4 map
-    s = plans.crop_region_scores(imp, (2, 2))
+    s = budgets.crop_region_scores(imp, (2, 2))
     m = imp.reshape(4, 4).double()
     expected = torch.stack([m[:2, :2].sum(), m[:2, 2:].sum(), m[2:, :2].sum(), m[2:, 2:].sum()])
     assert s.dtype == torch.float64
@@ -73,16 +73,16 @@ def test_region_scores_sum_quadrants():
 def test_region_scores_when_side_does_not_divide():
     # S = 5, 1 x 2 grid: columns 0-1 -> crop 0, columns 2-4 -> crop 1 (the last region takes the rest).
     imp = torch.ones(25)
-    torch.testing.assert_close(plans.crop_region_scores(imp, (1, 2)), torch.tensor([10.0, 15.0], dtype=torch.float64))
+    torch.testing.assert_close(budgets.crop_region_scores(imp, (1, 2)), torch.tensor([10.0, 15.0], dtype=torch.float64))
     # S = 2 with a 1 x 3 grid: max(S // 3, 1) = 1, so columns 0 and 1 map to crops 0 and 1, crop 2 gets nothing.
-    torch.testing.assert_close(plans.crop_region_scores(torch.ones(4), (1, 3)), torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(budgets.crop_region_scores(torch.ones(4), (1, 3)), torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64))
 
 
 def test_crop_ratios_follow_the_formula():
     g = torch.Generator().manual_seed(1)
     imp = torch.randn(576, generator=g) * 3
-    r = plans.crop_retention_ratios(imp, (2, 2), 0.25, 10.0)
-    s = plans.crop_region_scores(imp, (2, 2)).numpy()
+    r = budgets.crop_retention_ratios(imp, (2, 2), 0.25, 10.0)
+    s = budgets.crop_region_scores(imp, (2, 2)).numpy()
     e = np.exp((s - s.max()) / 10.0)
     sigma = e / (e.sum() + 1e-8)
     expected = np.minimum(0.25 * (1 + sigma - sigma.mean()), 1.0)
@@ -90,13 +90,13 @@ def test_crop_ratios_follow_the_formula():
     # Without clipping the budget is preserved on average.
     assert math.isclose(r.mean().item(), 0.25, rel_tol=1e-12)
     # At R = 1 ratios are clipped to 1 and below-average crops lose tokens.
-    r1 = plans.crop_retention_ratios(imp, (2, 2), 1.0)
+    r1 = budgets.crop_retention_ratios(imp, (2, 2), 1.0)
     assert r1.max().item() == 1.0 and r1.min().item() < 1.0
 
 
 def test_thumbnail_keeps_floor_of_n_r_most_important_in_descending_order():
     imp = torch.randn(576, generator=torch.Generator().manual_seed(2))
-    idx = plans.thumbnail_keep_indices(imp, 0.1)
+    idx = budgets.thumbnail_keep_indices(imp, 0.1)
     assert idx.shape == (57,)  # floor(57.6)
     vals = imp[idx]
     assert torch.all(vals[:-1] >= vals[1:])
@@ -114,7 +114,7 @@ def test_official_layout_writes_tokens_at_their_valid_index():
     assert valid.tolist() == [[False, False, True, True], [True, True, False, False]]
     keep = torch.tensor([[False, False, False, True], [True, False, False, False]])
     n, nl = 4, 12  # table: thumbnail 0-3, crop 0: 4-7, crop 1: 8-11, newline 12
-    got = plans._layout_official(keep, valid, geom, base=n, newline=nl)
+    got = layouts._layout_official(keep, valid, geom, base=n, newline=nl)
     # crop 0 keeps position 3 (valid index 1) -> written at local position 1 = joint row 0;
     # crop 1 keeps position 0 (valid index 0) -> local position 0 = joint row 2; every row gets a newline.
     assert got.tolist() == [7, 12, 12, 8, 12, 12]
@@ -123,7 +123,7 @@ def test_official_layout_writes_tokens_at_their_valid_index():
 def test_spatial_layout_keeps_true_positions_of_unpadded_rows():
     geom = _geom_2x1_wide()
     keep = torch.tensor([[False, False, False, True], [True, False, False, False]])
-    got = plans._layout_spatial(keep, geom, base=4, newline=12)
+    got = layouts._layout_spatial(keep, geom, base=4, newline=12)
     assert got.tolist() == [7, 12, 8, 12]
 
 
@@ -131,8 +131,8 @@ def test_official_layout_of_an_empty_area_is_empty():
     geom = geometry.CropGeometry(side=2, grid_h=1, grid_w=2, row0=1, row1=1, col0=0, col1=4)
     valid = geometry.valid_mask(geom, torch.device("cpu"))
     keep = torch.zeros_like(valid)
-    assert plans._layout_official(keep, valid, geom, base=4, newline=12).numel() == 0
-    assert plans._layout_spatial(keep, geom, base=4, newline=12).numel() == 0
+    assert layouts._layout_official(keep, valid, geom, base=4, newline=12).numel() == 0
+    assert layouts._layout_spatial(keep, geom, base=4, newline=12).numel() == 0
 
 
 def test_select_crop_tokens_counts_and_scores():
@@ -165,7 +165,7 @@ def test_plan_counts_match_the_formulas():
     imp = torch.randn(4, 576, generator=g)
     for layout in ("official", "spatial"):
         plan = plans.plan_image(imp, geom, 0.25, layout=layout)
-        ratios = plans.crop_retention_ratios(imp[0], (1, 3), 0.25)
+        ratios = budgets.crop_retention_ratios(imp[0], (1, 3), 0.25)
         n_valid = plan.crop_valid.sum(1).tolist()
         crop_kept = sum(int(n * r) for n, r in zip(n_valid, ratios.tolist()))
         newlines = geom.height if layout == "official" else geom.valid_rows
@@ -211,7 +211,7 @@ def test_extreme_ratios_do_not_crash(ratio):
 def test_gather_keeps_dtype_and_picks_rows():
     feats = torch.arange(2 * 3 * 2, dtype=torch.bfloat16).reshape(2, 3, 2)
     newline = torch.tensor([-1.0, -1.0])
-    out = plans.gather_features(feats, newline, torch.tensor([5, 6, 0]))
+    out = layouts.gather_features(feats, newline, torch.tensor([5, 6, 0]))
     assert out.dtype == torch.bfloat16
     assert out.tolist() == [[10.0, 11.0], [-1.0, -1.0], [0.0, 1.0]]
 

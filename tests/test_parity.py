@@ -345,7 +345,7 @@ def test_batch_rows_equal_their_single_prompt_runs(tiny):
 
 @pytest.mark.parametrize("hw", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
 def test_spatial_keeping_everything_is_the_vanilla_sequence(tiny, hw):
-    from globalcom2.core import geometry, plans
+    from globalcom2.core import geometry, layouts, plans
 
     model, processor = tiny
     inputs = _inputs(processor, [hw], [PROMPT])
@@ -369,7 +369,7 @@ def test_spatial_keeping_everything_is_the_vanilla_sequence(tiny, hw):
     pplan = plans.plan_image(
         imp.float(), pgeom, 1.0, layout="spatial", crop_ratios=torch.ones(geom.num_crops, dtype=torch.float64)
     )
-    assert torch.equal(plans.gather_features(feats, newline, pplan.index), vanilla)
+    assert torch.equal(layouts.gather_features(feats, newline, pplan.index), vanilla)
     assert pplan.num_tokens == geom.vanilla_count() == int(lens[0])
 
 

@@ -24,7 +24,7 @@ import torch
 import globalcom2
 import reference as ref
 from conftest import family_model, make_image
-from globalcom2.core import plans as P
+from globalcom2.core import budgets, importance
 from globalcom2.models import families
 from test_parity import PROMPT, _forward_matches_reference, _inputs
 
@@ -54,15 +54,15 @@ def test_cls_logits_keep_exact_ties_whatever_the_summation_order():
     heads, hd, t = 4, 16, 1 + 60  # scale 0.25: exact
     keys = _tied_keys(t, heads, hd)[None].repeat(2, 1, 1)  # (V=2, T, D)
     q = torch.ones(2, heads * hd)
-    logits = P.cls_attention_logits(q, keys, heads, hd**-0.5)  # (V, N)
+    logits = importance.cls_attention_logits(q, keys, heads, hd**-0.5)  # (V, N)
     level = torch.tensor([2.0 ** ((p // 5) % 3) for p in range(1, t)], dtype=torch.float64)
     want = level * (1 + 2 * E) * 0.25
     assert torch.equal(logits, want.expand(2, -1))
     # Step 1 on them: within a level, lower positions first.
-    order = P.thumbnail_keep_indices(logits[0], 1.0).tolist()
+    order = budgets.thumbnail_keep_indices(logits[0], 1.0).tolist()
     assert order == sorted(range(t - 1), key=lambda i: (-float(want[i]), i))
     # The same importance in 16-bit (a bf16 model): the products stay exact in float64.
-    assert torch.equal(P.cls_attention_logits(q.bfloat16(), keys.bfloat16(), heads, hd**-0.5), logits)
+    assert torch.equal(importance.cls_attention_logits(q.bfloat16(), keys.bfloat16(), heads, hd**-0.5), logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,15 +161,15 @@ def constant_importance(monkeypatch):
     from globalcom2.core import importance
 
     def zeros_cls(q_cls, keys, num_heads, scale):
-        return torch.zeros(keys.shape[0], keys.shape[1] - 1, dtype=P.SCORE_DTYPE, device=keys.device)
+        return torch.zeros(keys.shape[0], keys.shape[1] - 1, dtype=importance.SCORE_DTYPE, device=keys.device)
 
     def zeros_received(queries, keys, num_heads, scale, chunk=importance.DEFAULT_CHUNK):
         return torch.zeros(keys.shape[0], keys.shape[1], dtype=torch.float32, device=keys.device)
 
     def zeros_similarity(features, eps=1e-8):
-        return torch.zeros(features.shape[:2], dtype=P.SCORE_DTYPE, device=features.device)
+        return torch.zeros(features.shape[:2], dtype=importance.SCORE_DTYPE, device=features.device)
 
-    monkeypatch.setattr(P, "cls_attention_logits", zeros_cls)
+    monkeypatch.setattr(importance, "cls_attention_logits", zeros_cls)
     monkeypatch.setattr(importance, "attention_received", zeros_received)
     monkeypatch.setattr(importance, "feature_similarity", zeros_similarity)
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from globalcom2.core import plans as P
+from globalcom2.core import geometry, layouts
 from globalcom2.methods import VisionZipConfig, make_config
 
 
@@ -48,12 +48,12 @@ def test_one_view_by_the_rules():
 
 def test_crops_merge_within_their_unpadded_tokens():
     g = torch.Generator().manual_seed(1)
-    geom = P.crop_geometry((300, 900), (1, 3), 8)  # padded rows in every crop
+    geom = geometry.crop_geometry((300, 900), (1, 3), 8)  # padded rows in every crop
     feats = torch.randn(4, 64, 5, generator=g)
     imp = torch.randn(4, 64, generator=g).double()
     cfg = make_config("visionzip", retention_ratio=0.5)
     tokens, plan = cfg.compress(feats, imp, geom, torch.zeros(5))
-    valid = P.valid_mask(geom, "cpu")
+    valid = geometry.valid_mask(geom, "cpu")
     assert not (plan.crop_keep & ~valid).any()
     for j in range(3):
         kept, merged = reference_view(feats[1 + j], imp[1 + j], valid[j], 0.5)
@@ -61,6 +61,6 @@ def test_crops_merge_within_their_unpadded_tokens():
         for t, row in merged.items():
             torch.testing.assert_close(plan.table[1 + j, t], row)
     # Tokens come from the merged table in the layout's order; keep-all is the identity.
-    torch.testing.assert_close(tokens, P.gather_features(plan.table, torch.zeros(5), plan.index))
+    torch.testing.assert_close(tokens, layouts.gather_features(plan.table, torch.zeros(5), plan.index))
     tokens_all, plan_all = make_config("visionzip", retention_ratio=1.0).compress(feats, imp, geom, torch.zeros(5))
     torch.testing.assert_close(plan_all.table, feats)

@@ -34,7 +34,7 @@ from ._io import atomic_path, to_rgb
 from .models.llava_next import canvas_layout  # noqa: F401  (LLaVA-NeXT's crop canvas; the name of 0.1)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .core.plans import CompressionPlan
+    from .core.layouts import CompressionPlan
 
 __all__ = ["canvas_layout", "full_ratio_note", "picture_notes", "render_kept_tokens", "save_png"]
 
@@ -63,7 +63,7 @@ _EXPLANATION = (
 )
 _GAP = 32
 
-# How each allocation sets r_j (see globalcom2.ops.crop_retention_ratios), for full_ratio_note.
+# How each allocation sets r_j (see globalcom2.core.budgets.crop_retention_ratios), for full_ratio_note.
 _ALLOCATION_RULES = {
     "softmax_sum": (
         "r_j = min(1, R x (1 + sigma_j - mean(sigma))), sigma = softmax over the crops of the thumbnail's "
@@ -296,7 +296,7 @@ def render_kept_tokens(
 
     Args:
         image: the original image (any mode; converted to RGB).
-        plan: the image's :class:`~globalcom2.ops.CompressionPlan` (e.g.
+        plan: the image's :class:`~globalcom2.core.layouts.CompressionPlan` (e.g.
             ``get_family(model).last.plans[0]``).
         view: pixels per side of one ViT view (336 for the llava-hf checkpoints).
         title, subtitle: text above the picture.

@@ -21,7 +21,7 @@ batch is planned at once and every output token is gathered with one ``index_sel
   ``(sum V N, D)`` table without copying (otherwise it concatenates them). The output is one
   ``index_select`` from that table; the newline rows (whose output positions are known from the
   slot structure, without a sync) are then written with one ``index_copy_`` of a few rows, instead
-  of the ``torch.where`` pass over all ``L x D`` of :func:`~globalcom2.core.plans.gather_features`.
+  of the ``torch.where`` pass over all ``L x D`` of :func:`~globalcom2.core.layouts.gather_features`.
   On the CPU the gather is cut into runs of images of at most :data:`GATHER_CHUNK_BYTES` of output
   (malloc hands larger blocks out as fresh, page-faulting memory on every call); elsewhere one.
 
@@ -59,15 +59,10 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry
-from .plans import (
-    SCORE_DTYPE,
-    CompressionPlan,
-    _check_count,
-    _check_layout,
-    _check_views,
-    _floor_count,
-    fixed_budgets,
-)
+from .budgets import _check_count, _floor_count, fixed_budgets
+from .importance import SCORE_DTYPE
+from .layouts import CompressionPlan, _check_layout
+from .plans import _check_views
 
 __all__ = [
     "BatchPlan", "BatchPrep", "prepare_batch", "plan_batch", "gather_batch", "compress_batch", "joint_rows",
@@ -79,7 +74,7 @@ class BatchPlan:
     """The plans of a batch's images and what gathering their tokens needs.
 
     Attributes:
-        plans: per image, its :class:`~globalcom2.core.plans.CompressionPlan` (equal to what the
+        plans: per image, its :class:`~globalcom2.core.layouts.CompressionPlan` (equal to what the
             per-image functions return; ``index`` addresses the image's own table).
         index: (L,) long rows of the batch's joint table (:func:`joint_rows`); newline positions
             hold a row of the table and are overwritten after the gather.
@@ -490,7 +485,7 @@ class BatchPrep:
         return rep[1]
 
     def _keep_best(self, score: torch.Tensor, invalid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each crop's ``k`` best valid tokens by ``score`` (stable on ties), as :func:`keep_best`:
+        """Each crop's ``k`` best valid tokens by ``score`` (stable on ties), as :func:`~globalcom2.core.budgets.keep_best`:
         (kept, not kept)."""
         order = torch.argsort(score, dim=-1, descending=True, stable=True)  # (B, Cm, N)
         ranks = torch.arange(score.shape[-1], device=score.device).expand(score.shape)
@@ -521,7 +516,7 @@ class BatchPrep:
         return thumb_vals, keep, ratios, masked[:, 1:]
 
     def _crop_ratios(self, thumb, thumb_keep, tab):
-        """Step 2 for every image (see :func:`~globalcom2.core.plans.crop_retention_ratios`)."""
+        """Step 2 for every image (see :func:`~globalcom2.core.budgets.crop_retention_ratios`)."""
         b, cm = self.b, self.host.cm
         dev = thumb.device
         ratio, tau, allocation = self.ratio, self.temperature, self.allocation

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 Layout = Literal["official", "spatial"]
 
-#: The sequence layouts a selection method can hand to the language model (see :mod:`globalcom2.core.plans`).
+#: The sequence layouts a selection method can hand to the language model (see :mod:`globalcom2.core.layouts`).
 LAYOUTS: tuple[str, ...] = ("official", "spatial")
 
 Count = Literal["published", "fixed"]

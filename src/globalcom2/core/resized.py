@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry, crop_geometry, crops_to_grid, grid_to_crops
-from .plans import SCORE_DTYPE
+from .budgets import _check_count, crop_retention_ratios, fixed_budgets, thumbnail_keep_indices
+from .importance import SCORE_DTYPE
+from .layouts import CompressionPlan, assemble_plan, gather_features
 
 __all__ = [
     "ResizedCropGeometry", "anyres_max_size", "parse_anyres_max", "resize_map", "resized_geometry", "to_crop_rows",
@@ -152,7 +154,7 @@ def select_resized_tokens(
         crop_ratios: (C,) ``r_j``.
         scoring: ``"global_local"`` (the method), ``"global_only"`` or ``"local_only"``.
         retention_ratio: R for ``count="fixed"`` (the crops keep ``floor(R * sum n_j)`` in all,
-            :func:`~globalcom2.core.plans.fixed_budgets`); None: ``floor(n_j r_j)`` each.
+            :func:`~globalcom2.core.budgets.fixed_budgets`); None: ``floor(n_j r_j)`` each.
 
     Returns:
         keep: (C, N) bool at pseudo positions; valid: (C, N) bool, the resized map's positions;
@@ -183,8 +185,6 @@ def select_resized_tokens(
     if retention_ratio is None:
         k = torch.floor(n_own.to(torch.float64) * crop_ratios.to(device=dev, dtype=torch.float64)).long()  # (C,)
     else:
-        from .plans import fixed_budgets
-
         k = fixed_budgets(n_own, crop_ratios.to(device=dev, dtype=torch.float64), retention_ratio)  # (C,)
     masked = torch.where(member, score[None, :], torch.full_like(score, float("-inf"))[None, :])  # (C, P)
     order = torch.argsort(masked, dim=1, descending=True, stable=True)
@@ -207,7 +207,7 @@ def plan_resized(
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
     count: str = "published",
-) -> "plans.CompressionPlan":
+) -> CompressionPlan:
     """GlobalCom2's decisions for an image whose crop map was resized (``spatial`` only).
 
     Args:
@@ -219,19 +219,17 @@ def plan_resized(
         crop_ratios: (C,) override of ``r_j`` (tests).
         count: ``"published"`` or ``"fixed"`` (see :func:`~globalcom2.core.plans.plan_image`).
     """
-    from . import plans
-
-    plans._check_count(count)
+    _check_count(count)
     if layout != "spatial":
         raise ValueError(f"a resized (anyres_max) crop map has only the 'spatial' layout, got {layout!r}")
     thumb = importance[0]
     if crop_ratios is None:
-        crop_ratios = plans.crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature, allocation)
+        crop_ratios = crop_retention_ratios(thumb, (geom.grid_h, geom.grid_w), retention_ratio, temperature, allocation)
     local = crops_to_grid(importance[1:], geom)[: geom.row1, : geom.col1]  # (h', w')
     fixed = retention_ratio if count == "fixed" else None
     keep, valid, score = select_resized_tokens(local, thumb, geom, crop_ratios, scoring, fixed)
-    thumb_keep = plans.thumbnail_keep_indices(thumb, retention_ratio)
-    return plans.assemble_plan(thumb_keep, keep, valid, geom, layout, crop_ratios, thumb, score)
+    thumb_keep = thumbnail_keep_indices(thumb, retention_ratio)
+    return assemble_plan(thumb_keep, keep, valid, geom, layout, crop_ratios, thumb, score)
 
 
 def compress_resized(
@@ -245,11 +243,9 @@ def compress_resized(
     allocation: str = "softmax_sum",
     scoring: str = "global_local",
     count: str = "published",
-) -> tuple[torch.Tensor, "plans.CompressionPlan"]:
+) -> tuple[torch.Tensor, CompressionPlan]:
     """:func:`plan_resized`, then gather (the counterpart of :func:`~.plans.compress_image`)."""
-    from . import plans
-
     plan = plan_resized(
         importance, geom, retention_ratio, layout, temperature, allocation=allocation, scoring=scoring, count=count
     )
-    return plans.gather_features(features, newline, plan.index), plan
+    return gather_features(features, newline, plan.index), plan

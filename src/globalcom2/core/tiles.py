@@ -51,7 +51,7 @@ def full_geometry(grid_hw: tuple[int, int], side: int) -> CropGeometry:
 def tiles_then_thumbnail_index(thumb_keep: torch.Tensor, crop_keep: torch.Tensor, n: int) -> torch.Tensor:
     """The model-order sequence of a selection, as rows of the thumbnail-first table.
 
-    The table is the one of :class:`~globalcom2.core.plans.CompressionPlan` (``[thumbnail (N),
+    The table is the one of :class:`~globalcom2.core.layouts.CompressionPlan` (``[thumbnail (N),
     crops (C * N)]``, no newline row is ever addressed): the kept tokens of tile 0 in raster order,
     then tile 1's, ... then the kept thumbnail tokens in raster order.
 

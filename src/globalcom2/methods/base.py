@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..core.geometry import CropGeometry
-    from ..core.plans import KeptMasks
+    from ..core.layouts import KeptMasks
 
 __all__ = [
     "LANGUAGE_METHODS", "VISION_METHODS", "LanguageMethodConfig", "ScoreSelectionConfig", "VisionMethodConfig",
@@ -62,14 +62,14 @@ class VisionMethodConfig(MethodConfig):
         Args:
             features: (V, N, D) projected features of the image's views, thumbnail first.
             importance: (V, N) importance of the same tokens (higher: more important; float64 from the
-                families, see ``core.plans.SCORE_DTYPE``).
+                families, see ``core.importance.SCORE_DTYPE``).
             geom: the crop geometry (None for an image seen as one view).
             newline: (D,) the image-newline embedding (None for families without one).
 
         Returns:
             tokens: (L, D) the image's sequence for the language model.
             plan: what was kept; every plan has ``num_tokens``, ``geometry`` and
-            ``kept_masks()`` (a :class:`~globalcom2.core.plans.KeptMasks`).
+            ``kept_masks()`` (a :class:`~globalcom2.core.layouts.KeptMasks`).
         """
         raise NotImplementedError  # pragma: no cover - abstract
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -15,12 +16,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 plans = lazy_module("globalcom2.core.plans")  # tensor code, imported when the method runs
+layouts = lazy_module("globalcom2.core.layouts")
+geometry = lazy_module("globalcom2.core.geometry")
 
 
 @dataclass
 class PoolingPlan:
     """What the pooling baseline did to one image (the counterpart of
-    :class:`~globalcom2.core.plans.CompressionPlan`).
+    :class:`~globalcom2.core.layouts.CompressionPlan`).
 
     Attributes:
         thumb_hw: pooled thumbnail (rows, cols). crop_hw: pooled unpadded crop area (rows, cols).
@@ -35,7 +38,7 @@ class PoolingPlan:
     layout: str = "pooled"
     side: int = 0
 
-    def kept_masks(self) -> "plans.KeptMasks":
+    def kept_masks(self) -> "layouts.KeptMasks":
         """Every (unpadded) token feeds one pooled token: nothing is dropped."""
         torch = lazy_module("torch")
         side, t, (ph, pw), geom = self.side, self.thumb_hw[0], self.crop_hw, self.geometry
@@ -44,13 +47,13 @@ class PoolingPlan:
         thumb = torch.ones(n, dtype=torch.bool)
         if geom is None:
             empty = torch.zeros((0, n), dtype=torch.bool)
-            return plans.KeptMasks(thumb, empty, empty, torch.zeros(0, dtype=torch.float64), t * t, 0, True, note)
-        valid = plans.valid_mask(geom, torch.device("cpu"))  # (C, N)
+            return layouts.KeptMasks(thumb, empty, empty, torch.zeros(0, dtype=torch.float64), t * t, 0, True, note)
+        valid = geometry.valid_mask(geom, torch.device("cpu"))  # (C, N)
         frac = (ph * pw) / max(1, int(valid.sum()))
         if ph:
             note += f", unpadded crop area {geom.valid_rows}x{geom.valid_cols} -> {ph}x{pw}"
         ratios = torch.full((geom.num_crops,), frac, dtype=torch.float64)
-        return plans.KeptMasks(thumb, valid, valid, ratios, t * t, ph * pw, True, note)
+        return layouts.KeptMasks(thumb, valid, valid, ratios, t * t, ph * pw, True, note)
 
 
 @register_method
@@ -86,5 +89,5 @@ class PoolingConfig(VisionMethodConfig):
         self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None", newline: "torch.Tensor | None"
     ) -> tuple["torch.Tensor", Any]:
         tokens, thumb_hw, crop_hw = plans.pool_image(features, geom, newline, self.retention_ratio)
-        side = plans.math.isqrt(features.shape[1])
+        side = math.isqrt(features.shape[1])
         return tokens, PoolingPlan(thumb_hw, crop_hw, geom, int(tokens.shape[0]), side=side)

@@ -37,7 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 torch = lazy_module("torch")
-plans = lazy_module("globalcom2.core.plans")
+geometry = lazy_module("globalcom2.core.geometry")
+importance_ops = lazy_module("globalcom2.core.importance")
+layouts = lazy_module("globalcom2.core.layouts")
 
 #: VisionZip's split of a budget: 54 dominant and 10 contextual tokens of 64.
 CONTEXTUAL_SHARE = (10, 64)
@@ -76,32 +78,32 @@ class VisionZipConfig(VisionMethodConfig):
         single = geom is None or v == 1
         valid = torch.ones((v, n), dtype=torch.bool, device=features.device)
         if not single:
-            valid[1:] = plans.valid_mask(geom, features.device)
+            valid[1:] = geometry.valid_mask(geom, features.device)
         table = features.clone()
         keep = torch.zeros_like(valid)
         for view in range(v):
             keep[view] = _zip_view(table[view], importance[view], valid[view], self.retention_ratio)
         thumb_keep = torch.nonzero(keep[0]).reshape(-1)
         if self.layout == "official":  # most important first, as GlobalCom2's official thumbnail
-            order = torch.argsort(importance[0][thumb_keep].to(plans.SCORE_DTYPE), descending=True, stable=True)
+            order = torch.argsort(importance[0][thumb_keep].to(importance_ops.SCORE_DTYPE), descending=True, stable=True)
             thumb_keep = thumb_keep[order]
         if single:  # the kept tokens, then the one trailing newline (as plan_single_view)
             thumb = thumb_keep if self.layout == "official" else torch.sort(thumb_keep).values
             empty = torch.zeros((0, n), dtype=torch.bool, device=features.device)
-            plan = plans.CompressionPlan(
+            plan = layouts.CompressionPlan(
                 index=torch.cat([thumb, torch.full((1,), n, dtype=torch.long, device=thumb.device)]),
                 thumb_keep=thumb, crop_keep=empty, crop_valid=empty,
                 crop_ratios=torch.zeros(0, dtype=torch.float64, device=features.device),
-                thumb_importance=importance[0], crop_score=torch.zeros((0, n), dtype=plans.SCORE_DTYPE, device=features.device),
+                thumb_importance=importance[0], crop_score=torch.zeros((0, n), dtype=importance_ops.SCORE_DTYPE, device=features.device),
                 geometry=None, layout=self.layout, table=table,
             )
         else:
             n_valid = valid[1:].sum(1).to(torch.float64)
             ratios = keep[1:].sum(1).to(torch.float64) / n_valid.clamp_min(1.0)
-            score = importance[1:].to(plans.SCORE_DTYPE).masked_fill(~valid[1:], float("-inf"))
-            plan = plans.assemble_plan(thumb_keep, keep[1:], valid[1:], geom, self.layout, ratios, importance[0], score)
+            score = importance[1:].to(importance_ops.SCORE_DTYPE).masked_fill(~valid[1:], float("-inf"))
+            plan = layouts.assemble_plan(thumb_keep, keep[1:], valid[1:], geom, self.layout, ratios, importance[0], score)
             plan.table = table
-        return plans.gather_features(table, newline, plan.index), plan
+        return layouts.gather_features(table, newline, plan.index), plan
 
 
 def _zip_view(feats: "torch.Tensor", importance: "torch.Tensor", valid: "torch.Tensor", ratio: float) -> "torch.Tensor":
@@ -112,7 +114,7 @@ def _zip_view(feats: "torch.Tensor", importance: "torch.Tensor", valid: "torch.T
     k = int(n_valid * ratio)
     k_c = k * CONTEXTUAL_SHARE[0] // CONTEXTUAL_SHARE[1]
     k_d = k - k_c
-    score = importance.to(plans.SCORE_DTYPE).masked_fill(~valid, float("-inf"))
+    score = importance.to(importance_ops.SCORE_DTYPE).masked_fill(~valid, float("-inf"))
     order = torch.argsort(score, descending=True, stable=True)
     keep = torch.zeros(n, dtype=torch.bool, device=feats.device)
     keep[order[:k_d]] = True

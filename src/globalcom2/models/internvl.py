@@ -57,6 +57,7 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
@@ -72,7 +73,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
 torch = lazy_module("torch")
-plans = lazy_module("globalcom2.core.plans")
+layouts = lazy_module("globalcom2.core.layouts")
 tiles = lazy_module("globalcom2.core.tiles")
 
 #: The processor's default most tiles per image (InternVL3 ``-hf`` processor configs: 12).
@@ -325,7 +326,7 @@ class InternVLFamily(Family):
                     cap.queries.detach()[:, 1:], cap.keys.detach()[:, 1:], attn.num_heads, attn.scale
                 )  # (V, P*P)
             else:
-                patch_scores = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)
+                patch_scores = importance_ops.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)
             importance = self.token_importance(patch_scores).to(feats.device)  # (V, N)
 
         side, view = self.side, self.view_size
@@ -424,14 +425,14 @@ class InternVLFamily(Family):
                 t, p = self._pool(feats, geom, cfg.retention_ratio)
             else:
                 _, p = _methods.compress_image(feats, imp, geom, None, cfg)
-                if not isinstance(p, plans.CompressionPlan):
+                if not isinstance(p, layouts.CompressionPlan):
                     raise ValueError(
                         f"method {cfg.method!r} is not supported on {self.display_name}: its plan "
                         f"({type(p).__name__}) has no kept tokens to put in the model's order"
                     )
                 index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
                 p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
-                t = plans.gather_features(p.table if p.table is not None else feats, None, index)
+                t = layouts.gather_features(p.table if p.table is not None else feats, None, index)
             toks.append(t)
             plan_list.append(p)
         return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
@@ -439,7 +440,7 @@ class InternVLFamily(Family):
     @staticmethod
     def _pool(feats: torch.Tensor, geom: CropGeometry | None, ratio: float) -> tuple[torch.Tensor, Any]:
         tokens, t = tiles.pool_tiled_views(feats, ratio)
-        side = plans.math.isqrt(feats.shape[1])
+        side = math.isqrt(feats.shape[1])
         crop_hw = (0, 0) if geom is None else (geom.grid_h * t, geom.grid_w * t)
         return tokens, _methods.PoolingPlan((t, t), crop_hw, geom, int(tokens.shape[0]), side=side)
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
 torch = lazy_module("torch")
-plans = lazy_module("globalcom2.core.plans")
+geometry = lazy_module("globalcom2.core.geometry")
 importance_ops = lazy_module("globalcom2.core.importance")
 
 
@@ -113,7 +113,7 @@ class LlavaNextFamily(Family):
             grid = self.grid_shape(s)
             if grid[0] * grid[1] != v - 1:
                 raise ValueError(f"image of size {s} has {v - 1} crops but a {grid[0]}x{grid[1]} grid")
-            geoms.append(plans.crop_geometry(s, grid, side))
+            geoms.append(geometry.crop_geometry(s, grid, side))
         return views, geoms, side * side
 
     def encode(
@@ -190,7 +190,7 @@ class LlavaNextFamily(Family):
         else:
             if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
                 raise RuntimeError("the vision tower's last attention layer did not run")
-            importance = plans.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
+            importance = importance_ops.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
 
         _, geoms, n = self.size_layout(sizes)
         side = math.isqrt(n)

@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
 torch = lazy_module("torch")
-plans = lazy_module("globalcom2.core.plans")
 resized = lazy_module("globalcom2.core.resized")
 importance_ops = lazy_module("globalcom2.core.importance")
 
@@ -394,7 +393,7 @@ def _resize_views(
     size = (geom.row1, geom.col1)
     crop_feats = resized.to_crop_rows(resized.resize_map(grid, size), geom).permute(1, 2, 0)  # (C, N, D)
     local = resized.unpadded_map(imp[1:], geom)  # (h, w)
-    crop_imp = resized.to_crop_rows(resized.resize_map(local[None].to(plans.SCORE_DTYPE), size)[0], geom)  # (C, N)
+    crop_imp = resized.to_crop_rows(resized.resize_map(local[None].to(importance_ops.SCORE_DTYPE), size)[0], geom)  # (C, N)
     return torch.cat([feats[:1], crop_feats]), torch.cat([imp[:1].to(crop_imp.dtype), crop_imp])
 
 

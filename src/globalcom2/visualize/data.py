@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import plans as ops
+from ..core.geometry import CropGeometry
+from ..core.layouts import CompressionPlan, assemble_plan
+from ..core.plans import plan_single_view
 from .._io import atomic_path
 from ..picture import joint_grid
 
@@ -108,7 +110,7 @@ class Visualization:
     figure: Any
     masks: list[RatioMasks]
     importance: ImportanceMaps
-    geometry: ops.CropGeometry | None
+    geometry: CropGeometry | None
     image_size: tuple[int, int]
     layout: str
     notes: list[str] = field(default_factory=list)
@@ -153,7 +155,7 @@ def _masks(plan: Any, ratio: float, vanilla: int, side: int | None = None) -> Ra
 # -- importance maps: the same for every ratio -----------------------------------------------------
 
 
-def _importance_maps(plan: ops.CompressionPlan, local: torch.Tensor) -> ImportanceMaps:
+def _importance_maps(plan: CompressionPlan, local: torch.Tensor) -> ImportanceMaps:
     """Maps from a plan (scores) and the crops' own importance ``local`` (C, N)."""
     n = int(plan.thumb_importance.shape[-1])
     side = math.isqrt(n)
@@ -179,20 +181,20 @@ def _importance_maps(plan: ops.CompressionPlan, local: torch.Tensor) -> Importan
 # -- FastV: kept = still in the sequence after layer K ---------------------------------------------
 
 
-def _vanilla_plan(guide: ops.CompressionPlan) -> ops.CompressionPlan:
+def _vanilla_plan(guide: CompressionPlan) -> CompressionPlan:
     """The vanilla sequence as a plan: every token kept, spatial layout (SPEC: equals vanilla)."""
     n = int(guide.thumb_importance.shape[-1])
     dev = guide.thumb_importance.device
     if guide.geometry is None:
-        return ops.plan_single_view(guide.thumb_importance, 1.0, "spatial")
-    return ops.assemble_plan(
+        return plan_single_view(guide.thumb_importance, 1.0, "spatial")
+    return assemble_plan(
         torch.arange(n, device=dev), guide.crop_valid.clone(), guide.crop_valid, guide.geometry, "spatial",
         torch.ones(guide.geometry.num_crops, dtype=torch.float64, device=dev), guide.thumb_importance, guide.crop_score,
     )
 
 
 def _fastv_masks(
-    model: Any, processor: Any, image: Any, prompt: str, config: Any, plan: Any, guide: ops.CompressionPlan, vanilla: int,
+    model: Any, processor: Any, image: Any, prompt: str, config: Any, plan: Any, guide: CompressionPlan, vanilla: int,
     vanilla_plan: Any = None,
 ) -> RatioMasks:
     """Which visual tokens are still in the sequence after FastV's layer K, on the thumbnail/crop grids.
@@ -206,7 +208,7 @@ def _fastv_masks(
     from ..generation import build_prompt
     from ..methods import fastv_config
 
-    if plan is not None and not isinstance(plan, ops.CompressionPlan):
+    if plan is not None and not isinstance(plan, CompressionPlan):
         raise ValueError("drawing FastV after pooling is not supported (pooled tokens have no single source)")
     text = build_prompt(processor, prompt)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(next(model.parameters()).device)

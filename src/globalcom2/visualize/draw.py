@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core import plans as ops
+from ..core.geometry import CropGeometry
 from .data import ImportanceMaps, RatioMasks
 from .pixels import _kept_pixels, _swatches
 from .sheet import _bare, _crop_lines, _hatch_rect, _Sheet, _Type
@@ -63,7 +63,7 @@ _HEAT_NAMES = (
 
 
 def _subtitle(
-    name: str, image_wh: tuple[int, int], geom: ops.CropGeometry | None, lay: dict[str, int] | None, view: int
+    name: str, image_wh: tuple[int, int], geom: CropGeometry | None, lay: dict[str, int] | None, view: int
 ) -> str:
     """The header's subtitle: the model, the image's size and how the model sees it (the views)."""
     if geom is not None and lay is not None:
@@ -76,7 +76,7 @@ def _subtitle(
     return f"{name} · image {image_wh[0]}x{image_wh[1]} px (sizes: width x height), seen as {seen}"
 
 
-def _pad_rects(geom: ops.CropGeometry) -> list[tuple[int, int, int, int]]:
+def _pad_rects(geom: CropGeometry) -> list[tuple[int, int, int, int]]:
     """The padded parts of the joint token grid as (row0, col0, rows, cols) rectangles."""
     if geom.is_empty:
         return [(0, 0, geom.height, geom.width)]
@@ -112,7 +112,7 @@ class _Page:
 
     ty: _Type
     sheet: _Sheet
-    geom: ops.CropGeometry | None
+    geom: CropGeometry | None
     view: int  # pixels per side of one view
     cell: int  # pixels per side of one token
     side: int  # tokens per side of one view
@@ -124,7 +124,7 @@ class _Page:
     crop_h: float  # and height
 
 
-def _page(geom: ops.CropGeometry | None, heatmaps: bool, *, view: int, cell: int, side: int) -> _Page:
+def _page(geom: CropGeometry | None, heatmaps: bool, *, view: int, cell: int, side: int) -> _Page:
     """The sizes: crops as large as fit (``VIEW_MAX`` a crop at most), the thumbnail no taller than
     the crops (but at least 1.8 in), the text block at least ``MIN_W`` wide (``MIN_W_HEAT`` with
     the heat maps) and the figure that plus its margins."""
@@ -426,7 +426,7 @@ def _draw(
     thumb_px: np.ndarray,
     canvas_px: np.ndarray | None,
     lay: dict[str, int] | None,
-    geom: ops.CropGeometry | None,
+    geom: CropGeometry | None,
     masks: list[RatioMasks],
     maps: ImportanceMaps,
     heatmaps: bool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..core import plans as ops
+from ..core.geometry import CropGeometry
 from ..picture import wrap_words
 from .style import PAD_FACE, PAD_HATCH, TEXT
 
@@ -93,7 +93,7 @@ def _hatch_rect(ax: Any, x: float, y: float, w: float, h: float, zorder: float =
     ax.add_patch(Rectangle((x, y), w, h, facecolor=PAD_FACE, edgecolor=PAD_HATCH, hatch="///", linewidth=0, zorder=zorder))
 
 
-def _crop_lines(ax: Any, geom: ops.CropGeometry, unit: float, color: str = "white", lw: float = 1.6) -> None:
+def _crop_lines(ax: Any, geom: CropGeometry, unit: float, color: str = "white", lw: float = 1.6) -> None:
     """The lines between the crops, one crop being ``unit`` data units wide and high."""
     for r in range(1, geom.grid_h):
         ax.axhline(r * unit - 0.5, color=color, lw=lw, zorder=4)

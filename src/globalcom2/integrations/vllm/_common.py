@@ -206,7 +206,7 @@ def embeddings_list(data: Any) -> Any:
 class ClsImportance(torch.nn.Module):
     """The [CLS] importance of a ViT's last layer from the hidden state entering it (SPEC.md,
     Step 0): that layer's pre-attention norm, the [CLS] query (one token) and the keys, then
-    :func:`globalcom2.core.plans.cls_attention_logits` (float64). Never a whole extra layer: vLLM
+    :func:`globalcom2.core.importance.cls_attention_logits` (float64). Never a whole extra layer: vLLM
     builds the tower only up to the feature layer (LLaVA-NeXT: the second to last), so this module
     holds the last layer's norm and q/k projections only, loaded from the checkpoint.
 
@@ -241,7 +241,7 @@ class ClsImportance(torch.nn.Module):
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """(V, 1 + N, D) hidden state ([CLS] first) -> (V, N) float64 [CLS] logits, head-averaged."""
-        from ...core.plans import cls_attention_logits
+        from ...core.importance import cls_attention_logits
 
         q, k = self.queries_keys(hidden)
         return cls_attention_logits(q[:, 0], k, self.num_heads, self.scale)
