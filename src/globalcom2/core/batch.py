@@ -9,7 +9,8 @@ batch is planned at once and every output token is gathered with one ``index_sel
   ``Hm x Wm``; single-view images (no crops) ride along with ``C = 0``.
 * **Geometry on the host.** Everything that follows from the geometries alone (unpadded masks,
   crop regions, resized-map cells, every output slot's source, newline positions) is built with
-  numpy in :class:`BatchPrep` (cached per batch shape and settings) and reaches the device in
+  numpy (:func:`globalcom2.core.batch_host.host_tables`, kept by :class:`BatchPrep`, cached per
+  batch shape and settings) and reaches the device in
   three packed copies: the device pass runs only the ops that read the importance, about 60
   kernels for a batch whatever its size (``tests/test_batch_ops.py`` counts them; 150 before).
 * **One sync, or none.** With the published count the output lengths are read with one
@@ -59,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 from .geometry import CropGeometry
-from .budgets import _check_count, _floor_count, fixed_budgets
+from .batch_host import _Host, _host, host_tables
+from .budgets import _check_count, fixed_budgets
 from .importance import SCORE_DTYPE
 from .layouts import CompressionPlan, _check_layout
 from .plans import _check_views
@@ -140,20 +142,6 @@ def joint_rows(features: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([f.reshape(-1, d) for f in features])
 
 
-@dataclass
-class _Host:
-    """Host-side description of a batch (ints from the geometries, no tensor data)."""
-
-    n: int  # tokens per view
-    side: int
-    crops: list[int]  # C_b (0: single view)
-    views: list[int]
-    geoms: list[CropGeometry | None]  # None for single views
-    cm: int  # max crops
-    hm: int  # max joint-grid rows
-    wm: int  # max joint-grid columns
-
-
 def _describe(importance: Sequence[torch.Tensor], geometries: Sequence[CropGeometry | None], joint: bool) -> _Host:
     if len(importance) != len(geometries):
         raise ValueError(f"{len(importance)} importance maps for {len(geometries)} geometries")
@@ -173,28 +161,6 @@ def _describe(importance: Sequence[torch.Tensor], geometries: Sequence[CropGeome
     return _host(geoms, views, n)
 
 
-def _host(geoms: list[CropGeometry | None], views: list[int], n: int) -> _Host:
-    crops = [0 if g is None else g.num_crops for g in geoms]
-    multi = [g for g in geoms if g is not None]
-    side = multi[0].side if multi else math.isqrt(n)
-    return _Host(
-        n=n, side=side, crops=crops, views=views, geoms=geoms, cm=max(crops),
-        hm=max((g.height for g in multi), default=0), wm=max((g.width for g in multi), default=0),
-    )
-
-
-def _groups(keys: list) -> tuple[list[int], list[tuple[object, int, int]]]:
-    """A stable order of the images by ``keys`` and the contiguous (key, start, end) runs in it."""
-    order = sorted(range(len(keys)), key=lambda i: keys[i])
-    runs: list[tuple[object, int, int]] = []
-    for pos, i in enumerate(order):
-        if runs and runs[-1][0] == keys[i]:
-            runs[-1] = (keys[i], runs[-1][1], pos + 1)
-        else:
-            runs.append((keys[i], pos, pos + 1))
-    return order, runs
-
-
 def _permute(x: torch.Tensor, order: list[int], index: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` in ``order`` (``index`` is ``order`` on the device); no op for the identity."""
     return x if order == sorted(order) else x.index_select(0, index)
@@ -206,7 +172,8 @@ class BatchPrep:
 
     The tables (which crop tokens are unpadded, where each sits in its image's crop grid, which
     resized-map cell guides it, which output slot reads which table row, where the newlines go)
-    are integer functions of the geometry: they are built with numpy and reach the device as three
+    are integer functions of the geometry: they are built with numpy
+    (:func:`~globalcom2.core.batch_host.host_tables`) and reach the device as three
     packed tensors (one copy each on an accelerator), so the device pass runs only the ops that
     read the importance, about 50 kernels for a batch whatever its size
     (``tests/test_batch_ops.py`` counts them).
@@ -228,8 +195,6 @@ class BatchPrep:
         scoring: str,
         count: str,
     ) -> None:
-        import numpy as np
-
         self.host = host
         self.ratio = float(retention_ratio)
         self.layout, self.joint, self.temperature = layout, joint, float(temperature)
@@ -238,122 +203,19 @@ class BatchPrep:
             raise ValueError(f"allocation must be one of softmax_sum, softmax_max, uniform, topk_count; got {allocation!r}")
         if not joint and scoring not in ("global_local", "global_only", "local_only"):
             raise ValueError(f"scoring must be one of global_local, global_only, local_only; got {scoring!r}")
-        n, s, cm, hm, wm = host.n, host.side, host.cm, host.hm, host.wm
-        b = len(host.views)
-        self.b = b
-        spatial = layout == "spatial"
-        self.spatial = spatial
-        self.k_t = k_t = _floor_count(n, self.ratio)
-        ks = [k_t if g is None or not joint else _floor_count(n + g.valid_rows * g.valid_cols, self.ratio) for g in host.geoms]
-        self.ks = ks
-        # thumbnail slots: its kept tokens (official), or its N positions (spatial)
-        self.t_slots = t_slots = n if spatial else (max(ks) if joint else k_t)
-        width = wm + 1
-        self.p_slots = p_slots = t_slots + hm * width + 1
-        self.cw = cw = n if spatial else n + 1  # crop part of the source buffer, per crop
-        x_nl = t_slots + cm * cw  # buffer column holding the image's newline row
-        x_none = x_nl + 1  # buffer column holding -1 (an empty slot)
-
-        t = np.arange(n)
-        valid = np.zeros((b, cm, n), dtype=bool)
-        pos = np.zeros((b, cm, n), dtype=np.int64)
-        region = np.zeros((b, n), dtype=np.int64)
-        crop_ok = np.zeros((b, cm), dtype=bool)
-        slot_map = np.full((b, p_slots), x_none, dtype=np.int64)
-        slot_map[:, :t_slots] = np.arange(t_slots)
-        consts = np.zeros((b, 2), dtype=np.int64)
-        consts[:, 1] = -1
-        nl_slots: list[int] = []
-        nl_counts: list[int] = []
-        view_rows: list[int] = []
-        offsets: list[int] = []
-        lengths: list[int] = []
-        size_keys = [(g.valid_rows, g.valid_cols) if g is not None and not g.is_empty else (0, 0) for g in host.geoms]
-        size_order, size_runs = _groups(size_keys)
-        interp_base = [0] * b
-        at = 0
-        for key, start, end in size_runs:
-            for p in range(start, end):
-                interp_base[size_order[p]] = at + (p - start) * key[0] * key[1]
-            at += (end - start) * key[0] * key[1]
-        offset = view_start = 0
-        rr = np.arange(hm)[:, None]
-        cc = np.arange(wm)[None, :]
-        for i, (g, v, c) in enumerate(zip(host.geoms, host.views, host.crops)):
-            view_rows.extend(view_start + min(j, c) for j in range(1 + cm))
-            offsets.append(offset)
-            offset += v * n
-            view_start += v
-            consts[i, 0] = (1 + c) * n
-            before = len(nl_slots)
-            if g is None:
-                slot_map[i, -1] = x_nl
-                nl_slots.append(i * p_slots + p_slots - 1)
-                nl_counts.append(1)
-                lengths.append(ks[i] + 1)
-                continue
-            gh, gw = g.grid_h, g.grid_w
-            crop_ok[i, :c] = True
-            j = np.arange(c)[:, None]
-            rows = (j // gw) * s + t[None] // s  # (C, N) joint-grid row of each crop token
-            cols = (j % gw) * s + t[None] % s
-            ok = (rows >= g.row0) & (rows < g.row1) & (cols >= g.col0) & (cols < g.col1)
-            valid[i, :c] = ok
-            pos[i, :c] = np.where(ok, interp_base[i] + (rows - g.row0) * size_keys[i][1] + (cols - g.col0), 0)
-            idx = np.arange(s)
-            row_region = np.minimum(idx // max(s // gh, 1), gh - 1)
-            col_region = np.minimum(idx // max(s // gw, 1), gw - 1)
-            region[i] = (row_region[:, None] * gw + col_region[None, :]).reshape(-1)
-            # grid slots: (r, c) of the joint grid reads crop j's position t (spatial: its true
-            # position; official: the position's index in the crop's list of valid tokens)
-            in_grid = (rr < g.height) & (cc < g.width)
-            jj = (rr // s) * gw + cc // s
-            tt = (rr % s) * s + cc % s
-            grid = np.where(in_grid, t_slots + jj * cw + tt, x_none)  # (Hm, Wm)
-            base = t_slots + np.arange(hm)[:, None] * width
-            block = slot_map[i, t_slots : t_slots + hm * width].reshape(hm, width)
-            block[:, :wm] = grid
-            if spatial:
-                nl_rows = range(g.row0, g.row1)
-            else:
-                nl_rows = range(g.height) if not g.is_empty else range(0)
-            for r in nl_rows:
-                block[r, wm] = x_nl
-                nl_slots.append(i * p_slots + int(base[r, 0]) + wm)
-            nl_counts.append(len(nl_slots) - before)
-            if count == "fixed" or joint:
-                crop_total = ks[i] - k_t if joint else int(math.floor(float(ok.sum()) * self.ratio))
-                lengths.append((ks[i] if joint else k_t + crop_total) + nl_counts[-1])
-        self.nl_counts = nl_counts
-        self.offsets = offsets
-        self.rows_total = offset
+        tables = host_tables(host, self.ratio, layout, joint, count)
+        self.b, self.spatial, self.k_t, self.ks = tables.b, tables.spatial, tables.k_t, tables.ks
+        self.t_slots, self.p_slots, self.cw = tables.t_slots, tables.p_slots, tables.cw
+        self.nl_counts, self.offsets, self.rows_total = tables.nl_counts, tables.offsets, tables.rows_total
         #: per image, its output length when the geometry decides it (fixed count, joint budgets); else None
-        self.lengths: list[int] | None = lengths if (count == "fixed" or joint) and len(lengths) == b else None
+        self.lengths: list[int] | None = tables.lengths
         #: per image, its kept thumbnail tokens when the geometry decides it (not for joint budgets)
-        self.thumb_counts: list[int] | None = None if joint else [k_t] * b
-        self.identity_views = view_rows == list(range(len(view_rows)))
-        crop_order, crop_runs = _groups(host.crops)
-        self.crop_order, self.crop_runs = crop_order, crop_runs
-        self.size_order, self.size_runs = size_order, size_runs
-        if not spatial:
-            vidx = np.cumsum(valid, axis=2) - 1
-        else:
-            vidx = np.zeros((b, cm, n), dtype=np.int64)
-        tval = (n + np.arange(cm)[:, None] * n + t[None]).reshape(-1)  # (Cm N,) each crop token's own table row
-        n_valid = valid.sum(2)
-        ints = [np.asarray(view_rows, np.int64), region.reshape(-1), pos.reshape(-1), vidx.reshape(-1), tval,
-                slot_map.reshape(-1), consts.reshape(-1), np.asarray(nl_slots, np.int64),
-                np.asarray(crop_order, np.int64), np.asarray(size_order, np.int64), np.asarray(ks, np.int64),
-                n_valid.reshape(-1).astype(np.int64)]
-        self._int_sizes = [a.size for a in ints]
-        full_valid = np.concatenate([np.ones((b, 1, n), dtype=bool), valid], axis=1)
-        bools = [np.concatenate([valid.reshape(-1), ~valid.reshape(-1)]), ~crop_ok.reshape(-1), ~full_valid.reshape(-1)]
-        self._bool_sizes = [a.size for a in bools]
-        floats = [n_valid.reshape(-1).astype(np.float64)]
-        self._float_sizes = [a.size for a in floats]
-        self._ints = torch.from_numpy(np.concatenate(ints))
-        self._bools = torch.from_numpy(np.concatenate(bools))
-        self._floats = torch.from_numpy(np.concatenate(floats))
+        self.thumb_counts: list[int] | None = tables.thumb_counts
+        self.identity_views = tables.identity_views
+        self.crop_order, self.crop_runs = tables.crop_order, tables.crop_runs
+        self.size_order, self.size_runs = tables.size_order, tables.size_runs
+        self._int_sizes, self._bool_sizes, self._float_sizes = tables.int_sizes, tables.bool_sizes, tables.float_sizes
+        self._ints, self._bools, self._floats = tables.ints, tables.bools, tables.floats
         self._on: dict[str, dict[str, torch.Tensor]] = {}
         self._rep: tuple[list[int], torch.Tensor] | None = None
         if self.lengths is not None:
