@@ -72,3 +72,96 @@ def image_factory():
 
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved tiny checkpoints of every family, loaded back through the real loading path
+# ------------------------------------------------------------------------------------------------
+
+
+def _torchvision_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _empty_video_slot():
+    """What a processor without a video processor saves in its ``video_processor`` slot: ``{}``
+    (``ProcessorMixin.to_dict`` serialises the slot with its ``to_dict``)."""
+    from transformers.utils import PushToHubMixin
+
+    class EmptyVideoSlot(PushToHubMixin):
+        _auto_class = None
+
+        def to_dict(self) -> dict:
+            return {}
+
+    return EmptyVideoSlot()
+
+
+def _video_processor_optional(mp: pytest.MonkeyPatch) -> None:
+    """Let transformers save and load a LLaVA-OneVision or InternVL processor without its video
+    processor, where torchvision is not installed (the main venv).
+
+    transformers 5.25 gives these processors a ``video_processor`` slot that it fills with
+    ``AutoVideoProcessor`` (torchvision only: without it the class is a stub that raises
+    ImportError) and class-checks on construction, so their processor cannot be built, saved or
+    loaded back without torchvision, although images never touch it. This leaves exactly that slot
+    empty: ``AutoVideoProcessor.from_pretrained`` gives None instead of raising (only without
+    torchvision), and the slot's class check accepts None (what the families' tiny processors
+    already do). Everything else loads as a user's checkpoint does: ``Family.load`` ->
+    ``from_pretrained`` of the model and ``AutoProcessor.from_pretrained`` of the processor.
+    """
+    if _torchvision_available():
+        return
+    import transformers.models.auto.video_processing_auto as video_auto
+    from transformers.processing_utils import ProcessorMixin
+
+    check = ProcessorMixin.check_argument_for_proper_class
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return check(self, argument_name, argument)
+
+    mp.setattr(ProcessorMixin, "check_argument_for_proper_class", check_argument_for_proper_class)
+    class NoVideoProcessor:  # what ProcessorMixin loads the slot with, instead of the stub
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            return None
+
+    mp.setattr(video_auto, "AutoVideoProcessor", NoVideoProcessor)
+
+
+@pytest.fixture
+def video_processor_optional(monkeypatch):
+    """:func:`_video_processor_optional` for one test (see there: what is worked around, why)."""
+    _video_processor_optional(monkeypatch)
+
+
+def save_family_checkpoint(family, path) -> str:
+    """Save ``family``'s tiny model and processor to ``path`` with ``save_pretrained``, as a user's
+    checkpoint: the processor under its stock transformers class (the tiny processors of
+    OneVision and InternVL are subclasses that allow an empty video slot), that slot saved empty."""
+    import copy
+
+    model, processor = family.build_tiny(seed=0)
+    model.save_pretrained(path)
+    saved = processor
+    if getattr(processor, "video_processor", True) is None:
+        saved = copy.copy(processor)
+        saved.__class__ = next(c for c in type(processor).__mro__ if c.__module__.startswith("transformers."))
+        saved.video_processor = _empty_video_slot()
+    saved.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict:
+    """``{model_type: checkpoint directory}``: every registered family's tiny model and processor
+    saved once per session (:func:`save_family_checkpoint`). Load them inside a test that uses
+    :func:`video_processor_optional`."""
+    from globalcom2.models import family_for_model_type, supported_model_types
+
+    root = tmp_path_factory.mktemp("family-checkpoints")
+    return {t: save_family_checkpoint(family_for_model_type(t), root / t) for t in supported_model_types()}

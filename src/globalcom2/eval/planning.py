@@ -167,11 +167,24 @@ def check_meta(main: Path, run: RunSpec, model_name: str) -> None:
     if meta is None:
         return  # no meta file, or an unreadable one (rewritten)
     hint = f"use another --output-dir, or delete {main} to start that run over"
-    if meta.get("config") != run.config:
+    if meta.get("config") != run.config and not (not model_name and _applied_on_some_family(meta.get("config"), run)):
         raise ValueError(f"{main} holds predictions made with {meta.get('config')}, not {run.config}; {hint}")
     old = meta.get("model") or ""
     if old and model_name and old != model_name:
         raise ValueError(f"{main} holds predictions of model {old!r}, not {model_name!r}; {hint}")
+
+
+def _applied_on_some_family(recorded: Any, run: RunSpec) -> bool:
+    """Whether ``recorded`` is what :func:`globalcom2.apply` makes of ``run`` on a model of some
+    registered family (the family's default layout where the run asks for none): what a re-score
+    without a model (nothing left to generate) can check of a run's recorded config."""
+    if run.config is None or not isinstance(recorded, dict) or "layout" in (run.options or {}):
+        return False
+    from ..methods import config_from_dict, config_to_dict
+    from ..models import families
+
+    planned = config_from_dict(run.config)
+    return any(config_to_dict(family.with_default_layout(planned)) == recorded for family in families())
 
 
 def run_meta(bench: LoadedBenchmark, run: RunSpec, model_name: str) -> dict[str, Any]:

@@ -199,6 +199,8 @@ def run_eval(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     runs = plan_runs(ratios, methods, method_options)
+    if model is not None:  # the config each run applies to this model, recorded and compared on resume
+        runs = [_as_applied(model, run) for run in runs]
     if benchmarks and all(isinstance(b, LoadedBenchmark) for b in benchmarks):
         loaded = list(benchmarks)  # type: ignore[arg-type]
         if limit is not None:
@@ -281,6 +283,21 @@ def run_eval(
     summary.write(output_dir)
     dist.shutdown()
     return summary
+
+
+def _as_applied(model: Any, run: RunSpec) -> RunSpec:
+    """``run`` with the config :func:`globalcom2.apply` makes of it on ``model``: where the run
+    asks for no layout, the model family's default (``spatial`` on LLaVA-OneVision and InternVL,
+    whose method default ``official`` they do not have), not the method's."""
+    import dataclasses
+
+    from ..api import resolve_method
+    from ..methods import config_to_dict
+
+    if run.is_vanilla:
+        return run
+    options = {"retention_ratio": run.ratio, **(run.options or {})}
+    return dataclasses.replace(run, config=config_to_dict(resolve_method(model, None, run.method, options)[2]))
 
 
 def _run_one(
