@@ -57,6 +57,7 @@ class ProcessorPatch:
         self.config = config
         self._saved: dict[str, Any] = {}
         self._last: tuple[int, list[int]] | None = None
+        self._last_runs: tuple[int, list[list[int]] | None] | None = None
 
     # -- what the processor calls -------------------------------------------------------------
     def counts(self, image_inputs: Any) -> list[int]:
@@ -67,7 +68,19 @@ class ProcessorPatch:
             self._last = (key, counter.processed_counts(image_inputs, self.processor))
         return self._last[1]
 
+    def runs(self, image_inputs: Any) -> list[list[int]] | None:
+        """Per image, the compressed count of each view's run, for a family that writes one
+        placeholder run per view (Idefics3 / SmolVLM: ``Family.processed_runs``); else None."""
+        key = id(image_inputs)
+        if self._last_runs is None or self._last_runs[0] != key:  # one count per call
+            counter = self.family_cls.counter(self.hf_config, self.config)
+            self._last_runs = (key, counter.processed_runs(image_inputs, self.processor))
+        return self._last_runs[1]
+
     def replace_image_token(self, image_inputs: Any, image_idx: int, **kwargs: Any) -> str:
+        runs = self.runs(image_inputs)
+        if runs is not None:
+            return self.family_cls.runs_text(self.processor, image_inputs, image_idx, runs[image_idx])
         return self.family_cls.placeholder_text(self.processor, self.counts(image_inputs)[image_idx])
 
     def num_multimodal_tokens(self, image_sizes: Any = None, **kwargs: Any) -> Any:

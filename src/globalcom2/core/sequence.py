@@ -282,3 +282,77 @@ def expand_placeholders(
         mask = torch.zeros((bsz, new_len), dtype=attention_mask.dtype if attention_mask is not None else torch.long, device=dev)
         mask[rows, cols] = 1
     return ids, mask
+
+
+# -- one placeholder run per view ---------------------------------------------------------------
+# Some processors write an image as one placeholder run per view with text between the runs
+# (Idefics3 / SmolVLM: ``<fake_token_around_image><row_1_col_1><image>*L ... <global-img><image>*L``;
+# Llama 4's tiles likewise). SPEC.md: "every view keeps its own placeholder run, shortened to that
+# view's kept count". :func:`shrink_placeholders` already keeps the first ``new[i]`` placeholders
+# of run ``i`` and every other token, so a family hands it one count per *run* (``ViewRuns``'s flat
+# lists) instead of one per image; the text between runs stays. :func:`tagged_runs` reads the runs.
+
+
+@dataclass
+class ViewRuns:
+    """Per image, the length of each of its placeholder runs (one per view, in prompt order).
+
+    Attributes:
+        prompt: per image, the placeholders each run holds in the prompt (the vanilla count, or
+            what a count-first processor wrote).
+        kept: per image, the placeholders each run must hold for the language model (the view's
+            kept count; with every token kept, ``prompt`` of a vanilla prompt).
+    """
+
+    prompt: list[list[int]]
+    kept: list[list[int]]
+
+    @property
+    def prompt_flat(self) -> list[int]:
+        return [c for runs in self.prompt for c in runs]
+
+    @property
+    def kept_flat(self) -> list[int]:
+        return [c for runs in self.kept for c in runs]
+
+    @property
+    def prompt_totals(self) -> list[int]:
+        return [sum(runs) for runs in self.prompt]
+
+
+def tagged_runs(
+    input_ids: torch.Tensor, image_token_id: int, tag_ids: Sequence[int] | None = None
+) -> list[list[tuple[int, int, int]]]:
+    """Per batch row, its views as ``(tag id, tag position, run length)`` in reading order (one
+    host copy of ``input_ids``).
+
+    With ``tag_ids`` (the ids of the text that opens a view, e.g. ``<row_1_col_1>`` and
+    ``<global-img>``), every tag opens a view and its run is the placeholders right after it (0 when
+    a view kept no token). Without, every maximal run of placeholders is a view and its tag is the
+    token before it (-1 at the start of a row): enough for a prompt whose runs are all non-empty
+    (the processor's vanilla prompt).
+    """
+    rows = input_ids.detach().cpu().tolist()
+    tags = set(int(t) for t in tag_ids) if tag_ids is not None else None
+    out: list[list[tuple[int, int, int]]] = []
+    for row in rows:
+        views: list[tuple[int, int, int]] = []
+        i, n = 0, len(row)
+        while i < n:
+            tok = row[i]
+            if tags is not None and tok in tags:
+                j = i + 1
+                while j < n and row[j] == image_token_id:
+                    j += 1
+                views.append((tok, i, j - i - 1))
+                i = j
+            elif tags is None and tok == image_token_id:
+                j = i
+                while j < n and row[j] == image_token_id:
+                    j += 1
+                views.append((row[i - 1] if i > 0 else -1, i - 1, j - i))
+                i = j
+            else:
+                i += 1
+        out.append(views)
+    return out

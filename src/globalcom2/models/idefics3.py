@@ -1,0 +1,645 @@
+"""GlobalCom2 for Hugging Face Idefics3 and SmolVLM (``Idefics3ForConditionalGeneration`` /
+``Idefics3Model``, ``SmolVLMForConditionalGeneration`` / ``SmolVLMModel``: ``HuggingFaceM4/Idefics3-8B-Llama3``,
+``HuggingFaceTB/SmolVLM-Instruct``, ``SmolVLM-256M-Instruct``, ``SmolVLM-500M-Instruct``).
+
+What the model does (read from ``transformers`` 5.x ``modeling_idefics3`` / ``modeling_smolvlm``,
+their processors and their PIL image processors):
+
+* The image processor resizes an image so that its longest edge is ``size["longest_edge"]``
+  (4 x 364 = 1456 px for Idefics3), then each side up to a multiple of the view size
+  ``max_image_size["longest_edge"]`` (364 / 384 / 512), and cuts it into ``rows x cols`` crops of
+  that size, row by row; the whole image squeezed to one view comes **last** (the global view).
+  An image that fits one view (or ``do_image_splitting=False``) is that one view. No padding inside
+  a view: every crop token is image.
+* The text of a split image is one placeholder run per view with text between the runs:
+  ``<fake_token_around_image><row_1_col_1><image>*L`` for each crop (a ``\\n`` after each crop row),
+  then ``\\n<fake_token_around_image><global-img><image>*L<fake_token_around_image>``; a single
+  view is ``<fake_token_around_image><global-img><image>*L<fake_token_around_image>``.
+* The vision tower is SigLIP (no [CLS]); its last hidden state (after ``post_layernorm``) goes to the
+  connector, whose ``pixel_shuffle`` folds each ``s x s`` block of patches into one token
+  (``scale_factor`` s: 2 for Idefics3, 3 for SmolVLM-Instruct, 4 for SmolVLM-256M/500M) before the
+  projection: S = (image_size / patch_size) / s tokens per side, N = S * S = ``image_seq_len``.
+
+How GlobalCom2 maps onto it (``SPEC.md``, "Any further family with a global view"):
+
+* Importance: ``"auto"`` / ``"similarity"`` (the default, SigLIP has no [CLS]): ``-cos`` of each
+  *patch* at the connector's input (the feature layer: what the projector receives) to the view's
+  mean patch, then a token's importance is the mean over the ``s * s`` patches folded into it,
+  found by pushing an index map through the model's own ``connector.pixel_shuffle`` (as InternVL
+  maps its [CLS] logits). ``"attention_received"`` (an ablation) is the attention each patch
+  receives at the tower's last layer (captured q/k, query chunks), folded the same way. ``"cls"``
+  raises a ``ValueError``.
+* Views go to the methods **global view first** with a no-padding
+  :class:`~globalcom2.core.geometry.CropGeometry` of the processor's crop grid; :meth:`compress`
+  maps the result back to the model's order (crops row by row, each its kept tokens in raster
+  order, then the global view's), so every method runs unchanged. One view only: Step 1 on it.
+* Sequence: every view keeps its own placeholder run, shortened to the view's kept count; the tags
+  and newlines between runs stay (:meth:`placeholder_runs`, :class:`globalcom2.core.sequence.ViewRuns`).
+  With every token kept it is the vanilla sequence. With ``count="fixed"`` the image's total is
+  the fixed count and its split over the views is the one the size alone gives (what a count-first
+  processor writes before the tower runs): the kept tokens fill the image's runs in order, so the
+  model-shortened prompt and the processor's prompt are the same sequence.
+* The views of each image and its crop grid come from the prompt, which is all the model gets
+  (the processor keeps ``rows`` / ``cols`` to itself): the runs are read from ``input_ids``
+  (:func:`globalcom2.core.sequence.tagged_runs`); an image ends with the run after ``<global-img>``
+  (its id: the processor's when one was given to ``apply``, else the token before each row's last
+  run); the grid comes from the text between crop runs (one token, ``<fake_token_around_image>``,
+  between crops of a row; one more, the ``\\n``, between rows), else from the pixels
+  (:func:`globalcom2.core.tiles.infer_tile_grid`). ``image_grids=[(rows, cols), ...]`` given with
+  the call overrides it ((0, 0): one view).
+* Layout: ``spatial`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .. import methods as _methods
+from .._lazy import lazy_module
+from .base import Family, register_family
+from .capture import QKCapture
+from .images import CompressedImages, EncodedImages
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..core.geometry import CropGeometry
+    from ..methods.base import VisionMethodConfig
+
+torch = lazy_module("torch")
+plans = lazy_module("globalcom2.core.plans")
+tiles = lazy_module("globalcom2.core.tiles")
+sequence = lazy_module("globalcom2.core.sequence")
+
+#: The image processors' hard cap on the resized image's longest edge (``MAX_IMAGE_SIZE``).
+MAX_IMAGE_SIZE = 4096
+#: Crop tags the processors can write (``<row_1_col_1>`` ... ``<row_6_col_6>``).
+MAX_TAG_GRID = 6
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+
+
+def _pair(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def processor_grid(height: int, width: int, longest_edge: int, view: int, split: bool = True) -> tuple[int, int]:
+    """(rows, cols) of the crops the image processor makes of a ``height x width`` image; (0, 0)
+    when it makes one view. The rule of the processors' ``get_number_of_image_patches``: the
+    longest edge to ``longest_edge`` (the other side ``int`` of the aspect, made even), both sides
+    capped at 4096, then each side up to a multiple of ``view``."""
+    if not split:
+        return 0, 0
+    h, w = int(height), int(width)
+    aspect = w / h
+    if w >= h:
+        w = longest_edge
+        h = int(w / aspect)
+        h += h % 2
+    else:
+        h = longest_edge
+        w = int(h * aspect)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    aspect = w / h
+    if w >= h and w > MAX_IMAGE_SIZE:
+        w, h = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
+    elif h > w and h > MAX_IMAGE_SIZE:
+        h, w = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
+    h, w = max(h, 1), max(w, 1)
+    rh, rw = math.ceil(h / view) * view, math.ceil(w / view) * view
+    if rh > view or rw > view:
+        return math.ceil(rh / view), math.ceil(rw / view)
+    return 0, 0
+
+
+@register_family
+class Idefics3Family(Family):
+    """Idefics3 (``transformers`` ``Idefics3ForConditionalGeneration`` / ``Idefics3Model``): SigLIP
+    without [CLS], pixel shuffle, crops row by row then the global view, one placeholder run per
+    view; ``spatial`` layout only (see the module's docstring for every decision)."""
+
+    model_type = "idefics3"
+    display_name = "Idefics3"
+    example_checkpoint = "HuggingFaceM4/Idefics3-8B-Llama3"
+    model_names = ("Idefics3ForConditionalGeneration", "Idefics3Model")
+    layouts = ("spatial",)
+    image_inputs = ("pixel_attention_mask", "image_grids")
+    tower_kind = "a SigLIP-like"
+    #: Idefics3-8B's language model is Llama 3.1 8B (its config.json could not be read here, so no
+    #: entry is written from memory; see the report of issue 27).
+    language_models: dict[str, tuple[Any, ...]] = {}
+    default_text_model_type = "llama"
+    #: The published checkpoint's processor: longest edge 4 x 364 px, 364 px views.
+    default_longest_edge, default_view = 4 * 364, 364
+
+    @classmethod
+    def hf_classes(cls) -> tuple[type, ...]:
+        from transformers import Idefics3ForConditionalGeneration, Idefics3Model
+
+        return (Idefics3ForConditionalGeneration, Idefics3Model)
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def view_size(self) -> int:
+        return _pair(self.hf_config.vision_config.image_size)
+
+    @property
+    def patches(self) -> int:
+        """P, patches per view side before the pixel shuffle."""
+        vc = self.hf_config.vision_config
+        return _pair(vc.image_size) // _pair(vc.patch_size)
+
+    @property
+    def side(self) -> int:
+        """S, tokens per view side after the pixel shuffle."""
+        return self.patches // int(self.hf_config.scale_factor)
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.side * self.side
+
+    def view_geometry(self) -> tuple[int, int]:
+        return self.view_size, self.side
+
+    def language_model(self) -> Any:
+        return self.inner.text_model
+
+    def last_attention(self) -> Any:
+        found = None
+        for module in self.inner.vision_model.modules():
+            if all(hasattr(module, a) for a in self.attention_attributes):
+                found = module
+        if found is None:
+            raise ValueError(
+                f"GlobalCom2 on {self.display_name} needs {self.tower_kind} vision tower whose attention has q_proj/k_proj"
+            )
+        return found
+
+    def importance_mode(self) -> str:
+        """``"auto"`` -> ``"similarity"`` (SPEC.md), ``"attention_received"`` an ablation, ``"cls"`` a ValueError."""
+        mode = getattr(self.vision_config, "importance", "auto")
+        if mode == "cls":
+            raise ValueError(
+                f"importance='cls' is not available on {self.display_name}: its SigLIP tower has no [CLS] token; "
+                "use importance='similarity' (the default, 'auto') or 'attention_received'"
+            )
+        return "attention_received" if mode == "attention_received" else "similarity"
+
+    def check_vision(self) -> None:
+        s = int(self.hf_config.scale_factor)
+        if s < 1 or self.patches % s:
+            raise ValueError(f"{self.display_name}'s pixel shuffle must fold {self.patches} patches evenly; scale_factor={s}")
+        self.importance_mode()
+        self.last_attention()
+
+    def _shuffle_index(self, device: Any) -> torch.Tensor:
+        """(N, s*s) long: the patches (raster index in the P x P grid) folded into each token, found by
+        pushing an index map through the model's own ``connector.pixel_shuffle``."""
+        p = self.patches
+        grid = torch.arange(p * p, dtype=torch.float64).reshape(1, p * p, 1)
+        folded = self.inner.connector.pixel_shuffle(grid, int(self.hf_config.scale_factor))  # (1, N, s*s)
+        return folded.reshape(-1, folded.shape[-1]).round().long().to(device)
+
+    def token_importance(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(V, P*P) patch importance -> (V, N) importance of the pixel-shuffled tokens (the mean
+        over the patches folded into each)."""
+        return patch_scores[:, self._shuffle_index(patch_scores.device)].mean(dim=-1)
+
+    # -- the prompt's views ---------------------------------------------------------------------
+    def _tag_ids(self) -> tuple[int | None, list[int] | None]:
+        """(``<global-img>`` id, every view tag's id) from the processor given to ``apply``, else (None, None)."""
+        proc = getattr(self.processor_patch, "processor", None)
+        tok = getattr(proc, "tokenizer", None)
+        if tok is None:
+            return None, None
+        glob = getattr(proc, "global_image_token", None) or getattr(proc, "global_image_tag", None) or "<global-img>"
+        names = [glob] + [f"<row_{i + 1}_col_{j + 1}>" for i in range(MAX_TAG_GRID) for j in range(MAX_TAG_GRID)]
+        ids = [tok.convert_tokens_to_ids(n) for n in names]
+        unk = getattr(tok, "unk_token_id", None)
+        if ids[0] is None or ids[0] == unk:
+            return None, None
+        return int(ids[0]), [int(i) for i in ids if i is not None and i != unk]
+
+    def prompt_views(self, input_ids: torch.Tensor) -> list[tuple[list[int], tuple[int, int] | None]]:
+        """Per image (reading order of the batch): its runs' lengths in the prompt (model order: crops
+        row by row, then the global view) and its crop grid (None for one view; None too for a grid
+        the text does not tell, then read from the pixels). One host copy of ``input_ids``."""
+        glob, tags = self._tag_ids()
+        rows = sequence.tagged_runs(input_ids, self.image_token_id, tags)
+        if glob is None:  # every image ends with its global view: the tag before each row's last run
+            ends = {views[-1][0] for views in rows if views}
+            if len(ends) > 1:
+                raise ValueError(
+                    f"{self.display_name}: the prompts' image runs do not end alike ({sorted(ends)}); prepare inputs with "
+                    "the model's own processor (each image ends with <global-img> and its run)"
+                )
+            glob = ends.pop() if ends else None
+        images: list[tuple[list[int], tuple[int, int] | None]] = []
+        for views in rows:
+            crops: list[tuple[int, int, int]] = []
+            for view in views:
+                if view[0] != glob:
+                    crops.append(view)
+                    continue
+                images.append(([c[2] for c in crops] + [view[2]], self._text_grid(crops) if crops else None))
+                crops = []
+            if crops:
+                raise ValueError(
+                    f"{self.display_name}: a prompt's image runs do not end with the global view's (<global-img>); "
+                    "prepare inputs with the model's own processor"
+                )
+        return images
+
+    @staticmethod
+    def _text_grid(crops: Sequence[tuple[int, int, int]]) -> tuple[int, int] | None:
+        """(rows, cols) from the text between crop runs: one token between crops of a row, two
+        (``\\n`` too) where a row ends; None when the text does not read as a grid."""
+        new_row = [b[1] - a[1] - a[2] - 1 > 1 for a, b in zip(crops, crops[1:])]
+        cols = (new_row.index(True) + 1) if True in new_row else len(crops)
+        if len(crops) % cols:
+            return None
+        want = [(k + 1) % cols == 0 for k in range(len(crops) - 1)]
+        return (len(crops) // cols, cols) if new_row == want else None
+
+    def _with_grids(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[list[int]] | None]:
+        """``inputs`` with ``image_grids`` read from its ``input_ids`` (unless given), and the runs read."""
+        if inputs.get("input_ids") is None:
+            return inputs, None
+        found = self.prompt_views(inputs["input_ids"])
+        inputs = dict(inputs)
+        if inputs.get("image_grids") is None:
+            inputs["image_grids"] = [(0, 0) if len(r) == 1 else (g if g is not None else (-1, len(r) - 1)) for r, g in found]
+        return inputs, [r for r, _ in found]
+
+    def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
+        inputs, _ = self._with_grids(dict(inputs))
+        grid = tuple(int(v) for v in inputs["image_grids"][index])
+        if grid == (0, 0):
+            return None
+        if grid[0] > 0:
+            return grid  # type: ignore[return-value]
+        views = self._split_views(inputs["pixel_values"])
+        start = sum(1 + (0 if tuple(g) == (0, 0) else abs(g[0] * g[1])) for g in inputs["image_grids"][:index])
+        return tiles.infer_tile_grid(views[start : start + grid[1]], views[start + grid[1]], tiles.factor_grids(grid[1]))
+
+    # -- vision side ----------------------------------------------------------------------------
+    @staticmethod
+    def _split_views(pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, M, 3, h, w) -> the real views (all-zero padding views dropped, as the model does)."""
+        if pixel_values.dim() == 4:
+            return pixel_values
+        flat = pixel_values.reshape(-1, *pixel_values.shape[2:])
+        real = (flat != 0).flatten(1).any(1)
+        return flat[real]
+
+    def encode_inputs(self, inputs: Any) -> EncodedImages:
+        inputs, _ = self._with_grids(dict(inputs))
+        return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
+
+    def encode(self, pixel_values: torch.Tensor, pixel_attention_mask: Any = None, image_grids: Any = None) -> EncodedImages:
+        """Run the model's ``get_image_features``, capturing the connector's input (similarity) or the
+        last layer's q/k (attention received).
+
+        Args:
+            pixel_values: (B, M, 3, h, w) as the processor writes them (all-zero views are padding).
+            pixel_attention_mask: the processor's, passed on.
+            image_grids: per image (rows, cols) of its crops, (0, 0) for one view ((-1, C): C crops,
+                grid read from the pixels); :meth:`prepare_inputs` reads them from the prompt.
+
+        Returns:
+            :class:`EncodedImages`: per image (V, N, D) features and (V, N) importance, **global
+            view first**, a no-padding geometry (None for one view).
+        """
+        if image_grids is None:
+            raise ValueError(
+                f"{self.display_name} needs each image's views: call the model with the processor's input_ids "
+                "(its <image> runs give them) or pass image_grids=[(rows, cols), ...]"
+            )
+        grids = [tuple(int(v) for v in g) for g in (image_grids.tolist() if torch.is_tensor(image_grids) else image_grids)]
+        views = [1 if g == (0, 0) else 1 + abs(g[0] * g[1]) for g in grids]
+        kind = self.importance_mode()
+        attn = self.last_attention()
+        with QKCapture(attn, all_queries=kind == "attention_received", inputs_of=self.inner.connector) as cap:
+            out = self.inner.get_image_features(pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask, return_dict=True)
+        pooled = out.pooler_output
+        feats = torch.cat(list(pooled), dim=0) if isinstance(pooled, (list, tuple)) else pooled
+        n = self.tokens_per_view
+        feats = feats.reshape(-1, n, feats.shape[-1])  # (sum V, N, D)
+        if feats.shape[0] != sum(views):
+            raise ValueError(f"pixel_values hold {feats.shape[0]} views but the prompts' images need {sum(views)}")
+        from ..core import importance as importance_ops
+
+        if kind == "similarity":
+            patch_scores = importance_ops.feature_similarity(cap.inputs)  # (V, P*P), on the connector's input
+        else:
+            patch_scores = importance_ops.attention_received(cap.queries.detach(), cap.keys.detach(), attn.num_heads, attn.scale)
+        importance = self.token_importance(patch_scores).to(feats.device)  # (V, N)
+
+        side, view = self.side, self.view_size
+        pv = self._split_views(pixel_values) if any(g[0] < 0 for g in grids) else None
+        features, importances, geoms, sizes = [], [], [], []
+        start = 0
+        for g, f, imp in zip(grids, torch.split(feats, views), torch.split(importance, views)):
+            if g == (0, 0):
+                geoms.append(None)
+                sizes.append((view, view))
+            else:
+                if g[0] < 0:
+                    g = tiles.infer_tile_grid(pv[start : start + g[1]], pv[start + g[1]], tiles.factor_grids(g[1]))
+                geoms.append(tiles.full_geometry(g, side))
+                sizes.append((g[0] * view, g[1] * view))
+            start += f.shape[0]
+            features.append(tiles.thumbnail_first(f))
+            importances.append(tiles.thumbnail_first(imp))
+        return EncodedImages(features=features, importance=importances, geometries=geoms, image_sizes=sizes,
+                             vanilla_counts=[v * n for v in views])
+
+    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None) -> CompressedImages:
+        """Any vision method on the global-view-first views, then the model's order (crops row by row,
+        then the global view, each its kept tokens in raster order); ``pooling`` pools each view on
+        its own (a view is a sequence of its own here). ``newline`` is accepted for the common
+        signature (no newline embedding)."""
+        cfg = config or self.vision_config
+        if cfg is None:
+            raise ValueError(f"method {self.config.method!r} has no vision-side compression")
+        toks, plan_list = [], []
+        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
+            if cfg.method == "pooling":
+                t, side = tiles.pool_tiled_views(feats, cfg.retention_ratio)
+                crop_hw = (0, 0) if geom is None else (geom.grid_h * side, geom.grid_w * side)
+                p = _methods.PoolingPlan((side, side), crop_hw, geom, int(t.shape[0]), side=math.isqrt(feats.shape[1]))
+            else:
+                _, p = _methods.compress_image(feats, imp, geom, None, cfg)
+                if not isinstance(p, plans.CompressionPlan):
+                    raise ValueError(f"method {cfg.method!r} is not supported on {self.display_name}: its plan has no kept tokens")
+                index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
+                p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
+                t = plans.gather_features(p.table if p.table is not None else feats, None, index)
+            toks.append(t)
+            plan_list.append(p)
+        return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
+
+    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
+        """The vanilla sequence of the same features: per image its crops, then the global view."""
+        out = []
+        for f in encoded.features:
+            f = torch.cat([f[1:], f[:1]]) if f.shape[0] > 1 else f
+            out.append(f.reshape(-1, f.shape[-1]))
+        return out
+
+    # -- per-view placeholder runs --------------------------------------------------------------
+    @staticmethod
+    def _plan_runs(plan: Any, views: int) -> "torch.Tensor":
+        """(V,) kept tokens of each view of one plan, model order (crops, then the global view)."""
+        if isinstance(plan, _methods.PoolingPlan):
+            t = plan.thumb_hw[0] * plan.thumb_hw[1]
+            return torch.full((views,), t, dtype=torch.long)
+        thumb = torch.tensor([int(plan.thumb_keep.numel())], dtype=torch.long)
+        crops = plan.crop_keep.reshape(views - 1, -1).sum(1).long().cpu() if views > 1 else thumb[:0]
+        return torch.cat([crops, thumb])
+
+    def _kept_runs(self, views: list[int], grids: list[Any], plan_list: list[Any], cfg: Any) -> list[list[int]]:
+        """Per image, its views' kept counts (model order). With a count known from the size
+        (``count="fixed"``), the split the size alone gives (the planning on constant importance),
+        which is what a count-first processor writes; else each view's kept count."""
+        if cfg is not None and getattr(cfg, "fixed_count", False):
+            n = self.tokens_per_view
+            geoms = [None if v == 1 else tiles.full_geometry(g, self.side) for v, g in zip(views, grids)]
+            encoded = EncodedImages(
+                features=[torch.zeros((v, n, 1)) for v in views], importance=[torch.zeros((v, n), dtype=torch.float64) for v in views],
+                geometries=geoms, image_sizes=[(0, 0)] * len(views), vanilla_counts=[0] * len(views),
+            )
+            plan_list = self.compress(encoded, cfg).plans
+        runs = [self._plan_runs(p, v) for p, v in zip(plan_list, views)]
+        flat = torch.cat(runs).tolist() if runs else []  # one read
+        out, start = [], 0
+        for v in views:
+            out.append(flat[start : start + v])
+            start += v
+        return out
+
+    def placeholder_runs(self, input_ids: torch.Tensor, compressed: CompressedImages) -> Any:
+        """The prompt's runs and the runs the language model gets, per image and view
+        (:class:`globalcom2.core.sequence.ViewRuns`): each view's run is shortened to its count."""
+        found = self.prompt_views(input_ids)
+        views = [len(r) for r, _ in found]
+        grids = [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
+        kept = self._kept_runs(views, grids, compressed.plans, self.vision_config)
+        return sequence.ViewRuns(prompt=[r for r, _ in found], kept=kept)
+
+    # -- counts from the size (count first) -----------------------------------------------------
+    def _grid_of(self, hw: tuple[int, int], processor: Any = None) -> tuple[int, int]:
+        ip = getattr(processor, "image_processor", processor)
+        if ip is not None and hasattr(ip, "get_number_of_image_patches"):
+            _, rows, cols = ip.get_number_of_image_patches(int(hw[0]), int(hw[1]), {})
+            return int(rows), int(cols)
+        return processor_grid(hw[0], hw[1], self.default_longest_edge * self.view_size // self.default_view, self.view_size)
+
+    def size_layout(self, image_sizes: Any, processor: Any = None, **options: Any) -> tuple[list[int], list[Any], int]:
+        """Views and geometry per image size, by the processor's rule (its
+        ``get_number_of_image_patches``; without one, the published checkpoints' settings: the
+        longest edge to 4 views)."""
+        grids = [self._grid_of(hw, processor) for hw in image_sizes]
+        return self._layout(grids)
+
+    def _layout(self, grids: list[tuple[int, int]]) -> tuple[list[int], list[Any], int]:
+        views = [1 if tuple(g) == (0, 0) else 1 + g[0] * g[1] for g in grids]
+        geoms = [None if tuple(g) == (0, 0) else tiles.full_geometry(tuple(g), self.side) for g in grids]
+        return views, geoms, self.tokens_per_view
+
+    @staticmethod
+    def _processed_grids(image_inputs: Any) -> list[tuple[int, int]]:
+        rows = [int(r) for rs in image_inputs["rows"] for r in rs]
+        cols = [int(c) for cs in image_inputs["cols"] for c in cs]
+        return list(zip(rows, cols))
+
+    def processed_layout(self, image_inputs: Any, processor: Any) -> tuple[list[int], list[Any], int]:
+        """The grids the processor's image output reports (``rows`` / ``cols``, which it keeps while it writes the text)."""
+        return self._layout(self._processed_grids(image_inputs))
+
+    def processed_runs(self, image_inputs: Any, processor: Any, config: Any = None) -> list[list[int]]:
+        """Per image of a processor's image output, the compressed count of each view's run."""
+        cfg = config if config is not None else self.vision_config
+        grids = self._processed_grids(image_inputs)
+        views, geoms, n = self._layout(grids)
+        return self._kept_runs(views, grids, [None] * len(views), cfg)
+
+    @classmethod
+    def runs_text(cls, processor: Any, image_inputs: Any, image_idx: int, runs: Sequence[int]) -> str:
+        """The processor's text for one image with each view's run of ``runs[v]`` placeholders."""
+        rows, cols = cls._processed_grids(image_inputs)[image_idx]
+        fake, image = processor.fake_image_token, processor.image_token
+        glob = getattr(processor, "global_image_token", None) or getattr(processor, "global_image_tag", "<global-img>")
+        text = ""
+        for i in range(rows):
+            for j in range(cols):
+                text += f"{fake}<row_{i + 1}_col_{j + 1}>" + image * int(runs[i * cols + j])
+            text += "\n"
+        if rows:
+            text += "\n"
+        return text + f"{fake}{glob}" + image * int(runs[-1]) + fake
+
+    # -- language side --------------------------------------------------------------------------
+    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """As :meth:`Family.prepare_inputs`, with the images' views and grids read from the prompt."""
+        if kwargs.get("pixel_values") is not None:
+            kwargs, _ = self._with_grids(dict(kwargs))
+        return super().prepare_inputs(kwargs)
+
+    # -- for the tools --------------------------------------------------------------------------
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
+        return build_tiny_idefics3(seed=seed, dtype=dtype or torch.float32, device=device, model_type=cls.model_type)
+
+    @classmethod
+    def max_visual_tokens(cls, config: Any) -> int:
+        """(4 x 4 crops + the global view) x tokens per view: the longest edge is 4 views."""
+        vision = _get(config, "vision_config")
+        size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
+        if size is None or patch is None:
+            raise ValueError("the config has no vision_config.image_size/patch_size")
+        side = _pair(size) // _pair(patch) // int(_get(config, "scale_factor", 2) or 2)
+        return 17 * side * side
+
+    @classmethod
+    def default_max_visual_tokens(cls) -> int:
+        return cls.max_visual_tokens({"vision_config": {"image_size": 364, "patch_size": 14}, "scale_factor": 2})
+
+    @classmethod
+    def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:
+        """As the processor makes the views: the global view is the whole image squeezed to one view;
+        the crops cover the image resized to ``(rows * view, cols * view)``, no padding."""
+        import numpy as np
+        from PIL import Image
+
+        from .._io import to_rgb
+
+        image = to_rgb(image)
+        thumb = np.asarray(image.resize((view, view), Image.Resampling.LANCZOS))
+        if geom is None:
+            return thumb, None, None
+        h, w = geom.grid_h * view, geom.grid_w * view
+        canvas = np.asarray(image.resize((w, h), Image.Resampling.LANCZOS)).copy()
+        return thumb, canvas, {"height": h, "width": w, "new_height": h, "new_width": w, "top": 0, "left": 0}
+
+
+@register_family
+class SmolVLMFamily(Idefics3Family):
+    """SmolVLM (``SmolVLMForConditionalGeneration`` / ``SmolVLMModel``): Idefics3's geometry and prompt."""
+
+    model_type = "smolvlm"
+    display_name = "SmolVLM"
+    example_checkpoint = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    model_names = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
+    language_models: dict[str, tuple[Any, ...]] = {}
+    #: SmolVLM-256M / 500M's processor: longest edge 4 x 512 px, 512 px views.
+    default_longest_edge, default_view = 4 * 512, 512
+
+    @classmethod
+    def hf_classes(cls) -> tuple[type, ...]:
+        from transformers import SmolVLMForConditionalGeneration, SmolVLMModel
+
+        return (SmolVLMForConditionalGeneration, SmolVLMModel)
+
+    @classmethod
+    def default_max_visual_tokens(cls) -> int:
+        return cls.max_visual_tokens({"vision_config": {"image_size": 512, "patch_size": 16}, "scale_factor": 4})
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny in-code test models: the published geometry (Idefics3: 364/14, scale 2, 169 tokens per
+# view, longest edge 1456; SmolVLM-256M: 512/16, scale 4, 64 tokens, longest edge 2048), a tiny
+# SigLIP and a tiny Llama, random weights.
+# ------------------------------------------------------------------------------------------------
+
+TINY_GEOMETRY = {
+    "idefics3": {"image_size": 364, "patch_size": 14, "scale_factor": 2},
+    "smolvlm": {"image_size": 512, "patch_size": 16, "scale_factor": 4},
+}
+_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+
+
+def build_tokenizer() -> Any:
+    """A byte-level tokenizer with the processors' specials and the 36 ``<row_i_col_j>`` tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tags = [f"<row_{i + 1}_col_{j + 1}>" for i in range(MAX_TAG_GRID) for j in range(MAX_TAG_GRID)]
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + tags)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=_SPECIALS[4:] + tags,
+    )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_processor(model_type: str = "idefics3") -> Any:
+    """The family's processor with the published image settings (PIL image processor). SmolVLM's
+    processor wants ``num2words`` and a video processor for videos only: the tiny one is a subclass
+    that sets the same attributes without them (no videos here)."""
+    geo = TINY_GEOMETRY[model_type]
+    view = geo["image_size"]
+    seq = (view // geo["patch_size"] // geo["scale_factor"]) ** 2
+    kwargs = {"size": {"longest_edge": 4 * view}, "max_image_size": {"longest_edge": view}, "do_image_splitting": True}
+    tokenizer = build_tokenizer()
+    if model_type == "idefics3":
+        from transformers import Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        return Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**kwargs), tokenizer=tokenizer, image_seq_len=seq)
+    from transformers import ProcessorMixin, SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    class TinySmolVLMProcessor(SmolVLMProcessor):
+        def __init__(self, image_processor: Any, tokenizer: Any, video_processor: Any = None, image_seq_len: int = 169, **kw: Any) -> None:
+            self.fake_image_token, self.image_token = "<fake_token_around_image>", "<image>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.end_of_utterance_token, self.global_image_token = "<end_of_utterance>", "<global-img>"
+            self.image_seq_len, self.video_token = image_seq_len, "<video>"
+            ProcessorMixin.__init__(self, image_processor, tokenizer, video_processor, **kw)
+
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return TinySmolVLMProcessor(image_processor=SmolVLMImageProcessorPil(**kwargs), tokenizer=tokenizer, image_seq_len=seq)
+
+
+def build_tiny_idefics3(
+    seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu", model_type: str = "idefics3"
+) -> tuple[Any, Any]:
+    """``(model, processor)``: a random tiny Idefics3 (``model_type="idefics3"``) or SmolVLM
+    (``"smolvlm"``) in eval mode with the published geometry, and its processor."""
+    import transformers
+
+    processor = build_processor(model_type)
+    tok = processor.tokenizer
+    geo = TINY_GEOMETRY[model_type]
+    prefix = "Idefics3" if model_type == "idefics3" else "SmolVLM"
+    vision = getattr(transformers, f"{prefix}VisionConfig")(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=geo["image_size"], patch_size=geo["patch_size"],
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=16384, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
+    )
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=geo["scale_factor"], pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
