@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import globalcom2
-from globalcom2 import bench
-from globalcom2.cli import main
+from globalcom2 import bench, measure
+from globalcom2.cli import CLIError, main
 
 from conftest import make_image
 
@@ -28,8 +28,8 @@ def test_run_bench_rows(tiny):
     t = model.config.text_config
     per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * (t.hidden_size // t.num_attention_heads) * 4
     prompt = inputs.input_ids.shape[1]
-    assert vanilla.kv_cache_mib * bench.MIB == per_token * prompt
-    assert comp.kv_cache_mib * bench.MIB == per_token * (prompt - n_img + comp.visual_tokens)
+    assert vanilla.kv_cache_mib * measure.MIB == per_token * prompt
+    assert comp.kv_cache_mib * measure.MIB == per_token * (prompt - n_img + comp.visual_tokens)
     assert vanilla.compress_ms == 0.0 and comp.compress_ms > 0
     assert all(r.prefill_ms > 0 and r.generate_ms > 0 and r.tokens_per_s > 0 and r.peak_mem_mib > 0 for r in rows)
     # The model is handed back as it was given: patched with its previous settings.
@@ -38,7 +38,7 @@ def test_run_bench_rows(tiny):
 
 def test_median_ms_excludes_warmup():
     calls = []
-    ms, out = bench.median_ms(lambda: calls.append(1) or len(calls), torch.device("cpu"), runs=3, warmup=2)
+    ms, out = measure.median_ms(lambda: calls.append(1) or len(calls), torch.device("cpu"), runs=3, warmup=2)
     assert len(calls) == 5 and out == 5 and ms >= 0
 
 
@@ -51,8 +51,8 @@ def test_cache_bytes_walks_layers():
     class Cache:
         layers = [Layer(), Layer()]
 
-    assert bench.cache_bytes(Cache()) == 4 * 24 * 4
-    assert bench.cache_bytes(None) == 0
+    assert measure.cache_bytes(Cache()) == 4 * 24 * 4
+    assert measure.cache_bytes(None) == 0
 
 
 def test_bench_cli_json_and_plot(tmp_path, capsys):
@@ -133,7 +133,7 @@ def test_efficiency_cli_unknown_model_offline(monkeypatch, capsys, tmp_path):
     """An unknown hub id takes the one quick hub look of every command (here: offline, not cached)."""
     import huggingface_hub.constants
 
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
@@ -268,27 +268,27 @@ def test_decode_needs_two_new_tokens(tiny, capsys):
 
 def test_peak_memory_is_above_the_baseline(monkeypatch):
     """CPU: the peak RSS minus the baseline (a fake RSS here; the sampler's path)."""
-    rss = {"now": 1000 * bench.MIB}
-    monkeypatch.setattr(bench, "_rss_bytes", lambda: rss["now"])
-    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
-    with bench.PeakMemory(torch.device("cpu"), baseline=900 * bench.MIB) as mem:
-        rss["now"] = 1300 * bench.MIB
+    rss = {"now": 1000 * measure.MIB}
+    monkeypatch.setattr(measure, "_rss_bytes", lambda: rss["now"])
+    monkeypatch.setattr(measure, "_reset_peak_rss", lambda: False)
+    with measure.PeakMemory(torch.device("cpu"), baseline=900 * measure.MIB) as mem:
+        rss["now"] = 1300 * measure.MIB
         time.sleep(0.02)
-        rss["now"] = 1100 * bench.MIB
-    assert mem.peak == 1300 * bench.MIB and mem.above == 400 * bench.MIB
-    with bench.PeakMemory(torch.device("cpu")) as mem:  # no baseline: the memory in use on entry
-        rss["now"] = 1150 * bench.MIB
-    assert mem.baseline == 1100 * bench.MIB and mem.above == 50 * bench.MIB
+        rss["now"] = 1100 * measure.MIB
+    assert mem.peak == 1300 * measure.MIB and mem.above == 400 * measure.MIB
+    with measure.PeakMemory(torch.device("cpu")) as mem:  # no baseline: the memory in use on entry
+        rss["now"] = 1150 * measure.MIB
+    assert mem.baseline == 1100 * measure.MIB and mem.above == 50 * measure.MIB
 
 
 def test_peak_memory_catches_a_freed_allocation():
-    if not bench._reset_peak_rss():
+    if not measure._reset_peak_rss():
         pytest.skip("no resettable VmHWM (not Linux, or /proc/self/clear_refs not writable)")
-    bench.settle(torch.device("cpu"))
-    with bench.PeakMemory(torch.device("cpu")) as mem:
-        x = torch.ones(64 * bench.MIB // 4)  # 64 MiB, touched, then freed before the block ends
+    measure.settle(torch.device("cpu"))
+    with measure.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(64 * measure.MIB // 4)  # 64 MiB, touched, then freed before the block ends
         del x
-    assert mem.above >= 60 * bench.MIB
+    assert mem.above >= 60 * measure.MIB
 
 
 def test_run_bench_subtracts_the_memory_in_use_after_loading(tiny, monkeypatch):
@@ -296,8 +296,8 @@ def test_run_bench_subtracts_the_memory_in_use_after_loading(tiny, monkeypatch):
     (weights, the process) is the baseline, not part of any row."""
     model, processor = tiny
     inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
-    monkeypatch.setattr(bench, "_rss_bytes", lambda: 5000 * bench.MIB)
-    monkeypatch.setattr(bench, "_reset_peak_rss", lambda: False)
+    monkeypatch.setattr(measure, "_rss_bytes", lambda: 5000 * measure.MIB)
+    monkeypatch.setattr(measure, "_reset_peak_rss", lambda: False)
     rows = bench.run_bench(model, dict(inputs), [0.25], max_new_tokens=2, runs=1, warmup=0)
     assert all(r.baseline_mib == 5000 and r.peak_mem_mib == 0 and r.prefill_mem_mib == 0 for r in rows)
 
@@ -314,10 +314,10 @@ def test_run_bench_memory_is_far_below_the_process(tiny):
 
 
 def test_wide_config_has_the_real_widths():
-    from globalcom2.models.llava_next import LlavaNextFamily, build_processor, build_wide_config
+    from globalcom2.models.llava_next import LlavaNextFamily
+    from globalcom2.tiny import build_wide_config
 
-    tok = build_processor().tokenizer
-    config = build_wide_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, text_layers=3)
+    config = build_wide_config(text_layers=3)
     v, t = config.vision_config, config.text_config
     assert (v.image_size, v.patch_size, v.hidden_size, v.intermediate_size, v.num_hidden_layers,
             v.num_attention_heads, v.hidden_act) == (336, 14, 1024, 4096, 24, 16, "quick_gelu")
@@ -325,15 +325,15 @@ def test_wide_config_has_the_real_widths():
             t.num_hidden_layers) == (4096, 11008, 32, 32, 3)
     assert config.vision_feature_layer == -2 and LlavaNextFamily.max_visual_tokens(config) == 2880
     with pytest.raises(ValueError, match="text_layers"):
-        build_wide_config(len(tok), 4, 3, text_layers=0)
+        build_wide_config(text_layers=0)
 
 
 def test_wide_random_model_from_the_cli_helper():
     """Built on the meta device (no memory, seconds): the real sizes, and a 672x672 image gets
     llava-v1.6-vicuna-7b's 2,928 placeholders from its processor."""
-    from globalcom2.cli import common
+    from globalcom2.cli import loading
 
-    model, processor = common.get_model("wide-random:1", "meta", torch.bfloat16)
+    model, processor = loading.get_model("wide-random:1", "meta", torch.bfloat16)
     assert model.config.text_config.num_hidden_layers == 1 and model.dtype == torch.bfloat16
     d, i, vd = 4096, 11008, 1024
     per_layer = 4 * d * d + 3 * d * i + 2 * d
@@ -343,12 +343,12 @@ def test_wide_random_model_from_the_cli_helper():
     assert model.model.vision_tower.config.hidden_size == vd
     inputs = processor(images=[make_image(672, 672)], text=["<image>\nhi"], return_tensors="pt")
     assert int((inputs.input_ids == model.config.image_token_id).sum()) == 576 + 4 * 576 + 2 * 24
-    assert common.builtin_model("wide-random") == ("wide-random", None)
-    assert common.builtin_model("wide-random:4") == ("wide-random", 4)
-    assert common.builtin_model("tiny") == ("tiny", None) and common.builtin_model("org/x") is None
+    assert loading.builtin_model("wide-random") == ("wide-random", None)
+    assert loading.builtin_model("wide-random:4") == ("wide-random", 4)
+    assert loading.builtin_model("tiny") == ("tiny", None) and loading.builtin_model("org/x") is None
     for bad in ("wide-random:0", "wide-random:x"):
-        with pytest.raises(common.CLIError, match="layer count"):
-            common.builtin_model(bad)
+        with pytest.raises(CLIError, match="layer count"):
+            loading.builtin_model(bad)
 
 
 def test_bench_help_names_what_it_measures(capsys):
@@ -382,7 +382,7 @@ def test_nothing_with_a_graph_is_alive_when_memory_is_measured(tiny, monkeypatch
     inputs = processor(images=[make_image(480, 640)], text=["<image>\nhi"], return_tensors="pt")
     alive = []
 
-    class Counting(bench.PeakMemory):
+    class Counting(measure.PeakMemory):
         def __enter__(self):
             gc.collect()
             with warnings.catch_warnings():  # isinstance() on torch's deprecated module proxies warns

@@ -56,9 +56,9 @@ def test_embed_writes_the_compressed_tokens(tiny, images, tmp_path, capsys):
     ],
 )
 def test_embed_fails_fast_and_writes_nothing(images, tmp_path, capsys, monkeypatch, extra, message):
-    from globalcom2.cli import common
+    from globalcom2.cli import loading
 
-    monkeypatch.setattr(common, "get_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(loading, "get_model", lambda *a, **k: pytest.fail("the model must not be loaded"))
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     argv = ["embed", "--model", "tiny", "--image", images[0], *extra]
     assert main(argv) != 0

@@ -437,7 +437,7 @@ def test_cli_error_line_through_an_entry_point(capsys):
 
 
 def test_cli_run_resume_and_rescore(data, tmp_path, capsys, monkeypatch):
-    import globalcom2.cli.common as main_cli
+    import globalcom2.cli.loading as main_cli
 
     out = tmp_path / "out"
     base = ["--model", "tiny", "--benchmarks", "toyqa", "--data-root", str(data), "--output-dir", str(out),

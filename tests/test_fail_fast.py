@@ -26,7 +26,7 @@ def _offline(monkeypatch):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if any command gets as far as loading (or building) a model."""
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
@@ -371,7 +371,7 @@ def test_visualize_draws_a_16_bit_image_as_it_is():
 
 @pytest.fixture
 def fresh_hub_answers(monkeypatch):
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
 
     monkeypatch.setattr(cli, "_HUB_CHECKED", {}, raising=False)
 

@@ -43,7 +43,7 @@ RUNNING = ("generate", "embed", "bench", "visualize", "eval")  # the commands th
 def _offline(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
@@ -55,7 +55,7 @@ def _offline(monkeypatch, tmp_path):
 @pytest.fixture
 def no_load(monkeypatch):
     """Loading or building any model fails the test (its message would not be the expected one)."""
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
     import globalcom2.demo
     import globalcom2.models.llava_next as llava_next
     from globalcom2.models import families
@@ -668,7 +668,7 @@ def test_generate_and_embed_take_the_family_default_layout(command, model_type, 
     """generate and embed applied the method's config as planned, whose layout is 'official', so
     a OneVision or InternVL checkpoint failed after loading unless --layout spatial was given; they
     now apply the method as the other commands do (the family's default layout unless asked)."""
-    import globalcom2.cli.common as cli
+    import globalcom2.cli.loading as cli
 
     model, processor = _family(model_type)
     monkeypatch.chdir(tmp_path)

@@ -296,10 +296,10 @@ def test_cli_writes_a_png_and_prints_counts(image_file, tmp_path, capsys):
 def test_cli_labels_the_wide_random_model_as_random(tiny, image_file, tmp_path, capsys, monkeypatch):
     """``--model wide-random`` has random weights too: the figure and the note say so (regression:
     only ``tiny`` was labelled)."""
-    from globalcom2.cli import common
+    from globalcom2.cli import loading
 
     asked = []
-    monkeypatch.setattr(common, "get_model", lambda model_id, *a, **k: asked.append(model_id) or tiny)
+    monkeypatch.setattr(loading, "get_model", lambda model_id, *a, **k: asked.append(model_id) or tiny)
     out = tmp_path / "w.png"
     code = main(["visualize", "--model", "wide-random:1", "--image", str(image_file), "--output", str(out), "--dpi", "40"])
     captured = capsys.readouterr()

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from globalcom2.cli import main
-from globalcom2.cli.common import CLIError
+from globalcom2.cli.output import CLIError
 from globalcom2.cli.serve import vllm_argv
 
 

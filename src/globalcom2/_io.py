@@ -4,7 +4,7 @@ conversion of any PIL image to 8-bit RGB, and the checks of image files before a
 EXIF orientation, per loader (a deliberate difference):
 
 * the command line's images (``generate``, ``embed``, ``bench``, ``visualize``, ``demo --image``:
-  :func:`globalcom2.cli.common.load_image`) are turned upright by their EXIF orientation
+  :func:`globalcom2.cli.loading.load_image`) are turned upright by their EXIF orientation
   (:func:`upright`), as an image viewer shows a phone photo;
 * the evaluation loaders (:func:`globalcom2.eval.base.decode_image`, the lmms-eval plugin) read
   the pixels as stored, as LLaVA's evaluation scripts do (``Image.open(f).convert("RGB")``), so

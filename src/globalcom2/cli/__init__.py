@@ -11,8 +11,9 @@ cannot be loaded or is of no supported family, a bad retention ratio, ...) ends 
 ``globalcom2: error: ...``, and a non-zero exit status, never a traceback (set the environment
 variable ``GLOBALCOM2_TRACEBACK=1`` to see one).
 
-The package: :mod:`.common` (what the commands share, the model-family section included) and
-one module per command (:data:`COMMANDS`), each with ``add_parser(subparsers)`` and
+The package: what the commands share, by concern (:mod:`.output`: errors and output;
+:mod:`.arguments`: flags and their checks; :mod:`.loading`: images, models, the model-family
+section), and one module per command (:data:`COMMANDS`), each with ``add_parser(subparsers)`` and
 ``run(args) -> int``. Nothing outside this package imports it.
 """
 
@@ -26,10 +27,12 @@ from typing import Sequence
 from .. import __version__
 from ..generation import build_prompt
 from . import bench, demo, efficiency, embed, eval, generate, serve, visualize
-from .common import EXAMPLE_MODEL, PROG, CLIError, Parser, echo, hub_access, load_image, one_line, para, parse_method_arguments
+from .arguments import parse_method_arguments
+from .loading import EXAMPLE_MODEL, hub_access, load_image
+from .output import PROG, CLIError, Parser, echo, one_line, para
 
 # The model-family functions (check_model_type, load_model, get_model) are deliberately not
-# re-exported: the commands look them up on .common, so that is the one place to replace them.
+# re-exported: the commands look them up on .loading, so that is the one place to replace them.
 __all__ = [
     "COMMANDS", "CLIError", "build_parser", "build_prompt", "hub_access", "load_image", "main", "parse_method_arguments",
 ]

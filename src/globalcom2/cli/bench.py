@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from ..generation import build_prompt, to_model
-from . import common
-from .common import (
-    BUILTIN_MODELS_HELP, EXAMPLE_MODEL, FORMAT_CHOICES, LAYOUT_CHOICES, PROG, TINY_MODEL, WIDE_MODEL, CLIError,
-    add_device_arguments, builtin_model,
-    add_method_arguments, add_visual_tokens_argument, cannot_write, check_positive, device_and_dtype, echo,
-    load_image, method_settings, need_matplotlib, one_line, output_file, para, parse_budget, status,
+from . import arguments, loading
+from .arguments import (
+    FORMAT_CHOICES,
+    LAYOUT_CHOICES,
+    add_device_arguments,
+    add_method_arguments,
+    add_visual_tokens_argument,
+    check_positive,
+    device_and_dtype,
+    method_settings,
+    need_matplotlib,
+    parse_budget,
 )
+from .loading import BUILTIN_MODELS_HELP, EXAMPLE_MODEL, TINY_MODEL, WIDE_MODEL, builtin_model, load_image
+from .output import PROG, CLIError, cannot_write, echo, one_line, output_file, para, status
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -85,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 bench`` (raises :class:`CLIError` on bad input)."""
     from ..efficiency import format_rows
 
-    common.check_model(args.model, "bench")  # no torch yet: a mistyped --model ends here at once
+    loading.check_model(args.model, "bench")  # no torch yet: a mistyped --model ends here at once
     ratios = parse_budget(args, "--ratios", args.model)
     for name in ("batch_size", "max_new_tokens", "runs"):
         check_positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     methods, options, settings = method_settings(args, ratios, "--ratios")
-    common.check_prompt(args.prompt, "--prompt")
+    arguments.check_prompt(args.prompt, "--prompt")
     if args.plot is not None:
         need_matplotlib("--plot")
         output_file(args.plot, "--plot")
@@ -106,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..bench import BENCH_COLUMNS, BENCH_CSV_COLUMNS, plot_rows, run_bench
 
-    model, processor = common.get_model(args.model, device, dtype, settings=settings)
-    common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
+    model, processor = loading.get_model(args.model, device, dtype, settings=settings)
+    arguments.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
 
     batch_images = [images[i % len(images)] for i in range(max(args.batch_size, len(images)))]
     text = build_prompt(processor, args.prompt)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import CLIError, cannot_write, echo, load_image, output_dir, quiet_transformers
+from .loading import load_image, quiet_transformers
+from .output import CLIError, cannot_write, echo, output_dir
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import common
-from .common import EXAMPLE_MODEL, FORMAT_CHOICES, CLIError, add_visual_tokens_argument, echo, para, parse_budget
+from . import loading
+from .arguments import FORMAT_CHOICES, add_visual_tokens_argument, parse_budget
+from .loading import EXAMPLE_MODEL
+from .output import CLIError, echo, para
 
 
 def _known_offline() -> tuple[str, ...]:
@@ -28,7 +30,7 @@ CSV_EXTRA_COLUMNS = [
 
 
 def _check_model(model: str) -> dict[str, Any]:
-    """``--model`` through the same checks as every command (:func:`common.check_model`: no
+    """``--model`` through the same checks as every command (:func:`loading.check_model`: no
     network for a path or a bare name, one quick look at the hub for ``org/name``), except that a
     known checkpoint needs nothing and a ``config.json`` file or a folder with only a config is
     enough (no weights are read). Returns the hub keyword arguments for ``AutoConfig``."""
@@ -40,12 +42,12 @@ def _check_model(model: str) -> dict[str, Any]:
     if path.is_file():  # a config.json itself: resolve_arch reads and checks it
         return {}
     try:
-        where = common.check_model(model, "efficiency", weights=False)
+        where = loading.check_model(model, "efficiency", weights=False)
     except CLIError as e:
         if str(e).startswith("cannot load model"):  # the hub's answer: say what works offline
             raise CLIError(f"{e}; known offline: {', '.join(KNOWN_OFFLINE)}") from None
         raise
-    return common.hub_access(model) if where == "hub" else {}  # asked once: the answer is kept
+    return loading.hub_access(model) if where == "hub" else {}  # asked once: the answer is kept
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

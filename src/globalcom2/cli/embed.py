@@ -8,12 +8,17 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .common import (
-    BUILTIN_MODELS_HELP, EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
-    cannot_write, check_positive, device_and_dtype, echo, load_image, method_settings, one_line, output_file, para,
-    status,
+from . import loading
+from .arguments import (
+    add_device_arguments,
+    add_method_arguments,
+    add_ratio_and_layout_arguments,
+    check_positive,
+    device_and_dtype,
+    method_settings,
 )
+from .loading import BUILTIN_MODELS_HELP, EXAMPLE_MODEL, load_image
+from .output import PROG, CLIError, cannot_write, echo, one_line, output_file, para, status
 
 SUFFIX = ".safetensors"
 
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             f"--method {cfg.method}: FastV prunes inside the language model, which image embeddings cannot carry; use {hint}"
         )
     check_positive("--batch-size", args.batch_size)
-    common.check_model(args.model, "embed")  # no torch yet: a mistyped --model ends here at once
+    loading.check_model(args.model, "embed")  # no torch yet: a mistyped --model ends here at once
     if not str(args.out).endswith(SUFFIX):
         raise CLIError(f"--out must name a {SUFFIX} file, got {args.out!r}")
     out = output_file(args.out, "--out")
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..embeddings import ImageEmbeddings
     from ..generation import build_prompt, to_model
 
-    model, processor = common.get_model(args.model, device, dtype, settings=[setting])
+    model, processor = loading.get_model(args.model, device, dtype, settings=[setting])
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
     parts: list[ImageEmbeddings] = []
     batches = [args.image[i : i + args.batch_size] for i in range(0, len(args.image), args.batch_size)]

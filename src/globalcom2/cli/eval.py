@@ -3,7 +3,7 @@
 
 The command's parser is added to the main ``globalcom2`` parser by :func:`add_parser`; :func:`run`
 executes it. Importing this module is cheap (torch, transformers and the benchmarks are imported
-inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.cli.common.CLIError`
+inside :func:`run`). Every failure the user can cause raises :class:`globalcom2.cli.output.CLIError`
 (one ``globalcom2: error: ...`` line).
 """
 
@@ -13,12 +13,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import common
-from .common import (
-    EXAMPLE_MODEL, FORMAT_CHOICES, PROG, CLIError, add_device_arguments, add_method_arguments,
-    add_visual_tokens_argument, cannot_write, check_positive, echo, one_line, output_dir, para,
-    parse_budget, parse_method_arguments, pick_device, pick_dtype, status,
+from . import loading
+from .arguments import (
+    FORMAT_CHOICES,
+    add_device_arguments,
+    add_method_arguments,
+    add_visual_tokens_argument,
+    check_positive,
+    parse_budget,
+    parse_method_arguments,
+    pick_device,
+    pick_dtype,
 )
+from .loading import EXAMPLE_MODEL
+from .output import PROG, CLIError, cannot_write, echo, one_line, output_dir, para, status
 
 DEFAULT_RATIOS = "1.0,0.25"
 DEFAULT_OUTPUT = "globalcom2-eval"
@@ -248,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.rescore and args.model:
         # a missing directory, a bare name, an unknown hub id: reported now (no torch yet), not after the data is read
-        common.check_model(args.model, "eval")
+        loading.check_model(args.model, "eval")
 
     from ..eval import runner
     from ..eval.base import get_benchmark
@@ -333,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             if talk:
                 status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
-            model, processor = common.get_model(args.model, device_name, pick_dtype(args.dtype, device),
+            model, processor = loading.get_model(args.model, device_name, pick_dtype(args.dtype, device),
                                                 settings=[r for r in runs if not r.is_vanilla])
         elif talk:
             status(f"{PROG}: every prediction exists in {out}: re-scoring only")

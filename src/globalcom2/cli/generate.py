@@ -9,11 +9,17 @@ import time
 from typing import Any
 
 from ..generation import build_prompt, greedy_kwargs, sync, to_model
-from . import common
-from .common import (
-    EXAMPLE_MODEL, PROG, CLIError, add_device_arguments, add_method_arguments, add_ratio_and_layout_arguments,
-    check_positive, device_and_dtype, echo, load_image, method_settings, one_line, para, status,
+from . import arguments, loading
+from .arguments import (
+    add_device_arguments,
+    add_method_arguments,
+    add_ratio_and_layout_arguments,
+    check_positive,
+    device_and_dtype,
+    method_settings,
 )
+from .loading import EXAMPLE_MODEL, load_image
+from .output import PROG, CLIError, echo, one_line, para, status
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -104,18 +110,18 @@ def run(args: argparse.Namespace) -> int:
     title = {"globalcom2": "GlobalCom2"}.get(cfg.method, cfg.method)
     check_positive("--max-new-tokens", args.max_new_tokens)
     check_positive("--timing-runs", args.timing_runs)
-    common.check_prompt(args.prompt, "--prompt")
+    arguments.check_prompt(args.prompt, "--prompt")
     image = load_image(args.image)
-    common.check_model(args.model, "generate")  # no torch yet: a mistyped --model ends here at once
-    common.check_model_type(args.model, [setting])  # its config, and the method validated on it (no weights)
+    loading.check_model(args.model, "generate")  # no torch yet: a mistyped --model ends here at once
+    loading.check_model_type(args.model, [setting])  # its config, and the method validated on it (no weights)
     device, dtype = device_and_dtype(args)
 
     # 2. Load the model and processor.
     import globalcom2
 
-    model, processor = common.load_model(args.model, device, dtype)
+    model, processor = loading.load_model(args.model, device, dtype)
 
-    common.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
+    arguments.check_prompt(args.prompt, "--prompt", getattr(processor, "image_token", None))
     text = build_prompt(processor, args.prompt)
     try:
         inputs = processor(images=image, text=text, return_tensors="pt")
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = {"globalcom2": {"answer": answer, "kept": kept, "vanilla": vanilla, "generate_s": gen_s}}
     if args.compare:
-        status(f"{PROG}: timing the prefill with GlobalCom2 ({args.timing_runs} runs) ...")
+        status(f"{PROG}: timing the prefill with {title} ({args.timing_runs} runs) ...")
         results["globalcom2"]["prefill_ms"] = _prefill_ms(model, inputs, device, args.timing_runs)
         globalcom2.remove(model)
         status(f"{PROG}: generating with the vanilla model ...")

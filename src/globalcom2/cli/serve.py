@@ -7,8 +7,10 @@ import argparse
 import json
 from typing import Any
 
-from . import common
-from .common import EXAMPLE_MODEL, PROG, CLIError, add_ratio_and_layout_arguments, para
+from . import loading
+from .arguments import add_ratio_and_layout_arguments
+from .loading import EXAMPLE_MODEL
+from .output import PROG, CLIError, para
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 serve``: vLLM's CLI in this process (returns when the server stops)."""
     values = settings(args)
     model = args.model
-    if common.check_model(model, "serve") == "local":  # a built-in random model is refused there by name
+    if loading.check_model(model, "serve") == "local":  # a built-in random model is refused there by name
         from pathlib import Path
 
         model = str(Path(model).expanduser())

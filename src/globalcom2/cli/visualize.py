@@ -6,12 +6,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import common
-from .common import (
-    EXAMPLE_MODEL, LAYOUT_CHOICES, PROG, TINY_MODEL, CLIError, add_device_arguments, add_method_arguments,
-    add_visual_tokens_argument, cannot_write, device_and_dtype, echo, load_image, method_settings,
-    need_matplotlib, one_line, output_file, para, parse_budget, status,
+from . import arguments, loading
+from .arguments import (
+    LAYOUT_CHOICES,
+    add_device_arguments,
+    add_method_arguments,
+    add_visual_tokens_argument,
+    device_and_dtype,
+    method_settings,
+    need_matplotlib,
+    parse_budget,
 )
+from .loading import EXAMPLE_MODEL, TINY_MODEL, load_image
+from .output import PROG, CLIError, cannot_write, echo, one_line, output_file, para, status
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -65,11 +72,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 visualize`` (raises :class:`CLIError` on bad input)."""
     # 1. Cheap checks first: arguments, the output path, matplotlib, the image.
-    common.check_model(args.model, "visualize")  # no torch yet: a mistyped --model ends here at once
+    loading.check_model(args.model, "visualize")  # no torch yet: a mistyped --model ends here at once
     ratios = parse_budget(args, "--retention-ratio", args.model)
     methods, options, settings = method_settings(args, ratios, "--retention-ratio", several=False)
     if args.prompt is not None:
-        common.check_prompt(args.prompt, "--prompt")
+        arguments.check_prompt(args.prompt, "--prompt")
     if not 20 <= args.dpi <= 600:
         raise CLIError(f"--dpi must be between 20 and 600, got {args.dpi}")
     out = output_file(args.output, "--output")
@@ -78,12 +85,12 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = device_and_dtype(args)
 
     # 2. The model ('tiny' or a checked, loaded checkpoint), then the figure.
-    builtin = common.builtin_model(args.model)  # ('tiny' | 'wide-random', layers) or None
+    builtin = loading.builtin_model(args.model)  # ('tiny' | 'wide-random', layers) or None
     random_weights = builtin is not None
     label = "tiny random demo model" if args.model == TINY_MODEL else f"{args.model} (random weights)"
     if random_weights:
         status(f"{PROG}: building the {label} (no download) ...")
-    model, processor = common.get_model(args.model, device, dtype, settings=settings)
+    model, processor = loading.get_model(args.model, device, dtype, settings=settings)
     from ..visualize import visualize
 
     ratio_text = ", ".join(f"{r:g}" for r in ratios)

@@ -1,309 +1,27 @@
-"""What the ``globalcom2`` commands share: errors and output, argument helpers, image loading,
-device and dtype, where a model is (local or hub), and loading it.
+"""What the ``globalcom2`` commands share for loading: images, where a model is (local or hub),
+and loading it.
 
 Importing this module is cheap: torch, transformers, huggingface_hub and PIL are imported inside
-the functions. The command modules (:mod:`.generate`, :mod:`.bench`, ...) import from here, never
-from the package root.
+the functions.
 
 The functions that know which model families the CLI accepts are in ONE section at the end
 ("Model families"): :data:`SUPPORTED_MODEL_TYPES`, :data:`EXAMPLE_MODEL`, :data:`TINY_MODEL`,
 :data:`WIDE_MODEL`, :func:`builtin_model`, :func:`check_model_type`, :func:`load_model` and
-:func:`get_model`. Commands call them as
-``common.get_model(...)`` (looked up here at call time, so a test that replaces them on this
-module sees every command use the replacement).
+:func:`get_model`. Commands call them as ``loading.get_model(...)`` (looked up here at call
+time, so a test that replaces them on this module sees every command use the replacement).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import os
 import re
-import sys
-import textwrap
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, Sequence
 
 from .. import __version__
-
-PROG = "globalcom2"
-LAYOUT_CHOICES = ("official", "spatial")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
-FORMAT_CHOICES = ("table", "json", "csv")
-
-
-# ------------------------------------------------------------------------------------------------
-# Errors, help text and output
-# ------------------------------------------------------------------------------------------------
-
-
-class CLIError(Exception):
-    """A failure to report as one ``globalcom2: error: ...`` line (exit status ``code``)."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """Collapse whitespace (a multi-line exception message becomes one line) and shorten."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def para(text: str) -> str:
-    """A paragraph wrapped for help output (the raw formatter keeps it as written)."""
-    return textwrap.fill(" ".join(text.split()), width=79, break_on_hyphens=False, break_long_words=False)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one ``globalcom2: error:`` line too (the subcommands'
-    parsers are of this class as well: ``add_subparsers`` uses the parent's class)."""
-
-    def error(self, message: str) -> NoReturn:
-        hint = f"see '{self.prog} --help'"
-        self.exit(2, f"{PROG}: error: {one_line(message)} ({hint})\n")
-
-
-def echo(text: str = "", stream: Any = None) -> None:
-    """print() that never fails on a terminal that cannot encode some character."""
-    stream = sys.stdout if stream is None else stream
-    try:
-        print(text, file=stream, flush=True)
-    except UnicodeEncodeError:
-        enc = getattr(stream, "encoding", None) or "ascii"
-        print(text.encode(enc, errors="replace").decode(enc, errors="replace"), file=stream, flush=True)
-
-
-def status(text: str) -> None:
-    """Progress lines go to stderr, so that stdout holds the results only."""
-    echo(text, sys.stderr)
-
-
-def cannot_write(what: str, e: OSError) -> CLIError:
-    """The error of a failed write to ``what`` (a file or folder option's value)."""
-    return CLIError(f"cannot write {what}: {one_line(e.strerror or str(e))}")
-
-
-def output_file(path: str, flag: str) -> Path:
-    """A file option (``--output``, ``--plot``) checked before any work: its folder must exist
-    (it is not created) and be writable, and it must not be a folder (see :mod:`globalcom2._io`)."""
-    from .._io import check_output_file
-
-    try:
-        return check_output_file(path, flag)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-
-
-def output_dir(path: str, flag: str, writable: bool = True) -> Path:
-    """A folder option (``--output-dir``) checked before any work: it is, or can be created as, a
-    writable folder (no file in the way); the command creates it (see :mod:`globalcom2._io`)."""
-    from .._io import check_output_dir
-
-    try:
-        return check_output_dir(path, flag, writable=writable)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-
-
-def check_positive(flag: str, value: int) -> None:
-    """``flag``'s whole number must be at least 1 (CLIError)."""
-    if value < 1:
-        raise CLIError(f"{flag} must be >= 1, got {value}")
-
-
-#: The image placeholder the commands' prompts must not hold (they add it themselves).
-IMAGE_PLACEHOLDER = "<image>"
-
-
-def check_prompt(text: str, flag: str, image_token: str | None = None) -> None:
-    """A prompt option must not hold an image placeholder (``<image>``, or the loaded processor's
-    ``image_token``): the command puts one before the text itself, and a second one would ask for
-    an image that was never given (CLIError naming the option)."""
-    for token in dict.fromkeys(t for t in (IMAGE_PLACEHOLDER, image_token) if t):
-        if token in str(text):
-            raise CLIError(
-                f"{flag}: the text holds the image placeholder {token!r}; leave it out, the command puts the "
-                "image before your text itself"
-            )
-
-
-def need_matplotlib(what: str) -> None:
-    """CLIError naming the extra to install when matplotlib is missing (``what`` needs it)."""
-    if importlib.util.find_spec("matplotlib") is None:
-        from .._extras import install_hint
-
-        raise CLIError(f"{what} needs matplotlib: {install_hint('plot')}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Arguments several commands share: methods, budgets, device and dtype
-# ------------------------------------------------------------------------------------------------
-
-
-def add_method_arguments(
-    parser: argparse.ArgumentParser, several: bool = True, what: str | None = None, vision_only: bool = False
-) -> None:
-    """``--method`` and ``--method-arg KEY=VALUE`` (shared by generate, embed, bench, visualize and
-    eval). ``what`` says what the method is for in this command's help; ``vision_only`` lists only
-    the vision-side methods (a command that refuses FastV, e.g. embed)."""
-    if what is None:
-        what = "comma-separated methods to compare" if several else "the compression method"
-    parser.add_argument(
-        "--method", default="globalcom2", metavar="NAME[,NAME...]" if several else "NAME",
-        help=f"{what}: {_method_choices(vision_only)}",
-    )
-    examples = "layout=spatial, allocation=uniform, scoring=local_only, seed=1" + (
-        "" if vision_only else ", layer=2 (FastV), fastv_retention_ratio=0.5")
-    parser.add_argument(
-        "--method-arg", action="append", default=[], metavar="KEY=VALUE",
-        help=f"a method option, repeatable, given to every method that has it: e.g. {examples}",
-    )
-
-
-def add_ratio_and_layout_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--retention-ratio R`` (one ratio, default 0.25) and ``--layout``, as the commands that run
-    one setting have them (generate, embed)."""
-    parser.add_argument(
-        "--retention-ratio", type=float, default=0.25, metavar="R",
-        help="fraction of visual tokens kept, 0 < R <= 1 (default: 0.25)",
-    )
-    parser.add_argument(
-        "--layout", choices=LAYOUT_CHOICES, default=None,
-        help="official: the published implementation token for token (GlobalCom2's default on LLaVA-NeXT); "
-             "spatial: tokens at their true positions",
-    )
-
-
-def _method_choices(vision_only: bool = False) -> str:
-    """"globalcom2 (default), fastervlm, ..., fastv, or <vision method>+fastv", from the method
-    registry (``vision_only``: "globalcom2 (default), fastervlm, random or pooling")."""
-    from ..methods import LANGUAGE_METHODS, VISION_METHODS
-
-    vision, language = list(VISION_METHODS), list(LANGUAGE_METHODS)
-    if vision_only:
-        names = [f"{vision[0]} (default)", *vision[1:]]
-        return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-    names = [f"{vision[0]} (default)", *vision[1:], *language]
-    return f"{', '.join(names)}, or <vision method>+{'|'.join(language)}"
-
-
-def add_device_arguments(parser: argparse.ArgumentParser, device_help: str) -> None:
-    """``--device`` (its help: ``device_help``) and ``--dtype``, as the model-running commands have them."""
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help=device_help)
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="auto: the checkpoint's dtype on cuda, float32 on cpu (default: auto)")
-
-
-def parse_method_arguments(
-    args: argparse.Namespace, several: bool = True, ratio_flag: str = "--retention-ratio"
-) -> tuple[list[str], dict[str, Any]]:
-    """(method names, options) from :func:`add_method_arguments`'s flags, validated (CLIError).
-
-    The option rule is :func:`globalcom2.methods.check_method_options`'s, the same for every
-    command: ``retention_ratio`` is never a ``--method-arg`` (it is given with ``ratio_flag``,
-    the command's own flag), and an option none of the methods has is an error.
-
-    A command's own ``--layout`` flag, where it has one and it is given, is added to the options
-    (after the ``--method-arg`` checks, so it overrides a ``layout=`` given there)."""
-    from ..methods import UnknownOptionError, check_method_options, method_names, parse_method_options
-
-    names = [m.strip().lower() for m in str(args.method).split(",") if m.strip()]
-    if not names:
-        raise CLIError("--method: give at least one method")
-    if not several and len(names) > 1:
-        raise CLIError(f"--method: give one method here, got {args.method!r}")
-    for m in names:
-        if m not in method_names():
-            raise CLIError(f"--method: unknown method {m!r}; known: {', '.join(method_names())}")
-    try:
-        options = parse_method_options(args.method_arg)
-        check_method_options(names, options, ratio_flag)
-    except UnknownOptionError as e:
-        raise CLIError(
-            f"--method-arg: unknown option(s) {', '.join(e.unknown)} for {', '.join(e.methods)}; "
-            f"known: {', '.join(e.known) or 'none'}"
-        ) from None
-    except ValueError as e:
-        raise CLIError(f"--method-arg: {e}") from None
-    layout = getattr(args, "layout", None)
-    if layout is not None:
-        options["layout"] = layout
-    return names, options
-
-
-def method_settings(
-    args: argparse.Namespace, ratios: Sequence[float], ratio_flag: str, several: bool = True
-) -> tuple[list[str], dict[str, Any], list[Any]]:
-    """(method names, options, validated settings) of a command: :func:`parse_method_arguments`,
-    then every (method, ratio) setting checked by :func:`globalcom2.methods.plan_settings`, the
-    one validation path of generate, bench, visualize and eval (CLIError on any problem)."""
-    from ..methods import plan_settings
-
-    names, options = parse_method_arguments(args, several=several, ratio_flag=ratio_flag)
-    try:
-        settings = plan_settings(names, ratios, options, ratio_flag=ratio_flag)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    return names, options, settings
-
-
-def add_visual_tokens_argument(group: Any, ratio_flag: str) -> None:
-    """``--visual-tokens N[,N...]``, the field's way of naming a budget (LLaVA-NeXT at 640 / 320 /
-    160 tokens), as an alternative to ``ratio_flag`` in the same mutually exclusive group."""
-    group.add_argument(
-        "--visual-tokens", default=None, metavar="N[,N...]",
-        help=f"visual tokens per image instead of {ratio_flag} (e.g. 640,320,160), converted to ratios "
-             "with the model's own maximum (2880 = 5 x 576 for LLaVA-NeXT); both are shown",
-    )
-
-
-def parse_budget(args: argparse.Namespace, ratio_flag: str, model: str | None = None) -> list[float]:
-    """The retention ratios of a command: ``--visual-tokens`` converted with the model's maximum
-    (reported on stderr), or the ratio flag's own values. Raises :class:`CLIError`."""
-    from .. import efficiency as eff
-
-    if getattr(args, "visual_tokens", None) is not None:
-        maximum = eff.max_visual_tokens_for_model(model) if model and not is_builtin_model(model) else eff.MAX_VISUAL_TOKENS
-        try:
-            ratios = eff.parse_visual_tokens(args.visual_tokens, maximum)
-        except ValueError as e:
-            raise CLIError(f"--visual-tokens: {e}") from None
-        status(f"{PROG}: {eff.describe_visual_tokens(ratios, maximum)}")
-        return ratios
-    try:
-        return eff.parse_ratios(getattr(args, ratio_flag.lstrip("-").replace("-", "_")))
-    except ValueError as e:
-        raise CLIError(f"{ratio_flag}: {e}") from None
-
-
-def pick_device(name: str) -> str:
-    """``--device``: ``auto`` is cuda when available, else cpu; ``cuda`` without CUDA is a CLIError."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device cuda: CUDA is not available (torch {torch.__version__}); use --device cpu")
-    return name
-
-
-def pick_dtype(name: str, device: str) -> Any:
-    """``--dtype``: ``auto`` is the checkpoint's dtype on cuda, float32 on cpu."""
-    import torch
-
-    if name == "auto":
-        return "auto" if str(device).startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def device_and_dtype(args: argparse.Namespace) -> tuple[str, Any]:
-    """(device, dtype) of a command's ``--device`` and ``--dtype`` (see :func:`add_device_arguments`)."""
-    device = pick_device(args.device)
-    return device, pick_dtype(args.dtype, device)
+from .output import PROG, CLIError, one_line, status
 
 
 @contextlib.contextmanager
@@ -603,14 +321,14 @@ def _load_error(model: str, e: Exception) -> CLIError:
 
 # ================================================================================================
 # Model families: the CLI asks the family registry (globalcom2.models), never names a family.
-# The commands call these as common.check_model_type / common.load_model / common.get_model.
+# The commands call these as loading.check_model_type / loading.load_model / loading.get_model.
 # ================================================================================================
 
 #: ``--model`` value of the built-in random demo model (demo, bench, visualize, eval).
 TINY_MODEL = "tiny"
 #: ``--model`` value of the built-in wide random model: LLaVA-NeXT with llava-v1.6-vicuna-7b's
 #: widths (CLIP ViT-L/14-336 tower, Vicuna-7B-wide language model) and few language layers,
-#: ``wide-random:N`` for N of them (see :func:`globalcom2.models.llava_next.build_wide_config`).
+#: ``wide-random:N`` for N of them (see :func:`globalcom2.tiny.build_wide_config`).
 WIDE_MODEL = "wide-random"
 #: One line per built-in model, for help texts.
 BUILTIN_MODELS_HELP = (
@@ -751,12 +469,12 @@ def get_model(
                 return family.build_tiny(dtype=dtype, device=device)
         if model_type != "llava_next":
             raise CLIError(f"--model {model_id} is a LLaVA-NeXT model; there is no wide random {model_type} model")
-        from ..models.llava_next import WIDE_TEXT_LAYERS, build_wide_llava_next
+        from .. import tiny
 
-        layers = layers or WIDE_TEXT_LAYERS
+        layers = layers or tiny.WIDE_TEXT_LAYERS
         status(f"{PROG}: building {WIDE_MODEL} (random weights; CLIP ViT-L/14-336 + Vicuna-7B-wide LM, "
                f"{layers} of 32 layers; {str(dtype).replace('torch.', '')} on {device}) ...")
         with quiet_transformers():
-            return build_wide_llava_next(text_layers=layers, dtype=dtype, device=device)
+            return tiny.build_wide(text_layers=layers, dtype=dtype, device=device)
     check_model_type(model_id, settings)
     return load_model(model_id, device, dtype)
