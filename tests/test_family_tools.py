@@ -8,7 +8,7 @@ import torch
 
 import globalcom2
 from globalcom2 import bench, efficiency
-from globalcom2.integrations.lmms_eval import GenerationRequest, LlavaNextRunner
+from globalcom2.integrations.lmms_eval import GenerationRequest, Runner
 from globalcom2.models import families
 
 from conftest import family_model, make_image
@@ -33,7 +33,7 @@ def test_bench_measures_every_family(family):
 def test_the_generation_runner_is_the_models_generate(family):
     model, processor = family_model(family)
     globalcom2.apply(model, retention_ratio=0.25)
-    runner = LlavaNextRunner(model, processor, batch_size=2)
+    runner = Runner(model, processor, batch_size=2)
     images = [make_image(480, 640), make_image(300, 900, 1)]
     reqs = [GenerationRequest("What is in the image?", {"max_new_tokens": 4}, [images[0]]),
             GenerationRequest("And here?", {"max_new_tokens": 4}, [images[1]]),

@@ -1,10 +1,11 @@
-"""The lmms-eval model plugin (``globalcom2_llava_next``).
+"""The lmms-eval model plugin (``globalcom2``, alias ``globalcom2_llava_next``).
 
 The first part needs no lmms-eval: model_args parsing, generation settings, visuals, and the
-generation/scoring core (:class:`LlavaNextRunner`) on the tiny model. The second part, skipped
+generation/scoring core (:class:`Runner`) on the tiny model. The second part, skipped
 where lmms-eval is not installed, checks lmms-eval finds the model (entry point, the
 ``LMMS_EVAL_PLUGINS`` variable, the decorator registry) and runs it on a saved tiny checkpoint,
-through real lmms-eval ``Instance`` objects and through the ``lmms-eval`` command itself.
+through real lmms-eval ``Instance`` objects (on every registered family's saved tiny checkpoint)
+and through the ``lmms-eval`` command itself.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import globalcom2
 from globalcom2.integrations import lmms_eval as plugin
 from globalcom2.integrations.lmms_eval import (
     GenerationRequest,
-    LlavaNextRunner,
+    Runner,
     LoglikelihoodRequest,
     generation_settings,
     normalize_visuals,
@@ -32,6 +33,7 @@ from globalcom2.integrations.lmms_eval import (
     truncate_at_stops,
 )
 from globalcom2.methods import ComposedConfig
+from globalcom2.models import family_for_model_type, supported_model_types
 
 SRC = str(Path(globalcom2.__file__).resolve().parents[1])
 
@@ -83,7 +85,7 @@ def test_ci_pins_what_the_lmms_eval_venv_needs():
 def test_importing_globalcom2_and_the_registration_modules_does_not_import_lmms_eval():
     code = (
         "import sys, globalcom2, globalcom2.integrations, globalcom2.integrations.models as m\n"
-        "assert m.AVAILABLE_MODELS == {'globalcom2_llava_next': 'GlobalCom2LlavaNext'}, m.AVAILABLE_MODELS\n"
+        "assert m.AVAILABLE_MODELS == {'globalcom2': 'GlobalCom2Model', 'globalcom2_llava_next': 'GlobalCom2Model'}, m.AVAILABLE_MODELS\n"
         "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lmms_eval', 'torch')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
@@ -91,18 +93,27 @@ def test_importing_globalcom2_and_the_registration_modules_does_not_import_lmms_
     assert out.stdout.strip() == "[]"
 
 
-def test_the_class_lmms_eval_imports_is_the_plugin_class():
+@pytest.mark.parametrize("name", ["globalcom2", "globalcom2_llava_next"])
+def test_the_class_lmms_eval_imports_is_the_plugin_class(name):
     from globalcom2.integrations import models
 
-    module_name, cls_name = models.class_path("globalcom2_llava_next").rsplit(".", 1)
-    assert getattr(importlib.import_module(module_name), cls_name) is plugin.GlobalCom2LlavaNext
+    module_name, cls_name = models.class_path(name).rsplit(".", 1)
+    assert getattr(importlib.import_module(module_name), cls_name) is plugin.GlobalCom2Model
+
+
+def test_the_model_name_is_family_neutral_and_the_0_1_name_an_alias():
+    from globalcom2.integrations import models
+
+    assert plugin.MODEL_NAME == models.MODEL_NAME == "globalcom2"
+    assert plugin.MODEL_ALIASES == models.MODEL_ALIASES == ("globalcom2_llava_next",)
+    assert not hasattr(plugin, "load_llava_next") and not hasattr(plugin, "LlavaNextRunner")
 
 
 def test_using_the_plugin_without_lmms_eval_says_how_to_install_it():
     if plugin.lmms_eval_available():
         pytest.skip("lmms-eval is installed")
     with pytest.raises(ImportError, match="pip install lmms-eval"):
-        plugin.GlobalCom2LlavaNext(pretrained="does/not-matter")
+        plugin.GlobalCom2Model(pretrained="does/not-matter")
 
 
 def test_model_args_defaults():
@@ -163,7 +174,7 @@ def test_model_args_composed_method_and_no_compression():
 def test_bad_model_args_are_a_value_error_that_names_them(model_args, named):
     with pytest.raises(ValueError, match=named) as info:
         parse_model_args(model_args)
-    assert "globalcom2_llava_next" in str(info.value)
+    assert str(info.value).startswith("globalcom2: ")
 
 
 def test_generation_settings():
@@ -201,7 +212,7 @@ def test_normalize_visuals(tmp_path, image_factory):
 
 def test_prompts_without_and_with_a_chat_template(tiny):
     _, processor = tiny
-    runner = LlavaNextRunner(tiny[0], processor)
+    runner = Runner(tiny[0], processor)
     assert runner.build_prompt("What is it?", 2) == "<image>\n<image>\nWhat is it?"
     assert runner.build_prompt("What is it?", 0) == "What is it?"
     assert runner.build_prompt("See <image> here", 1) == "See <image> here"  # the task placed it
@@ -209,14 +220,14 @@ def test_prompts_without_and_with_a_chat_template(tiny):
         "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
         "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
-    runner = LlavaNextRunner(tiny[0], processor, chat_template=template)
+    runner = Runner(tiny[0], processor, chat_template=template)
     assert runner.build_prompt("What is it?", 1) == "USER: <image>\nWhat is it? ASSISTANT:"
 
 
-def test_loading_a_checkpoint_that_is_not_llava_next_is_refused(tmp_path):
+def test_loading_a_checkpoint_of_no_supported_family_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(ValueError, match="'llava' model.*LLaVA-NeXT"):
-        plugin.load_llava_next(str(tmp_path))
+    with pytest.raises(ValueError, match="'llava' model.*LLaVA-NeXT.*LLaVA-OneVision.*InternVL"):
+        plugin.load_checkpoint(str(tmp_path))
 
 
 @pytest.fixture
@@ -236,7 +247,7 @@ def _requests(images, gen_kwargs):
 def test_generation_is_the_usual_model_generate_on_the_compressed_model(tiny, images):
     model, processor = tiny
     globalcom2.apply(model, retention_ratio=0.25, layout="spatial")
-    runner = LlavaNextRunner(model, processor, batch_size=1)
+    runner = Runner(model, processor, batch_size=1)
     got = runner.generate_until([GenerationRequest("What is in the image?", {"max_new_tokens": 6}, [images[0]])])
     inputs = processor(images=[images[0]], text=["<image>\nWhat is in the image?"], return_tensors="pt")
     with torch.inference_mode():
@@ -249,7 +260,7 @@ def test_generation_is_the_usual_model_generate_on_the_compressed_model(tiny, im
 def test_generation_keeps_request_order_in_batches_and_stops(tiny, images):
     model, processor = tiny
     globalcom2.apply(model, method="globalcom2", retention_ratio=0.25)
-    runner = LlavaNextRunner(model, processor, batch_size=1)
+    runner = Runner(model, processor, batch_size=1)
     reqs = _requests(images, {"max_new_tokens": 6})
     one_by_one = runner.generate_until(reqs)
     assert len(runner.visual_tokens) == 3  # the text-only request has no visual tokens
@@ -269,7 +280,7 @@ def test_generation_keeps_request_order_in_batches_and_stops(tiny, images):
 
 def test_mixed_generation_kwargs_are_batched_apart(tiny, images):
     model, processor = tiny
-    runner = LlavaNextRunner(model, processor, batch_size=4, max_new_tokens=2)
+    runner = Runner(model, processor, batch_size=4, max_new_tokens=2)
     reqs = [GenerationRequest(f"Question {i}?", None, [images[2]] if i == 0 else None) for i in range(4)]
     reqs[1] = reqs[1]._replace(gen_kwargs={"max_new_tokens": 5})
     assert [len(b) for b in runner._batches(reqs)] == [3, 1]
@@ -281,7 +292,7 @@ def test_mixed_generation_kwargs_are_batched_apart(tiny, images):
 def test_loglikelihood_matches_the_next_token_distribution(tiny, images):
     model, processor = tiny
     globalcom2.apply(model, retention_ratio=0.25)
-    runner = LlavaNextRunner(model, processor)
+    runner = Runner(model, processor)
     prompt = "<image>\nIs it red?"
     inputs = processor(images=[images[0]], text=[prompt], return_tensors="pt")
     with torch.inference_mode():
@@ -297,7 +308,7 @@ def test_loglikelihood_matches_the_next_token_distribution(tiny, images):
 
 def test_loglikelihood_of_several_tokens_on_the_uncompressed_model(tiny, images):
     model, processor = tiny
-    runner = LlavaNextRunner(model, processor)
+    runner = Runner(model, processor)
     reqs = [LoglikelihoodRequest("Is it red?", " yes", [images[1]]), LoglikelihoodRequest("Plain text", " no", None)]
     got = runner.loglikelihood(reqs)
     for req, (lp, n_tokens, greedy) in zip(reqs, got):
@@ -327,15 +338,10 @@ def lmms_eval():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A saved tiny LLaVA-NeXT checkpoint (random weights), loadable with from_pretrained."""
-    from globalcom2.tiny import build_tiny_llava_next
-
-    path = tmp_path_factory.mktemp("tiny_llava_next")
-    model, processor = build_tiny_llava_next(seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+def checkpoint(family_checkpoints):
+    """The saved tiny LLaVA-NeXT checkpoint (random weights), loadable with from_pretrained in a
+    process of its own: its processor has no video slot (conftest.family_checkpoints)."""
+    return family_checkpoints["llava_next"]
 
 
 def test_the_plugin_is_an_lmms_simple_model(lmms_eval):
@@ -343,26 +349,27 @@ def test_the_plugin_is_an_lmms_simple_model(lmms_eval):
 
     from lmms_eval.api.model import lmms
 
-    cls = plugin.GlobalCom2LlavaNext
+    cls = plugin.GlobalCom2Model
     assert issubclass(cls, lmms) and cls.is_simple is True and not inspect.isabstract(cls)
 
 
 def test_decorator_registry(lmms_eval):
     from lmms_eval.api.registry import get_model
 
-    assert get_model("globalcom2_llava_next") is plugin.GlobalCom2LlavaNext
+    assert get_model("globalcom2") is get_model("globalcom2_llava_next") is plugin.GlobalCom2Model
 
 
 def test_lmms_eval_finds_the_model_through_LMMS_EVAL_PLUGINS(lmms_eval):
     code = (
         "import warnings; warnings.simplefilter('ignore')\n"
         "from lmms_eval.models import get_model\n"
-        "cls = get_model('globalcom2_llava_next')\n"
-        "print(cls.__module__ + '.' + cls.__qualname__)\n"
+        "for name in ('globalcom2', 'globalcom2_llava_next'):\n"
+        "    cls = get_model(name)\n"
+        "    print(cls.__module__ + '.' + cls.__qualname__)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=_env(LMMS_EVAL_PLUGINS="globalcom2.integrations"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "globalcom2.integrations.lmms_eval.GlobalCom2LlavaNext"
+    assert out.stdout.strip().splitlines()[-2:] == ["globalcom2.integrations.lmms_eval.model.GlobalCom2Model"] * 2
 
 
 def test_lmms_eval_finds_the_model_through_its_entry_point(lmms_eval, monkeypatch):
@@ -374,8 +381,9 @@ def test_lmms_eval_finds_the_model_through_its_entry_point(lmms_eval, monkeypatc
     monkeypatch.setattr(registry_v2, "entry_points", lambda: _EntryPoints([ep]))
     registry = registry_v2.ModelRegistryV2()
     registry.load_entrypoint_manifests(overwrite=True)
-    assert registry.resolve("globalcom2_llava_next").model_type == "simple"
-    assert registry.get_model_class("globalcom2_llava_next") is plugin.GlobalCom2LlavaNext
+    for name in ("globalcom2", "globalcom2_llava_next"):  # the model, and its 0.1 name as an alias
+        assert registry.resolve(name).model_type == "simple" and registry.resolve(name).model_id == "globalcom2"
+        assert registry.get_model_class(name) is plugin.GlobalCom2Model
 
 
 class _EntryPoints(list):
@@ -391,7 +399,7 @@ def test_installed_entry_point(lmms_eval):
         pytest.skip("globalcom2 is installed without its lmms_eval.models entry point")
     from lmms_eval.models import get_model
 
-    assert get_model("globalcom2_llava_next") is plugin.GlobalCom2LlavaNext
+    assert get_model("globalcom2") is get_model("globalcom2_llava_next") is plugin.GlobalCom2Model
 
 
 def _instance(request_type, arguments, doc_id, task="tiny_task"):
@@ -400,11 +408,17 @@ def _instance(request_type, arguments, doc_id, task="tiny_task"):
     return Instance(request_type=request_type, arguments=arguments, idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1})
 
 
-def test_plugin_end_to_end_on_a_saved_checkpoint(lmms_eval, checkpoint, images):
-    cls = plugin.GlobalCom2LlavaNext
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_plugin_end_to_end_on_a_saved_checkpoint(lmms_eval, model_type, family_checkpoints, video_processor_optional, images):
+    """Every registered family's tiny model, saved with save_pretrained and loaded by the plugin
+    (conftest.video_processor_optional: OneVision's and InternVL's processors load without
+    torchvision, their unused video processor slot left empty)."""
+    checkpoint = family_checkpoints[model_type]
+    cls = plugin.GlobalCom2Model
     lm = cls.create_from_arg_string(
         f"pretrained={checkpoint},retention_ratio=0.25,layout=spatial,dtype=float32", {"batch_size": 2, "device": "cpu"}
     )
+    assert lm.model.config.model_type == model_type
     assert globalcom2.is_applied(lm.model) and globalcom2.get_config(lm.model).layout == "spatial"
     assert lm.rank == 0 and lm.world_size == 1 and lm.batch_size == 2
 
@@ -418,7 +432,7 @@ def test_plugin_end_to_end_on_a_saved_checkpoint(lmms_eval, checkpoint, images):
     reqs = [_instance("generate_until", (d["q"], dict(gen), doc_to_visual, i, "tiny_task", "test"), i) for i, d in enumerate(docs)]
     answers = lm.generate_until(reqs)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    runner = LlavaNextRunner(lm.model, lm.processor, batch_size=1, max_new_tokens=4)
+    runner = Runner(lm.model, lm.processor, batch_size=1, max_new_tokens=4)
     direct = runner.generate_until([GenerationRequest(d["q"], dict(gen), doc_to_visual(d)) for d in docs])
     assert answers == direct
     assert lm.runner.visual_tokens and all(v < 2000 for v in lm.runner.visual_tokens)
@@ -442,6 +456,8 @@ def test_plugin_end_to_end_on_a_saved_checkpoint(lmms_eval, checkpoint, images):
 
     plain = cls.create_from_arg_string(f"pretrained={checkpoint},method=none,device=cpu")
     assert not globalcom2.is_applied(plain.model)
+    default = cls.create_from_arg_string(f"pretrained={checkpoint},device=cpu")  # no layout: the family's default
+    assert globalcom2.get_config(default.model).layout == family_for_model_type(model_type).layouts[0]
     with pytest.raises(ValueError, match="bogus"):
         cls.create_from_arg_string(f"pretrained={checkpoint},bogus=1,device=cpu")
 
@@ -502,7 +518,7 @@ def test_lmms_eval_command_runs_a_local_task(lmms_eval, checkpoint, image_factor
     out_dir = tmp_path / "logs"
     cmd = [
         sys.executable, "-m", "lmms_eval",
-        "--model", "globalcom2_llava_next",
+        "--model", "globalcom2",
         "--model_args", f"pretrained={checkpoint},retention_ratio=0.25,method=globalcom2,layout=official,dtype=float32",
         "--tasks", "gc2_tiny_gen,gc2_tiny_mc",
         "--include_path", str(tasks),
