@@ -57,14 +57,14 @@ def no_load(monkeypatch):
     """Loading or building any model fails the test (its message would not be the expected one)."""
     import globalcom2.cli.loading as cli
     import globalcom2.demo
-    import globalcom2.models.llava_next as llava_next
+    import globalcom2.tiny as tiny
     from globalcom2.models import families
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(cli, "load_model", refuse)
-    monkeypatch.setattr(llava_next, "build_wide_llava_next", refuse)
+    monkeypatch.setattr(tiny, "build_wide", refuse)
     monkeypatch.setattr(globalcom2.demo, "run_demo", refuse)
     for fam in families():
         monkeypatch.setattr(fam, "build_tiny", classmethod(refuse))
@@ -660,31 +660,6 @@ def test_load_embeddings_bad_files(case, error, expected, saved_embeddings, tmp_
 # ------------------------------------------------------------------------------------------------
 # 4. Regressions found on the way
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("model_type", [m for m in _family_ids() if m != "llava_next"])
-@pytest.mark.parametrize("command", ["generate", "embed"])
-def test_generate_and_embed_take_the_family_default_layout(command, model_type, tmp_path, monkeypatch, capsys):
-    """generate and embed applied the method's config as planned, whose layout is 'official', so
-    a OneVision or InternVL checkpoint failed after loading unless --layout spatial was given; they
-    now apply the method as the other commands do (the family's default layout unless asked)."""
-    import globalcom2.cli.loading as cli
-
-    model, processor = _family(model_type)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "check_model", lambda *a, **k: "local")
-    monkeypatch.setattr(cli, "check_model_type", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (model, processor))
-    monkeypatch.setattr(cli, "get_model", lambda *a, **k: (model, processor))
-    argv = (["generate", "--prompt", "hi", "--max-new-tokens", "1"] if command == "generate"
-            else ["embed", "--out", "e.safetensors"])
-    assert main([*argv, "--model", "some-dir", "--image", SAMPLE, "--device", "cpu"]) == 0, capsys.readouterr().err
-    if command == "generate":
-        assert "layout spatial" in capsys.readouterr().out
-    else:
-        from globalcom2 import load_embeddings
-
-        assert load_embeddings(tmp_path / "e.safetensors").config.layout == "spatial"
 
 
 def test_checkpoint_name_keeps_hub_ids_and_tiny(tmp_path, monkeypatch):
