@@ -40,7 +40,8 @@ import torch
 def build_model(tiny: bool, hidden_size: int, dtype: torch.dtype, device: str):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from globalcom2.tiny import LLAVA_NEXT_PINPOINTS, build_tiny_llava_next
+    from globalcom2.models.llava_next import LLAVA_NEXT_PINPOINTS
+    from globalcom2.tiny import build_tiny_llava_next
 
     if tiny:
         return build_tiny_llava_next(dtype=dtype, device=device)[0]

@@ -69,7 +69,8 @@ def build(args: argparse.Namespace):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    from globalcom2.tiny import LLAVA_NEXT_PINPOINTS, build_processor
+    from globalcom2.models.llava_next import LLAVA_NEXT_PINPOINTS
+    from globalcom2.tiny import build_processor
 
     processor = build_processor()
     tok = processor.tokenizer

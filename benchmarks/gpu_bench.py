@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     from globalcom2.bench import BENCH_COLUMNS, run_bench
     from globalcom2.demo import sample_image_path
     from globalcom2.efficiency import format_rows
-    from globalcom2.models.llava_next import build_tiny_llava_next, build_wide_llava_next
+    from globalcom2.tiny import build_tiny_llava_next, build_wide
 
     dtype = getattr(torch, args.dtype)
     if args.model == "tiny":
         model, processor = build_tiny_llava_next(dtype=dtype, device=args.device)
     else:
-        model, processor = build_wide_llava_next(text_layers=args.text_layers, dtype=dtype, device=args.device)
+        model, processor = build_wide(text_layers=args.text_layers, dtype=dtype, device=args.device)
     h, w = args.hw
     image = Image.open(sample_image_path()).convert("RGB").resize((w, h))
     processor.tokenizer.padding_side = "left"

@@ -52,19 +52,10 @@ def build_checkpoint(size: str, folder: str) -> str:
         return str(checkpoints.save_tiny("llava_next", folder)[0])
     if size == "wide":
         return str(checkpoints.save_tiny("llava_next", folder, wide_layers=2, text={})[0])
-    import torch
-    from transformers import LlavaNextForConditionalGeneration
+    from globalcom2.tiny import build_tiny
 
-    from globalcom2.models import llava_next as fam
-
-    processor = fam.build_processor()
-    tok = processor.tokenizer
     spec = SIZES[size]
-    text = dict(spec["text"], vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2)
-    config = fam._llava_next_config(spec["vision"], text, len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, {})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlavaNextForConditionalGeneration(config).eval()
+    model, processor = build_tiny("llava_next", seed=0, vision=spec["vision"], text=spec["text"])
     return str(checkpoints.save(model, processor, folder))
 
 

@@ -335,7 +335,7 @@ def test_a_new_image_in_a_continued_turn(family):
 
 def test_through_peft_on_the_processor_path():
     peft = pytest.importorskip("peft")
-    from globalcom2.models.llava_next import build_tiny_llava_next
+    from globalcom2.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next(seed=0)  # its own: PEFT rewrites the modules
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))

@@ -22,7 +22,8 @@ from globalcom2.models import families
 #: Whether ``globalcom2.models`` registers InternVL itself (its registry line).
 _LISTED = any(f.model_type == "internvl" for f in families())
 
-from globalcom2.models.internvl import TINY_MAX_PATCHES, InternVLFamily, build_tiny_internvl  # noqa: E402
+from globalcom2.models.internvl import TINY_MAX_PATCHES, InternVLFamily  # noqa: E402
+from globalcom2.tiny import build_tiny  # noqa: E402
 
 if not _LISTED:
     # Importing the family module registers it (@register_family). Until the registry line is in
@@ -49,7 +50,7 @@ def _registered():
 
 @pytest.fixture(scope="module")
 def tiny(_registered):
-    model, processor = build_tiny_internvl(seed=0)
+    model, processor = build_tiny("internvl", seed=0)
     yield model, processor
     globalcom2.remove(model)
 
@@ -208,7 +209,7 @@ def test_importance_is_the_cls_logits_mapped_through_pixel_shuffle(tiny):
 
 
 def test_importance_without_qk_norm():
-    model, processor = build_tiny_internvl(seed=1, use_qk_norm=False)
+    model, processor = build_tiny("internvl", seed=1, use_qk_norm=False)
     attn = model.model.vision_tower.encoder.layer[-1].attention
     assert isinstance(attn.q_norm, torch.nn.Identity)
     inputs = _inputs(processor, SINGLE)
@@ -409,9 +410,9 @@ def test_tile_grid_from_pixels_matches_the_processor():
     """Without image sizes the grid is read from the pixels: the arrangement of the tiles that
     matches the thumbnail is the processor's own (the checkpoints' 12 tiles at most)."""
     from globalcom2.core import tiles
-    from globalcom2.models.internvl import build_processor
+    from globalcom2.tiny import build_processor
 
-    processor = build_processor(max_patches=12)
+    processor = build_processor("internvl", max_patches=12)
     for i, (h, w) in enumerate([(600, 700), (900, 150), (1300, 1000), (300, 1500), (448, 900), (1000, 1000)]):
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 

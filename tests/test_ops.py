@@ -34,7 +34,7 @@ def test_vanilla_count_matches_the_processor(tiny):
 
 def _grid(size):
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-    from globalcom2.tiny import LLAVA_NEXT_PINPOINTS
+    from globalcom2.models.llava_next import LLAVA_NEXT_PINPOINTS
 
     return get_anyres_image_grid_shape(list(size), LLAVA_NEXT_PINPOINTS, 336)
 

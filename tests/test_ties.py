@@ -77,11 +77,11 @@ def tied_llava_next():
     its last layer's [CLS] query all ones and its keys :func:`_tied_keys`."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from globalcom2.models.llava_next import build_config, build_processor
+    from globalcom2.tiny import build_config, build_processor
 
     processor = build_processor()
     tok = processor.tokenizer
-    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    config = build_config("llava_next", tok)
     config.vision_config.num_attention_heads = 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The offline demo: GlobalCom2 on a shipped sample image and a tiny random LLaVA-NeXT.
 
-Nothing is downloaded. The model comes from :meth:`~globalcom2.models.llava_next.LlavaNextFamily.build_tiny`: it has
+Nothing is downloaded. The model comes from :func:`globalcom2.tiny.build_tiny`: it has
 the real LLaVA-NeXT geometry (336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids) but
 random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
 *which* tokens are kept is meaningless.

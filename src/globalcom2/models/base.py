@@ -20,6 +20,7 @@ Importing this module loads neither torch nor transformers (tensor code is impor
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from .. import methods
@@ -36,6 +37,43 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
 
 torch = lazy_module("torch")
+
+
+@dataclass(frozen=True)
+class TinyGeometry:
+    """What a family's tiny test model is made of (:attr:`Family.tiny`; :mod:`globalcom2.tiny`
+    builds it): plain data, no import of transformers. The model's config comes from
+    :meth:`Family.tiny_config` at the widths given here.
+
+    Attributes:
+        special_tokens: the tokenizer's special tokens beyond ``<unk> <s> </s> <pad>`` (ids 0-3),
+            as ``{tokenizer attribute: token}`` (``{"image_token": "<image>"}``), ids 4, 5, ... in order.
+        processor: the ``transformers`` processor class (a name in ``transformers`` or a dotted path).
+        image_processor: the image processor class (same form).
+        image_processor_kwargs: its settings (the checkpoints' view size, pinpoints, tiling...).
+        processor_kwargs: the processor's settings (besides the image processor and tokenizer).
+        video_processor: the processor's video processor class, if it has one: the tiny processor
+            leaves it out (it needs torchvision), a saved tiny checkpoint puts it back.
+        vision: the tiny widths of the vision tower (its config's keywords).
+        text: the tiny widths of the language model (its config's keywords).
+        wide_vision / wide_text: the real widths of a public checkpoint, for the wide random
+            benchmark model (:func:`globalcom2.tiny.build_wide`; the language model's depth is
+            chosen there), or None.
+        hub_tower_names: a saved tiny checkpoint names the vision tower as the hub's checkpoints do
+            (``vision_tower.vision_model.*``, what vLLM reads).
+    """
+
+    special_tokens: dict[str, str]
+    processor: str
+    image_processor: str
+    image_processor_kwargs: dict[str, Any]
+    processor_kwargs: dict[str, Any]
+    vision: dict[str, Any]
+    text: dict[str, Any]
+    video_processor: str | None = None
+    wide_vision: dict[str, Any] | None = None
+    wide_text: dict[str, Any] | None = None
+    hub_tower_names: bool = False
 
 
 _REGISTRY: dict[str, type["Family"]] = {}
@@ -241,6 +279,25 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         form: ``<image>`` x count here)."""
         return processor.image_token * int(count)
 
+    # One placeholder run per view (issue 27): a processor that writes each view of an image as a
+    # run of its own, with text between the runs (Idefics3 / SmolVLM; Llama 4's tiles), gets each
+    # run shortened to its view's kept count (SPEC.md, "every view keeps its own placeholder run").
+    # A family with one run per image leaves the three hooks below as they are.
+    def placeholder_runs(self, input_ids: "torch.Tensor", compressed: CompressedImages) -> Any:
+        """Per image and view, the runs the prompt holds and the runs the language model gets
+        (:class:`globalcom2.core.sequence.ViewRuns`); None (the default): one run per image."""
+        return None
+
+    def processed_runs(self, image_inputs: Mapping[str, Any], processor: Any, config: Any = None) -> "list[list[int]] | None":
+        """Per image of a processor's image output, the compressed count of each view's run (what a
+        patched processor writes, with :meth:`runs_text`); None (the default): one run per image."""
+        return None
+
+    @classmethod
+    def runs_text(cls, processor: Any, image_inputs: Any, image_idx: int, runs: Sequence[int]) -> str:  # pragma: no cover
+        """The processor's text for image ``image_idx`` with each view's run of ``runs[v]`` placeholders."""
+        raise NotImplementedError
+
     @classmethod
     def counter(cls, hf_config: Any, config: Any) -> "Family":
         """A family instance without a model, for counting only (:meth:`processed_counts`,
@@ -337,10 +394,29 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         processor = AutoProcessor.from_pretrained(model_id, **hub)
         return model.eval(), processor
 
+    # -- the tiny test model (built by globalcom2.tiny) ------------------------------------------
+    #: The family's tiny test model: tokenizer, processor and widths (None: the family has none).
+    tiny: ClassVar["TinyGeometry | None"] = None
+
     @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:  # pragma: no cover
-        """A tiny random model of the family with its real geometry, and its processor (no download)."""
-        raise NotImplementedError
+    def tiny_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:  # pragma: no cover
+        """The ``transformers`` config of the family's checkpoints' geometry (view size, patches,
+        pinpoints, feature layer, token ids read from ``tokenizer``) at the widths ``vision`` (the
+        vision tower's config keywords) and ``text`` (the language model's, vocabulary and special
+        token ids included). ``options``: the family's own (InternVL's ``use_qk_norm``)."""
+        raise NotImplementedError(f"{cls.__name__} declares no tiny test model")
+
+    @classmethod
+    def tiny_init(cls, model: Any) -> None:
+        """Initialise what the random init leaves uninformative, under the tiny model's seed (default:
+        nothing; InternVL draws its q/k norm weights so that a missed normalisation shows)."""
+
+    @classmethod
+    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu", **options: Any) -> tuple[Any, Any]:
+        """``(model, processor)``: the family's tiny random model (:func:`globalcom2.tiny.build_tiny`)."""
+        from ..tiny import build_tiny
+
+        return build_tiny(cls, seed=seed, dtype=dtype, device=device, **options)
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:  # pragma: no cover - abstract

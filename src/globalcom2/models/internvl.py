@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
 from .._lazy import lazy_module
-from .base import Family, register_family
+from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .checks import check_image_sizes
 from .images import CompressedImages, EncodedImages
@@ -80,6 +80,8 @@ tiles = lazy_module("globalcom2.core.tiles")
 DEFAULT_MAX_PATCHES = 12
 #: InternViT's view side and patch size in pixels, and the pixel-shuffle ratio.
 VIEW_SIZE, PATCH_SIZE, DOWNSAMPLE_RATIO = 448, 14, 0.5
+#: Most tiles per image of the tiny processor (the checkpoints use 12; fewer keeps CPU tests quick).
+TINY_MAX_PATCHES = 6
 
 
 def _tiled_canvas() -> Any:
@@ -467,9 +469,66 @@ class InternVLFamily(Family):
         return out
 
     # -- for the tools --------------------------------------------------------------------------
+    #: The tiny test model (globalcom2.tiny): InternVL's processor (GotOcr2 PIL image processor, 448 px
+    #: tiles, ``crop_to_patches``, at most :data:`TINY_MAX_PATCHES` tiles), InternViT 448/14 with
+    #: [CLS] and qk normalisation, pixel shuffle 0.5, a Qwen2 language model of a few dozen wide.
+    #: The tokenizer's ``start_image_token`` / ``end_image_token`` / ``context_image_token`` /
+    #: ``video_token`` are the attributes InternVL's processor reads.
+    tiny = TinyGeometry(
+        special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        processor="InternVLProcessor",
+        processor_kwargs={"image_seq_length": 256},
+        image_processor="GotOcr2ImageProcessorPil",
+        image_processor_kwargs={
+            "size": {"height": VIEW_SIZE, "width": VIEW_SIZE}, "crop_to_patches": True, "min_patches": 1,
+            "max_patches": TINY_MAX_PATCHES,
+        },
+        video_processor="InternVLVideoProcessor",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text=dict(
+            hidden_size=64, intermediate_size=128,
+            num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+        ),
+    )
+
     @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
-        return build_tiny_internvl(seed=seed, dtype=dtype or torch.float32, device=device)
+    def tiny_config(
+        cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], use_qk_norm: bool = True, **options: Any
+    ) -> Any:
+        """An ``InternVLConfig`` with the checkpoints' geometry (InternViT 448/14: 32 x 32 patches +
+        [CLS], pixel shuffle 0.5, 256 tokens per view): a tower of ``vision`` and a Qwen2 language
+        model of ``text``. ``use_qk_norm``: whether InternViT normalises q/k (InternViT-6B does;
+        -300M does not)."""
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        return InternVLConfig(
+            vision_config=InternVLVisionConfig(
+                image_size=VIEW_SIZE, patch_size=PATCH_SIZE, use_qk_norm=use_qk_norm,
+                norm_type="rms_norm" if use_qk_norm else "layer_norm", **vision,
+            ),
+            text_config=Qwen2Config(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+            image_seq_length=256,
+            downsample_ratio=DOWNSAMPLE_RATIO,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            **options,
+        )
+
+    @classmethod
+    def tiny_init(cls, model: Any) -> None:
+        """Random (not unit) q/k norm weights, so that a missed q/k normalisation shows."""
+        for module in model.model.vision_tower.modules():
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(module, name, None)
+                if norm is not None and hasattr(norm, "weight"):
+                    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:
@@ -508,133 +567,3 @@ class InternVLFamily(Family):
         canvas = np.asarray(image.resize((w, h), Image.Resampling.BICUBIC)).copy()
         lay = {"height": h, "width": w, "new_height": h, "new_width": w, "top": 0, "left": 0}
         return thumb, canvas, lay
-
-
-# ------------------------------------------------------------------------------------------------
-# The tiny in-code test model: InternViT 448/14 geometry with [CLS] and qk normalisation, pixel
-# shuffle 0.5, a tiny Qwen2; every width shrunk, random weights.
-# ------------------------------------------------------------------------------------------------
-
-_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
-#: Most tiles per image of the tiny processor (the checkpoints use 12; fewer keeps CPU tests quick).
-TINY_MAX_PATCHES = 6
-
-
-def build_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte tokens + InternVL's specials) built offline with ``tokenizers``;
-    ``start_image_token`` / ``end_image_token`` / ``context_image_token`` / ``video_token`` are the
-    attributes InternVL's processor reads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-    )
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_processor(max_patches: int = TINY_MAX_PATCHES) -> Any:
-    """An ``InternVLProcessor`` (GotOcr2 PIL image processor, 448 px tiles, ``crop_to_patches``).
-
-    Without torchvision, transformers cannot build InternVL's video processor, and
-    ``ProcessorMixin`` class-checks ``video_processor`` against a dummy. The tiny processor is
-    therefore a subclass that skips that one check for ``video_processor=None`` (no videos here);
-    everything else is the real processor. Checkpoints load with ``AutoProcessor.from_pretrained``.
-    """
-    from transformers import InternVLProcessor
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    class TinyInternVLProcessor(InternVLProcessor):
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    image_processor = GotOcr2ImageProcessorPil(
-        size={"height": VIEW_SIZE, "width": VIEW_SIZE}, crop_to_patches=True, min_patches=1, max_patches=max_patches
-    )
-    return TinyInternVLProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), video_processor=None, image_seq_length=256)
-
-
-def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, use_qk_norm: bool = True, **text_overrides: Any) -> Any:
-    """The tiny ``InternVLConfig``: InternViT 448/14 (32 x 32 patches + [CLS]), pixel shuffle 0.5."""
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
-
-    vision = InternVLVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=VIEW_SIZE,
-        patch_size=PATCH_SIZE,
-        use_qk_norm=use_qk_norm,
-        norm_type="rms_norm" if use_qk_norm else "layer_norm",
-    )
-    text_kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=16384,
-        pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    text_kwargs.update(text_overrides)
-    return InternVLConfig(
-        vision_config=vision,
-        text_config=Qwen2Config(**text_kwargs),
-        image_token_id=image_token_id,
-        image_seq_length=256,
-        downsample_ratio=DOWNSAMPLE_RATIO,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-
-
-def build_tiny_internvl(
-    seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu", use_qk_norm: bool = True
-) -> tuple[Any, Any]:
-    """Build ``(model, processor)``: a random tiny InternVL in eval mode and its processor.
-
-    Args:
-        seed: seed of the weights (a private generator state; the global RNG is restored).
-        dtype: parameter dtype (default float32).
-        device: where the model lives.
-        use_qk_norm: whether InternViT normalises q/k (InternViT-6B does; -300M does not).
-    """
-    from transformers import InternVLForConditionalGeneration
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = build_config(len(tok), tok.convert_tokens_to_ids("<IMG_CONTEXT>"), tok.pad_token_id, use_qk_norm=use_qk_norm)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config)
-        if use_qk_norm:  # random (not unit) norm weights, so that a missed q/k normalisation shows
-            for module in model.model.vision_tower.modules():
-                for name in ("q_norm", "k_norm"):
-                    norm = getattr(module, name, None)
-                    if norm is not None and hasattr(norm, "weight"):
-                        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor

@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import Family, register_family
+from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .checks import check_image_sizes
 from .images import EncodedImages
@@ -38,6 +38,11 @@ if TYPE_CHECKING:  # pragma: no cover
 torch = lazy_module("torch")
 geometry = lazy_module("globalcom2.core.geometry")
 importance_ops = lazy_module("globalcom2.core.importance")
+
+#: AnyRes pinpoints of the public llava-hf LLaVA-NeXT checkpoints, (height, width).
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+#: Their CLIP-L/14-336 tower: view side and patch size in pixels.
+VIEW_SIZE, PATCH_SIZE = 336, 14
 
 
 @register_family
@@ -241,9 +246,56 @@ class LlavaNextFamily(Family):
         return list(packed)
 
     # -- for the tools --------------------------------------------------------------------------
+    #: The tiny test model (globalcom2.tiny): the llava-hf processor settings (336 px views), a CLIP
+    #: tower and a Llama language model of a few dozen wide; the wide benchmark model has
+    #: llava-v1.6-vicuna-7b's widths (openai/clip-vit-large-patch14-336, lmsys/vicuna-7b-v1.5).
+    tiny = TinyGeometry(
+        special_tokens={"image_token": "<image>"},
+        processor="LlavaNextProcessor",
+        processor_kwargs={
+            "patch_size": PATCH_SIZE,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,  # the CLIP tower's [CLS]
+        },
+        image_processor="LlavaNextImageProcessor",
+        image_processor_kwargs={
+            "size": {"shortest_edge": VIEW_SIZE},
+            "crop_size": {"height": VIEW_SIZE, "width": VIEW_SIZE},
+            "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS,
+        },
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32),
+        text=dict(
+            hidden_size=64, intermediate_size=128,
+            num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        ),
+        wide_vision=dict(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+            projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        ),
+        wide_text=dict(
+            hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+            rms_norm_eps=1e-5, max_position_embeddings=4096,
+        ),
+        hub_tower_names=True,
+    )
+
     @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
-        return build_tiny_llava_next(seed=seed, dtype=dtype or torch.float32, device=device)
+    def tiny_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:
+        """A ``LlavaNextConfig`` with the llava-hf geometry (336 px views of 14 px patches, their
+        pinpoints, features of the second-to-last layer without [CLS]): a CLIP vision tower of
+        ``vision`` and a Llama language model of ``text``."""
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+        return LlavaNextConfig(
+            vision_config=CLIPVisionConfig(image_size=VIEW_SIZE, patch_size=PATCH_SIZE, **vision),
+            text_config=LlamaConfig(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **options,
+        )
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:
@@ -350,190 +402,3 @@ def canvas_layout(image_hw: tuple[int, int], grid_hw: tuple[int, int], view: int
     else:
         nh, nw = ch, min(math.ceil(w * scale_h), cw)
     return {"height": ch, "width": cw, "new_height": nh, "new_width": nw, "top": (ch - nh) // 2, "left": (cw - nw) // 2}
-
-
-# ------------------------------------------------------------------------------------------------
-# The tiny in-code test model: the real geometry, every width shrunk, random weights.
-# ------------------------------------------------------------------------------------------------
-
-#: AnyRes pinpoints of the public llava-hf LLaVA-NeXT checkpoints, (height, width).
-LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-#: Their CLIP-L/14-336 tower: view side and patch size in pixels.
-VIEW_SIZE, PATCH_SIZE = 336, 14
-_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-
-
-def build_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte tokens + specials) built offline with ``tokenizers``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_processor() -> Any:
-    """A ``LlavaNextProcessor`` configured like the llava-hf checkpoints (336 px views)."""
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": VIEW_SIZE},
-        crop_size={"height": VIEW_SIZE, "width": VIEW_SIZE},
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLIP tower's [CLS]
-    )
-
-
-def _llava_next_config(
-    vision: dict[str, Any], text: dict[str, Any], vocab_size: int, image_token_id: int, pad_token_id: int,
-    text_overrides: dict[str, Any], **config: Any,
-) -> Any:
-    """A ``LlavaNextConfig`` with the llava-hf geometry (336 px views of 14 px patches, their
-    pinpoints, features of the second-to-last layer without [CLS]) at the given widths: a CLIP
-    vision tower of ``vision`` and a Llama language model of ``text`` (then ``text_overrides``)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
-
-    text_kwargs = dict(text, vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
-    text_kwargs.update(text_overrides)
-    return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(image_size=VIEW_SIZE, patch_size=PATCH_SIZE, **vision),
-        text_config=LlamaConfig(**text_kwargs),
-        image_token_id=image_token_id,
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        **config,
-    )
-
-
-def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, **text_overrides: Any) -> Any:
-    """The tiny ``LlavaNextConfig``: CLIP-336/14 geometry, widths of a few dozen."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, projection_dim=32)
-    text = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-    )
-    return _llava_next_config(vision, text, vocab_size, image_token_id, pad_token_id, text_overrides)
-
-
-def build_tiny_llava_next(seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu") -> tuple[Any, Any]:
-    """Build ``(model, processor)``: a random tiny LLaVA-NeXT in eval mode and its processor.
-
-    Args:
-        seed: seed of the weights (a private generator state; the global RNG is restored).
-        dtype: parameter dtype (default float32).
-        device: where the model lives.
-    """
-    from transformers import LlavaNextForConditionalGeneration
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor
-
-
-# ------------------------------------------------------------------------------------------------
-# The wide in-code benchmark model: real widths (llava-v1.6-vicuna-7b), fewer language layers,
-# random weights. For measuring time and memory at real sizes without a download.
-# ------------------------------------------------------------------------------------------------
-
-#: Decoder layers of the wide model's language model by default (Vicuna-7B has 32).
-WIDE_TEXT_LAYERS = 2
-
-
-def build_wide_config(
-    vocab_size: int, image_token_id: int, pad_token_id: int, text_layers: int = WIDE_TEXT_LAYERS, **text_overrides: Any
-) -> Any:
-    """The wide ``LlavaNextConfig``: llava-v1.6-vicuna-7b's widths with ``text_layers`` decoder layers.
-
-    * vision tower: CLIP ViT-L/14-336 as in ``openai/clip-vit-large-patch14-336`` (24 layers,
-      hidden 1024, MLP 4096, 16 heads, quick-GELU), features from the second-to-last layer;
-    * projector: 1024 -> 4096 -> 4096 (LLaVA-NeXT's two-layer MLP);
-    * language model: Vicuna-7B's widths (hidden 4096, MLP 11008 gated, 32 heads, 32 KV heads,
-      4,096 positions) with ``text_layers`` layers instead of 32. Every decoder layer costs the
-      same, so the ratio of two prefills' language-model FLOPs (and, to the extent the hardware
-      is uniform, times) per layer does not depend on the depth; only the LM's share next to
-      the vision tower does.
-    * vocabulary: the offline byte-level tokenizer's (``vocab_size``), not Vicuna's 32,000: the
-      embedding is a lookup and the LM head runs on one position in generation (about 0.02% of
-      a Vicuna-7B layer's prefill FLOPs at 2,880 tokens), so this changes neither figure.
-    """
-    if int(text_layers) < 1:
-        raise ValueError(f"text_layers must be >= 1, got {text_layers}")
-    vision = dict(  # openai/clip-vit-large-patch14-336
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-    )
-    text = dict(  # lmsys/vicuna-7b-v1.5 widths
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=int(text_layers),
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=4096,
-    )
-    return _llava_next_config(
-        vision, text, vocab_size, image_token_id, pad_token_id, text_overrides, projector_hidden_act="gelu"
-    )
-
-
-def build_wide_llava_next(
-    text_layers: int = WIDE_TEXT_LAYERS, seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu"
-) -> tuple[Any, Any]:
-    """Build ``(model, processor)``: a random LLaVA-NeXT of :func:`build_wide_config`'s sizes.
-
-    The processor is the tiny model's (:func:`build_processor`): it already has the llava-hf
-    image geometry (336 px views, 14 px patches, their pinpoints), so a 672x672 image gets 2,928
-    placeholders, as on llava-v1.6-vicuna-7b (576 for the base view, 2 x 2 crops of 576, 48 row
-    newlines). The weights are made directly in ``dtype`` on ``device`` (no float32 copy first):
-    0.73 B parameters with the default 2 language layers (0.30 B tower, 0.02 B projector, 0.20 B
-    per decoder layer), 1.5 GB in bfloat16, 2.9 GB in float32; building takes about 20 s on a
-    2-core CPU (the random initialisation). Seeded by ``seed`` on a private generator state (the
-    global RNG is restored). Answers are noise; times and memory are those of real sizes.
-    """
-    from transformers import LlavaNextForConditionalGeneration
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = build_wide_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, text_layers)
-    dtype = dtype or torch.float32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device=device, dtype=dtype).eval(), processor

@@ -39,7 +39,7 @@ import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._lazy import lazy_module
-from .base import Family, register_family
+from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .checks import check_image_sizes
 from .images import EncodedImages
@@ -291,9 +291,47 @@ class LlavaOnevisionFamily(Family):
         ]
 
     # -- for the tools --------------------------------------------------------------------------
+    #: The tiny test model (globalcom2.tiny): the llava-hf processor settings (384 px views, the 36
+    #: pinpoints, ``anyres_max_9``; the PIL image processor, no torchvision needed), a SigLIP
+    #: tower and a Qwen2 language model of a few dozen wide.
+    tiny = TinyGeometry(
+        special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        processor="LlavaOnevisionProcessor",
+        processor_kwargs={
+            "num_image_tokens": (VIEW_SIZE // PATCH_SIZE) ** 2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": VISION_ASPECT_RATIO,
+        },
+        image_processor="LlavaOnevisionImageProcessorPil",
+        image_processor_kwargs={"size": {"height": VIEW_SIZE, "width": VIEW_SIZE}, "image_grid_pinpoints": ONEVISION_PINPOINTS},
+        video_processor="LlavaOnevisionVideoProcessor",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vision_use_head=False),
+        text=dict(
+            hidden_size=64, intermediate_size=128,
+            num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+        ),
+        hub_tower_names=True,
+    )
+
     @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
-        return build_tiny_llava_onevision(seed=seed, dtype=dtype or torch.float32, device=device)
+    def tiny_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:
+        """A ``LlavaOnevisionConfig`` with the llava-hf geometry (SigLIP 384/14, the 36 pinpoints,
+        ``anyres_max_9``, every token of the last layer): a SigLIP tower of ``vision`` and a Qwen2
+        language model of ``text``."""
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(image_size=VIEW_SIZE, patch_size=PATCH_SIZE, **vision),
+            text_config=Qwen2Config(**text),
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            vision_aspect_ratio=VISION_ASPECT_RATIO,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            **options,
+        )
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:
@@ -395,132 +433,3 @@ def _resize_views(
     local = resized.unpadded_map(imp[1:], geom)  # (h, w)
     crop_imp = resized.to_crop_rows(resized.resize_map(local[None].to(importance_ops.SCORE_DTYPE), size)[0], geom)  # (C, N)
     return torch.cat([feats[:1], crop_feats]), torch.cat([imp[:1].to(crop_imp.dtype), crop_imp])
-
-
-# ------------------------------------------------------------------------------------------------
-# The tiny in-code test model: the real geometry (SigLIP 384/14, the OV pinpoints, anyres_max_9),
-# every width shrunk, random weights.
-# ------------------------------------------------------------------------------------------------
-
-_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<video>"]
-
-
-def build_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte tokens + specials, ``<image>`` and ``<video>`` among them)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-    )
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def _processor_class() -> type:
-    """``LlavaOnevisionProcessor`` with its one class check on ``video_processor`` relaxed.
-
-    transformers 5.x checks every processor argument's class; without torchvision the video
-    processor's base class is a dummy that cannot even be looked up, so the stock class cannot be
-    constructed here. This subclass accepts ``video_processor=None`` (images only) and checks
-    everything else as usual. Only the tiny test model uses it: checkpoints load their processor
-    with ``AutoProcessor.from_pretrained`` (:meth:`Family.load`).
-    """
-    from transformers import LlavaOnevisionProcessor
-
-    class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return TinyLlavaOnevisionProcessor
-
-
-def build_processor() -> Any:
-    """A LLaVA-OneVision processor configured like the llava-hf checkpoints (384 px views, the 36
-    pinpoints, ``anyres_max_9``), with the PIL image processor (no torchvision needed)."""
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
-
-    image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": VIEW_SIZE, "width": VIEW_SIZE}, image_grid_pinpoints=ONEVISION_PINPOINTS
-    )
-    return _processor_class()(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        video_processor=None,
-        num_image_tokens=(VIEW_SIZE // PATCH_SIZE) ** 2,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio=VISION_ASPECT_RATIO,
-    )
-
-
-def build_config(vocab_size: int, image_token_id: int, video_token_id: int, pad_token_id: int, **text_overrides: Any) -> Any:
-    """The tiny ``LlavaOnevisionConfig``: SigLIP-384/14 geometry, a tiny Qwen2, widths of a few dozen."""
-    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
-
-    vision = SiglipVisionConfig(
-        image_size=VIEW_SIZE,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vision_use_head=False,
-    )
-    text_kwargs = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,  # deep enough for FastV at its default layer K=2
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=32768,
-        pad_token_id=pad_token_id,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    text_kwargs.update(text_overrides)
-    return LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=Qwen2Config(**text_kwargs),
-        image_token_index=image_token_id,
-        video_token_index=video_token_id,
-        image_grid_pinpoints=ONEVISION_PINPOINTS,
-        vision_aspect_ratio=VISION_ASPECT_RATIO,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
-
-
-def build_tiny_llava_onevision(
-    seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu"
-) -> tuple[Any, Any]:
-    """Build ``(model, processor)``: a random tiny LLaVA-OneVision in eval mode and its processor.
-
-    Args:
-        seed: seed of the weights (a private generator state; the global RNG is restored).
-        dtype: parameter dtype (default float32).
-        device: where the model lives.
-    """
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"), tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor

@@ -30,9 +30,12 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdateDetails
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from ...core import tiles
-from ...models.internvl import InternVLFamily
+from ...models import family_for_model_type
 from . import _common
 from .settings import engine_config
+
+#: The globalcom2 family of these checkpoints (from the registry).
+FAMILY = family_for_model_type("internvl")
 
 #: HF InternViT names of the last layer's norm and q/k (and their norms) -> ClsImportance's.
 INTERNVIT_NAMES = {
@@ -44,7 +47,7 @@ INTERNVIT_NAMES = {
 
 
 class GlobalCom2InternVLProcessingInfo(_common.GlobalCom2InfoMixin, InternS1ProcessingInfo):
-    globalcom2_model_type = InternVLFamily.model_type
+    globalcom2_model_type = FAMILY.model_type
 
     def globalcom2_views_count(self, config: Any, views: int) -> int:
         """Tokens of one image of ``views`` views (tiles plus the thumbnail) under ``config``."""
@@ -109,7 +112,7 @@ class GlobalCom2InternVLForConditionalGeneration(InternS1ForConditionalGeneratio
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.globalcom2 = engine_config(InternVLFamily.model_type, config)
+        self.globalcom2 = engine_config(FAMILY.model_type, config)
         if self.globalcom2 is None:
             return
         if config.vision_feature_select_strategy != "default" or config.vision_feature_layer != -1:
@@ -185,7 +188,7 @@ class GlobalCom2InternVLForConditionalGeneration(InternS1ForConditionalGeneratio
             features.append(tiles.thumbnail_first(f))
             imps.append(tiles.thumbnail_first(imp))
         ratio_list = _common.request_ratios({_common.RATIO_FIELD: ratios}, len(views), self.globalcom2.retention_ratio)
-        return _common.compress_groups(InternVLFamily, self.config, self.globalcom2, ratio_list, features, imps, geoms, None)
+        return _common.compress_groups(FAMILY, self.config, self.globalcom2, ratio_list, features, imps, geoms, None)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.globalcom2 is None:

@@ -28,13 +28,16 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
-from ...models.llava_next import LlavaNextFamily
+from ...models import family_for_model_type
 from . import _common
 from .settings import engine_config
 
+#: The globalcom2 family of these checkpoints (from the registry).
+FAMILY = family_for_model_type("llava_next")
+
 
 class GlobalCom2LlavaNextProcessingInfo(_common.GlobalCom2SizeCountMixin, LlavaNextProcessingInfo):
-    globalcom2_model_type = LlavaNextFamily.model_type
+    globalcom2_model_type = FAMILY.model_type
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
         config = self.globalcom2_config()
@@ -74,7 +77,7 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.globalcom2 = engine_config(LlavaNextFamily.model_type, config)
+        self.globalcom2 = engine_config(FAMILY.model_type, config)
         if self.globalcom2 is None:
             return
         layer = config.vision_feature_layer
@@ -122,7 +125,7 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
     def _globalcom2_images(self, image_input: Any, ratios: Any) -> list[torch.Tensor]:
         pixel_values = image_input["pixel_values"]
         sizes = [(int(h), int(w)) for h, w in image_input["image_sizes"].tolist()]
-        counter = LlavaNextFamily.counter(self.config, self.globalcom2)
+        counter = FAMILY.counter(self.config, self.globalcom2)
         views, geoms, n = counter.size_layout(sizes)
         per_image = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
         stacked = torch.cat([pv[:v] for pv, v in zip(per_image, views)])
@@ -141,7 +144,7 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
             raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per view, expected {n}")
         ratio_list = _common.request_ratios({_common.RATIO_FIELD: ratios}, len(sizes), self.globalcom2.retention_ratio)
         return _common.compress_groups(
-            LlavaNextFamily, self.config, self.globalcom2, ratio_list,
+            FAMILY, self.config, self.globalcom2, ratio_list,
             list(torch.split(feats, views)), list(torch.split(importance.to(feats.device), views)), geoms,
             self.image_newline,
         )

@@ -29,13 +29,17 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from ...core import resized
-from ...models.llava_onevision import LlavaOnevisionFamily, _resize_views
+from ...models import family_for_model_type
+from ...models.llava_onevision import _resize_views
 from . import _common
 from .settings import engine_config
 
+#: The globalcom2 family of these checkpoints (from the registry).
+FAMILY = family_for_model_type("llava_onevision")
+
 
 class GlobalCom2LlavaOnevisionProcessingInfo(_common.GlobalCom2SizeCountMixin, LlavaOnevisionProcessingInfo):
-    globalcom2_model_type = LlavaOnevisionFamily.model_type
+    globalcom2_model_type = FAMILY.model_type
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
         config = self.globalcom2_config()
@@ -64,7 +68,7 @@ class GlobalCom2LlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         config = self.config
-        self.globalcom2 = engine_config(LlavaOnevisionFamily.model_type, config)
+        self.globalcom2 = engine_config(FAMILY.model_type, config)
         if self.globalcom2 is None:
             return
         if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "full":
@@ -73,7 +77,7 @@ class GlobalCom2LlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
                 f"vision_feature_select_strategy='full', this model has {config.vision_feature_layer!r} / "
                 f"{config.vision_feature_select_strategy!r}"
             )
-        counter = LlavaOnevisionFamily.counter(config, self.globalcom2)
+        counter = FAMILY.counter(config, self.globalcom2)
         #: "similarity" (the default here) or "attention_received"; 'cls' is refused by name (no [CLS])
         self.globalcom2_mode = counter.importance_mode()
         resized.parse_anyres_max(config.vision_aspect_ratio)
@@ -108,7 +112,7 @@ class GlobalCom2LlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
     def _globalcom2_images(self, image_input: Any, ratios: Any) -> list[torch.Tensor]:
         pixel_values = image_input["pixel_values"]
         sizes = [(int(h), int(w)) for h, w in image_input["image_sizes"].tolist()]
-        counter = LlavaOnevisionFamily.counter(self.config, self.globalcom2)
+        counter = FAMILY.counter(self.config, self.globalcom2)
         views, geoms, n = counter.size_layout(sizes)
         per_image = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else list(pixel_values.unbind(0))
         stacked = torch.cat([pv[:v] for pv, v in zip(per_image, views)])
@@ -130,7 +134,7 @@ class GlobalCom2LlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
                 features[i], imps[i] = _resize_views(features[i], imps[i], geom)
         ratio_list = _common.request_ratios({_common.RATIO_FIELD: ratios}, len(sizes), self.globalcom2.retention_ratio)
         return _common.compress_groups(
-            LlavaOnevisionFamily, self.config, self.globalcom2, ratio_list, features, imps, geoms, self.image_newline
+            FAMILY, self.config, self.globalcom2, ratio_list, features, imps, geoms, self.image_newline
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
