@@ -213,6 +213,82 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
 
+def _in_mode(fn: Callable[[], Any], no_grad: bool) -> Callable[[], Any]:
+    """``fn`` wrapped to run under ``torch.no_grad()`` when ``no_grad``, else in the caller's grad mode."""
+    mode = torch.no_grad if no_grad else contextlib.nullcontext
+
+    def call() -> Any:
+        with mode():
+            return fn()
+
+    return call
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What every measured call of one :func:`run_bench` shares: the model and its ``inputs``,
+    its language model (for the prefill probe), the memory ``baseline`` (bytes), the ``clock``,
+    the grad mode and the keyword arguments of the prefill and of ``generate``."""
+
+    model: Any
+    inputs: dict[str, torch.Tensor]
+    language_model: Any
+    device: torch.device
+    baseline: int
+    clock: str
+    no_grad: bool
+    max_new_tokens: int
+    prefill_kwargs: dict[str, Any]
+    gen_kwargs: dict[str, Any]
+
+    def _measure(self, fn: Callable[[], Any], with_memory: bool) -> tuple[float, Any, int]:
+        return _measure(_in_mode(fn, self.no_grad), self.device, self.baseline, self.clock, with_memory)
+
+    def prefill(self, fig: dict[str, list[float]], info: dict[str, Any], timed: bool, last: bool) -> None:
+        """One prefill of the setting applied now: its times appended to ``fig`` when ``timed``;
+        on the ``last`` round its peak memory, KV cache, layer shapes and visual tokens go to ``info``."""
+        import globalcom2
+
+        model, inputs = self.model, self.inputs
+        with PrefillProbe(model, self.language_model, self.device, self.clock) as probe:
+            ms, out, peak = self._measure(lambda: model(**inputs, **self.prefill_kwargs), last)
+        if timed:
+            fig["prefill_ms"].append(ms)
+            fig["lm_prefill_ms"].append(probe.lm_ms)
+            fig["vision_ms"].append(max(probe.before_lm_ms - probe.compress_ms, 0.0))
+            fig["compress_ms"].append(probe.compress_ms)
+        if last:
+            info["prefill_peak"] = peak
+            info["kv"] = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+            info["shapes"] = probe.layer_shapes
+            stats = globalcom2.last_stats(model)
+            if stats is None:  # vanilla: the processor's placeholders
+                visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+                info["visual"], info["effective"] = visual, float(visual)
+            else:
+                info["visual"] = sum(stats.visual_tokens)
+                info["effective"] = float(sum(stats.effective_visual_tokens))
+        del out
+
+    def generate(self, fig: dict[str, list[float]], info: dict[str, Any], timed: bool, last: bool) -> None:
+        """One ``generate`` of the setting applied now: its time and time per decoded token
+        appended to ``fig`` when ``timed``; its peak memory to ``info`` on the ``last`` round."""
+        stepclock = step_clock(self.device, self.clock)
+
+        def generate() -> Any:
+            return self.model.generate(**self.inputs, **self.gen_kwargs, logits_processor=[stepclock])
+
+        ms, out, peak = self._measure(generate, last)
+        del out
+        if timed:
+            fig["generate_ms"].append(ms)
+            c = stepclock.times
+            if len(c) == self.max_new_tokens and len(c) > 1:
+                fig["decode_ms_per_token"].append((c[-1] - c[0]) * 1e3 / (len(c) - 1))
+        if last:
+            info["generate_peak"] = peak
+
+
 def run_bench(
     model: Any,
     inputs: dict[str, torch.Tensor],
@@ -258,127 +334,138 @@ def run_bench(
         raise ValueError(f"clock must be one of {', '.join(CLOCKS)}; got {clock!r}")
     import globalcom2
 
-    from .efficiency import LMArch
-    from .methods import GlobalCom2Config
-    from .models import family_for
-
-    options = dict(options or {})
-    if layout is not None:
-        options["layout"] = layout
-    plan: list[tuple[str, str | None, float, dict[str, Any]]] = [("vanilla", None, 1.0, {})]
-    plan += method_settings(methods, ratios, options)
+    plan = _settings(methods, ratios, options, layout)
     device = next(model.parameters()).device
     previous = globalcom2.get_config(model)
-    # A never-applied adapter finds the language model and its architecture.
-    family = family_for(model)
-    timer = family(model, family.with_default_layout(GlobalCom2Config()))
-    timer.validate()
-    language_model = timer.language_model()
-    arch = LMArch.from_text_config(timer.hf_config.text_config)
-    batch = int(inputs["input_ids"].shape[0])
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    language_model, arch = _language_model(model)
     prefill_kwargs: dict[str, Any] = {"use_cache": True}
     if accepts(model, "logits_to_keep"):
         prefill_kwargs["logits_to_keep"] = 1  # generate's first step: logits for the last position
-    mode = torch.no_grad if no_grad else contextlib.nullcontext
-
-    def in_mode(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            with mode():
-                return fn()
-
-        return call
 
     globalcom2.remove(model)
     settle(device)
-    baseline = memory_in_use(device)  # weights, inputs and the process: what is "loaded"
-
-    # Settings interleaved round-robin: every round runs every setting once (prefill, then
-    # generate), so a change of the machine's load hits all settings alike, and each ratio is the
-    # median of per-round ratios to vanilla's run of the same round.
+    session = _Session(
+        model, inputs, language_model, device,
+        baseline=memory_in_use(device),  # weights, inputs and the process: what is "loaded"
+        clock=clock, no_grad=no_grad, max_new_tokens=max_new_tokens, prefill_kwargs=prefill_kwargs,
+        gen_kwargs=dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False),
+    )
     n_runs = max(1, runs)
-    samples: list[dict[str, list[float]]] = [{k: [] for k in _SAMPLED} for _ in plan]
-    info: list[dict[str, Any]] = [{} for _ in plan]
-    rounds = range(warmup + n_runs)
-    iterator: Iterable[Any] = progress(rounds) if progress else rounds
     try:
-        for rnd in iterator:
-            timed, last = rnd >= warmup, rnd == warmup + n_runs - 1
-            for i, (label, method, ratio, opts) in enumerate(plan):
-                globalcom2.remove(model)
-                if method is not None:
-                    globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
-                fig = samples[i]
-                with PrefillProbe(model, language_model, device, clock) as probe:
-                    ms, out, peak = _measure(in_mode(lambda: model(**inputs, **prefill_kwargs)), device, baseline, clock, last)
-                if timed:
-                    fig["prefill_ms"].append(ms)
-                    fig["lm_prefill_ms"].append(probe.lm_ms)
-                    fig["vision_ms"].append(max(probe.before_lm_ms - probe.compress_ms, 0.0))
-                    fig["compress_ms"].append(probe.compress_ms)
-                if last:
-                    info[i]["prefill_peak"] = peak
-                    info[i]["kv"] = cache_bytes(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
-                    info[i]["shapes"] = probe.layer_shapes
-                    stats = globalcom2.last_stats(model)
-                    if stats is None:  # vanilla: the processor's placeholders
-                        visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
-                        info[i]["visual"], info[i]["effective"] = visual, float(visual)
-                    else:
-                        info[i]["visual"] = sum(stats.visual_tokens)
-                        info[i]["effective"] = float(sum(stats.effective_visual_tokens))
-                del out
-                stepclock = step_clock(device, clock)
-
-                def generate() -> Any:
-                    return model.generate(**inputs, **gen_kwargs, logits_processor=[stepclock])
-
-                ms, out, peak = _measure(in_mode(generate), device, baseline, clock, last)
-                del out
-                if timed:
-                    fig["generate_ms"].append(ms)
-                    c = stepclock.times
-                    if len(c) == max_new_tokens and len(c) > 1:
-                        fig["decode_ms_per_token"].append((c[-1] - c[0]) * 1e3 / (len(c) - 1))
-                if last:
-                    info[i]["generate_peak"] = peak
-            globalcom2.remove(model)
+        samples, info = _interleaved_rounds(session, plan, warmup, n_runs, progress)
     finally:
         globalcom2.remove(model)
         if previous is not None:
             globalcom2.apply(model, previous)
-    rows: list[BenchRow] = []
-    for (label, method, ratio, _), fig, got in zip(plan, samples, info):
-        med = {k: statistics.median(v) if v else math.nan for k, v in fig.items()}
-        shapes = got["shapes"]
-        rows.append(
-            BenchRow(
-                method=label,
-                ratio=ratio,
-                visual_tokens=int(got["visual"]),
-                prefill_ms=med["prefill_ms"],
-                vision_ms=med["vision_ms"],
-                compress_ms=med["compress_ms"],
-                generate_ms=med["generate_ms"],
-                tokens_per_s=batch * max_new_tokens / (med["generate_ms"] / 1e3),
-                peak_mem_mib=got["generate_peak"] / MIB,
-                kv_cache_mib=got["kv"] / MIB,
-                effective_tokens=got["effective"],
-                lm_tokens=int(sum(b * t for b, t in shapes[:1])),
-                lm_prefill_ms=med["lm_prefill_ms"],
-                lm_tflops=analytic_lm_flops(arch, shapes) / 1e12 if shapes else math.nan,
-                decode_ms_per_token=med["decode_ms_per_token"],
-                prefill_mem_mib=got["prefill_peak"] / MIB,
-                baseline_mib=baseline / MIB,
-                no_grad=bool(no_grad),
-                clock=clock,
-                runs=n_runs,
-                prefill_spread=_spread(fig["prefill_ms"]),
-                lm_prefill_spread=_spread(fig["lm_prefill_ms"]),
-                generate_spread=_spread(fig["generate_ms"]),
-                samples={k: list(v) for k, v in fig.items()},
-            )
-        )
+    rows = [
+        _row(label, ratio, fig, got, session, arch, int(inputs["input_ids"].shape[0]), n_runs)
+        for (label, _, ratio, _), fig, got in zip(plan, samples, info)
+    ]
+    _add_ratios_to_vanilla(rows)
+    return rows
+
+
+def _settings(
+    methods: Sequence[str], ratios: Sequence[float], options: dict[str, Any] | None, layout: str | None
+) -> list[tuple[str, str | None, float, dict[str, Any]]]:
+    """The (label, method, ratio, options) settings to run: vanilla (method None, ratio 1) first,
+    then :func:`method_settings` of ``methods`` x ``ratios`` with ``options`` (``layout`` added)."""
+    options = dict(options or {})
+    if layout is not None:
+        options["layout"] = layout
+    plan: list[tuple[str, str | None, float, dict[str, Any]]] = [("vanilla", None, 1.0, {})]
+    return plan + method_settings(methods, ratios, options)
+
+
+def _language_model(model: Any) -> tuple[Any, Any]:
+    """(``model``'s language model, its :class:`~globalcom2.efficiency.LMArch`), found by a
+    never-applied adapter of the model's family (the model is not changed; an unsupported model
+    raises the family's error)."""
+    from .efficiency import LMArch
+    from .methods import GlobalCom2Config
+    from .models import family_for
+
+    family = family_for(model)
+    timer = family(model, family.with_default_layout(GlobalCom2Config()))
+    timer.validate()
+    return timer.language_model(), LMArch.from_text_config(timer.hf_config.text_config)
+
+
+def _interleaved_rounds(
+    session: _Session,
+    plan: Sequence[tuple[str, str | None, float, dict[str, Any]]],
+    warmup: int,
+    n_runs: int,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None,
+) -> tuple[list[dict[str, list[float]]], list[dict[str, Any]]]:
+    """Run the settings of ``plan`` (label, method or None for vanilla, ratio, options)
+    interleaved round-robin: every round runs every setting once (prefill, then generate), so a
+    change of the machine's load hits all settings alike, and each ratio is the median of
+    per-round ratios to vanilla's run of the same round. ``warmup`` untimed rounds, then
+    ``n_runs`` timed ones; memory is measured on the last.
+
+    Returns, per setting, the figures of every timed round (keys :data:`_SAMPLED`) and what the
+    last round read once (``visual``, ``effective``, ``kv``, ``shapes`` and the peaks). Leaves the
+    model unpatched (the caller restores it, also on failure)."""
+    import globalcom2
+
+    model = session.model
+    samples: list[dict[str, list[float]]] = [{k: [] for k in _SAMPLED} for _ in plan]
+    info: list[dict[str, Any]] = [{} for _ in plan]
+    rounds = range(warmup + n_runs)
+    iterator: Iterable[Any] = progress(rounds) if progress else rounds
+    for rnd in iterator:
+        timed, last = rnd >= warmup, rnd == warmup + n_runs - 1
+        for i, (_label, method, ratio, opts) in enumerate(plan):
+            globalcom2.remove(model)
+            if method is not None:
+                globalcom2.apply(model, method=method, retention_ratio=ratio, **opts)
+            session.prefill(samples[i], info[i], timed, last)
+            session.generate(samples[i], info[i], timed, last)
+        globalcom2.remove(model)
+    return samples, info
+
+
+def _row(
+    label: str, ratio: float, fig: dict[str, list[float]], got: dict[str, Any], session: _Session, arch: Any,
+    batch: int, n_runs: int,
+) -> BenchRow:
+    """The :class:`BenchRow` of one setting from its per-round figures ``fig`` and what its last
+    round read (``got``; see :func:`_interleaved_rounds`), ``batch`` prompts per call; the ``*_x``
+    ratios are left at 1 (:func:`_add_ratios_to_vanilla` sets them)."""
+    med = {k: statistics.median(v) if v else math.nan for k, v in fig.items()}
+    shapes = got["shapes"]
+    return BenchRow(
+        method=label,
+        ratio=ratio,
+        visual_tokens=int(got["visual"]),
+        prefill_ms=med["prefill_ms"],
+        vision_ms=med["vision_ms"],
+        compress_ms=med["compress_ms"],
+        generate_ms=med["generate_ms"],
+        tokens_per_s=batch * session.max_new_tokens / (med["generate_ms"] / 1e3),
+        peak_mem_mib=got["generate_peak"] / MIB,
+        kv_cache_mib=got["kv"] / MIB,
+        effective_tokens=got["effective"],
+        lm_tokens=int(sum(b * t for b, t in shapes[:1])),
+        lm_prefill_ms=med["lm_prefill_ms"],
+        lm_tflops=analytic_lm_flops(arch, shapes) / 1e12 if shapes else math.nan,
+        decode_ms_per_token=med["decode_ms_per_token"],
+        prefill_mem_mib=got["prefill_peak"] / MIB,
+        baseline_mib=session.baseline / MIB,
+        no_grad=bool(session.no_grad),
+        clock=session.clock,
+        runs=n_runs,
+        prefill_spread=_spread(fig["prefill_ms"]),
+        lm_prefill_spread=_spread(fig["lm_prefill_ms"]),
+        generate_spread=_spread(fig["generate_ms"]),
+        samples={k: list(v) for k, v in fig.items()},
+    )
+
+
+def _add_ratios_to_vanilla(rows: Sequence[BenchRow]) -> None:
+    """Set every row's ``*_x`` figures against ``rows[0]`` (vanilla): times as medians of the
+    per-round ratios, the rest as plain ratios."""
     base = rows[0]
     for row in rows:
         row.prefill_x = _paired(row, base, "prefill_ms")
@@ -390,7 +477,8 @@ def run_bench(
         row.kv_cache_x = _ratio(row.kv_cache_mib, base.kv_cache_mib)
         row.peak_mem_x = _ratio(row.peak_mem_mib, base.peak_mem_mib)
         row.prefill_mem_x = _ratio(row.prefill_mem_mib, base.prefill_mem_mib)
-    return rows
+
+
 def plot_rows(rows: Sequence[BenchRow], path: str, title: str = "globalcom2 bench", note: str | None = None) -> Any:
     """Latency and visual tokens versus retention ratio (PNG), written atomically; returns the figure.
 

@@ -102,11 +102,8 @@ def run_demo(
         A summary dict (also written as ``summary.json``): ``runs`` (one dict per ratio and
         layout, see :class:`DemoRun`), ``pictures`` (paths), ``image`` and ``grid``.
     """
-    import torch
     from PIL import Image
 
-    import globalcom2
-    from .picture import full_ratio_note, render_kept_tokens, save_png
     from .models import family_for_model_type
 
     family = family_for_model_type(model_type)
@@ -119,6 +116,43 @@ def run_demo(
     with Image.open(image_path) as im:
         picture = to_rgb(im)
 
+    _echo_intro(echo)
+    model, processor, view = _build_model(family, echo)
+    inputs, placeholders = _prepare_inputs(model, processor, picture, image_path, echo)
+    names = ", ".join(f"{r:g}" for r in ratios)
+    echo(f"[3/4] GlobalCom2 at R = {names} (layouts: {', '.join(layouts)}) ...")
+    results = _compress(model, inputs, configs, echo)
+    runs, plans, geometry = _collect_runs(results)
+    if geometry is not None:
+        _echo_grid(echo, geometry, view)
+    vanilla = runs[0].vanilla_tokens
+    if vanilla != placeholders:  # pragma: no cover - would be a bug in the adapter
+        raise RuntimeError(f"vanilla token count {vanilla} differs from the processor's {placeholders} placeholders")
+
+    echo("[4/4] drawing the kept tokens ...")
+    pictures = _draw_pictures(picture, image_path, runs, plans, family, view, configs[0], out_dir)
+    echo("")
+    _echo_token_table(echo, runs, ratios, layouts, geometry, vanilla)
+    if geometry is not None:
+        echo("")
+        _echo_crop_table(echo, runs, plans, geometry, configs[0])
+
+    summary = {
+        "image": str(image_path),
+        "image_size": {"width": picture.width, "height": picture.height},
+        "grid": None if geometry is None else {"rows": geometry.grid_h, "columns": geometry.grid_w},
+        "vanilla_tokens": vanilla,
+        "runs": [asdict(x) for x in runs],
+        "pictures": [str(p) for p in pictures],
+        "note": RANDOM_WEIGHTS_NOTE,
+    }
+    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _echo_closing(echo, pictures, out_dir / "summary.json")
+    return summary
+
+
+def _echo_intro(echo: Callable[[str], Any]) -> None:
+    """The demo's banner: what the model is, and the command for a real checkpoint."""
     echo("GlobalCom2 offline demo")
     echo("=======================")
     echo(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
@@ -126,22 +160,42 @@ def run_demo(
     echo("    " + REAL_CHECKPOINT_HINT.replace("\n", "\n    "))
     echo("")
 
+
+def _build_model(family: Any, echo: Callable[[str], Any]) -> tuple[Any, Any, int]:
+    """Step 1: ``family``'s tiny random model (seed 0); returns (model, processor, pixels per
+    side of one view)."""
     t0 = time.perf_counter()
     echo(f"[1/4] building the tiny random {family.display_name} (no download) ...")
     model, processor = family.build_tiny(seed=0)
     view = family(model, GlobalCom2Config()).view_geometry()[0]
     echo(f"      done in {time.perf_counter() - t0:.1f} s")
+    return model, processor, view
 
+
+def _prepare_inputs(
+    model: Any, processor: Any, picture: Any, image_path: Path, echo: Callable[[str], Any]
+) -> tuple[Any, int]:
+    """Step 2: the processor's inputs for ``picture`` and the demo prompt; returns (inputs, how
+    many ``<image>`` placeholders the processor wrote)."""
     text = f"{getattr(processor, 'image_token', '<image>')}\n{_PROMPT}"
     inputs = processor(images=picture, text=text, return_tensors="pt")
     placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
     echo(f"[2/4] image: {image_path.name} ({picture.width}x{picture.height} px, width x height); the processor wrote {placeholders:,} "
          f"<image> placeholders (prompt: {inputs['input_ids'].shape[1]:,} tokens)")
+    return inputs, placeholders
 
-    names = ", ".join(f"{r:g}" for r in ratios)
-    echo(f"[3/4] GlobalCom2 at R = {names} (layouts: {', '.join(layouts)}) ...")
-    # One real forward pass through the patched model shows the shorter sequence the language
-    # model gets; the other settings reuse the same vision features (encoding is the slow part).
+
+def _compress(
+    model: Any, inputs: Any, configs: Sequence[GlobalCom2Config], echo: Callable[[str], Any]
+) -> list[tuple[GlobalCom2Config, Any]]:
+    """Step 3: one real forward pass through the patched model (the default config) shows the
+    shorter sequence the language model gets; every config of ``configs`` then reuses the same
+    vision features (encoding is the slow part). Returns (config, the adapter's compression
+    result) per config, in order."""
+    import torch
+
+    import globalcom2
+
     default = GlobalCom2Config()
     with globalcom2.compressed(model, default), torch.no_grad():
         seq_len = int(model(**inputs).logits.shape[1])
@@ -151,6 +205,13 @@ def run_demo(
         results = [(cfg, adapter.compress(encoded, cfg)) for cfg in configs]
     echo(f"      a forward pass with the default R = {default.retention_ratio:g} ({default.layout}): the language model "
          f"sees {seq_len:,} tokens instead of {inputs['input_ids'].shape[1]:,} ({forward_count:,} visual)")
+    return results
+
+
+def _collect_runs(results: Sequence[tuple[GlobalCom2Config, Any]]) -> tuple[list[DemoRun], dict[float, Any], Any]:
+    """The :class:`DemoRun` of each (config, compression result), the first plan of each
+    retention ratio (kept positions do not depend on the layout) and the crop geometry (the
+    last result's; None for a single view or no result)."""
     runs: list[DemoRun] = []
     plans: dict[float, Any] = {}
     geometry = None
@@ -170,16 +231,32 @@ def run_demo(
                 crop_total=[int(v) for v in plan.crop_valid.sum(dim=1).tolist()],
             )
         )
-        plans.setdefault(cfg.retention_ratio, plan)  # kept positions do not depend on the layout
-    if geometry is not None:
-        echo(f"      the image is seen as a {view}x{view} thumbnail + a {geometry.grid_h}x{geometry.grid_w} grid "
-             f"(rows x columns) of {view}x{view} crops ({geometry.grid_w * view}x{geometry.grid_h * view} px best "
-             "resolution, width x height)")
-    vanilla = runs[0].vanilla_tokens
-    if vanilla != placeholders:  # pragma: no cover - would be a bug in the adapter
-        raise RuntimeError(f"vanilla token count {vanilla} differs from the processor's {placeholders} placeholders")
+        plans.setdefault(cfg.retention_ratio, plan)
+    return runs, plans, geometry
 
-    echo("[4/4] drawing the kept tokens ...")
+
+def _echo_grid(echo: Callable[[str], Any], geometry: Any, view: int) -> None:
+    """How the model sees the image: a thumbnail and ``geometry``'s grid of ``view`` px crops."""
+    echo(f"      the image is seen as a {view}x{view} thumbnail + a {geometry.grid_h}x{geometry.grid_w} grid "
+         f"(rows x columns) of {view}x{view} crops ({geometry.grid_w * view}x{geometry.grid_h * view} px best "
+         "resolution, width x height)")
+
+
+def _draw_pictures(
+    picture: Any,
+    image_path: Path,
+    runs: Sequence[DemoRun],
+    plans: dict[float, Any],
+    family: Any,
+    view: int,
+    config: GlobalCom2Config,
+    out_dir: Path,
+) -> list[Path]:
+    """Step 4: one PNG of the kept tokens per retention ratio of ``plans``
+    (``out_dir/kept_tokens_R<ratio>.png``); ``config`` gives the temperature and allocation the
+    pictures explain. Returns the paths, in the order of ``plans``."""
+    from .picture import render_kept_tokens, save_png
+
     pictures = []
     for r, plan in plans.items():
         run = next(x for x in runs if x.retention_ratio == r)
@@ -197,13 +274,22 @@ def run_demo(
             note="Demo model with RANDOM weights: the importance pattern (which tokens are kept) is meaningless; "
             "the counts and per-crop budgets follow the method exactly.",
             retention_ratio=r,
-            temperature=configs[0].temperature,
-            allocation=configs[0].allocation,
+            temperature=config.temperature,
+            allocation=config.allocation,
         )
         pictures.append(save_png(img, out_dir / f"kept_tokens_{_ratio_tag(r)}.png"))
+    return pictures
 
-    # -- report --------------------------------------------------------------------------------
-    echo("")
+
+def _echo_token_table(
+    echo: Callable[[str], Any],
+    runs: Sequence[DemoRun],
+    ratios: Sequence[float],
+    layouts: Sequence[str],
+    geometry: Any,
+    vanilla: int,
+) -> None:
+    """The visual tokens handed to the language model: one row per ratio, one column per layout."""
     echo(f"Visual tokens handed to the language model (vanilla LLaVA-NeXT: {vanilla:,})")
     header = "      R  " + "".join(f"{l:>20}" for l in layouts)
     echo(header)
@@ -217,40 +303,42 @@ def run_demo(
         echo(f"  (counts include row newlines: official writes one per row of the padded crop grid "
              f"({geometry.height}), spatial one per unpadded row ({geometry.valid_rows}).)")
 
-    if geometry is not None:
-        echo("")
-        echo("Per-crop retention ratios r_j and kept/unpadded tokens (the same in every layout;")
-        echo("crops numbered row by row, crop 1 = top-left):")
-        echo("      R  " + f"{'thumbnail':>11}" + "".join(f"{f'crop {j + 1}':>17}" for j in range(geometry.num_crops)))
-        for r in plans:
-            x = next(x for x in runs if x.retention_ratio == r)
-            cells = "".join(
-                f"{f'{cr:.3f} {k}/{t}':>17}" for cr, k, t in zip(x.crop_ratios, x.crop_kept, x.crop_total)
-            )
-            echo(f"  {r:5.2f}  {f'{x.thumbnail_kept}/{x.thumbnail_total}':>11}{cells}")
-        echo("  r_j = min(1, R * (1 + sigma_j - mean(sigma))), sigma = softmax of the thumbnail's importance summed")
-        echo(f"  over each crop's region (tau = {configs[0].temperature:g}): crops the thumbnail rates low get less than R.")
-        for r in plans:
-            x = next(x for x in runs if x.retention_ratio == r)
-            why = full_ratio_note(r, x.crop_ratios, x.crop_kept, x.crop_total,
-                                  temperature=configs[0].temperature, allocation=configs[0].allocation)
-            if why:
-                echo("")
-                for line in textwrap.wrap(why, width=98, initial_indent="  ", subsequent_indent="  "):
-                    echo(line)
 
-    summary = {
-        "image": str(image_path),
-        "image_size": {"width": picture.width, "height": picture.height},
-        "grid": None if geometry is None else {"rows": geometry.grid_h, "columns": geometry.grid_w},
-        "vanilla_tokens": vanilla,
-        "runs": [asdict(x) for x in runs],
-        "pictures": [str(p) for p in pictures],
-        "note": RANDOM_WEIGHTS_NOTE,
-    }
-    summary_path = out_dir / "summary.json"
-    _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+def _echo_crop_table(
+    echo: Callable[[str], Any],
+    runs: Sequence[DemoRun],
+    plans: dict[float, Any],
+    geometry: Any,
+    config: GlobalCom2Config,
+) -> None:
+    """The per-crop retention ratios and kept/unpadded tokens of each ratio of ``plans``, the rule
+    that set them (``config``'s temperature and allocation), and, where R = 1 still drops crop
+    tokens, why."""
+    from .picture import full_ratio_note
 
+    echo("Per-crop retention ratios r_j and kept/unpadded tokens (the same in every layout;")
+    echo("crops numbered row by row, crop 1 = top-left):")
+    echo("      R  " + f"{'thumbnail':>11}" + "".join(f"{f'crop {j + 1}':>17}" for j in range(geometry.num_crops)))
+    for r in plans:
+        x = next(x for x in runs if x.retention_ratio == r)
+        cells = "".join(
+            f"{f'{cr:.3f} {k}/{t}':>17}" for cr, k, t in zip(x.crop_ratios, x.crop_kept, x.crop_total)
+        )
+        echo(f"  {r:5.2f}  {f'{x.thumbnail_kept}/{x.thumbnail_total}':>11}{cells}")
+    echo("  r_j = min(1, R * (1 + sigma_j - mean(sigma))), sigma = softmax of the thumbnail's importance summed")
+    echo(f"  over each crop's region (tau = {config.temperature:g}): crops the thumbnail rates low get less than R.")
+    for r in plans:
+        x = next(x for x in runs if x.retention_ratio == r)
+        why = full_ratio_note(r, x.crop_ratios, x.crop_kept, x.crop_total,
+                              temperature=config.temperature, allocation=config.allocation)
+        if why:
+            echo("")
+            for line in textwrap.wrap(why, width=98, initial_indent="  ", subsequent_indent="  "):
+                echo(line)
+
+
+def _echo_closing(echo: Callable[[str], Any], pictures: Sequence[Path], summary_path: Path) -> None:
+    """Where the pictures and the JSON went, and the random-weights reminder."""
     echo("")
     echo("Pictures of the kept tokens (bright: kept, dim: dropped, hatched: padding):")
     for p in pictures:
@@ -259,4 +347,3 @@ def run_demo(
     echo("")
     echo("Reminder: random weights, so the kept positions say nothing about what matters in the image.")
     echo("Real checkpoint: " + REAL_CHECKPOINT_HINT.replace("\\\n    ", ""))
-    return summary

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -278,6 +279,190 @@ def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[str], fon
         ty += th + 3
 
 
+#: The legend's entries, in order, and the remark after them (on a line of its own when the row is
+#: too narrow for it).
+_LEGEND_NAMES = ("kept token", "dropped token", "padding (no token)")
+_LEGEND_NOTE = "one cell = one visual token (a ViT patch)"
+
+
+class _Fonts(NamedTuple):
+    """The picture's fonts and, for those of the text lines above and below the panels, their line
+    heights in pixels."""
+
+    title: Any
+    sub: Any
+    head: Any
+    small: Any
+    small_b: Any
+
+    @classmethod
+    def load(cls) -> "_Fonts":
+        return cls(_font(22, True), _font(15), _font(15, True), _font(13), _font(13, True))
+
+    def line_height(self, font: Any) -> int:
+        """Pixels from one line in ``font`` (title, sub, small or small_b) to the next."""
+        return {id(self.title): 30, id(self.sub): 21, id(self.small): 18, id(self.small_b): 18}[id(font)]
+
+
+#: Lines of text: (text, font, colour).
+_Lines = List[Tuple[str, Any, Tuple[int, int, int]]]
+
+
+@dataclass(frozen=True)
+class _Panels:
+    """The two pictures of one plan, tokens painted, and what their captions and labels say.
+
+    ``thumb`` is (view, view) px; ``crops`` the crop canvas (None for a single view), whose tokens
+    ``keep`` and ``valid`` are (C, N) bool, crop-major; ``lay`` is the canvas layout
+    (:func:`model_views`); ``n`` tokens per view, ``thumb_kept`` of them kept in the thumbnail."""
+
+    thumb: Image.Image
+    crops: Image.Image | None
+    geom: Any
+    lay: dict[str, int] | None
+    keep: np.ndarray | None
+    valid: np.ndarray | None
+    n: int
+    thumb_kept: int
+
+
+def _token_panels(image: Image.Image, plan: "CompressionPlan", view: int, family: Any) -> _Panels:
+    """The thumbnail (the whole image squeezed to one view) and the crops' canvas as ``family``'s
+    processor makes them from the RGB ``image``, with ``plan``'s dropped tokens dimmed and padding
+    hatched. Raises ValueError when a view's tokens do not tile ``view`` px."""
+    n = int(plan.thumb_importance.shape[-1])
+    side = math.isqrt(n)
+    if side * side != n or view % side:
+        raise ValueError(f"cannot draw {n} tokens per view on {view} px views")
+    cell = view // side
+    geom = plan.geometry
+    thumb_px, canvas, lay = model_views(image, geom, view, family)
+    thumb_keep = np.zeros(n, dtype=bool)
+    thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
+    thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)
+    crops = keep = valid = None
+    if geom is not None:
+        keep = plan.crop_keep.detach().cpu().numpy().astype(bool)  # (C, N)
+        valid = plan.crop_valid.detach().cpu().numpy().astype(bool)
+        crops = _token_image(canvas, joint_grid(keep, geom), joint_grid(valid, geom), cell)
+    return _Panels(thumb, crops, geom, lay, keep, valid, n, int(thumb_keep.sum()))
+
+
+def _header_lines(
+    probe: ImageDraw.ImageDraw, fonts: _Fonts, title: str | None, subtitle: str | None, width: int
+) -> _Lines:
+    """``title`` (large) then ``subtitle`` (muted), each wrapped to ``width`` px; either may be None."""
+    header: _Lines = []
+    if title:
+        header += [(line, fonts.title, _TEXT) for line in _wrap(probe, title, fonts.title, width)]
+    if subtitle:
+        header += [(line, fonts.sub, _MUTED) for line in _wrap(probe, subtitle, fonts.sub, width)]
+    return header
+
+
+def _captions(
+    probe: ImageDraw.ImageDraw, fonts: _Fonts, panels: _Panels, view: int, width: int
+) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The (text, font) lines above the thumbnail and above the crops (none for a single view),
+    for a picture ``width`` px wide."""
+    n, kept, geom, lay = panels.n, panels.thumb_kept, panels.geom, panels.lay
+    thumb_caption = [(f"Thumbnail ({view}x{view}, whole image)", fonts.head),
+                     (f"kept {kept}/{n} tokens ({kept / n:.0%})", fonts.small)]
+    crop_caption: list[tuple[str, Any]] = []
+    if geom is not None:
+        # Wrapped to the room right of the thumbnail: a tall image's one-column grid is narrow.
+        room = width - _MARGIN - (_MARGIN + view + _GAP)
+        crop_caption = [
+            (line, font)
+            for text, font in (
+                (f"Crops: {geom.grid_h}x{geom.grid_w} grid (rows x columns) of {view}px views", fonts.head),
+                (f"canvas {lay['width']}x{lay['height']} px (width x height), image resized to "
+                 f"{lay['new_width']}x{lay['new_height']}, padded; kept {int(panels.keep.sum())}/{int(panels.valid.sum())} "
+                 "unpadded tokens", fonts.small),
+            )
+            for line in _wrap(probe, text, font, room)
+        ]
+    return thumb_caption, crop_caption
+
+
+def _footer_lines(probe: ImageDraw.ImageDraw, fonts: _Fonts, notes: Sequence[str], note: str | None, width: int) -> _Lines:
+    """``notes`` wrapped to ``width`` px: ``note`` (the caller's warning) bold in red, the others plain."""
+    lines: _Lines = []
+    for text in notes:
+        font, colour = (fonts.small_b, _NOTE) if text == note else (fonts.small, _TEXT)
+        lines += [(line, font, colour) for line in _wrap(probe, text, font, width)]
+    return lines
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, fonts: _Fonts, lines: _Lines, y: int) -> int:
+    """Draw ``lines`` one under the other from (``_MARGIN``, ``y``); returns the y below them."""
+    for text, font, colour in lines:
+        draw.text((_MARGIN, y), text, font=font, fill=colour)
+        y += fonts.line_height(font)
+    return y
+
+
+def _draw_crop_grid(
+    out: Image.Image, draw: ImageDraw.ImageDraw, fonts: _Fonts, panels: _Panels, ratios: Sequence[float],
+    x: int, y: int, view: int,
+) -> None:
+    """Paste the crop canvas at (``x``, ``y``), rule the crops apart and label each with its
+    retention ratio (``ratios``, one per crop) and its kept/unpadded tokens."""
+    crops, geom = panels.crops, panels.geom
+    out.paste(crops, (x, y))
+    for r in range(1, geom.grid_h):
+        yy = y + r * view
+        draw.line([(x, yy), (x + crops.width - 1, yy)], fill=_CROP_LINE, width=3)
+    for c in range(1, geom.grid_w):
+        xx = x + c * view
+        draw.line([(xx, y), (xx, y + crops.height - 1)], fill=_CROP_LINE, width=3)
+    draw.rectangle([x - 1, y - 1, x + crops.width, y + crops.height], outline=(60, 60, 70))
+    for j in range(geom.num_crops):
+        gy, gx = divmod(j, geom.grid_w)
+        kept_j, total_j = int(panels.keep[j].sum()), int(panels.valid[j].sum())
+        _label(
+            draw,
+            (x + gx * view + 6, y + gy * view + 6),
+            [f"crop {j + 1}: r = {ratios[j]:.3f}", f"kept {kept_j}/{total_j}"],
+            [fonts.small_b, fonts.small],
+        )
+
+
+def _draw_explanation(draw: ImageDraw.ImageDraw, font: Any, n: int, x: int, top: int, bottom: int, view: int) -> None:
+    """The "how to read" text (``n`` tokens per view), ``view`` px wide, from ``top`` down to no
+    lower than ``bottom`` (the lines that do not fit are left out)."""
+    ey = top
+    for line in _wrap(draw, _EXPLANATION.format(n=n), font, view):
+        if ey + 18 > bottom:
+            break
+        draw.text((x, ey), line, font=font, fill=_MUTED)
+        ey += 18
+
+
+def _legend_note_wraps(probe: ImageDraw.ImageDraw, font: Any, width: int) -> bool:
+    """Whether the legend's last remark needs a line of its own in a picture ``width`` px wide."""
+    legend_end = _MARGIN + sum(30 + _text_size(probe, t, font)[0] + 28 for t in _LEGEND_NAMES)
+    return legend_end + _text_size(probe, _LEGEND_NOTE, font)[0] > width - _MARGIN
+
+
+def _draw_legend(out: Image.Image, draw: ImageDraw.ImageDraw, font: Any, y: int, note_wraps: bool) -> int:
+    """The legend at ``y``: swatches drawn the same way as the tokens, then its remark (on the
+    next line when ``note_wraps``). Returns the y below it."""
+    swatch_px = gradient(22, 16, (80, 150, 225), (250, 205, 110)).astype(np.uint8)
+    x = _MARGIN
+    swatches = dict(zip(_LEGEND_NAMES, (swatch_px.astype(np.float32), _dim(swatch_px), _hatch(16, 22))))
+    for text, sw_px in swatches.items():
+        sw = Image.fromarray(np.clip(sw_px, 0, 255).astype(np.uint8))
+        out.paste(sw, (x, y + 2))
+        draw.rectangle([x - 1, y + 1, x + 22, y + 18], outline=(60, 60, 70))
+        draw.text((x + 30, y + 2), text, font=font, fill=_TEXT)
+        x += 30 + _text_size(draw, text, font)[0] + 28
+    if note_wraps:
+        x, y = _MARGIN, y + 20
+    draw.text((x, y + 2), _LEGEND_NOTE, font=font, fill=_MUTED)
+    return y + 28
+
+
 def render_kept_tokens(
     image: Image.Image,
     plan: "CompressionPlan",
@@ -311,140 +496,43 @@ def render_kept_tokens(
     Returns:
         An RGB :class:`PIL.Image.Image`.
     """
-    image = to_rgb(image)
-    n = int(plan.thumb_importance.shape[-1])
-    side = math.isqrt(n)
-    if side * side != n or view % side:
-        raise ValueError(f"cannot draw {n} tokens per view on {view} px views")
-    cell = view // side
-
-    # The thumbnail (the whole image squeezed to one view) and the crops' canvas, as the processor does.
-    geom = plan.geometry
-    thumb_px, canvas, lay = model_views(image, geom, view, family)
-    thumb_keep = np.zeros(n, dtype=bool)
-    thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
-    thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)
-    thumb_kept = int(thumb_keep.sum())
-
-    crops = None
-    if geom is not None:
-        keep = plan.crop_keep.detach().cpu().numpy().astype(bool)  # (C, N)
-        valid = plan.crop_valid.detach().cpu().numpy().astype(bool)
-        crops = _token_image(canvas, joint_grid(keep, geom), joint_grid(valid, geom), cell)
+    panels = _token_panels(to_rgb(image), plan, view, family)
+    crops, geom = panels.crops, panels.geom
 
     # -- layout of the whole picture ---------------------------------------------------------
     probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
-    f_title, f_sub, f_head, f_small, f_small_b = _font(22, True), _font(15), _font(15, True), _font(13), _font(13, True)
-    crops_w = crops.width if crops is not None else 0
+    fonts = _Fonts.load()
     crops_h = crops.height if crops is not None else 0
-    width = _MARGIN * 2 + view + (_GAP + crops_w if crops is not None else 0)
-    width = max(width, 640)
+    width = max(_MARGIN * 2 + view + (_GAP + crops.width if crops is not None else 0), 640)
     text_w = width - 2 * _MARGIN
-
-    header: list[tuple[str, Any, tuple[int, int, int]]] = []
-    if title:
-        header += [(line, f_title, _TEXT) for line in _wrap(probe, title, f_title, text_w)]
-    if subtitle:
-        header += [(line, f_sub, _MUTED) for line in _wrap(probe, subtitle, f_sub, text_w)]
-    line_h = {id(f_title): 30, id(f_sub): 21, id(f_small): 18, id(f_small_b): 18}
-    header_h = sum(line_h[id(f)] for _, f, _ in header) + (10 if header else 0)
-
-    thumb_caption = [(f"Thumbnail ({view}x{view}, whole image)", f_head),
-                     (f"kept {thumb_kept}/{n} tokens ({thumb_kept / n:.0%})", f_small)]
-    crop_caption: list[tuple[str, Any]] = []
-    if geom is not None:
-        # Wrapped to the room right of the thumbnail: a tall image's one-column grid is narrow.
-        room = width - _MARGIN - (_MARGIN + view + _GAP)
-        crop_caption = [
-            (line, font)
-            for text, font in (
-                (f"Crops: {geom.grid_h}x{geom.grid_w} grid (rows x columns) of {view}px views", f_head),
-                (f"canvas {lay['width']}x{lay['height']} px (width x height), image resized to "
-                 f"{lay['new_width']}x{lay['new_height']}, padded; kept {int(keep.sum())}/{int(valid.sum())} "
-                 "unpadded tokens", f_small),
-            )
-            for line in _wrap(probe, text, font, room)
-        ]
+    header = _header_lines(probe, fonts, title, subtitle, text_w)
+    header_h = sum(fonts.line_height(f) for _, f, _ in header) + (10 if header else 0)
+    thumb_caption, crop_caption = _captions(probe, fonts, panels, view, width)
     caption_h = max(len(thumb_caption), len(crop_caption)) * 20 + 8
     panels_h = max(view, crops_h)
-
-    footer_lines: list[tuple[str, Any, tuple[int, int, int]]] = []
-    for text in picture_notes(plan, note=note, retention_ratio=retention_ratio, temperature=temperature,
-                              allocation=allocation):
-        font, colour = (f_small_b, _NOTE) if text == note else (f_small, _TEXT)
-        footer_lines += [(line, font, colour) for line in _wrap(probe, text, font, text_w)]
-    # The legend's last words go on a line of their own when the row is too narrow for them.
-    legend_names = ("kept token", "dropped token", "padding (no token)")
-    legend_note = "one cell = one visual token (a ViT patch)"
-    legend_end = _MARGIN + sum(30 + _text_size(probe, t, f_small)[0] + 28 for t in legend_names)
-    note_wraps = legend_end + _text_size(probe, legend_note, f_small)[0] > width - _MARGIN
-    footer_h = (48 if note_wraps else 28) + sum(line_h[id(f)] for _, f, _ in footer_lines) + (6 if footer_lines else 0)
+    notes = picture_notes(plan, note=note, retention_ratio=retention_ratio, temperature=temperature,
+                          allocation=allocation)
+    footer = _footer_lines(probe, fonts, notes, note, text_w)
+    note_wraps = _legend_note_wraps(probe, fonts.small, width)
+    footer_h = (48 if note_wraps else 28) + sum(fonts.line_height(f) for _, f, _ in footer) + (6 if footer else 0)
 
     height = _MARGIN + header_h + caption_h + panels_h + 14 + footer_h + _MARGIN
     out = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(out, "RGBA")
-
-    y = _MARGIN
-    for text, font, colour in header:
-        draw.text((_MARGIN, y), text, font=font, fill=colour)
-        y += line_h[id(font)]
-    y += 10 if header else 0
-
-    # Captions above the panels.
-    x_thumb = _MARGIN
-    x_crops = _MARGIN + view + _GAP
-    for captions, x in ((thumb_caption, x_thumb), (crop_caption, x_crops)):
+    y = _draw_lines(draw, fonts, header, _MARGIN) + (10 if header else 0)
+    x_thumb, x_crops = _MARGIN, _MARGIN + view + _GAP
+    for captions, x in ((thumb_caption, x_thumb), (crop_caption, x_crops)):  # above the panels
         for i, (text, font) in enumerate(captions):
-            draw.text((x, y + i * 20), text, font=font, fill=_TEXT if font is f_head else _MUTED)
+            draw.text((x, y + i * 20), text, font=font, fill=_TEXT if font is fonts.head else _MUTED)
     y += caption_h
-
-    out.paste(thumb, (x_thumb, y))
+    out.paste(panels.thumb, (x_thumb, y))
     draw.rectangle([x_thumb - 1, y - 1, x_thumb + view, y + view], outline=(60, 60, 70))
     if crops is not None:
-        out.paste(crops, (x_crops, y))
-        for r in range(1, geom.grid_h):
-            yy = y + r * view
-            draw.line([(x_crops, yy), (x_crops + crops_w - 1, yy)], fill=_CROP_LINE, width=3)
-        for c in range(1, geom.grid_w):
-            xx = x_crops + c * view
-            draw.line([(xx, y), (xx, y + crops_h - 1)], fill=_CROP_LINE, width=3)
-        draw.rectangle([x_crops - 1, y - 1, x_crops + crops_w, y + crops_h], outline=(60, 60, 70))
-        ratios = plan.crop_ratios.detach().cpu().tolist()
-        for j in range(geom.num_crops):
-            gy, gx = divmod(j, geom.grid_w)
-            kept_j, total_j = int(keep[j].sum()), int(valid[j].sum())
-            _label(
-                draw,
-                (x_crops + gx * view + 6, y + gy * view + 6),
-                [f"crop {j + 1}: r = {ratios[j]:.3f}", f"kept {kept_j}/{total_j}"],
-                [f_small_b, f_small],
-            )
+        _draw_crop_grid(out, draw, fonts, panels, plan.crop_ratios.detach().cpu().tolist(), x_crops, y, view)
     if explain and geom is not None and crops_h - view >= 140:
-        ey = y + view + 16
-        for line in _wrap(draw, _EXPLANATION.format(n=n), f_small, view):
-            if ey + 18 > y + panels_h:
-                break
-            draw.text((x_thumb, ey), line, font=f_small, fill=_MUTED)
-            ey += 18
-    y += panels_h + 14
-
-    # Legend: swatches drawn the same way as the tokens.
-    swatch_px = gradient(22, 16, (80, 150, 225), (250, 205, 110)).astype(np.uint8)
-    x = _MARGIN
-    swatches = dict(zip(legend_names, (swatch_px.astype(np.float32), _dim(swatch_px), _hatch(16, 22))))
-    for text, sw_px in swatches.items():
-        sw = Image.fromarray(np.clip(sw_px, 0, 255).astype(np.uint8))
-        out.paste(sw, (x, y + 2))
-        draw.rectangle([x - 1, y + 1, x + 22, y + 18], outline=(60, 60, 70))
-        draw.text((x + 30, y + 2), text, font=f_small, fill=_TEXT)
-        x += 30 + _text_size(draw, text, f_small)[0] + 28
-    if note_wraps:
-        x, y = _MARGIN, y + 20
-    draw.text((x, y + 2), legend_note, font=f_small, fill=_MUTED)
-    y += 28
-    for text, font, colour in footer_lines:
-        draw.text((_MARGIN, y), text, font=font, fill=colour)
-        y += line_h[id(font)]
+        _draw_explanation(draw, fonts.small, panels.n, x_thumb, y + view + 16, y + panels_h, view)
+    y = _draw_legend(out, draw, fonts.small, y + panels_h + 14, note_wraps)
+    _draw_lines(draw, fonts, footer, y)
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import loading
 from .arguments import (
@@ -247,6 +247,18 @@ def _write_sample_data(folder: str, names: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+class _Settings(NamedTuple):
+    """The checked options of an evaluation: benchmark names, retention ratios, methods and their
+    options, the runs they make (:func:`globalcom2.eval.runner.plan_runs`) and the splits."""
+
+    names: list[str]
+    ratios: list[float]
+    methods: list[str]
+    options: dict[str, Any]
+    runs: list[Any]
+    splits: dict[str, str]
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``globalcom2 eval`` (raises :class:`CLIError` on bad input)."""
     if args.list_benchmarks:
@@ -259,19 +271,72 @@ def run(args: argparse.Namespace) -> int:
         loading.check_model(args.model, "eval")
 
     from ..eval import runner
-    from ..eval.base import get_benchmark
 
     # 1. Cheap checks first: every option, then the data, then (only when needed) the model.
     out = _check_output_dir(args.output_dir, writable=not args.rescore)
     judge = _judge(args)
     show = not args.no_progress
     if args.rescore:
-        try:
-            summary = runner.score_outputs(out, judge=judge, progress=show)
-        except (FileNotFoundError, ValueError) as e:  # DataError included
-            raise CLIError(f"--rescore: {e}") from None
+        return _rescore(out, judge, show, args.format)
+    settings = _check_settings(args)
+    try:  # an --output-dir of another protocol is refused before any data or model is read
+        runner.check_output_protocol(out, args.protocol)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not args.data_root:
+        raise CLIError("--data-root is required: the folder holding the benchmarks' data")
+    root = Path(args.data_root).expanduser()
+    if not root.is_dir():
+        raise CLIError(f"--data-root {args.data_root} is not a directory")
+    try:
+        dist = runner.DistEnv.from_env()
+    except ValueError as e:
+        raise CLIError(f"distributed launch: {e}") from None
+    loaded, missing = _load_data(settings, root, args.limit, judge, args.protocol, out)
+
+    # 2. The model, on this rank's device (not loaded when everything is answered already).
+    device = pick_device(args.device)
+    device_name = _rank_device(dist, device)
+    try:
+        dist.init("nccl" if device == "cuda" else "gloo")
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"cannot join the distributed job: {one_line(str(e))}") from None
+    try:
+        dist.barrier()  # every rank has read the state of the output folder before rank 0 changes it
+        model = processor = None
+        if missing:
+            if show and dist.is_main:
+                status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
+            model, processor = loading.get_model(args.model, device_name, pick_dtype(args.dtype, device),
+                                                settings=[r for r in settings.runs if not r.is_vanilla])
+        elif show and dist.is_main:
+            status(f"{PROG}: every prediction exists in {out}: re-scoring only")
+        summary = _evaluate(model, processor, loaded, root, settings, out, args, judge, dist)
+    finally:
+        dist.shutdown()
+    if dist.is_main:
         _print(summary, args.format, out)
-        return 0
+    return 0
+
+
+def _rescore(out: Path, judge: dict[str, Any] | None, show: bool, fmt: str) -> int:
+    """``--rescore``: score every run found in ``out`` and print the summary in ``fmt``."""
+    from ..eval import runner
+
+    try:
+        summary = runner.score_outputs(out, judge=judge, progress=show)
+    except (FileNotFoundError, ValueError) as e:  # DataError included
+        raise CLIError(f"--rescore: {e}") from None
+    _print(summary, fmt, out)
+    return 0
+
+
+def _check_settings(args: argparse.Namespace) -> _Settings:
+    """Every option of a (not ``--rescore``) evaluation that needs neither data nor model, in the
+    order the command reports them: the benchmarks, ratios, methods, splits, --limit,
+    --batch-size and --model."""
+    from ..eval import runner
+    from ..eval.base import get_benchmark
 
     names = _split_list(args.benchmarks)
     if not names:
@@ -293,72 +358,62 @@ def run(args: argparse.Namespace) -> int:
     check_positive("--batch-size", args.batch_size)
     if not args.model:
         raise CLIError("--model is required (a hub id, a checkpoint directory, or 'tiny')")
-    try:  # an --output-dir of another protocol is refused before any data or model is read
-        runner.check_output_protocol(out, args.protocol)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    if not args.data_root:
-        raise CLIError("--data-root is required: the folder holding the benchmarks' data")
-    root = Path(args.data_root).expanduser()
-    if not root.is_dir():
-        raise CLIError(f"--data-root {args.data_root} is not a directory")
-    try:
-        dist = runner.DistEnv.from_env()
-    except ValueError as e:
-        raise CLIError(f"distributed launch: {e}") from None
-    talk = show and dist.is_main
+    return _Settings(names, ratios, methods, options, runs, splits)
+
+
+def _load_data(
+    settings: _Settings, root: Path, limit: int | None, judge: dict[str, Any] | None, protocol: str, out: Path
+) -> tuple[list[Any], int]:
+    """(the benchmarks' samples read from ``root``, how many answers are still to generate into
+    ``out``), after checking every image file of a question still to answer, before the model is
+    loaded. Data errors are :class:`CLIError`."""
+    from ..eval import runner
 
     try:
-        loaded = runner.load_benchmarks(names, root, splits, args.limit, judge, protocol=args.protocol)
+        loaded = runner.load_benchmarks(settings.names, root, settings.splits, limit, judge, protocol=protocol)
     except ValueError as e:  # DataError included
         raise CLIError(str(e)) from None  # main() makes it one line
-    missing = runner.pending(loaded, runs, out)
-    try:  # every image file of a question still to answer, before the model is loaded
-        runner.check_images(loaded, runs, out)
+    missing = runner.pending(loaded, settings.runs, out)
+    try:
+        runner.check_images(loaded, settings.runs, out)
     except ValueError as e:  # DataError
         raise CLIError(str(e)) from None
+    return loaded, missing
 
-    # 2. The model, on this rank's device (not loaded when everything is answered already).
-    model = processor = None
-    device = pick_device(args.device)
-    if dist.is_distributed and device == "cuda":
-        import torch
 
-        if dist.local_rank >= torch.cuda.device_count():
-            raise CLIError(
-                f"LOCAL_RANK={dist.local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): "
-                "start at most one process per GPU (e.g. torchrun --nproc_per_node=<number of GPUs>)"
-            )
-        device_name = dist.device()
-    else:
-        device_name = device
+def _rank_device(dist: Any, device: str) -> str:
+    """This process's device: ``cuda:LOCAL_RANK`` when distributed on CUDA (a CLIError when this
+    machine has fewer GPUs than that), else ``device``."""
+    if not (dist.is_distributed and device == "cuda"):
+        return device
+    import torch
+
+    if dist.local_rank >= torch.cuda.device_count():
+        raise CLIError(
+            f"LOCAL_RANK={dist.local_rank} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+            "start at most one process per GPU (e.g. torchrun --nproc_per_node=<number of GPUs>)"
+        )
+    return dist.device()
+
+
+def _evaluate(
+    model: Any, processor: Any, loaded: list[Any], root: Path, settings: _Settings, out: Path,
+    args: argparse.Namespace, judge: dict[str, Any] | None, dist: Any,
+) -> Any:
+    """:func:`globalcom2.eval.runner.run_eval` with the command's options; its errors are
+    :class:`CLIError` (a failed write names ``out``)."""
+    from ..eval import runner
+
     try:
-        dist.init("nccl" if device == "cuda" else "gloo")
-    except (RuntimeError, ValueError) as e:
-        raise CLIError(f"cannot join the distributed job: {one_line(str(e))}") from None
-    try:
-        dist.barrier()  # every rank has read the state of the output folder before rank 0 changes it
-        if missing:
-            if talk:
-                status(f"{PROG}: {missing} answers to generate; loading {args.model} ...")
-            model, processor = loading.get_model(args.model, device_name, pick_dtype(args.dtype, device),
-                                                settings=[r for r in runs if not r.is_vanilla])
-        elif talk:
-            status(f"{PROG}: every prediction exists in {out}: re-scoring only")
-        try:
-            summary = runner.run_eval(
-                model, processor, loaded, root, ratios, methods, options, output_dir=out, limit=None,
-                batch_size=args.batch_size, progress=show, judge=judge, dist=dist, protocol=args.protocol,
-            )
-        except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
-            raise CLIError(str(e)) from None  # main() makes it one line
-        except OSError as e:
-            raise cannot_write(f"to {out}", e) from None
-    finally:
-        dist.shutdown()
-    if dist.is_main:
-        _print(summary, args.format, out)
-    return 0
+        return runner.run_eval(
+            model, processor, loaded, root, settings.ratios, settings.methods, settings.options, output_dir=out,
+            limit=None, batch_size=args.batch_size, progress=not args.no_progress, judge=judge, dist=dist,
+            protocol=args.protocol,
+        )
+    except (ValueError, RuntimeError) as e:  # DataError, apply()'s errors, processor failures
+        raise CLIError(str(e)) from None  # main() makes it one line
+    except OSError as e:
+        raise cannot_write(f"to {out}", e) from None
 
 
 def _print(summary: Any, fmt: str, out: Path) -> None:

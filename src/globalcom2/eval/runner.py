@@ -64,6 +64,7 @@ output directory at the same time.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -201,6 +202,54 @@ def run_eval(
     runs = plan_runs(ratios, methods, method_options)
     if model is not None:  # the config each run applies to this model, recorded and compared on resume
         runs = [_as_applied(model, run) for run in runs]
+    loaded, protocol = _benchmarks(benchmarks, data_root, split, limit, judge, protocol)
+    dist = dist or DistEnv.from_env()
+    output_dir = Path(output_dir).expanduser()
+    model_name = checkpoint_name(model) if model is not None else ""
+    _check_outputs(output_dir, protocol, loaded, runs, model_name)  # every rank (read only), before any work
+    on_cuda = model is not None and getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
+    dist.init("nccl" if on_cuda else "gloo")  # a no-op when single-process or already joined
+    talk = progress and dist.is_main
+    if model is not None and globalcom2.is_applied(model):
+        globalcom2.remove(model)
+
+    from tqdm import tqdm
+
+    ordered: list[tuple[LoadedBenchmark, RunSpec, Path]] = []
+    # one untimed generate per process first (warm), so no latency holds the warm-up
+    answering = _Answering(model, processor, model_name, dist, batch_size, talk, tqdm, warm={"done": False})
+    try:
+        for lb in loaded:
+            log(talk, f"{lb.bench.title} ({lb.split}): {len(lb.samples)} of {lb.total} questions")
+            for run in runs:
+                main = predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio)
+                ordered.append((lb, run, main))
+                answering.run(lb, run, main)
+    finally:
+        if model is not None:
+            globalcom2.remove(model)
+
+    if not dist.is_main:
+        dist.shutdown()
+        return EvalSummary(rows=[], output_dir=str(output_dir), protocol=protocol)
+    summary = _score(ordered, output_dir, protocol)
+    summary.write(output_dir)
+    dist.shutdown()
+    return summary
+
+
+def _benchmarks(
+    benchmarks: Sequence[str | LoadedBenchmark],
+    data_root: str | Path | None,
+    split: dict[str, str] | None,
+    limit: int | None,
+    judge: dict[str, Any] | None,
+    protocol: str | None,
+) -> tuple[list[LoadedBenchmark], str]:
+    """(the benchmarks' samples, the protocol) for :func:`run_eval`: loaded by name from
+    ``data_root`` under ``protocol`` (default ``llava``), or, when every one is already a
+    :class:`LoadedBenchmark`, those (cut to ``limit``) under their own protocol, which must be one
+    and ``protocol`` when given (else ValueError). ``judge``, when given, is set on each benchmark."""
     if benchmarks and all(isinstance(b, LoadedBenchmark) for b in benchmarks):
         loaded = list(benchmarks)  # type: ignore[arg-type]
         if limit is not None:
@@ -218,71 +267,80 @@ def run_eval(
     if judge is not None:
         for lb in loaded:
             lb.bench.judge = judge  # type: ignore[attr-defined]
-    dist = dist or DistEnv.from_env()
-    output_dir = Path(output_dir).expanduser()
-    model_name = checkpoint_name(model) if model is not None else ""
-    check_output_protocol(output_dir, protocol)  # every rank (read only), before any work
-    for lb in loaded:  # every rank checks (read only): all fail together, before any work
+    return loaded, protocol
+
+
+def _check_outputs(
+    output_dir: Path, protocol: str, loaded: Sequence[LoadedBenchmark], runs: Sequence[RunSpec], model_name: str
+) -> None:
+    """Every check of what ``output_dir`` holds, read only, made by every rank before any work so
+    that all fail together: its protocol, each run's meta file (same config, same model) and the
+    image files of the questions still to answer."""
+    check_output_protocol(output_dir, protocol)
+    for lb in loaded:
         for run in runs:
             check_meta(predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio), run, model_name)
     check_images(loaded, runs, output_dir)
-    on_cuda = model is not None and getattr(getattr(model, "device", None), "type", "cpu") == "cuda"
-    dist.init("nccl" if on_cuda else "gloo")  # a no-op when single-process or already joined
-    talk = progress and dist.is_main
-    if model is not None and globalcom2.is_applied(model):
-        globalcom2.remove(model)
 
-    from tqdm import tqdm
 
-    ordered: list[tuple[LoadedBenchmark, RunSpec, Path]] = []
-    warm = {"done": False}  # one untimed generate per process first, so no latency holds the warm-up
-    try:
-        for lb in loaded:
-            ids = [s.id for s in lb.samples]
-            log(talk, f"{lb.bench.title} ({lb.split}): {len(ids)} of {lb.total} questions")
-            for run in runs:
-                main = predictions_path(output_dir, lb.name, lb.split, run.method, run.ratio)
-                ordered.append((lb, run, main))
-                # 1. Rank 0 folds leftovers (shards of a crashed run, a torn line) into the main file.
-                if dist.is_main:
-                    main.parent.mkdir(parents=True, exist_ok=True)
-                    consolidate(main, ids)
-                    if model is not None:
-                        write_meta(main, run_meta(lb, run, model_name))
-                dist.barrier()
-                # 2. Every rank answers its round-robin share of what is not done yet.
-                done = {str(r["id"]) for r in read_records(main)[0]}
-                todo = [s for s in lb.samples if s.id not in done]
-                mine = todo[dist.rank :: dist.world_size]
-                label = f"{lb.name} {run.method} R={format_ratio(run.ratio)}"
-                log(talk, f"  {label}: {len(ids) - len(todo)} done, {len(todo)} to go" + (
-                    f" on {dist.world_size} ranks" if dist.is_distributed and todo else ""))
-                if mine:
-                    if model is None:
-                        raise ValueError(f"{label}: {len(todo)} predictions are missing but no model was given")
-                    target = shard_path(main, dist.rank) if dist.is_distributed else main
-                    _run_one(model, processor, lb, run, mine, target, batch_size, talk, label, tqdm, warm)
-                dist.barrier()
-                # 3. Rank 0 merges the shards (deduplicated, in sample order).
-                if dist.is_main:
-                    consolidate(main, ids)
-    finally:
-        if model is not None:
-            globalcom2.remove(model)
+@dataclass(frozen=True)
+class _Answering:
+    """What every run of one :func:`run_eval` call shares in this process: the model (None for a
+    re-score) and its processor, the checkpoint's name (for the meta files), the process's place
+    in the job, the batch size, whether it talks (``talk``: progress bars and status lines),
+    tqdm, and ``warm["done"]``, set once the process has generated its untimed warm-up batch."""
 
-    if not dist.is_main:
-        dist.shutdown()
-        return EvalSummary(rows=[], output_dir=str(output_dir), protocol=protocol)
+    model: Any
+    processor: Any
+    model_name: str
+    dist: DistEnv
+    batch_size: int
+    talk: bool
+    tqdm: Callable[..., Any]
+    warm: dict[str, bool]
+
+    def run(self, lb: LoadedBenchmark, run: RunSpec, main: Path) -> None:
+        """One run, its predictions in ``main``, in the three steps of the module docstring
+        (**Sharding**): rank 0 consolidates (and writes the meta file); every rank answers its
+        round-robin share of what is not done; rank 0 consolidates again. ValueError when
+        answers are missing and there is no model."""
+        dist, ids = self.dist, [s.id for s in lb.samples]
+        # 1. Rank 0 folds leftovers (shards of a crashed run, a torn line) into the main file.
+        if dist.is_main:
+            main.parent.mkdir(parents=True, exist_ok=True)
+            consolidate(main, ids)
+            if self.model is not None:
+                write_meta(main, run_meta(lb, run, self.model_name))
+        dist.barrier()
+        # 2. Every rank answers its round-robin share of what is not done yet.
+        done = {str(r["id"]) for r in read_records(main)[0]}
+        todo = [s for s in lb.samples if s.id not in done]
+        mine = todo[dist.rank :: dist.world_size]
+        label = f"{lb.name} {run.method} R={format_ratio(run.ratio)}"
+        log(self.talk, f"  {label}: {len(ids) - len(todo)} done, {len(todo)} to go" + (
+            f" on {dist.world_size} ranks" if dist.is_distributed and todo else ""))
+        if mine:
+            if self.model is None:
+                raise ValueError(f"{label}: {len(todo)} predictions are missing but no model was given")
+            target = shard_path(main, dist.rank) if dist.is_distributed else main
+            _run_one(self.model, self.processor, lb, run, mine, target, self.batch_size, self.talk, label, self.tqdm,
+                     self.warm)
+        dist.barrier()
+        # 3. Rank 0 merges the shards (deduplicated, in sample order).
+        if dist.is_main:
+            consolidate(main, ids)
+
+
+def _score(ordered: Sequence[tuple[LoadedBenchmark, RunSpec, Path]], output_dir: Path, protocol: str) -> EvalSummary:
+    """The summary of every (benchmark, run, predictions file) of ``ordered``, each scored on the
+    records of its benchmark's samples, with the scores relative to the vanilla runs."""
     rows = []
     for lb, run, main in ordered:
         wanted = {s.id for s in lb.samples}
         records = [r for r in read_records(main)[0] if str(r["id"]) in wanted]
         rows.append(summarize_run(lb.bench, lb.split, run.method, run.ratio, records, main, output_dir, len(wanted)))
     add_relative(rows)
-    summary = EvalSummary(rows=rows, output_dir=str(output_dir), protocol=protocol)
-    summary.write(output_dir)
-    dist.shutdown()
-    return summary
+    return EvalSummary(rows=rows, output_dir=str(output_dir), protocol=protocol)
 
 
 def _as_applied(model: Any, run: RunSpec) -> RunSpec:

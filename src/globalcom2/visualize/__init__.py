@@ -92,34 +92,105 @@ def visualize(
         import matplotlib  # noqa: F401  (the object-oriented API only: no pyplot, no backend switch)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(PLOT_HINT) from exc
-    from ..models import family_for
-    from ..methods import fastv_config, make_config, option_names, vision_config
+    from ..methods import vision_config
 
-    retention_ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
-    if not retention_ratios:
-        raise ValueError("retention_ratios must hold at least one ratio")
-    opts = dict(options or {})
-    for key, value in (("layout", layout), ("temperature", temperature)):
-        if value is not None and key in option_names(method):
-            opts[key] = value
-    family = family_for(model)
-    configs = [make_config(method, retention_ratio=r, **opts) for r in retention_ratios]
-    if "layout" not in opts:  # as apply: the family's layout where the method's default is not available on it
-        configs = [family.with_default_layout(c) for c in configs]
+    retention_ratios, family, configs = _configs(model, method, retention_ratios, options, layout, temperature)
     method = configs[0].method
     vcfgs = [vision_config(c) for c in configs]
-    uses_fastv = fastv_config(configs[0]) is not None
-    shown_layout = vcfgs[0].layout if vcfgs[0] is not None and hasattr(vcfgs[0], "layout") else (
-        "pooled" if vcfgs[0] is not None else "vanilla")
+    shown_layout = _shown_layout(vcfgs[0])
     # A fresh, never-patched adapter used for encode/compress only: the model's own state (applied or
     # not, its config, its adapter's `.last`) is not touched.
     guide_cfg = family.with_default_layout(GlobalCom2Config())
     adapter = family(model, guide_cfg)
     adapter.validate()
     image = to_rgb(image)  # 16-bit and float images keep their range
+    guide, plans, encoded = _compress_views(model, processor, image, family, adapter, guide_cfg, vcfgs)
+    geom = encoded.geometries[0]
+    view, side = adapter.view_geometry()
+    masks = _ratio_masks(model, processor, image, prompt, adapter, configs, plans, guide, encoded, side)
+    maps = _importance_maps(guide, encoded.importance[0][1:])
+    thumb_px, canvas_px, lay = adapter.picture_views(image, geom, view)
+
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    ratios = ", ".join(f"{r:g}" for r in retention_ratios)
+    subtitle = _subtitle(name, (image.width, image.height), geom, lay, view)
+    fig, notes = _draw(
+        thumb_px=thumb_px, canvas_px=canvas_px, lay=lay, geom=geom, masks=masks, maps=maps, heatmaps=heatmaps,
+        view=view, cell=view // side, side=side,
+        title=title or f"{method_title(method)}: kept visual tokens at R = {ratios}", subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=shown_layout, method=method,
+    )
+    return Visualization(fig, masks, maps, geom, (image.height, image.width), shown_layout, notes, method)
+
+
+def _configs(
+    model: Any,
+    method: str,
+    retention_ratios: float | Sequence[float],
+    options: dict[str, Any] | None,
+    layout: str | None,
+    temperature: float | None,
+) -> tuple[list[float], Any, list[Any]]:
+    """(the ratios as a list, the model's family, the method's config at each ratio): ``options``
+    plus ``layout`` and ``temperature`` where given and the method has them; without a layout, the
+    family's default where the method's is not available on it (as :func:`globalcom2.apply` does).
+    ValueError for no ratio, a bad ratio or option, or an unsupported model."""
+    from ..methods import make_config, option_names
+    from ..models import family_for
+
+    ratios = [retention_ratios] if isinstance(retention_ratios, (int, float)) else list(retention_ratios)
+    if not ratios:
+        raise ValueError("retention_ratios must hold at least one ratio")
+    opts = dict(options or {})
+    for key, value in (("layout", layout), ("temperature", temperature)):
+        if value is not None and key in option_names(method):
+            opts[key] = value
+    family = family_for(model)
+    configs = [make_config(method, retention_ratio=r, **opts) for r in ratios]
+    if "layout" not in opts:
+        configs = [family.with_default_layout(c) for c in configs]
+    return ratios, family, configs
+
+
+def _shown_layout(vcfg: Any) -> str:
+    """The layout the token counts are for: the vision config's, ``"pooled"`` for a method without
+    layouts (pooling), ``"vanilla"`` for none (FastV alone)."""
+    if vcfg is None:
+        return "vanilla"
+    return vcfg.layout if hasattr(vcfg, "layout") else "pooled"
+
+
+def _ratio_masks(
+    model: Any, processor: Any, image: Any, prompt: str | None, adapter: Any, configs: Sequence[Any],
+    plans: Sequence[Any], guide: Any, encoded: Any, side: int,
+) -> list[RatioMasks]:
+    """The kept / dropped masks of each config (with its vision ``plans``, None where it has
+    none), ``side`` tokens per side of a view. With FastV a token is kept when still in the
+    sequence after layer K: ``prompt`` (default "Describe the image.") is sent through the model;
+    otherwise the plans say."""
+    from ..methods import fastv_config
+
+    vanilla = encoded.vanilla_counts[0]
+    if fastv_config(configs[0]) is not None:
+        return [
+            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla,
+                         vanilla_plan=adapter.vanilla_plan(encoded))
+            for cfg, plan in zip(configs, plans)
+        ]
+    return [_masks(p, cfg.retention_ratio, vanilla, side) for p, cfg in zip(plans, configs)]
+
+
+def _compress_views(
+    model: Any, processor: Any, image: Any, family: Any, adapter: Any, guide_cfg: Any, vcfgs: Sequence[Any]
+) -> tuple[Any, list[Any], Any]:
+    """Encode the RGB ``image`` once per importance signal the configs ask for and compress it
+    with ``adapter`` (never applied: the model is not touched).
+
+    Returns (GlobalCom2's plan under ``guide_cfg``, whose signals the importance maps show; the
+    plan of each vision config of ``vcfgs``, None where a method has none; the encoding of the
+    first vision config, GlobalCom2's when it has none)."""
     image_token = getattr(processor, "image_token", None) or "<image>"
     inputs = processor(images=[image], text=[image_token], return_tensors="pt")
-    param = next(adapter.inner.vision_tower.parameters())
+    param = next(adapter.vision_tower().parameters())
     pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
     encodings: dict[str, Any] = {}
 
@@ -135,32 +206,7 @@ def visualize(
 
     with torch.no_grad():
         guide_encoded = encoded_for(guide_cfg)
-        guide = adapter.compress(guide_encoded, guide_cfg).plans[0]  # GlobalCom2's signals, for the maps
+        guide = adapter.compress(guide_encoded, guide_cfg).plans[0]
         plans = [adapter.compress(encoded_for(v), v).plans[0] if v is not None else None for v in vcfgs]
         encoded = encoded_for(vcfgs[0]) if vcfgs[0] is not None else guide_encoded
-    vanilla = encoded.vanilla_counts[0]
-    geom = encoded.geometries[0]
-    vc = adapter.hf_config.vision_config
-    view, side = adapter.view_geometry()
-    if uses_fastv:
-        masks = [
-            _fastv_masks(model, processor, image, prompt or "Describe the image.", cfg, plan, guide, vanilla,
-                         vanilla_plan=adapter.vanilla_plan(encoded))
-            for cfg, plan in zip(configs, plans)
-        ]
-    else:
-        masks = [_masks(p, cfg.retention_ratio, vanilla, side) for p, cfg in zip(plans, configs)]
-    maps = _importance_maps(guide, encoded.importance[0][1:])
-
-    cell = view // side
-    thumb_px, canvas_px, lay = adapter.picture_views(image, geom, view)
-
-    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    ratios = ", ".join(f"{r:g}" for r in retention_ratios)
-    subtitle = _subtitle(name, (image.width, image.height), geom, lay, view)
-    fig, notes = _draw(
-        thumb_px=thumb_px, canvas_px=canvas_px, lay=lay, geom=geom, masks=masks, maps=maps, heatmaps=heatmaps,
-        view=view, cell=cell, side=side, title=title or f"{method_title(method)}: kept visual tokens at R = {ratios}",
-        subtitle=subtitle, prompt=prompt, random_weights=random_weights, layout=shown_layout, method=method,
-    )
-    return Visualization(fig, masks, maps, geom, (image.height, image.width), shown_layout, notes, method)
+    return guide, plans, encoded
