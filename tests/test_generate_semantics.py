@@ -372,3 +372,22 @@ def test_a_hand_written_decode_loop_on_a_left_padded_batch(family, positions):
     finally:
         globalcom2.remove(model)
     torch.testing.assert_close(patched, reference, **TOL)
+
+
+def test_output_cache_reads_the_renamed_field_only(monkeypatch):
+    """``generate --compare`` printed transformers' "`past_key_values`/`cache_params` are
+    deprecated" to CLI users: ``output_cache`` read ``past_key_values`` whenever an output's
+    ``cache`` was None. Where the output class has a ``cache`` field, only that is read."""
+    import transformers.utils.generic as generic
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from globalcom2.models.calls import output_cache
+
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:  # pragma: no cover - 5.18
+        pytest.skip("this transformers has no renamed cache field")
+    assert output_cache(CausalLMOutputWithPast(logits=None)) is None
+    cache = object()
+    assert output_cache(CausalLMOutputWithPast(logits=None, cache=cache)) is cache
+    assert said == []

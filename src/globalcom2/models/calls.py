@@ -68,6 +68,9 @@ def output_cache(out: Any) -> Any:
     """The KV cache a ``forward`` / ``generate`` output carries (``cache`` or ``past_key_values``), or None."""
     if out is None or torch.is_tensor(out):
         return None
+    fields = getattr(out, "__dataclass_fields__", None) or ()
+    if "cache" in fields:  # a release that renamed it: reading past_key_values logs a deprecation
+        return getattr(out, "cache", None)
     for name in ("cache", "past_key_values"):
         cache = getattr(out, name, None)
         if cache is not None:
