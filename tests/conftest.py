@@ -17,6 +17,14 @@ from PIL import Image
 
 from globalcom2.tiny import build_tiny_llava_next
 
+# transformers makes its log handler once, bound to the ``sys.stderr`` of that moment. Made inside
+# a test that captures with capsys, it would keep that test's stream, closed when the test ends, and
+# every later warning would print "--- Logging error --- Traceback ..." into another test's stderr.
+# Made here, at collection, it writes to pytest's session-wide capture, open until the end.
+from transformers.utils import logging as _hf_logging  # noqa: E402
+
+_hf_logging.get_logger()  # (importing transformers makes it already; this says why it must happen here)
+
 
 def make_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """A deterministic RGB noise-and-gradient image of the given size."""

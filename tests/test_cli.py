@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+
 import subprocess
 import sys
 
@@ -34,24 +34,6 @@ def _offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _transformers_logs_to_an_open_stderr():
-    """transformers' log handler is made once, with the ``sys.stderr`` of that moment (its stream and
-    its ``flush``). Made inside a test that captures with capsys (the demo test imports transformers
-    first), it kept that test's stream, closed when the test ended, and every later warning (e.g. in
-    ``generate --compare``) printed '--- Logging error --- Traceback ...' to stderr instead. Made (or
-    pointed) here, before any test of this file captures, it writes to the session's stderr."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.get_logger()  # makes the handler now if nothing has yet
-    with pytest.MonkeyPatch.context() as mp:  # restored after this file's tests
-        for handler in logging.getLogger("transformers").handlers:
-            if isinstance(handler, logging.StreamHandler):
-                mp.setattr(handler, "stream", sys.stderr)
-                mp.setattr(handler, "flush", sys.stderr.flush)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +261,7 @@ def test_canvas_layout_matches_the_processor_arithmetic():
 
 
 def test_single_view_picture_and_atomic_save(tmp_path):
-    from globalcom2.core import geometry, plans
+    from globalcom2.core import plans
 
     plan = plans.plan_single_view(torch.arange(576.0), 0.25)
     img = render_kept_tokens(Image.new("RGB", (50, 40), (200, 100, 50)), plan, title="one view")

@@ -11,9 +11,9 @@ One thing is worked around, in the test session only (``conftest._video_processo
 LLaVA-OneVision's and InternVL's processors cannot be saved or loaded back, because their
 ``video_processor`` slot is filled by ``AutoVideoProcessor`` (torchvision only) and class-checked,
 though images never use it. The fixture leaves that slot empty; nothing of globalcom2's loading is
-replaced. ``demo`` takes no ``--model`` (its tiny LLaVA-NeXT is built in code) and ``serve`` needs
-vLLM (tests/test_vllm_*), so the matrix leaves them out; :func:`test_every_command_is_covered`
-says so, and fails when a command is added or ``demo`` starts taking ``--model``.
+replaced. ``demo`` takes no ``--model``: it builds the family's tiny model in code
+(``--family``), and runs here on every family that way. ``serve`` needs vLLM (tests/test_vllm_*),
+so the matrix leaves it out; :func:`test_every_command_is_covered` fails when a command is added.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from globalcom2.models import family_for_model_type, supported_model_types
 
 SAMPLE = str(sample_image_path())
 FAMILIES = list(supported_model_types())
-MATRIX = ("generate", "embed", "bench", "visualize", "efficiency", "eval")
-NOT_IN_MATRIX = {"demo": "takes no --model", "serve": "needs vLLM (tests/test_vllm_serve_cli.py)"}
+MATRIX = ("demo", "generate", "embed", "bench", "visualize", "efficiency", "eval")
+NOT_IN_MATRIX = {"serve": "needs vLLM (tests/test_vllm_serve_cli.py)"}
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,20 @@ def test_every_command_is_covered():
     names = {c.__name__.rsplit(".", 1)[-1] for c in COMMANDS}
     assert names == set(MATRIX) | set(NOT_IN_MATRIX), names
     demo = build_parser()._subparsers._group_actions[0].choices["demo"]
-    assert "--model" not in demo._option_string_actions  # else: add demo to the matrix
+    assert demo._option_string_actions["--family"].choices == FAMILIES
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_demo(model_type, capsys, tmp_path):
+    """``demo --family``: the family's tiny model, every layout it has (run_demo(model_type=...)
+    applied LLaVA-NeXT's default 'official' layout and failed on every other family)."""
+    family = family_for_model_type(model_type)
+    out, _ = _run(["demo", "--family", model_type, "--ratios", "0.25", "--output-dir", str(tmp_path / "d")], capsys)
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert [r["layout"] for r in summary["runs"]] == list(family.layouts)
+    assert all(0 < r["kept_tokens"] < r["vanilla_tokens"] for r in summary["runs"])
+    assert f"tiny random {family.display_name}" in out and f"vanilla {family.display_name}:" in out
+    assert all(Image.open(p).size[0] > 0 for p in summary["pictures"])
 
 
 def test_saved_checkpoints_are_the_families_tiny_models(family_checkpoints):

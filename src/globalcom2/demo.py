@@ -1,8 +1,9 @@
-"""The offline demo: GlobalCom2 on a shipped sample image and a tiny random LLaVA-NeXT.
+"""The offline demo: GlobalCom2 on a shipped sample image and a tiny random model of a family
+(LLaVA-NeXT unless asked).
 
-Nothing is downloaded. The model comes from :func:`globalcom2.tiny.build_tiny`: it has
-the real LLaVA-NeXT geometry (336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids) but
-random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
+Nothing is downloaded. The model comes from :func:`globalcom2.tiny.build_tiny`: it has the
+family's real geometry (LLaVA-NeXT: 336 px views, 24 x 24 tokens each, the llava-hf AnyRes grids)
+but random weights, so the visual-token counts, the crop budgets and the whole pipeline are real while
 *which* tokens are kept is meaningless.
 
 Run it with ``globalcom2 demo`` or :func:`run_demo`.
@@ -20,24 +21,25 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ._io import atomic_path, to_rgb
-from .core.config import LAYOUTS
 from .methods import GlobalCom2Config
 
-__all__ = ["DEFAULT_RATIOS", "DemoRun", "REAL_CHECKPOINT_HINT", "RANDOM_WEIGHTS_NOTE", "run_demo", "sample_image_path"]
+__all__ = ["DEFAULT_RATIOS", "DemoRun", "RANDOM_WEIGHTS_NOTE", "real_checkpoint_hint", "run_demo", "sample_image_path"]
 
 #: Retention ratios the demo shows.
 DEFAULT_RATIOS: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1)
 
 RANDOM_WEIGHTS_NOTE = (
-    "The demo model is a tiny LLaVA-NeXT with RANDOM weights, built in code (nothing is downloaded). "
-    "Its [CLS] attention is noise, so WHICH tokens it keeps is meaningless; the token counts, the "
+    "The demo model is a tiny model with RANDOM weights, built in code (nothing is downloaded). "
+    "Its importance signal is noise, so WHICH tokens it keeps is meaningless; the token counts, the "
     "crop budgets and the pipeline are real."
 )
 
-REAL_CHECKPOINT_HINT = (
-    "globalcom2 generate --model llava-hf/llava-v1.6-vicuna-7b-hf --image photo.jpg \\\n"
-    '    --prompt "What is in this picture?" --retention-ratio 0.25 --compare'
-)
+def real_checkpoint_hint(checkpoint: str) -> str:
+    """The command that runs ``checkpoint`` (a hub id) on a real image, as the demo suggests it."""
+    return (
+        f"globalcom2 generate --model {checkpoint} --image photo.jpg \\\n"
+        '    --prompt "What is in this picture?" --retention-ratio 0.25 --compare'
+    )
 
 _PROMPT = "What is in this picture?"
 
@@ -79,7 +81,7 @@ def run_demo(
     output_dir: str | os.PathLike[str] = "globalcom2-demo",
     image: str | os.PathLike[str] | None = None,
     ratios: Sequence[float] = DEFAULT_RATIOS,
-    layouts: Sequence[str] = LAYOUTS,
+    layouts: Sequence[str] | None = None,
     echo: Callable[[str], Any] = print,
     model_type: str = "llava_next",
 ) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def run_demo(
         output_dir: created if missing.
         image: an image file; default: the shipped sample image.
         ratios: retention ratios to show (each validated like :class:`GlobalCom2Config`).
-        layouts: layouts to show ("official" and/or "spatial").
+        layouts: layouts to show ("official" and/or "spatial"); default: every layout the family has.
         echo: where the report goes, one line per call.
         model_type: the family whose tiny model runs (see :func:`globalcom2.models.supported_model_types`).
 
@@ -107,6 +109,7 @@ def run_demo(
     from .models import family_for_model_type
 
     family = family_for_model_type(model_type)
+    layouts = tuple(family.layouts if layouts is None else layouts)
     configs = [GlobalCom2Config(retention_ratio=r, layout=l) for r in ratios for l in layouts]  # validate first
     if not configs:
         raise ValueError("the demo needs at least one retention ratio and one layout")
@@ -116,12 +119,12 @@ def run_demo(
     with Image.open(image_path) as im:
         picture = to_rgb(im)
 
-    _echo_intro(echo)
+    _echo_intro(echo, family)
     model, processor, view = _build_model(family, echo)
     inputs, placeholders = _prepare_inputs(model, processor, picture, image_path, echo)
     names = ", ".join(f"{r:g}" for r in ratios)
     echo(f"[3/4] GlobalCom2 at R = {names} (layouts: {', '.join(layouts)}) ...")
-    results = _compress(model, inputs, configs, echo)
+    results = _compress(model, family, inputs, configs, echo)
     runs, plans, geometry = _collect_runs(results)
     if geometry is not None:
         _echo_grid(echo, geometry, view)
@@ -132,7 +135,7 @@ def run_demo(
     echo("[4/4] drawing the kept tokens ...")
     pictures = _draw_pictures(picture, image_path, runs, plans, family, view, configs[0], out_dir)
     echo("")
-    _echo_token_table(echo, runs, ratios, layouts, geometry, vanilla)
+    _echo_token_table(echo, family, runs, ratios, layouts, geometry, vanilla)
     if geometry is not None:
         echo("")
         _echo_crop_table(echo, runs, plans, geometry, configs[0])
@@ -147,17 +150,17 @@ def run_demo(
         "note": RANDOM_WEIGHTS_NOTE,
     }
     _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _echo_closing(echo, pictures, out_dir / "summary.json")
+    _echo_closing(echo, family, pictures, out_dir / "summary.json")
     return summary
 
 
-def _echo_intro(echo: Callable[[str], Any]) -> None:
+def _echo_intro(echo: Callable[[str], Any], family: Any) -> None:
     """The demo's banner: what the model is, and the command for a real checkpoint."""
     echo("GlobalCom2 offline demo")
     echo("=======================")
     echo(f"NOTE: {RANDOM_WEIGHTS_NOTE}")
     echo("To run a real checkpoint instead:")
-    echo("    " + REAL_CHECKPOINT_HINT.replace("\n", "\n    "))
+    echo("    " + real_checkpoint_hint(family.example_checkpoint).replace("\n", "\n    "))
     echo("")
 
 
@@ -167,7 +170,7 @@ def _build_model(family: Any, echo: Callable[[str], Any]) -> tuple[Any, Any, int
     t0 = time.perf_counter()
     echo(f"[1/4] building the tiny random {family.display_name} (no download) ...")
     model, processor = family.build_tiny(seed=0)
-    view = family(model, GlobalCom2Config()).view_geometry()[0]
+    view = family(model, family.with_default_layout(GlobalCom2Config())).view_geometry()[0]
     echo(f"      done in {time.perf_counter() - t0:.1f} s")
     return model, processor, view
 
@@ -186,7 +189,7 @@ def _prepare_inputs(
 
 
 def _compress(
-    model: Any, inputs: Any, configs: Sequence[GlobalCom2Config], echo: Callable[[str], Any]
+    model: Any, family: Any, inputs: Any, configs: Sequence[GlobalCom2Config], echo: Callable[[str], Any]
 ) -> list[tuple[GlobalCom2Config, Any]]:
     """Step 3: one real forward pass through the patched model (the default config) shows the
     shorter sequence the language model gets; every config of ``configs`` then reuses the same
@@ -196,7 +199,7 @@ def _compress(
 
     import globalcom2
 
-    default = GlobalCom2Config()
+    default = family.with_default_layout(GlobalCom2Config())
     with globalcom2.compressed(model, default), torch.no_grad():
         seq_len = int(model(**inputs).logits.shape[1])
         adapter = globalcom2.get_family(model)
@@ -270,7 +273,7 @@ def _draw_pictures(
             view=view,
             title=f"GlobalCom2 at retention ratio R = {r:g}: kept visual tokens",
             subtitle=f"{image_path.name}, {picture.width}x{picture.height} px (width x height). Visual tokens for the language model: "
-            f"{layout_counts} of {run.vanilla_tokens:,} in vanilla LLaVA-NeXT (thumbnail + unpadded crops + row newlines).",
+            f"{layout_counts} of {run.vanilla_tokens:,} in vanilla {family.display_name} (every view, with its separators).",
             note="Demo model with RANDOM weights: the importance pattern (which tokens are kept) is meaningless; "
             "the counts and per-crop budgets follow the method exactly.",
             retention_ratio=r,
@@ -283,6 +286,7 @@ def _draw_pictures(
 
 def _echo_token_table(
     echo: Callable[[str], Any],
+    family: Any,
     runs: Sequence[DemoRun],
     ratios: Sequence[float],
     layouts: Sequence[str],
@@ -290,7 +294,7 @@ def _echo_token_table(
     vanilla: int,
 ) -> None:
     """The visual tokens handed to the language model: one row per ratio, one column per layout."""
-    echo(f"Visual tokens handed to the language model (vanilla LLaVA-NeXT: {vanilla:,})")
+    echo(f"Visual tokens handed to the language model (vanilla {family.display_name}: {vanilla:,})")
     header = "      R  " + "".join(f"{l:>20}" for l in layouts)
     echo(header)
     for r in ratios:
@@ -337,7 +341,7 @@ def _echo_crop_table(
                 echo(line)
 
 
-def _echo_closing(echo: Callable[[str], Any], pictures: Sequence[Path], summary_path: Path) -> None:
+def _echo_closing(echo: Callable[[str], Any], family: Any, pictures: Sequence[Path], summary_path: Path) -> None:
     """Where the pictures and the JSON went, and the random-weights reminder."""
     echo("")
     echo("Pictures of the kept tokens (bright: kept, dim: dropped, hatched: padding):")
@@ -346,4 +350,4 @@ def _echo_closing(echo: Callable[[str], Any], pictures: Sequence[Path], summary_
     echo(f"Numbers as JSON: {summary_path}")
     echo("")
     echo("Reminder: random weights, so the kept positions say nothing about what matters in the image.")
-    echo("Real checkpoint: " + REAL_CHECKPOINT_HINT.replace("\\\n    ", ""))
+    echo("Real checkpoint: " + real_checkpoint_hint(family.example_checkpoint).replace("\\\n    ", ""))

@@ -57,9 +57,10 @@ _EXPLANATION = (
     "How to read: each cell is one visual token (a ViT patch). Bright cells are kept and reach the "
     "language model; dim cells are dropped. Hatched areas are padding, removed by the model before "
     "the language model (unpadding).\n\n"
-    "GlobalCom2 lets the thumbnail command: the thumbnail's [CLS] attention summed over each crop's "
-    "region sets that crop's retention ratio r; the crop then keeps its floor(r x unpadded) "
-    "tokens with the best score (own [CLS] attention + the thumbnail's, resized). The thumbnail "
+    "GlobalCom2 lets the thumbnail command: the thumbnail's importance ([CLS] attention, or feature "
+    "similarity on towers without [CLS]) summed over each crop's region sets that crop's retention "
+    "ratio r; the crop then keeps its floor(r x unpadded) tokens with the best score (own importance "
+    "+ the thumbnail's, resized). The thumbnail "
     "itself keeps floor(R x {n}) of its {n} tokens."
 )
 _GAP = 32
@@ -329,14 +330,16 @@ class _Panels:
 def _token_panels(image: Image.Image, plan: "CompressionPlan", view: int, family: Any) -> _Panels:
     """The thumbnail (the whole image squeezed to one view) and the crops' canvas as ``family``'s
     processor makes them from the RGB ``image``, with ``plan``'s dropped tokens dimmed and padding
-    hatched. Raises ValueError when a view's tokens do not tile ``view`` px."""
+    hatched. Raises ValueError when a view's tokens do not tile the pixels they cover (``view`` px,
+    or fewer where the tower's patches leave a margin out: OneVision's 27 x 14 = 378 of 384)."""
     n = int(plan.thumb_importance.shape[-1])
     side = math.isqrt(n)
-    if side * side != n or view % side:
-        raise ValueError(f"cannot draw {n} tokens per view on {view} px views")
-    cell = view // side
     geom = plan.geometry
     thumb_px, canvas, lay = model_views(image, geom, view, family)
+    covered = int(thumb_px.shape[0])
+    if side * side != n or covered % side:
+        raise ValueError(f"cannot draw {n} tokens per view on {covered} px views")
+    cell = covered // side
     thumb_keep = np.zeros(n, dtype=bool)
     thumb_keep[plan.thumb_keep.detach().cpu().numpy()] = True
     thumb = _token_image(thumb_px, thumb_keep.reshape(side, side), np.ones((side, side), bool), cell)

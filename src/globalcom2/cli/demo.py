@@ -1,5 +1,5 @@
-"""``globalcom2 demo``: GlobalCom2 fully offline, on the shipped sample image and the tiny random
-LLaVA-NeXT (see :mod:`globalcom2.demo`)."""
+"""``globalcom2 demo``: GlobalCom2 fully offline, on the shipped sample image and a family's tiny
+random model (LLaVA-NeXT unless ``--family`` says otherwise; see :mod:`globalcom2.demo`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``demo`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     demo = subparsers.add_parser(
         "demo",
-        help="offline demo on a shipped sample image with a tiny random LLaVA-NeXT (writes PNGs)",
+        help="offline demo on a shipped sample image with a tiny random model (writes PNGs)",
         description=(
             "Run GlobalCom2 fully offline on the sample image shipped with the package, with a tiny "
-            "LLaVA-NeXT built in code (real geometry, RANDOM weights: which tokens are kept is "
+            "model of a family built in code (LLaVA-NeXT unless --family; real geometry, RANDOM weights: which tokens are kept is "
             "meaningless, the counts and crop budgets are real). Prints the visual-token counts "
-            "before and after for several retention ratios and both layouts, the per-crop retention "
+            "before and after for several retention ratios and every layout the family has, the per-crop retention "
             "ratios, and writes pictures of the kept tokens."
         ),
     )
@@ -34,6 +34,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     demo.add_argument(
         "--ratios", default="1.0,0.5,0.25,0.1", metavar="R[,R...]",
         help="comma-separated retention ratios to show (default: 1.0,0.5,0.25,0.1)",
+    )
+    from ..models import supported_model_types
+
+    demo.add_argument(
+        "--family", default="llava_next", choices=supported_model_types(), metavar="MODEL_TYPE",
+        help=f"whose tiny random model runs: {', '.join(supported_model_types())} (default: llava_next)",
     )
     demo.set_defaults(func=run)
     return demo
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with quiet_transformers():
-            run_demo(out_dir, image=args.image, ratios=ratios, echo=echo)
+            run_demo(out_dir, image=args.image, ratios=ratios, echo=echo, model_type=args.family)
     except OSError as e:
         raise cannot_write(f"to {args.output_dir}", e) from None
     return 0
