@@ -108,8 +108,9 @@ def _empty_video_slot():
 
 
 def _video_processor_optional(mp: pytest.MonkeyPatch) -> None:
-    """Let transformers save and load a LLaVA-OneVision or InternVL processor without its video
-    processor, where torchvision is not installed (the main venv).
+    """Let transformers save and load a LLaVA-OneVision, InternVL or SmolVLM processor without its
+    video processor, where torchvision is not installed (the main venv), and SmolVLM's without
+    ``num2words`` (its constructor checks for it; only videos use it).
 
     transformers 5.25 gives these processors a ``video_processor`` slot that it fills with
     ``AutoVideoProcessor`` (torchvision only: without it the class is a stub that raises
@@ -120,6 +121,12 @@ def _video_processor_optional(mp: pytest.MonkeyPatch) -> None:
     already do). Everything else loads as a user's checkpoint does: ``Family.load`` ->
     ``from_pretrained`` of the model and ``AutoProcessor.from_pretrained`` of the processor.
     """
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm_processing
+
+    if not smolvlm_processing.num2words:  # SmolVLM's constructor checks for it; only its videos use it
+        from globalcom2.tiny import _missing_package
+
+        mp.setattr(smolvlm_processing, "num2words", _missing_package("num2words"))
     if _torchvision_available():
         return
     import transformers.models.auto.video_processing_auto as video_auto

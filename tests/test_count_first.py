@@ -32,7 +32,7 @@ def _prompts(processor):
 
 
 def _inputs(processor, sizes=SIZES, seeds=(0, 1)):
-    images = [make_image(*hw, seed=s) for hw, s in zip(sizes, seeds)]
+    images = [[make_image(*hw, seed=s)] for hw, s in zip(sizes, seeds)]  # one list per prompt
     return processor(images=images, text=_prompts(processor)[: len(images)], return_tensors="pt", padding=True)
 
 

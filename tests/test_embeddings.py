@@ -33,7 +33,7 @@ FAMILIES = [pytest.param(f, id=f.model_type) for f in families()]
 def _inputs(processor, idx):
     images = [make_image(*SIZES[i], seed=i) for i in idx]
     text = [f"{processor.image_token}\n{QUESTIONS[i]}" for i in idx]
-    return processor(images=images, text=text, return_tensors="pt", padding=True)
+    return processor(images=[[im] for im in images], text=text, return_tensors="pt", padding=True)  # one list per prompt
 
 
 def _text_only(family, inputs):

@@ -126,7 +126,7 @@ def _cells():
 def test_the_count_from_the_size_is_what_compression_produces(family, method, layout):
     model, processor = family_model(family)
     images = [make_image(*hw, seed=i) for i, hw in enumerate(SIZES)]
-    batch = processor(images=images, text=[f"{processor.image_token}\nWhat?"] * len(images), return_tensors="pt", padding=True)
+    batch = processor(images=[[im] for im in images], text=[f"{processor.image_token}\nWhat?"] * len(images), return_tensors="pt", padding=True)
     options = {"layout": layout} if layout else {}
     # One encoding for every ratio (the signal does not depend on R); the first ratio through the
     # public compress_images as well, to tie the two paths.
@@ -151,7 +151,7 @@ def test_same_size_other_content_same_count(family):
     hw = (500, 800)
     images = [make_image(*hw, seed=s) for s in (1, 2, 3)]
     images.append(images[0].point(lambda v: 255 - v))  # the negative: other importance everywhere
-    batch = processor(images=images, text=[f"{processor.image_token}\nWhat?"] * len(images), return_tensors="pt", padding=True)
+    batch = processor(images=[[im] for im in images], text=[f"{processor.image_token}\nWhat?"] * len(images), return_tensors="pt", padding=True)
     fixed = globalcom2.compress_images(model, batch, retention_ratio=0.25, count="fixed")
     assert len(set(fixed.counts)) == 1
     assert fixed.counts == globalcom2.visual_token_counts(model, [hw] * 4, retention_ratio=0.25, count="fixed", processor=processor)

@@ -17,7 +17,7 @@ from globalcom2.models import families
 
 _LISTED = any(f.model_type == "idefics3" for f in families())
 
-from globalcom2.models.idefics3 import Idefics3Family, SmolVLMFamily, build_tiny_idefics3  # noqa: E402
+from globalcom2.models.idefics3 import Idefics3Family, SmolVLMFamily  # noqa: E402
 
 if not _LISTED:  # keep the registry as the package lists it while other modules collect
     for _t in ("idefics3", "smolvlm"):
@@ -45,7 +45,7 @@ _MODELS: dict[str, tuple] = {}
 
 def _tiny(model_type):
     if model_type not in _MODELS:
-        _MODELS[model_type] = build_tiny_idefics3(seed=0, model_type=model_type)
+        _MODELS[model_type] = (Idefics3Family if model_type == "idefics3" else SmolVLMFamily).build_tiny(seed=0)
     return _MODELS[model_type]
 
 

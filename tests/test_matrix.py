@@ -40,7 +40,7 @@ CELLS = [
 def _inputs(processor, idx):
     images = [make_image(*SIZES[i], seed=i) for i in idx]
     text = [f"{processor.image_token}\n{QUESTIONS[i]}" for i in idx]
-    return processor(images=images, text=text, return_tensors="pt", padding=True)
+    return processor(images=[[im] for im in images], text=text, return_tensors="pt", padding=True)  # one list per prompt
 
 
 def _logits(model, inputs):

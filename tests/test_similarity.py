@@ -4,6 +4,8 @@ default (``auto``) on towers without [CLS] (LLaVA-OneVision's SigLIP), an ablati
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,9 +34,11 @@ def test_feature_similarity_is_minus_the_cosine_to_the_view_mean():
 def test_every_family_scores_what_the_projector_receives(family):
     model, processor = family_model(family)
     images = [make_image(480, 640, seed=0), make_image(300, 300, seed=1)]
-    inputs = processor(images=images, text=[f"{processor.image_token}\nWhat?"] * 2, return_tensors="pt", padding=True)
+    inputs = processor(images=[[im] for im in images], text=[f"{processor.image_token}\nWhat?"] * 2, return_tensors="pt", padding=True)
     seen = []
-    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    inner = getattr(model, "model", model)  # Llama 4: the projector sits on the model itself
+    projector = getattr(inner, "multi_modal_projector", None) or inner.connector  # Idefics3 / SmolVLM: connector
+    handle = projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
         emb = globalcom2.compress_images(model, inputs, retention_ratio=0.25, importance="similarity")
     finally:
@@ -42,9 +46,23 @@ def test_every_family_scores_what_the_projector_receives(family):
     received = torch.cat(seen)  # (sum V, N, C): every view, in the model's order
     want = -F.cosine_similarity(received.double(), received.double().mean(1, keepdim=True).expand_as(received), dim=-1)
     got = torch.cat([p.thumb_importance[None] for p in emb.plans])  # each image's thumbnail row
+    if projector is getattr(model.model, "connector", None):  # it receives patches, pixel-shuffled into tokens: block means
+        want = _block_means(want, got.shape[-1])
     # The thumbnail is the first view (LLaVA-NeXT, OneVision) or the last of an image's (InternVL).
     rows = {tuple(torch.round(r * 1e9).tolist()) for r in want}
     assert all(tuple(torch.round(g * 1e9).tolist()) in rows for g in got)
+
+
+def _block_means(scores, tokens):
+    """(V, P*P) patch scores -> (V, tokens): the mean of each token's s x s block, raster order."""
+    p, side = math.isqrt(scores.shape[-1]), math.isqrt(tokens)
+    s = p // side
+    blocks = scores.reshape(-1, side, s, side, s)
+    return blocks.mean(dim=(2, 4)).reshape(scores.shape[0], tokens)
+
+
+#: The families whose vision tower has no [CLS] token (SigLIP).
+NO_CLS = {"llava_onevision", "idefics3", "smolvlm"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.model_type) for f in families()])
@@ -56,7 +74,7 @@ def test_auto_is_similarity_on_siglip_and_cls_where_there_is_a_cls_token(family)
         return globalcom2.compress_images(model, inputs, retention_ratio=0.25, **options).plans[0].thumb_importance
 
     default, similarity = thumb(), thumb(importance="similarity")
-    if family.model_type == "llava_onevision":  # SigLIP: no [CLS]
+    if family.model_type in NO_CLS:  # SigLIP: no [CLS]
         assert torch.equal(default, similarity)
         with pytest.raises(ValueError, match="cls"):
             thumb(importance="cls")

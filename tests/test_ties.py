@@ -206,7 +206,7 @@ def test_constant_importance_keeps_the_first_tokens_and_batches_agree(family, me
     model, processor = family_model(family)
     images = [_flat(*SIZES[0])] + [make_image(*hw, seed=i) for i, hw in enumerate(SIZES[1:])]
     text = [f"{processor.image_token}\nWhat is this?"] * len(images)
-    batch = processor(images=images, text=text, return_tensors="pt", padding=True)
+    batch = processor(images=[[im] for im in images], text=text, return_tensors="pt", padding=True)  # one list per prompt
     emb = globalcom2.compress_images(model, batch, method=method, retention_ratio=RATIO, layout=layout)
     for i, plan in enumerate(emb.plans):
         _assert_first_by_position(plan, method, RATIO)

@@ -16,6 +16,11 @@ family never imports this module, which finds it in the registry):
   config of the checkpoints' geometry at those widths (token ids read from ``tokenizer``);
 * optionally ``tiny_init(cls, model)``: weights drawn after the random init, under the same seed.
 
+A processor whose constructor wants a video processor (torchvision) gets none (images only); one
+whose constructor checks for a package only its videos use (SmolVLM's ``num2words``) names it in
+``TinyGeometry.video_only_imports`` and is constructed with a stand-in where the package is missing
+(:func:`video_only_stand_ins`): on images the processor behaves as the stock one.
+
 Then :func:`build_tiny` (``Family.build_tiny``) builds it: :func:`build_tokenizer` (one
 byte-level tokenizer: ``<unk> <s> </s> <pad>``, the family's special tokens, the 256 byte
 tokens), :func:`build_processor`, :func:`build_config` and :func:`build_model` (seeded on a
@@ -28,6 +33,8 @@ layers) where the family declares them (LLaVA-NeXT: llava-v1.6-vicuna-7b's).
 from __future__ import annotations
 
 import importlib
+import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -104,6 +111,31 @@ def _images_only(cls: type) -> type:
     return sub
 
 
+def _missing_package(name: str) -> Any:
+    """A stand-in for the missing package function ``name``: raises ImportError when called."""
+
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(f"{name} is not installed: the tiny processor was built without it (images only)")
+
+    return missing
+
+
+@contextmanager
+def video_only_stand_ins(cls: type, names: tuple[str, ...]) -> Any:
+    """While constructing ``cls`` (a stock processor class): each of ``names`` that its module lacks
+    (a package not installed, e.g. SmolVLM's ``num2words``, which its constructor checks although
+    only videos use it) is a stand-in that raises ImportError if called; restored afterwards."""
+    module = sys.modules[cls.__module__]
+    missing = {n: getattr(module, n, None) for n in names if not getattr(module, n, None)}
+    for name in missing:
+        setattr(module, name, _missing_package(name))
+    try:
+        yield
+    finally:
+        for name, value in missing.items():
+            setattr(module, name, value)
+
+
 def build_processor(which: Any = "llava_next", **image_options: Any) -> Any:
     """The family's processor configured as its checkpoints' (view size, pinpoints or tiling, token
     counts) with :func:`build_tokenizer`'s tokenizer; ``image_options`` change the image processor's
@@ -111,11 +143,12 @@ def build_processor(which: Any = "llava_next", **image_options: Any) -> Any:
     geo = geometry(which)
     image_processor = resolve(geo.image_processor)(**{**geo.image_processor_kwargs, **image_options})
     kwargs = dict(geo.processor_kwargs)
-    cls = resolve(geo.processor)
+    stock = cls = resolve(geo.processor)
     if geo.video_processor is not None:
         cls = _images_only(cls)
         kwargs["video_processor"] = None
-    return cls(image_processor=image_processor, tokenizer=build_tokenizer(which), **kwargs)
+    with video_only_stand_ins(stock, geo.video_only_imports):
+        return cls(image_processor=image_processor, tokenizer=build_tokenizer(which), **kwargs)
 
 
 def with_video_processor(processor: Any, which: Any = "llava_next") -> Any:
@@ -124,10 +157,12 @@ def with_video_processor(processor: Any, which: Any = "llava_next") -> Any:
     geo = geometry(which)
     if geo.video_processor is None or getattr(processor, "video_processor", None) is not None:
         return processor
-    return resolve(geo.processor)(
-        image_processor=processor.image_processor, tokenizer=processor.tokenizer,
-        video_processor=resolve(geo.video_processor)(), **geo.processor_kwargs,
-    )
+    stock = resolve(geo.processor)
+    with video_only_stand_ins(stock, geo.video_only_imports):
+        return stock(
+            image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+            video_processor=resolve(geo.video_processor)(), **geo.processor_kwargs,
+        )
 
 
 def build_config(

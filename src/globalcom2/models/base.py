@@ -61,6 +61,9 @@ class TinyGeometry:
             chosen there), or None.
         hub_tower_names: a saved tiny checkpoint names the vision tower as the hub's checkpoints do
             (``vision_tower.vision_model.*``, what vLLM reads).
+        video_only_imports: names in the processor's module that its constructor requires but only
+            videos use (SmolVLM's ``num2words``): where the package is not installed, the tiny
+            processor is constructed with a stand-in that raises ImportError if called.
     """
 
     special_tokens: dict[str, str]
@@ -74,6 +77,7 @@ class TinyGeometry:
     wide_vision: dict[str, Any] | None = None
     wide_text: dict[str, Any] | None = None
     hub_tower_names: bool = False
+    video_only_imports: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, type["Family"]] = {}
@@ -358,17 +362,22 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     attention_attributes: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "num_heads", "scale")
     tower_kind: ClassVar[str] = "a ViT"
 
+    def vision_tower(self) -> nn.Module:
+        """The vision tower (``inner.vision_tower``; a family whose model names it otherwise overrides this)."""
+        return self.inner.vision_tower
+
     def last_attention(self) -> nn.Module:
         """The vision tower's last self-attention module (one with every :attr:`attention_attributes`)."""
         found = None
-        for module in self.inner.vision_tower.modules():
+        tower = self.vision_tower()
+        for module in tower.modules():
             if all(hasattr(module, a) for a in self.attention_attributes):
                 found = module
         if found is None:
             needed = "/".join(a for a in self.attention_attributes if a not in ("num_heads", "scale"))
             raise ValueError(
                 f"GlobalCom2 on {self.display_name} needs {self.tower_kind} vision tower whose attention has {needed}; "
-                f"{type(self.inner.vision_tower).__name__} has none"
+                f"{type(tower).__name__} has none"
             )
         return found
 

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import methods as _methods
 from .._lazy import lazy_module
-from .base import Family, register_family
+from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .images import CompressedImages, EncodedImages
 
@@ -75,6 +75,12 @@ sequence = lazy_module("globalcom2.core.sequence")
 MAX_IMAGE_SIZE = 4096
 #: Crop tags the processors can write (``<row_1_col_1>`` ... ``<row_6_col_6>``).
 MAX_TAG_GRID = 6
+VIEW_TAGS = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(MAX_TAG_GRID) for j in range(MAX_TAG_GRID))
+#: The processors' special tokens, as the tokenizer attributes SmolVLM's processor reads.
+SPECIAL_TOKENS = {
+    "image_token": "<image>", "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -132,8 +138,21 @@ class Idefics3Family(Family):
     #: entry is written from memory; see the report of issue 27).
     language_models: dict[str, tuple[Any, ...]] = {}
     default_text_model_type = "llama"
-    #: The published checkpoint's processor: longest edge 4 x 364 px, 364 px views.
-    default_longest_edge, default_view = 4 * 364, 364
+    #: The published checkpoint's geometry: longest edge 4 x 364 px, 364 px views, 14 px patches,
+    #: pixel shuffle 2 (169 tokens per view).
+    default_longest_edge, default_view, default_patch, default_scale = 4 * 364, 364, 14, 2
+    #: The tiny test model (globalcom2.tiny): the processor with the published image settings (PIL
+    #: image processor), a SigLIP tower and a Llama language model a few dozen wide.
+    tiny = TinyGeometry(
+        special_tokens={**SPECIAL_TOKENS, **{t[1:-1]: t for t in VIEW_TAGS}},
+        processor="Idefics3Processor",
+        image_processor="Idefics3ImageProcessorPil",
+        image_processor_kwargs={"size": {"longest_edge": 4 * 364}, "max_image_size": {"longest_edge": 364}, "do_image_splitting": True},
+        processor_kwargs={"image_seq_len": 169},
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=16384),
+    )
 
     @classmethod
     def hf_classes(cls) -> tuple[type, ...]:
@@ -167,16 +186,8 @@ class Idefics3Family(Family):
     def language_model(self) -> Any:
         return self.inner.text_model
 
-    def last_attention(self) -> Any:
-        found = None
-        for module in self.inner.vision_model.modules():
-            if all(hasattr(module, a) for a in self.attention_attributes):
-                found = module
-        if found is None:
-            raise ValueError(
-                f"GlobalCom2 on {self.display_name} needs {self.tower_kind} vision tower whose attention has q_proj/k_proj"
-            )
-        return found
+    def vision_tower(self) -> Any:
+        return self.inner.vision_model
 
     def importance_mode(self) -> str:
         """``"auto"`` -> ``"similarity"`` (SPEC.md), ``"attention_received"`` an ablation, ``"cls"`` a ValueError."""
@@ -216,7 +227,7 @@ class Idefics3Family(Family):
         if tok is None:
             return None, None
         glob = getattr(proc, "global_image_token", None) or getattr(proc, "global_image_tag", None) or "<global-img>"
-        names = [glob] + [f"<row_{i + 1}_col_{j + 1}>" for i in range(MAX_TAG_GRID) for j in range(MAX_TAG_GRID)]
+        names = [glob, *VIEW_TAGS]
         ids = [tok.convert_tokens_to_ids(n) for n in names]
         unk = getattr(tok, "unk_token_id", None)
         if ids[0] is None or ids[0] == unk:
@@ -491,8 +502,18 @@ class Idefics3Family(Family):
 
     # -- for the tools --------------------------------------------------------------------------
     @classmethod
-    def build_tiny(cls, seed: int = 0, dtype: Any = None, device: Any = "cpu") -> tuple[Any, Any]:
-        return build_tiny_idefics3(seed=seed, dtype=dtype or torch.float32, device=device, model_type=cls.model_type)
+    def tiny_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:
+        """The family's config with the published geometry (view, patch, pixel shuffle): a SigLIP
+        tower of ``vision`` and a Llama language model of ``text``."""
+        import transformers
+
+        name = cls.hf_classes()[0].__name__.replace("ForConditionalGeneration", "")
+        vision_config = getattr(transformers, f"{name}VisionConfig")(image_size=cls.default_view, patch_size=cls.default_patch, **vision)
+        return getattr(transformers, f"{name}Config")(
+            vision_config=vision_config.to_dict(), text_config=transformers.LlamaConfig(**text).to_dict(),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=cls.default_scale,
+            pad_token_id=tokenizer.pad_token_id, **options,
+        )
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:
@@ -506,7 +527,9 @@ class Idefics3Family(Family):
 
     @classmethod
     def default_max_visual_tokens(cls) -> int:
-        return cls.max_visual_tokens({"vision_config": {"image_size": 364, "patch_size": 14}, "scale_factor": 2})
+        return cls.max_visual_tokens(
+            {"vision_config": {"image_size": cls.default_view, "patch_size": cls.default_patch}, "scale_factor": cls.default_scale}
+        )
 
     @classmethod
     def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:
@@ -535,111 +558,23 @@ class SmolVLMFamily(Idefics3Family):
     example_checkpoint = "HuggingFaceTB/SmolVLM-256M-Instruct"
     model_names = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
     language_models: dict[str, tuple[Any, ...]] = {}
-    #: SmolVLM-256M / 500M's processor: longest edge 4 x 512 px, 512 px views.
-    default_longest_edge, default_view = 4 * 512, 512
+    #: SmolVLM-256M / 500M's geometry: longest edge 4 x 512 px, 512 px views, 16 px patches, pixel
+    #: shuffle 4 (64 tokens per view).
+    default_longest_edge, default_view, default_patch, default_scale = 4 * 512, 512, 16, 4
+    #: SmolVLM's processor: its constructor wants a video processor (torchvision) and ``num2words``,
+    #: both for videos only (globalcom2.tiny leaves the first out and stands in for the second).
+    tiny = dataclasses.replace(
+        Idefics3Family.tiny,  # type: ignore[arg-type]
+        processor="SmolVLMProcessor",
+        image_processor="SmolVLMImageProcessorPil",
+        image_processor_kwargs={"size": {"longest_edge": 4 * 512}, "max_image_size": {"longest_edge": 512}, "do_image_splitting": True},
+        processor_kwargs={"image_seq_len": 64},
+        video_processor="SmolVLMVideoProcessor",
+        video_only_imports=("num2words",),
+    )
 
     @classmethod
     def hf_classes(cls) -> tuple[type, ...]:
         from transformers import SmolVLMForConditionalGeneration, SmolVLMModel
 
         return (SmolVLMForConditionalGeneration, SmolVLMModel)
-
-    @classmethod
-    def default_max_visual_tokens(cls) -> int:
-        return cls.max_visual_tokens({"vision_config": {"image_size": 512, "patch_size": 16}, "scale_factor": 4})
-
-
-# ------------------------------------------------------------------------------------------------
-# The tiny in-code test models: the published geometry (Idefics3: 364/14, scale 2, 169 tokens per
-# view, longest edge 1456; SmolVLM-256M: 512/16, scale 4, 64 tokens, longest edge 2048), a tiny
-# SigLIP and a tiny Llama, random weights.
-# ------------------------------------------------------------------------------------------------
-
-TINY_GEOMETRY = {
-    "idefics3": {"image_size": 364, "patch_size": 14, "scale_factor": 2},
-    "smolvlm": {"image_size": 512, "patch_size": 16, "scale_factor": 4},
-}
-_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
-
-
-def build_tokenizer() -> Any:
-    """A byte-level tokenizer with the processors' specials and the 36 ``<row_i_col_j>`` tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tags = [f"<row_{i + 1}_col_{j + 1}>" for i in range(MAX_TAG_GRID) for j in range(MAX_TAG_GRID)]
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + tags)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=_SPECIALS[4:] + tags,
-    )
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_processor(model_type: str = "idefics3") -> Any:
-    """The family's processor with the published image settings (PIL image processor). SmolVLM's
-    processor wants ``num2words`` and a video processor for videos only: the tiny one is a subclass
-    that sets the same attributes without them (no videos here)."""
-    geo = TINY_GEOMETRY[model_type]
-    view = geo["image_size"]
-    seq = (view // geo["patch_size"] // geo["scale_factor"]) ** 2
-    kwargs = {"size": {"longest_edge": 4 * view}, "max_image_size": {"longest_edge": view}, "do_image_splitting": True}
-    tokenizer = build_tokenizer()
-    if model_type == "idefics3":
-        from transformers import Idefics3Processor
-        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
-        return Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**kwargs), tokenizer=tokenizer, image_seq_len=seq)
-    from transformers import ProcessorMixin, SmolVLMProcessor
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-    class TinySmolVLMProcessor(SmolVLMProcessor):
-        def __init__(self, image_processor: Any, tokenizer: Any, video_processor: Any = None, image_seq_len: int = 169, **kw: Any) -> None:
-            self.fake_image_token, self.image_token = "<fake_token_around_image>", "<image>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.end_of_utterance_token, self.global_image_token = "<end_of_utterance>", "<global-img>"
-            self.image_seq_len, self.video_token = image_seq_len, "<video>"
-            ProcessorMixin.__init__(self, image_processor, tokenizer, video_processor, **kw)
-
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    return TinySmolVLMProcessor(image_processor=SmolVLMImageProcessorPil(**kwargs), tokenizer=tokenizer, image_seq_len=seq)
-
-
-def build_tiny_idefics3(
-    seed: int = 0, dtype: "torch.dtype | None" = None, device: "str | torch.device" = "cpu", model_type: str = "idefics3"
-) -> tuple[Any, Any]:
-    """``(model, processor)``: a random tiny Idefics3 (``model_type="idefics3"``) or SmolVLM
-    (``"smolvlm"``) in eval mode with the published geometry, and its processor."""
-    import transformers
-
-    processor = build_processor(model_type)
-    tok = processor.tokenizer
-    geo = TINY_GEOMETRY[model_type]
-    prefix = "Idefics3" if model_type == "idefics3" else "SmolVLM"
-    vision = getattr(transformers, f"{prefix}VisionConfig")(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=geo["image_size"], patch_size=geo["patch_size"],
-    )
-    text = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=16384, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
-    )
-    config = getattr(transformers, f"{prefix}Config")(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=geo["scale_factor"], pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model.to(device=device, dtype=dtype or torch.float32).eval(), processor

@@ -72,11 +72,16 @@ class PatchedForward:
             if self.processor_patch is not None:
                 forms.reverse()
             prompt_counts, alt_counts = forms
+        shrink_from, shrink_to = prompt_counts, compressed.counts
+        runs = self.placeholder_runs(input_ids, compressed) if given is None else None
+        if runs is not None:  # one run per view (Family.placeholder_runs): each shortened to its view's count
+            shrink_from, shrink_to, alt_counts = runs.prompt_flat, runs.kept_flat, None
+            prompt_counts = runs.prompt_totals
         shrunk = sequence.shrink_placeholders(
             input_ids,
             self.image_token_id,
-            prompt_counts,
-            compressed.counts,
+            shrink_from,
+            shrink_to,
             attention_mask=mask,
             labels=kwargs.get("labels"),
             pad_token_id=self._pad_token_id(),
