@@ -38,15 +38,19 @@ def test_every_family_scores_what_the_projector_receives(family):
     seen = []
     inner = getattr(model, "model", model)  # Llama 4: the projector sits on the model itself
     projector = getattr(inner, "multi_modal_projector", None) or inner.connector  # Idefics3 / SmolVLM: connector
+    # What the projector receives in the vanilla forward (every view; the patched model projects
+    # the kept tokens only, where the method selects).
     handle = projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     try:
-        emb = globalcom2.compress_images(model, inputs, retention_ratio=0.25, importance="similarity")
+        with torch.no_grad():
+            model(**inputs)
     finally:
         handle.remove()
+    emb = globalcom2.compress_images(model, inputs, retention_ratio=0.25, importance="similarity")
     received = torch.cat(seen)  # (sum V, N, C): every view, in the model's order
     want = -F.cosine_similarity(received.double(), received.double().mean(1, keepdim=True).expand_as(received), dim=-1)
     got = torch.cat([p.thumb_importance[None] for p in emb.plans])  # each image's thumbnail row
-    if projector is getattr(model.model, "connector", None):  # it receives patches, pixel-shuffled into tokens: block means
+    if projector is getattr(inner, "connector", None):  # it receives patches, pixel-shuffled into tokens: block means
         want = _block_means(want, got.shape[-1])
     # The thumbnail is the first view (LLaVA-NeXT, OneVision) or the last of an image's (InternVL).
     rows = {tuple(torch.round(r * 1e9).tolist()) for r in want}

@@ -43,6 +43,12 @@ class VisionMethodConfig(MethodConfig):
     """
 
     layout_field: ClassVar[str | None] = "layout"
+    #: Whether every token the method hands over is a copy of one input row or the newline (a
+    #: selection: no arithmetic on the features). A family may then hand it the projector's input
+    #: and project only the rows that survive (:class:`globalcom2.models.EncodedImages` ``project``);
+    #: a method that merges, pools or resizes features gets them projected, as before. Such a
+    #: method's scores may read ``features`` only as a family's projector input (or not at all).
+    gathers_rows: ClassVar[bool] = False
 
     @property
     def fixed_count(self) -> bool:
@@ -124,6 +130,8 @@ class ScoreSelectionConfig(VisionMethodConfig):
     ``methods/fastervlm.py``) and implements :meth:`score`; :meth:`scores_batch` may be overridden
     where scoring many images at once is cheaper.
     """
+
+    gathers_rows: ClassVar[bool] = True
 
     def score(self, features: "torch.Tensor", importance: "torch.Tensor", geom: "CropGeometry | None") -> "torch.Tensor":
         """(V, N) scores of one image's tokens (higher: kept first), from its (V, N, D) features,

@@ -75,6 +75,10 @@ class GlobalCom2Config(VisionMethodConfig):
             the compressed count need).
     """
 
+    #: A selection. The exception, LLaVA-OneVision's resized crop map (its features are interpolated),
+    #: is never handed the projector's input: that family projects in its encode.
+    gathers_rows: ClassVar[bool] = True
+
     method: ClassVar[str] = "globalcom2"
 
     retention_ratio: float = 0.25

@@ -482,9 +482,12 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         cfg = config or self.vision_config
         if cfg is None:
             raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        tokens, plans = methods.compress_images(
-            encoded.features, encoded.importance, encoded.geometries, self.image_newline() if newline is None else newline, cfg
-        )
+        newline = self.image_newline() if newline is None else newline
+        if encoded.project is not None and cfg.gathers_rows:
+            tokens, plans = _select_then_project(encoded, newline, cfg)
+        else:
+            encoded = encoded.projected()
+            tokens, plans = methods.compress_images(encoded.features, encoded.importance, encoded.geometries, newline, cfg)
         return CompressedImages(tokens=list(tokens), plans=list(plans), vanilla_counts=encoded.vanilla_counts)
 
 
@@ -520,3 +523,24 @@ class _ConfigOnly:
     def __init__(self, config: Any) -> None:
         self.config = config
 
+
+def _select_then_project(encoded: EncodedImages, newline: "torch.Tensor | None", cfg: Any) -> tuple[list[Any], list[Any]]:
+    """A selecting method (``cfg.gathers_rows``) on the projector's input, then the projector on
+    the kept rows only (issue 28: no projector work on dropped tokens). Each view's rows get one
+    extra column, 0, and the newline row is zeros with a 1 there, so the method's gather is
+    unchanged and the newlines are told apart exactly afterwards; one projector call for the batch.
+    The projector works row by row, so each kept row equals that row of projecting everything
+    (the parity tests compare the two).
+
+    Returns: per image its (K_i, D) tokens, and the method's plans."""
+    feats = encoded.features
+    marked = [torch.cat([f, f.new_zeros(*f.shape[:-1], 1)], dim=-1) for f in feats]  # (V_i, N, C + 1)
+    ref = feats[0]
+    mark = torch.zeros(ref.shape[-1] + 1, dtype=ref.dtype, device=ref.device)
+    mark[-1] = 1
+    rows, plans = methods.compress_images(marked, encoded.importance, encoded.geometries, mark, cfg)
+    flat = torch.cat(list(rows), dim=0)  # (sum K_i, C + 1)
+    tokens = encoded.project(flat[:, :-1])  # (sum K_i, D)
+    if newline is not None:
+        tokens = torch.where(flat[:, -1:] == 1, newline.to(tokens.device, tokens.dtype)[None], tokens)
+    return list(torch.split(tokens, [int(r.shape[0]) for r in rows], dim=0)), list(plans)

@@ -6,8 +6,8 @@ Importing this module loads neither torch nor transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,6 +45,9 @@ class EncodedImages:
         geometries: per image, its :class:`~globalcom2.core.geometry.CropGeometry` (None for one view).
         image_sizes: per image, (height, width) in pixels.
         vanilla_counts: per image, the placeholder tokens the vanilla model uses (what the processor wrote).
+        project: None (``features`` are projected), or the model's projector, ``(..., C) -> (..., D)``
+            row by row: ``features`` are then its input, (V_i, N, C), and only the rows a selecting
+            method keeps are projected (:meth:`Family.compress`); :meth:`projected` projects all.
     """
 
     features: list["torch.Tensor"]
@@ -52,6 +55,17 @@ class EncodedImages:
     geometries: "list[CropGeometry | None]"
     image_sizes: list[tuple[int, int]]
     vanilla_counts: list[int] = field(default_factory=list)
+    project: "Callable[[torch.Tensor], torch.Tensor] | None" = None
+
+    def projected(self) -> "EncodedImages":
+        """These images with every view's features projected, (V_i, N, D) (itself when they are)."""
+        if self.project is None:
+            return self
+        import torch
+
+        flat = self.project(torch.cat(self.features, dim=0))  # one projector call for the batch
+        features = list(torch.split(flat, [int(f.shape[0]) for f in self.features], dim=0))
+        return replace(self, features=features, project=None)
 
 
 @dataclass

@@ -128,14 +128,16 @@ class LlavaNextFamily(Family):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
     ) -> EncodedImages:
-        """Run the vision tower and projector, capturing the last layer's [CLS] logits.
+        """Run the vision tower, capturing the last layer's [CLS] logits; the projector runs later,
+        on the kept tokens only (:meth:`Family.compress`).
 
         Args:
             pixel_values: (B, P, 3, h, w) as the processor pads them, or (sum V_i, 3, h, w).
             image_sizes: (B, 2) original (height, width) of each image.
 
         Returns:
-            :class:`EncodedImages` with per-image features (V_i, N, D) and importance (V_i, N).
+            :class:`EncodedImages` with per-image features (V_i, N, C), the projector's input
+            (``project`` = the model's projector), and importance (V_i, N).
 
         Like the model's own ``get_image_features`` this runs under the caller's grad mode, so
         gradients reach the projector (and the tower) when training with ``labels``; the [CLS]
@@ -183,7 +185,7 @@ class LlavaNextFamily(Family):
                 hidden = out.hidden_states[layer]
             else:
                 hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        feats = self.inner.multi_modal_projector(hidden[:, 1:])  # (V, N, D)
+        feats = hidden[:, 1:]  # (V, N, C): the projector's input, projected where kept (Family.compress)
         if mode == "similarity":  # -cos to the view's mean, on what the projector receives
             importance = importance_ops.feature_similarity(hidden[:, 1:])  # (V, N)
         elif received:  # softmax over the N patches only (the [CLS] row and column left out), SPEC.md
@@ -205,6 +207,7 @@ class LlavaNextFamily(Family):
             geometries=geoms,
             image_sizes=sizes,
             vanilla_counts=[side * side + 1 if g is None else g.vanilla_num_tokens() for g in geoms],
+            project=self.inner.multi_modal_projector,
         )
 
     def _last_layer(self, attn: Any) -> Any:
@@ -241,7 +244,7 @@ class LlavaNextFamily(Family):
         """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
         sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
         packed, _ = self.inner.pack_image_features(
-            encoded.features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
+            encoded.projected().features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
         )
         return list(packed)
 
