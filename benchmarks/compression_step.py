@@ -4,8 +4,10 @@ Builds a LLaVA-NeXT with random weights and real sizes (CLIP ViT-L/14-336 tower,
 hidden size 4096 by default; the language model is shrunk to one layer since it is not timed),
 encodes one image that becomes a 2 x 2 crop grid, and times, in one run:
 
-* the vision side (tower + projector + [CLS]-logit capture)      ``adapter.encode``
+* the vision side (tower + projector + [CLS]-logit capture)      ``adapter.encode(...).projected()``
 * GlobalCom2's compression step on those features                 ``adapter.compress``
+* the projector and the step together, interleaved: every token projected then selected,
+  against the selection on the projector's input with the kept rows projected (issue 28)
 * vanilla LLaVA-NeXT packing (unpad + newlines) of the same ones   ``adapter.vanilla_pack``
 
 then the compression step and the vanilla packing per image for batches of ``--batches`` images
@@ -154,7 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     from globalcom2._opcount import OpCounter
 
     with torch.no_grad():
-        t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes), args.device, args.runs, args.warmup, args.clock)
+        t_vision, encoded = timed(lambda: adapter.encode(pixel_values, image_sizes).projected(), args.device, args.runs,
+                                  args.warmup, args.clock)
+        # The projector and the step together: every token projected then selected (as before issue
+        # 28), against the selection on the projector's input and the projector on the kept rows.
+        lazy = adapter.encode(pixel_values, image_sizes)
+        (t_project_all, _), (t_project_kept, _) = interleaved(
+            [lambda: adapter.compress(lazy.projected()), lambda: adapter.compress(lazy)], args.device, args.runs,
+            args.warmup, args.clock,
+        )
         (t_compress, compressed), (t_pack, packed) = interleaved(
             [lambda: adapter.compress(encoded), lambda: adapter.vanilla_pack(encoded)], args.device, args.runs * 5,
             args.warmup, args.clock,
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in [("vision tower + projector + CLS", t_vision), ("GlobalCom2 compression step", t_compress),
                     ("vanilla packing (unpad+newline)", t_pack)]:
         print(f"{name:<34}{t:>12.3f}{t / t_vision:>10.4f}")
+    print(f"projector + step (interleaved): every token projected then selected {t_project_all:.3f} ms, "
+          f"the kept rows projected {t_project_kept:.3f} ms ({t_project_kept / t_project_all:.3f}x)")
     print(f"per image (ms), batches of {', '.join(str(b) for b in batches)} images (vision tower: {t_vision:.3f} per image)")
     print(f"{'images':>8}{'GlobalCom2 step':>18}{'vanilla packing':>18}")
     for images, tc, tp in per_image:
