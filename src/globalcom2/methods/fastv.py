@@ -134,6 +134,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _llama4_qk(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, freqs: torch.Tensor, last: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4's attention on q (B, H, D: the last token's) and k (B, T, G, D), as its layer does it:
+    the rotation by complex ``freqs`` (B, T, D/2) of consecutive pairs where the layer uses rope, then
+    its weightless q/k norm where it has one; on a layer without rope, the temperature of the query's
+    position (``attn_temperature_tuning``)."""
+    if getattr(attn, "use_rope", True):
+        f = _batched(freqs, batch)  # (B, T, D/2)
+        f_l = f.gather(1, last.view(batch, 1, 1).expand(batch, 1, f.shape[-1]))  # (B, 1, D/2)
+        q = torch.view_as_real(torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2)) * f_l).flatten(-2)
+        k = torch.view_as_real(torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2)) * f[:, :, None]).flatten(-2)
+    norm = getattr(attn, "qk_norm", None)
+    if norm is not None:
+        q, k = norm(q), norm(k)
+    if getattr(attn, "attn_temperature_tuning", False) and not getattr(attn, "use_rope", True):
+        scale = torch.log1p(torch.floor((last.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0  # (B,)
+        q = q * scale[:, None, None]
+    return q, k
+
+
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
     """``(1 | B, ...) -> (B, ...)`` by broadcasting the leading dim (a view)."""
     return x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
@@ -314,6 +335,10 @@ class FastVPatch:
         self._rank_attn = attn
         window = getattr(cfg, "sliding_window", None)
         self._window = int(window) if window else None
+        self._window_name = "sliding_window"
+        chunk = getattr(cfg, "attention_chunk_size", None)  # Llama 4: attention within chunks of this many tokens
+        if chunk and "chunked_attention" in (getattr(cfg, "layer_types", None) or ()) and (self._window is None or chunk < self._window):
+            self._window, self._window_name = int(chunk), "attention_chunk_size"
 
         self._hooks = [
             attn.q_proj.register_forward_hook(self._hook_q),
@@ -481,8 +506,8 @@ class FastVPatch:
             )
         if self._window is not None and total > self._window:
             raise ValueError(
-                f"FastV: the sequence ({total} tokens) exceeds the model's sliding_window ({self._window}); "
-                "sliding-window attention is only supported while the whole sequence fits in the window"
+                f"FastV: the sequence ({total} tokens) exceeds the model's {self._window_name} ({self._window}); "
+                "sliding-window / chunked attention is only supported while the whole sequence fits in the window"
             )
 
     def _setup_prefill(
@@ -546,7 +571,18 @@ class FastVPatch:
         attn = self._rank_attn
         if hasattr(attn, "q_norm") and hasattr(attn, "k_norm"):  # Qwen3-style per-head norms
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = call.cos_sin
+        if torch.is_tensor(call.cos_sin) and call.cos_sin.is_complex():  # Llama 4
+            q, k = _llama4_qk(attn, q, k, call.cos_sin, last, batch)
+        else:
+            q, k = self._rotate(q, k, call.cos_sin, last, batch, d)
+        q = q.view(batch, g, h // g, d)  # head i uses kv head i // (H/G) (repeat_kv order)
+        logits = torch.einsum("bgrd,btgd->bgrt", q, k.to(q.dtype)) * self._scaling  # (B, G, H/G, T)
+        return self._keep(call, logits, last, pos)
+
+    @staticmethod
+    def _rotate(q: torch.Tensor, k: torch.Tensor, cos_sin: Any, last: torch.Tensor, batch: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cos, sin) rotary embedding of q (the last token's) and k (every token's)."""
+        cos, sin = cos_sin
         if cos.dim() != 3:
             raise ValueError(f"FastV expects (B, T, D) rotary cos/sin, got shape {tuple(cos.shape)}")
         cos, sin = _batched(cos, batch), _batched(sin, batch)  # (B, T, D)
@@ -554,8 +590,13 @@ class FastVPatch:
         sin_l = sin.gather(1, last.view(batch, 1, 1).expand(batch, 1, d))
         q = q * cos_l + _rotate_half(q) * sin_l  # (B, H, D)
         k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]  # (B, T, G, D)
-        q = q.view(batch, g, h // g, d)  # head i uses kv head i // (H/G) (repeat_kv order)
-        logits = torch.einsum("bgrd,btgd->bgrt", q, k.to(q.dtype)) * self._scaling  # (B, G, H/G, T)
+        return q, k
+
+    def _keep(self, call: _Call, logits: torch.Tensor, last: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept positions from layer K-1's logits of the last token (see :meth:`_select`)."""
+        valid, visual = call.valid, call.visual
+        batch, seq = valid.shape
+        device = valid.device
         allowed = valid & (pos[None, :] <= last[:, None])  # (B, T)
         logits = logits.float().masked_fill(~allowed[:, None, None, :], float("-inf"))
         scores = torch.softmax(logits, dim=-1).mean(dim=(1, 2))  # (B, T) float32
@@ -659,7 +700,10 @@ class FastVPatch:
         pe = kwargs.get("position_embeddings")
         if pe is None:
             raise ValueError("FastV needs decoder layers that receive `position_embeddings` (cos, sin)")
-        call.pos_emb = tuple(_gather_seq(t, call.kept_idx) for t in pe)
+        if torch.is_tensor(pe):  # Llama 4: one complex tensor of rotations
+            call.pos_emb = _gather_seq(pe, call.kept_idx)
+        else:
+            call.pos_emb = tuple(_gather_seq(t, call.kept_idx) for t in pe)
         pid = kwargs.get("position_ids")
         if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == hidden.shape[1]:
             call.pos_ids = _gather_seq(pid, call.kept_idx)
