@@ -12,32 +12,12 @@ import torch
 
 import globalcom2
 from globalcom2.methods import GlobalCom2Config
-from globalcom2.models import base as _family_registry
-from globalcom2.models import families
+from globalcom2.models.idefics3 import Idefics3Family, SmolVLMFamily
 
-_LISTED = any(f.model_type == "idefics3" for f in families())
-
-from globalcom2.models.idefics3 import Idefics3Family, SmolVLMFamily  # noqa: E402
-
-if not _LISTED:  # keep the registry as the package lists it while other modules collect
-    for _t in ("idefics3", "smolvlm"):
-        _family_registry._REGISTRY.pop(_t, None)
-
-from conftest import make_image  # noqa: E402
+from conftest import make_image
 
 SIZES = [(500, 900), (900, 500), (300, 300), (100, 2000), (1200, 1150)]
 TYPES = ["idefics3", "smolvlm"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _registered():
-    if not _LISTED:
-        _family_registry.register_family(Idefics3Family)
-        _family_registry.register_family(SmolVLMFamily)
-    yield
-    if not _LISTED:
-        for t in ("idefics3", "smolvlm"):
-            _family_registry._REGISTRY.pop(t, None)
 
 
 _MODELS: dict[str, tuple] = {}
@@ -194,3 +174,85 @@ def test_family_metadata():
     with pytest.raises(ValueError, match="no \\[CLS\\]"):
         globalcom2.remove(model)
         globalcom2.apply(model, retention_ratio=0.25, importance="cls")
+
+
+@pytest.mark.parametrize("count", [None, "fixed"])
+def test_embeddings_carry_each_views_run_through_a_file(tmp_path, count):
+    """Image embeddings of a model with one run per view: each view's run is in them and in their file,
+    and the prompt's runs (vanilla, shortened or one per view) are each rewritten to the view's count."""
+    from globalcom2.embeddings import load_embeddings
+    from globalcom2.models.patched_forward import pad_token_id_of
+
+    model, proc = _tiny("idefics3")
+    sizes = [(500, 900), (300, 300)]
+    inputs = _inputs(proc, sizes, ["What?", "And this one?"])
+    opts = {"count": count} if count else {}
+    emb = globalcom2.compress_images(model, inputs, retention_ratio=0.25, **opts)
+    image_id = model.config.image_token_id
+    vanilla = [_runs(row, image_id)[0] for row in inputs["input_ids"].tolist()]
+    assert emb.vanilla_runs == vanilla and [sum(r) for r in emb.runs] == emb.counts
+    back = load_embeddings(emb.save(tmp_path / "e.safetensors"))
+    assert back.runs == emb.runs and back.vanilla_runs == emb.vanilla_runs
+    text = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    globalcom2.apply(model, retention_ratio=0.25, **opts)
+    want = _logits(model, inputs)
+    shortened = globalcom2.get_family(model).prepare_inputs(dict(inputs))
+    with torch.no_grad():
+        assert torch.equal(model(**text, image_embeddings=back).logits, want)
+        ids, _ = back.prompt(inputs["input_ids"], inputs["attention_mask"], pad_token_id=pad_token_id_of(model))
+        assert torch.equal(ids, shortened["input_ids"])  # tags and newlines between the runs kept
+        assert torch.equal(model(input_ids=ids, attention_mask=shortened["attention_mask"], image_embeddings=back).logits, want)
+    globalcom2.remove(model)
+    with torch.no_grad():  # the vanilla model on the embeddings: the patched model's logits
+        assert torch.equal(model(**globalcom2.embed_prompt(model, back, **text)).logits, want)
+
+
+def test_embeddings_refuse_what_cannot_rebuild_the_views_runs():
+    model, proc = _tiny("smolvlm")
+    inputs = _inputs(proc, [(500, 900)])
+    emb = globalcom2.compress_images(model, inputs, retention_ratio=0.25)
+    image_id = model.config.image_token_id
+    one = torch.tensor([[5, image_id, 6]])  # one placeholder for the image: where would the tags go?
+    with pytest.raises(ValueError, match=r"or one per view \(\d+: this model writes one placeholder run per view\)"):
+        emb.prompt(one)
+    globalcom2.apply(model, retention_ratio=0.25)
+    bare = emb.select(0)
+    bare.runs = bare.vanilla_runs = None  # built by hand without the runs
+    with pytest.raises(ValueError, match="carry no per-view placeholder runs"):
+        model(input_ids=inputs["input_ids"], image_embeddings=bare)
+
+
+@pytest.mark.parametrize("method", ["fastv", "globalcom2+fastv"])
+def test_fastv_pictures_trace_each_views_run_back_to_its_view(method):
+    """visualize's FastV masks: the language model's image tokens, run by run (crops row by row, then
+    the global view, each its kept tokens in raster order), traced back to the right view and token."""
+    import numpy as np
+
+    from globalcom2.cli import build_prompt
+    from globalcom2.visualize import visualize
+    from globalcom2.visualize.data import _to_grid
+
+    model, proc = _tiny("smolvlm")
+    image = make_image(500, 900)
+    m = visualize(model, proc, image, (0.5,), method=method, prompt="What is this?").masks[0]
+    inputs = proc(images=[image], text=[build_prompt(proc, "What is this?")], return_tensors="pt")
+    globalcom2.apply(model, method=method, retention_ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    fam = globalcom2.get_family(model)
+    flags = torch.isin(fam.last_visual_positions[0], fam.fastv.last_kept_positions[0]).numpy()
+    n = fam.tokens_per_view
+    if method == "fastv":
+        geom = fam.encode_inputs(inputs).geometries[0]
+        views = [np.arange(n)] * (geom.num_crops + 1)
+    else:
+        plan = fam.last.plans[0]
+        geom = plan.geometry
+        views = [np.flatnonzero(k) for k in plan.crop_keep.numpy()] + [np.sort(plan.thumb_keep.numpy())]
+    crop, thumb, start = np.zeros((geom.num_crops, n), bool), np.zeros(n, bool), 0
+    for v, pos in enumerate(views):
+        (crop[v] if v < geom.num_crops else thumb)[pos[flags[start : start + len(pos)]]] = True
+        start += len(pos)
+    assert start == len(flags) and geom.num_crops > 1
+    assert np.array_equal(m.thumb_kept, thumb.reshape(8, 8)) and np.array_equal(m.crop_kept, _to_grid(crop, geom))
+    assert m.num_tokens == int(flags.sum())

@@ -17,6 +17,12 @@ leaving anything on it. Those sequences
 A prompt for the embeddings may hold, for each image, the vanilla model's placeholders (what the
 model's processor writes), exactly ``n_i`` of them, or one (``"<image>"`` tokenised as is, as
 serving engines expect); :meth:`ImageEmbeddings.prompt` rewrites any of these to ``n_i``.
+
+A model that writes one placeholder run per *view* of an image, with text between the runs
+(Idefics3 / SmolVLM), gets embeddings that carry each view's run (``runs``, ``vanilla_runs``; saved
+in the file too): the prompt is then the processor's, with the vanilla runs, or each run already
+shortened to its view's count, or one placeholder per view; every run is rewritten to its view's
+count and the text between the runs stays (SPEC.md: "every view keeps its own placeholder run").
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ class ImageEmbeddings:
         images: per image, a name (file path for ``globalcom2 embed``), or None.
         plans: per image, what the method decided (None after :func:`load_embeddings`: files hold
             tokens and counts, not plans).
+        runs: per image, the kept tokens of each of its views' placeholder runs (prompt order; they
+            add up to ``n_i``), for a model with one run per view; None: one run per image.
+        vanilla_runs: per image, the vanilla model's placeholders in each of those runs (None with ``runs``).
     """
 
     embeddings: list[torch.Tensor]
@@ -64,6 +73,8 @@ class ImageEmbeddings:
     model: str = ""
     images: list[str] | None = None
     plans: list[Any] | None = field(default=None, repr=False)
+    runs: list[list[int]] | None = None
+    vanilla_runs: list[list[int]] | None = None
 
     # -- what they are -------------------------------------------------------------------------
     @property
@@ -96,7 +107,7 @@ class ImageEmbeddings:
         return ImageEmbeddings(
             embeddings=pick(self.embeddings), vanilla_counts=pick(self.vanilla_counts), config=self.config,
             model_type=self.model_type, image_token_id=self.image_token_id, model=self.model,
-            images=pick(self.images), plans=pick(self.plans),
+            images=pick(self.images), plans=pick(self.plans), runs=pick(self.runs), vanilla_runs=pick(self.vanilla_runs),
         )
 
     def to(self, device: Any = None, dtype: Any = None) -> "ImageEmbeddings":
@@ -119,7 +130,9 @@ class ImageEmbeddings:
 
         Args:
             input_ids: (B, L) with, for every image, either the vanilla model's placeholders (a
-                processor's output), already ``n_i``, or one placeholder (a plain ``"<image>"``).
+                processor's output), already ``n_i``, or one placeholder (a plain ``"<image>"``);
+                with :attr:`runs` (one run per view), each view's run rewritten the same way (one
+                placeholder per view for the last form).
             attention_mask: (B, L) or None; the output's padding is on the same side.
             pad_token_id: id written into new padding.
             image_token_id: the placeholder id (default: the model's, recorded here).
@@ -134,13 +147,21 @@ class ImageEmbeddings:
 
         tok = self.image_token_id if image_token_id is None else int(image_token_id)
         counts, vanilla = self.counts, list(self.vanilla_counts)
-        form = prompt_form(int((input_ids == tok).sum()), counts, vanilla, tok)
+        views = None if self.runs is None else len(self.kept_runs_flat)
+        form = prompt_form(int((input_ids == tok).sum()), counts, vanilla, tok, views=views)
+        if self.runs is not None:  # one run per view: every run rewritten to its view's count
+            counts, vanilla = self.kept_runs_flat, [c for r in self.vanilla_runs or [] for c in r]
         if form == "compressed":
             return input_ids, attention_mask
         if form == "vanilla":
             s = shrink_placeholders(input_ids, tok, vanilla, counts, attention_mask=attention_mask, pad_token_id=pad_token_id)
             return s.input_ids, s.attention_mask
         return expand_placeholders(input_ids, tok, counts, attention_mask=attention_mask, pad_token_id=pad_token_id)
+
+    @property
+    def kept_runs_flat(self) -> list[int]:
+        """Every view's kept count, images in order (``counts`` for one run per image)."""
+        return self.counts if self.runs is None else [int(c) for r in self.runs for c in r]
 
     def inputs_embeds(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L, D) the language model's input for a prompt holding ``n_i`` placeholders per image
@@ -189,6 +210,9 @@ class ImageEmbeddings:
         }
         if self.images is not None:
             meta["images"] = json.dumps(list(self.images))
+        if self.runs is not None:
+            meta["runs"] = json.dumps([[int(c) for c in r] for r in self.runs])
+            meta["vanilla_runs"] = json.dumps([[int(c) for c in r] for r in self.vanilla_runs or []])
         return meta
 
     def save(self, path: str | Path) -> Path:
@@ -274,6 +298,13 @@ def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
     vanilla = _meta_field(meta, "vanilla_counts", path, lambda text: [int(v) for v in json.loads(text)])
     if len(vanilla) != n:
         raise ValueError(f"{path}: metadata field 'vanilla_counts' has {len(vanilla)} entries for {n} images")
+    runs = vanilla_runs = None
+    if "runs" in meta or "vanilla_runs" in meta:  # a model with one placeholder run per view
+        runs = _meta_field(meta, "runs", path, _parse_runs)
+        vanilla_runs = _meta_field(meta, "vanilla_runs", path, _parse_runs)
+        shapes = [len(r) for r in runs] == [len(r) for r in vanilla_runs]
+        if not shapes or [sum(r) for r in runs] != counts or [sum(r) for r in vanilla_runs] != vanilla:
+            raise ValueError(f"{path} is inconsistent: its per-view runs do not add up to its counts and vanilla_counts")
     return ImageEmbeddings(
         embeddings=tensors,
         vanilla_counts=vanilla,
@@ -282,7 +313,17 @@ def load_embeddings(path: str | Path, device: Any = "cpu") -> ImageEmbeddings:
         image_token_id=_meta_field(meta, "image_token_id", path, int),
         model=meta.get("model", ""),
         images=_meta_field(meta, "images", path, json.loads) if "images" in meta else None,
+        runs=runs,
+        vanilla_runs=vanilla_runs,
     )
+
+
+def _parse_runs(text: str) -> list[list[int]]:
+    """A ``runs`` / ``vanilla_runs`` metadata field: per image, a list of non-negative ints."""
+    runs = [[int(c) for c in r] for r in json.loads(text)]
+    if any(c < 0 for r in runs for c in r):
+        raise ValueError("a negative run")
+    return runs
 
 
 def _meta_field(meta: Mapping[str, str], name: str, path: Path, parse: Any) -> Any:
@@ -345,6 +386,12 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
     with torch.no_grad():
         encoded = family.encode_inputs(inputs)
         out = family.compress(encoded)
+    runs = family.image_runs(out)
+    if runs is None and family.per_view_runs():
+        raise ValueError(
+            f"image embeddings are not supported on {family.display_name}: it writes one placeholder run per view "
+            "and its family does not tell each image's runs (Family.image_runs)"
+        )
     return ImageEmbeddings(
         embeddings=[t.detach() for t in out.tokens],
         vanilla_counts=[int(v) for v in out.vanilla_counts],
@@ -353,6 +400,8 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
         image_token_id=int(family.image_token_id),
         model=str(getattr(family.hf_config, "name_or_path", "") or ""),
         plans=list(out.plans),
+        runs=None if runs is None else [list(r) for r in runs.kept],
+        vanilla_runs=None if runs is None else [list(r) for r in runs.prompt],
     )
 
 

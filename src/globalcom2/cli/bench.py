@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if tok is not None:
         tok.padding_side = "left"
     try:
-        inputs = processor(images=batch_images, text=[text] * len(batch_images), return_tensors="pt", padding=True)
+        inputs = processor(images=[[im] for im in batch_images], text=[text] * len(batch_images), return_tensors="pt", padding=True)
     except Exception as e:
         raise CLIError(f"the processor failed on these images/prompt: {one_line(str(e))}") from None
     inputs = to_model(inputs, model)

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         images = [load_image(source) for source in batch]
         text = [build_prompt(processor, "", 1) for _ in batch]
         try:
-            inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+            inputs = processor(images=[[im] for im in images], text=text, return_tensors="pt", padding=True)  # one per prompt
         except Exception as e:
             raise CLIError(f"the processor of {args.model!r} failed on {batch[0]}: {one_line(str(e))}") from None
         try:
@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         vanilla_counts=[v for p in parts for v in p.vanilla_counts],
         config=first.config, model_type=first.model_type, image_token_id=first.image_token_id,
         model=str(args.model), images=[str(s) for s in args.image],
+        runs=None if first.runs is None else [r for p in parts for r in p.runs or []],
+        vanilla_runs=None if first.vanilla_runs is None else [r for p in parts for r in p.vanilla_runs or []],
     )
 
     # 3. Write (atomically), then report.

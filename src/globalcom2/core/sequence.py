@@ -215,19 +215,24 @@ def _counts_on(counts: Sequence[int] | torch.Tensor, device: torch.device) -> tu
     return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True), sum(values)
 
 
-def prompt_form(found: int, counts: Sequence[int], vanilla_counts: Sequence[int], image_token_id: int) -> str:
+def prompt_form(
+    found: int, counts: Sequence[int], vanilla_counts: Sequence[int], image_token_id: int, views: int | None = None
+) -> str:
     """Which placeholders a prompt with ``found`` of them holds for images of ``counts`` tokens:
     ``"compressed"`` (``n_i`` each), ``"vanilla"`` (the vanilla model's) or ``"one"`` (one each);
-    ``ValueError`` for none of them (checked in this order)."""
+    ``ValueError`` for none of them (checked in this order). ``views``: the images' placeholder
+    runs in all, for a model that writes one run per view (:class:`ViewRuns`); ``"one"`` is then
+    one placeholder per view (the text between the runs kept), never one per image."""
     if found == sum(counts):
         return "compressed"
     if found == sum(vanilla_counts):
         return "vanilla"
-    if found == len(counts):
+    if found == (len(counts) if views is None else views):
         return "one"
+    one = "one per image" if views is None else f"one per view ({views}: this model writes one placeholder run per view)"
     raise ValueError(
         f"the prompt holds {found} image placeholder tokens (id {image_token_id}), but these {len(counts)} image "
-        f"embedding(s) need {sum(counts)} ({'+'.join(map(str, counts)) or '0'}), or one per image, or the vanilla "
+        f"embedding(s) need {sum(counts)} ({'+'.join(map(str, counts)) or '0'}), or {one}, or the vanilla "
         f"model's {sum(vanilla_counts)}"
     )
 

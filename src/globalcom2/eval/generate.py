@@ -33,8 +33,7 @@ def generate_batch(model: Any, processor: Any, samples: Sequence[Sample], max_ne
     texts = []
     for s in samples:
         img = s.load_image()
-        if img is not None:
-            images.append(img)
+        images.append([img] if img is not None else [])  # nested per prompt
         texts.append(build_prompt(processor, s.prompt, num_images=int(img is not None)))
     tok = getattr(processor, "tokenizer", processor)
     old_side = getattr(tok, "padding_side", None)
@@ -42,7 +41,7 @@ def generate_batch(model: Any, processor: Any, samples: Sequence[Sample], max_ne
         if old_side is not None:
             tok.padding_side = "left"
         try:
-            inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+            inputs = processor(images=images if any(images) else None, text=texts, return_tensors="pt", padding=True)
         except Exception as e:
             ids = ", ".join(repr(s.id) for s in samples)
             raise RuntimeError(f"the processor failed on sample(s) {ids}: {' '.join(str(e).split())}") from e

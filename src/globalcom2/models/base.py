@@ -292,6 +292,18 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         (:class:`globalcom2.core.sequence.ViewRuns`); None (the default): one run per image."""
         return None
 
+    def per_view_runs(self) -> bool:
+        """Whether the prompt holds one placeholder run per view (the family overrides :meth:`placeholder_runs`)."""
+        return type(self).placeholder_runs is not Family.placeholder_runs
+
+    def image_runs(self, compressed: CompressedImages) -> Any:
+        """Per image and view, from the compressed images alone, the vanilla model's runs
+        (``prompt``) and the runs the language model gets (``kept``), as a
+        :class:`globalcom2.core.sequence.ViewRuns`: what image embeddings carry to rebuild each
+        view's run without the pixels. None (the default): one run per image. A family that
+        overrides :meth:`placeholder_runs` must override this too (else image embeddings refuse it)."""
+        return None
+
     def processed_runs(self, image_inputs: Mapping[str, Any], processor: Any, config: Any = None) -> "list[list[int]] | None":
         """Per image of a processor's image output, the compressed count of each view's run (what a
         patched processor writes, with :meth:`runs_text`); None (the default): one run per image."""

@@ -134,9 +134,13 @@ class Idefics3Family(Family):
     layouts = ("spatial",)
     image_inputs = ("pixel_attention_mask", "image_grids")
     tower_kind = "a SigLIP-like"
-    #: Idefics3-8B's language model is Llama 3.1 8B (its config.json could not be read here, so no
-    #: entry is written from memory; see the report of issue 27).
-    language_models: dict[str, tuple[Any, ...]] = {}
+    #: The public checkpoint's language model (Llama 3 8B), as :class:`globalcom2.efficiency.LMArch`
+    #: fields (name, layers, hidden, heads, kv heads, head dim, intermediate, vocab): the
+    #: ``text_config`` of its config.json (no download is possible in this project: the values as
+    #: public code that parses that file quotes them; vocab 128259, Llama 3's 128256 + 3 added tokens).
+    language_models: dict[str, tuple[Any, ...]] = {
+        "HuggingFaceM4/Idefics3-8B-Llama3": ("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128259),
+    }
     default_text_model_type = "llama"
     #: The published checkpoint's geometry: longest edge 4 x 364 px, 364 px views, 14 px patches,
     #: pixel shuffle 2 (169 tokens per view).
@@ -432,14 +436,25 @@ class Idefics3Family(Family):
             start += v
         return out
 
+    @staticmethod
+    def _plan_grids(compressed: CompressedImages) -> list[tuple[int, int]]:
+        """Per image, (rows, cols) of its crops from its plan's geometry ((0, 0): one view)."""
+        return [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
+
     def placeholder_runs(self, input_ids: torch.Tensor, compressed: CompressedImages) -> Any:
         """The prompt's runs and the runs the language model gets, per image and view
         (:class:`globalcom2.core.sequence.ViewRuns`): each view's run is shortened to its count."""
         found = self.prompt_views(input_ids)
         views = [len(r) for r, _ in found]
-        grids = [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
-        kept = self._kept_runs(views, grids, compressed.plans, self.vision_config)
+        kept = self._kept_runs(views, self._plan_grids(compressed), compressed.plans, self.vision_config)
         return sequence.ViewRuns(prompt=[r for r, _ in found], kept=kept)
+
+    def image_runs(self, compressed: CompressedImages) -> Any:
+        """The vanilla runs (``tokens_per_view`` each) and kept runs per image and view, from the plans alone."""
+        grids = self._plan_grids(compressed)
+        views = [1 if g == (0, 0) else 1 + g[0] * g[1] for g in grids]
+        kept = self._kept_runs(views, grids, compressed.plans, self.vision_config)
+        return sequence.ViewRuns(prompt=[[self.tokens_per_view] * v for v in views], kept=kept)
 
     # -- counts from the size (count first) -----------------------------------------------------
     def _grid_of(self, hw: tuple[int, int], processor: Any = None) -> tuple[int, int]:
@@ -557,7 +572,14 @@ class SmolVLMFamily(Idefics3Family):
     display_name = "SmolVLM"
     example_checkpoint = "HuggingFaceTB/SmolVLM-256M-Instruct"
     model_names = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
-    language_models: dict[str, tuple[Any, ...]] = {}
+    #: SmolVLM-256M / 500M's language models (SmolLM2-135M / 360M; their ``text_config``, vocab 49280
+    #: with the image tokens), the checkpoints of the default geometry below. SmolVLM-Instruct (2B:
+    #: 384 px views, pixel shuffle 3) is supported but not listed: its visual-token cap is not the
+    #: default's (efficiency reads it from a local config.json).
+    language_models: dict[str, tuple[Any, ...]] = {
+        "HuggingFaceTB/SmolVLM-256M-Instruct": ("smollm2-135m", 30, 576, 9, 3, 64, 1536, 49280),
+        "HuggingFaceTB/SmolVLM-500M-Instruct": ("smollm2-360m", 32, 960, 15, 5, 64, 2560, 49280),
+    }
     #: SmolVLM-256M / 500M's geometry: longest edge 4 x 512 px, 512 px views, 16 px patches, pixel
     #: shuffle 4 (64 tokens per view).
     default_longest_edge, default_view, default_patch, default_scale = 4 * 512, 512, 16, 4

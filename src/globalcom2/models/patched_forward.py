@@ -60,7 +60,7 @@ class PatchedForward:
         if given is not None:  # precomputed embeddings: no vision tower
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 raise ValueError(f"pass either pixel_values or {EMBEDDINGS_KWARG}, not both")
-            compressed, prompt_counts, input_ids, mask = self._given_images(given, input_ids, mask, kwargs)
+            compressed, prompt_counts, input_ids, mask, given_runs = self._given_images(given, input_ids, mask, kwargs)
             alt_counts = None
         else:
             encoded = self.encode(pixel_values, **image_inputs)
@@ -73,7 +73,7 @@ class PatchedForward:
                 forms.reverse()
             prompt_counts, alt_counts = forms
         shrink_from, shrink_to = prompt_counts, compressed.counts
-        runs = self.placeholder_runs(input_ids, compressed) if given is None else None
+        runs = self.placeholder_runs(input_ids, compressed) if given is None else given_runs
         if runs is not None:  # one run per view (Family.placeholder_runs): each shortened to its view's count
             shrink_from, shrink_to, alt_counts = runs.prompt_flat, runs.kept_flat, None
             prompt_counts = runs.prompt_totals
@@ -116,12 +116,15 @@ class PatchedForward:
 
     def _given_images(
         self, given: Any, input_ids: "torch.Tensor", mask: "torch.Tensor | None", kwargs: dict[str, Any]
-    ) -> tuple[CompressedImages, list[int], "torch.Tensor", "torch.Tensor | None"]:
+    ) -> tuple[CompressedImages, list[int], "torch.Tensor", "torch.Tensor | None", Any]:
         """Precomputed :class:`~globalcom2.embeddings.ImageEmbeddings` as this call's compressed images.
 
         Returns the images, the placeholders per image the prompt holds (the vanilla model's or
         ``n_i``; a prompt with one placeholder per image is expanded to ``n_i`` here, in
-        ``input_ids`` / ``mask`` / ``kwargs``), and the possibly expanded ``input_ids`` and ``mask``.
+        ``input_ids`` / ``mask`` / ``kwargs``), the possibly expanded ``input_ids`` and ``mask``,
+        and, for a family with one run per view, the prompt's and the kept runs
+        (:class:`~globalcom2.core.sequence.ViewRuns`, from the embeddings' ``runs``; else None).
+        A prompt with one placeholder per view is expanded to the kept runs here.
         """
         # Recognised by what it carries, not by its class: globalcom2.embeddings sits above the
         # model families (it uses the public API) and is not imported from here.
@@ -141,9 +144,22 @@ class PatchedForward:
                 "they come from another model"
             )
         counts = given.counts
+        kept_runs, vanilla_runs = getattr(given, "runs", None), getattr(given, "vanilla_runs", None)
+        if self.per_view_runs() and (kept_runs is None or vanilla_runs is None):
+            raise ValueError(
+                f"these image embeddings carry no per-view placeholder runs, which {self.display_name} needs "
+                "(one run per view): compute them with globalcom2.compress_images on this model"
+            )
+        if not self.per_view_runs():
+            kept_runs = None
+        views = None if kept_runs is None else sum(len(r) for r in kept_runs)
         found = int((input_ids == self.image_token_id).sum())
-        form = sequence.prompt_form(found, counts, given.vanilla_counts, self.image_token_id)
+        form = sequence.prompt_form(found, counts, given.vanilla_counts, self.image_token_id, views=views)
         prompt_counts = list(given.vanilla_counts) if form == "vanilla" else counts
+        runs = None
+        if kept_runs is not None:
+            runs = sequence.ViewRuns(prompt=[list(r) for r in (vanilla_runs if form == "vanilla" else kept_runs)],
+                                     kept=[list(r) for r in kept_runs])
         if form == "one":
             if kwargs.get("labels") is not None:
                 raise ValueError(
@@ -151,7 +167,8 @@ class PatchedForward:
                     "not one placeholder per image"
                 )
             input_ids, mask = sequence.expand_placeholders(
-                input_ids, self.image_token_id, counts, attention_mask=mask, pad_token_id=self._pad_token_id()
+                input_ids, self.image_token_id, counts if runs is None else runs.kept_flat, attention_mask=mask,
+                pad_token_id=self._pad_token_id(),
             )
             kwargs["input_ids"] = input_ids
             if mask is not None:
@@ -160,7 +177,7 @@ class PatchedForward:
                 kwargs["position_ids"] = torch.zeros_like(input_ids)  # rebuilt from the new mask below
         plans = list(given.plans) if given.plans is not None else [None] * len(counts)
         images = CompressedImages(tokens=list(given.embeddings), plans=plans, vanilla_counts=list(given.vanilla_counts))
-        return images, prompt_counts, input_ids, mask
+        return images, prompt_counts, input_ids, mask, runs
 
     def _check_context(self, length: int) -> None:
         """Warn once per applied adapter when a prompt (visual tokens included) exceeds the language

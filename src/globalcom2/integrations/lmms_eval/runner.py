@@ -68,11 +68,16 @@ class Runner:
         images = 0 if self.image_token in context else num_images
         return build_prompt(self.processor, context, images, chat_template=self.chat_template)
 
-    def _inputs(self, prompts: list[str], images: list[Any]) -> Any:
-        inputs = self.processor(images=images or None, text=prompts, return_tensors="pt", padding=True)
+    def _inputs(self, prompts: list[str], images: list[list[Any]]) -> Any:
+        """The processor's batch for ``prompts``, ``images[i]`` the images of prompt ``i`` (nested per
+        prompt: a processor such as Idefics3's cannot split a flat list between several prompts)."""
+        any_image = any(len(v) for v in images)
+        inputs = self.processor(images=[list(v) for v in images] if any_image else None, text=prompts, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        if key in inputs:
+            inputs[key] = inputs[key].to(self.model.dtype)
         return inputs
 
     def _record_stats(self, rows_with_images: list[bool]) -> None:
@@ -113,7 +118,7 @@ class Runner:
             hf_kwargs, stops = generation_settings(requests[batch[0]].gen_kwargs, self.max_new_tokens)
             visuals = [_load(requests[i].visuals) for i in batch]
             prompts = [self.build_prompt(requests[i].context, len(v)) for i, v in zip(batch, visuals)]
-            inputs = self._inputs(prompts, [im for v in visuals for im in v])
+            inputs = self._inputs(prompts, [list(v) for v in visuals])
             if stops:
                 hf_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
             with torch.inference_mode():
@@ -152,7 +157,7 @@ class Runner:
         n_cont = len(full_ids) - common
         if n_cont <= 0:
             return Score(0.0, 0, True)
-        inputs = self._inputs([full], visuals)
+        inputs = self._inputs([full], [list(visuals)])
         with torch.inference_mode():
             logits = self.model(**inputs, use_cache=False).logits
         # A first token with nothing before it (empty prompt, no BOS) has no prediction.
