@@ -76,8 +76,6 @@ class Runner:
         inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        if key in inputs:
-            inputs[key] = inputs[key].to(self.model.dtype)
         return inputs
 
     def _record_stats(self, rows_with_images: list[bool]) -> None:
