@@ -168,3 +168,39 @@ def test_cls_refused_and_official_layout_refused(tiny_phi4):
         globalcom2.apply(model, method="globalcom2", importance="cls")
     with pytest.raises(ValueError, match="layout"):
         globalcom2.apply(model, method="globalcom2", layout="official")
+
+
+def test_step4_stretches_the_global_map_over_the_padded_canvas(tiny_phi4):
+    """The processor's global view is the padded canvas resized to one view, so Step 4's global
+    piece of a crop token is the thumbnail's map resized to the whole rows*16 x cols*16 grid,
+    padding included, read at that token (not the map squeezed into the unpadded area)."""
+    import torch.nn.functional as F
+
+    from globalcom2.core.geometry import CanvasCropGeometry, CropGeometry, grid_to_crops
+    from globalcom2.core.plans import select_crop_tokens
+    from globalcom2.models.phi4_multimodal import Phi4MultimodalFamily
+
+    model, processor = tiny_phi4
+    inputs = _inputs(processor, [(500, 900)])  # 2 x 3 canvas, padding at the bottom
+    adapter = Phi4MultimodalFamily(model, GlobalCom2Config(layout="spatial"))
+    with torch.no_grad():
+        enc = adapter.encode_inputs(inputs)
+    geom, imp = enc.geometries[0], enc.importance[0].double()
+    assert isinstance(geom, CanvasCropGeometry) and (geom.grid_h, geom.grid_w) == (2, 3)
+    assert geom.row1 < geom.height and geom.col1 == geom.width  # padded rows: the two mappings differ
+    s = geom.side
+    full = F.interpolate(imp[0].view(1, 1, s, s), size=(geom.height, geom.width), mode="bilinear", align_corners=False)[0, 0]
+    glob = torch.zeros(geom.height, geom.width, dtype=torch.float64)
+    glob[: geom.row1, : geom.col1] = full[: geom.row1, : geom.col1]
+    glob = grid_to_crops(glob, geom)  # (C, N)
+    valid = grid_to_crops(torch.arange(geom.height)[:, None].expand(-1, geom.width) < geom.row1, geom)
+    expected = torch.where(valid, glob, 0.0)
+    expected = expected / expected.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    expected = expected.masked_fill(~valid, float("-inf"))
+    ratios = torch.full((geom.num_crops,), 0.25, dtype=torch.float64)
+    _, _, score = select_crop_tokens(imp[1:], imp[0], geom, ratios, scoring="global_only")
+    torch.testing.assert_close(score, expected, rtol=0, atol=1e-12)
+    # the plain geometry squeezes the map into the unpadded area: another score
+    squeezed = CropGeometry(s, geom.grid_h, geom.grid_w, geom.row0, geom.row1, geom.col0, geom.col1)
+    _, _, other = select_crop_tokens(imp[1:], imp[0], squeezed, ratios, scoring="global_only")
+    assert not torch.allclose(other[valid], score[valid])

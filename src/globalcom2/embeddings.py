@@ -379,10 +379,10 @@ def compress_images(model: Any, inputs: Mapping[str, Any], config: Any = None, *
 
     # A prompt from a processor patched with apply(..., processor=...) carries compressed counts.
     family.processor_patch = getattr(get_family(target), "processor_patch", None)
-    pixel_values = inputs.get("pixel_values") if hasattr(inputs, "get") else None
+    pixel_values = inputs.get(family.pixel_inputs) if hasattr(inputs, "get") else None
     if pixel_values is None:
-        raise ValueError("inputs must hold pixel_values (the model's processor output for the images)")
-    check_image_inputs(pixel_values, inputs)  # a list, image_sizes of zeros: named, before any encoding
+        raise ValueError(f"inputs must hold {family.pixel_inputs} (the model's processor output for the images)")
+    check_image_inputs(pixel_values, inputs, family.pixel_inputs)  # a list, image_sizes of zeros: named, before any encoding
     with torch.no_grad():
         encoded = family.encode_inputs(inputs)
         out = family.compress(encoded)

@@ -50,11 +50,23 @@ def greedy_kwargs(tokenizer: Any, max_new_tokens: int) -> dict[str, Any]:
     return kwargs
 
 
+def pixel_key(model: Any) -> str:
+    """The processor's key of the images' pixels for ``model``'s family (``Family.pixel_inputs``:
+    ``pixel_values``, Phi-4-multimodal's ``image_pixel_values``); ``pixel_values`` when no family handles it."""
+    from .models import family_for
+
+    try:
+        return family_for(model).pixel_inputs
+    except ValueError:
+        return "pixel_values"
+
+
 def to_model(inputs: Any, model: Any) -> Any:
-    """Processor output moved to ``model``'s device, ``pixel_values`` cast to its dtype."""
+    """Processor output moved to ``model``'s device, its pixels (:func:`pixel_key`) cast to its dtype."""
     inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    key = pixel_key(model)
+    if key in inputs:
+        inputs[key] = inputs[key].to(model.dtype)
     return inputs
 
 

@@ -59,7 +59,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import CropGeometry
+from .geometry import CanvasCropGeometry, CropGeometry
 from .batch_host import _Host, _host, host_tables
 from .budgets import _check_count, fixed_budgets
 from .importance import SCORE_DTYPE
@@ -95,10 +95,11 @@ class BatchPlan:
 
 def is_batchable(geom: CropGeometry | None, views: int) -> bool:
     """Whether :func:`plan_batch` handles an image: a single view, or a plain crop grid (not a
-    :class:`~globalcom2.core.resized.ResizedCropGeometry`, whose per-crop step is its own)."""
+    :class:`~globalcom2.core.resized.ResizedCropGeometry`, whose per-crop step is its own, nor a
+    :class:`~globalcom2.core.geometry.CanvasCropGeometry`, whose Step 4 map spans the padding)."""
     if geom is None or views == 1:
         return True
-    return getattr(geom, "src_row1", None) is None
+    return getattr(geom, "src_row1", None) is None and not isinstance(geom, CanvasCropGeometry)
 
 
 def _consecutive(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CropGeometry", "crop_geometry", "crops_to_grid", "grid_to_crops", "unpad_bounds", "valid_mask"]
+__all__ = ["CanvasCropGeometry", "CropGeometry", "crop_geometry", "crops_to_grid", "grid_to_crops", "unpad_bounds", "valid_mask"]
 
 
 
@@ -94,6 +94,15 @@ class CropGeometry:
         """Visual tokens vanilla LLaVA-NeXT feeds for this image: thumbnail + unpadded rows, each
         followed by one newline (a zero-width area still gets its rows' newlines, as in HF)."""
         return self.side * self.side + self.valid_rows * (self.valid_cols + 1)
+
+
+@dataclass(frozen=True)
+class CanvasCropGeometry(CropGeometry):
+    """A crop grid whose thumbnail is the whole padded canvas squeezed to one view (Phi-4-multimodal's
+    global view), not the image alone: Step 4 stretches the thumbnail's map over the whole ``H x W``
+    joint grid and cuts the unpadded rectangle out of it (:func:`globalcom2.core.plans.select_crop_tokens`),
+    instead of stretching it over the unpadded rectangle. Step 2's regions are the crop grid's on
+    the thumbnail either way."""
 
 
 def crop_geometry(image_hw: tuple[int, int], grid_hw: tuple[int, int], side: int) -> CropGeometry:

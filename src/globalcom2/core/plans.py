@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .budgets import _floor_count, crop_budgets, crop_retention_ratios, keep_best, thumbnail_keep_indices
-from .geometry import CropGeometry, crops_to_grid, grid_to_crops, valid_mask
+from .geometry import CanvasCropGeometry, CropGeometry, crops_to_grid, grid_to_crops, valid_mask
 from .importance import SCORE_DTYPE
 from .layouts import CompressionPlan, _check_layout, assemble_plan, gather_features
 
@@ -122,14 +122,17 @@ def select_crop_tokens(
     c, n = crop_importance.shape
     valid = valid_mask(geom, dev)  # (C, N)
     glob = torch.zeros(geom.height, geom.width, dtype=SCORE_DTYPE, device=dev)  # (H, W)
+    canvas = isinstance(geom, CanvasCropGeometry)  # the thumbnail shows the padded canvas: stretch it over H x W
     if not geom.is_empty:
         s = geom.side
         resized = F.interpolate(
             thumb_importance.to(SCORE_DTYPE).reshape(1, 1, s, s),
-            size=(geom.valid_rows, geom.valid_cols),
+            size=(geom.height, geom.width) if canvas else (geom.valid_rows, geom.valid_cols),
             mode="bilinear",
             align_corners=False,
-        )[0, 0]  # (valid_rows, valid_cols)
+        )[0, 0]  # (H, W) or (valid_rows, valid_cols)
+        if canvas:
+            resized = resized[geom.row0 : geom.row1, geom.col0 : geom.col1]
         glob[geom.row0 : geom.row1, geom.col0 : geom.col1] = resized
     glob = grid_to_crops(glob, geom)  # (C, N)
     score = holistic_scores(crop_importance.to(SCORE_DTYPE), glob, valid, scoring)

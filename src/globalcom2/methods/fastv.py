@@ -309,8 +309,9 @@ class FastVPatch:
             )
         self._check_attn_impl()
         attn = getattr(layers[k - 1], "self_attn", None)
-        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj"):
-            raise ValueError(f"decoder layer {k - 1} has no `self_attn.q_proj` / `self_attn.k_proj`")
+        fused = attn is not None and hasattr(attn, "qkv_proj")  # Phi-3-style fused projection
+        if attn is None or not fused and (not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj")):
+            raise ValueError(f"decoder layer {k - 1} has no `self_attn.q_proj` / `self_attn.k_proj` (or a fused `qkv_proj`)")
         return layers, attn
 
     def install(self) -> None:
@@ -340,11 +341,11 @@ class FastVPatch:
         if chunk and "chunked_attention" in (getattr(cfg, "layer_types", None) or ()) and (self._window is None or chunk < self._window):
             self._window, self._window_name = int(chunk), "attention_chunk_size"
 
-        self._hooks = [
-            attn.q_proj.register_forward_hook(self._hook_q),
-            attn.k_proj.register_forward_hook(self._hook_k),
-            attn.register_forward_pre_hook(self._hook_attn_pre, with_kwargs=True),
-        ]
+        if hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
+            projections = [attn.q_proj.register_forward_hook(self._hook_q), attn.k_proj.register_forward_hook(self._hook_k)]
+        else:  # fused ``qkv_proj`` (Phi-3 / Phi-4-multimodal): q, k, v side by side on the last dimension
+            projections = [attn.qkv_proj.register_forward_hook(self._hook_qkv)]
+        self._hooks = [*projections, attn.register_forward_pre_hook(self._hook_attn_pre, with_kwargs=True)]
         self._saved = []
         try:
             self._set_forward(lm, self._make_lm_forward(lm.forward))
@@ -422,6 +423,11 @@ class FastVPatch:
         call = self._call
         if call is not None and call.mode == "prefill" and call.k is None:
             call.k = output
+
+    def _hook_qkv(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        q = self._n_heads * self._head_dim
+        self._hook_q(module, args, output[..., :q])
+        self._hook_k(module, args, output[..., q : q + self._n_kv * self._head_dim])
 
     def _hook_attn_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         call = self._call
@@ -586,11 +592,15 @@ class FastVPatch:
         if cos.dim() != 3:
             raise ValueError(f"FastV expects (B, T, D) rotary cos/sin, got shape {tuple(cos.shape)}")
         cos, sin = _batched(cos, batch), _batched(sin, batch)  # (B, T, D)
-        cos_l = cos.gather(1, last.view(batch, 1, 1).expand(batch, 1, d))  # (B, 1, D)
-        sin_l = sin.gather(1, last.view(batch, 1, 1).expand(batch, 1, d))
-        q = q * cos_l + _rotate_half(q) * sin_l  # (B, H, D)
-        k = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]  # (B, T, G, D)
-        return q, k
+        r = cos.shape[-1]  # partial rotary (Phi-3's partial_rotary_factor): the first r <= D dims only
+        cos_l = cos.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))  # (B, 1, r)
+        sin_l = sin.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))
+        q_r, k_r = q[..., :r], k[..., :r]
+        q_r = q_r * cos_l + _rotate_half(q_r) * sin_l  # (B, H, r)
+        k_r = k_r * cos[:, :, None] + _rotate_half(k_r) * sin[:, :, None]  # (B, T, G, r)
+        if r == d:
+            return q_r, k_r
+        return torch.cat([q_r, q[..., r:]], dim=-1), torch.cat([k_r, k[..., r:]], dim=-1)
 
     def _keep(self, call: _Call, logits: torch.Tensor, last: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept positions from layer K-1's logits of the last token (see :meth:`_select`)."""

@@ -164,6 +164,9 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     #: Keyword arguments of ``forward`` that describe the images, consumed with ``pixel_values``
     #: and handed to :meth:`encode`.
     image_inputs: ClassVar[tuple[str, ...]] = ()
+    #: The processor's / ``forward``'s keyword argument holding the images' pixels (what
+    #: :meth:`encode` takes as ``pixel_values``; Phi-4-multimodal: ``image_pixel_values``).
+    pixel_inputs: ClassVar[str] = "pixel_values"
     #: Public checkpoints' language models by hub id, as :class:`globalcom2.efficiency.LMArch`
     #: fields (the efficiency model reads them offline).
     language_models: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -215,7 +218,7 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     def encode_inputs(self, inputs: Any) -> EncodedImages:
         """:meth:`encode` the images of a processor's output (``pixel_values`` and the family's
         :attr:`image_inputs` found in it)."""
-        return self.encode(inputs["pixel_values"], **{k: inputs[k] for k in self.image_inputs if k in inputs})
+        return self.encode(inputs[self.pixel_inputs], **{k: inputs[k] for k in self.image_inputs if k in inputs})
 
     def view_grid(self, inputs: Any, index: int = 0) -> tuple[int, int] | None:
         """(rows, columns) of the crop grid of image ``index`` of a processor's output, or None

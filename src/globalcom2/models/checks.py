@@ -19,14 +19,15 @@ torch = lazy_module("torch")
 EMBEDDINGS_KWARG = "image_embeddings"
 
 
-def check_call_inputs(call: dict[str, Any]) -> None:
+def check_call_inputs(call: dict[str, Any], pixel_inputs: str = "pixel_values") -> None:
     """The checks of a patched call's inputs that every family shares, before anything is read
     from them: ``pixel_values`` a tensor; with images, ``input_ids`` / ``attention_mask`` (batch,
     length) tensors; ``image_sizes`` positive pairs (see :func:`check_image_inputs`). TypeError /
-    ValueError naming the argument, instead of an AttributeError or a division by zero deep inside."""
-    pixel_values = call.get("pixel_values")
+    ValueError naming the argument, instead of an AttributeError or a division by zero deep inside.
+    ``pixel_inputs``: the family's name of the pixels' argument (:attr:`Family.pixel_inputs`)."""
+    pixel_values = call.get(pixel_inputs)
     if pixel_values is not None:
-        check_image_inputs(pixel_values, call)
+        check_image_inputs(pixel_values, call, pixel_inputs)
     if pixel_values is None and call.get(EMBEDDINGS_KWARG) is None:
         return
     for name in ("input_ids", "attention_mask"):
@@ -36,14 +37,14 @@ def check_call_inputs(call: dict[str, Any]) -> None:
             raise TypeError(f"{name} must be a (batch, length) torch.Tensor (the processor's return_tensors='pt'), got {what}")
 
 
-def check_image_inputs(pixel_values: Any, image_inputs: Mapping[str, Any]) -> None:
+def check_image_inputs(pixel_values: Any, image_inputs: Mapping[str, Any], name: str = "pixel_values") -> None:
     """The checks of a call's images that every family shares, before any encoding: ``pixel_values``
     a tensor, ``image_sizes`` (where given) positive ``(height, width)`` pairs (TypeError /
     ValueError naming the argument, instead of a division by zero deep in the geometry)."""
     if pixel_values is None:
-        raise ValueError("pixel_values are required (the processor's output for the images)")
+        raise ValueError(f"{name} are required (the processor's output for the images)")
     if not torch.is_tensor(pixel_values):
-        raise TypeError(f"pixel_values must be a torch.Tensor (the processor's return_tensors='pt'), got {type(pixel_values).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (the processor's return_tensors='pt'), got {type(pixel_values).__name__}")
     sizes = image_inputs.get("image_sizes")
     if sizes is None:
         return

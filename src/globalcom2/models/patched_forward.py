@@ -41,7 +41,7 @@ class PatchedForward:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         kwargs = dict(kwargs)
-        pixel_values = kwargs.pop("pixel_values", None)
+        pixel_values = kwargs.pop(self.pixel_inputs, None)
         image_inputs = {name: kwargs.pop(name, None) for name in self.image_inputs}
         given = kwargs.pop(EMBEDDINGS_KWARG, None)
         input_ids = kwargs.get("input_ids")
@@ -193,9 +193,8 @@ class PatchedForward:
             stacklevel=4,
         )
 
-    @staticmethod
-    def _has_images(kwargs: dict[str, Any]) -> bool:
-        pv = kwargs.get("pixel_values")
+    def _has_images(self, kwargs: dict[str, Any]) -> bool:
+        pv = kwargs.get(self.pixel_inputs)
         return pv is not None and pv.shape[0] > 0
 
     def _compresses(self, call: dict[str, Any]) -> bool:
@@ -228,7 +227,7 @@ class PatchedForward:
         cache given in the caller's coordinates (the caller's growing ``attention_mask``) is
         translated to the cache's (:func:`~.calls.caller_step`)."""
         call = bind_arguments(original, args, kwargs)
-        check_call_inputs(call)
+        check_call_inputs(call, self.pixel_inputs)
         own = _calls.GENERATE_CALL.get() is None  # the caller's own call, not a step of a patched generate
         prefill = _calls.is_prefill(call)
         turn = None

@@ -147,7 +147,7 @@ class PatchedGenerate:
         if mask is not None:
             head_mask = torch.cat([turn.head_mask().to(mask), mask[:, t0:split]], dim=1)
             tail_mask = mask[:, split:]
-        images = {k: call.pop(k) for k in ("pixel_values", EMBEDDINGS_KWARG, *self.image_inputs) if k in call}
+        images = {k: call.pop(k) for k in (self.pixel_inputs, EMBEDDINGS_KWARG, *self.image_inputs) if k in call}
         images = {k: v for k, v in images.items() if v is not None}
         if self._compresses(images) and bool((tail == self.image_token_id).any()):
             part = {"input_ids": tail, **images}

@@ -24,9 +24,12 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Any further family with a global view
   ``get_img_features`` and builds and projects each image's vanilla sequence exactly as the model
   does; the features handed to the methods are rows gathered from that projected sequence, so
   keep-all equals vanilla bit for bit.
-* Views thumbnail (global) first with a :class:`~globalcom2.core.geometry.CropGeometry` whose
+* Views thumbnail (global) first with a :class:`~globalcom2.core.geometry.CanvasCropGeometry` whose
   unpadded rectangle is ``[0, useful_h) x [0, useful_w)`` (the model's own unpadding: padding sits
-  at the bottom / right). :meth:`Phi4MultimodalFamily.compress` writes the model's order: crop
+  at the bottom / right). The processor's global view is the padded canvas resized, so Step 2's
+  regions are the crop grid's on the whole thumbnail and Step 4 stretches the thumbnail's map over
+  the whole ``rows*16 x cols*16`` grid, padding included, then reads the unpadded part (not the
+  map squeezed into the unpadded area). :meth:`Phi4MultimodalFamily.compress` writes the model's order: crop
   rows (kept tokens, raster order) each with its ``sub_GN``, ``glb_GN``, global rows (kept tokens)
   each with its ``sub_GN``.
 * Importance: ``auto`` = ``similarity`` (no [CLS]) on the pooled tokens (what the projector
@@ -106,9 +109,12 @@ def _tokens_valid(patches: int) -> int:
 
 
 def _geometry(rows: int, cols: int, useful_h: int, useful_w: int, side: int) -> Any:
-    from ..core.geometry import CropGeometry
+    """The crop grid with its unpadded area at the top left; a canvas geometry: the global view is
+    the padded canvas squeezed to one view (the processor resizes the padded image), so Step 4
+    stretches the global map over the whole grid, padding included, and reads the unpadded part."""
+    from ..core.geometry import CanvasCropGeometry
 
-    return CropGeometry(side=side, grid_h=rows, grid_w=cols, row0=0, row1=useful_h, col0=0, col1=useful_w)
+    return CanvasCropGeometry(side=side, grid_h=rows, grid_w=cols, row0=0, row1=useful_h, col0=0, col1=useful_w)
 
 
 def _tiny_image_processor_class() -> type:
@@ -219,6 +225,7 @@ class Phi4MultimodalFamily(Family):
     model_names = ("Phi4MultimodalForCausalLM", "Phi4MultimodalModel")
     layouts = ("spatial",)
     image_inputs = ("image_sizes", "image_attention_mask")
+    pixel_inputs = "image_pixel_values"
     attention_attributes = ("q_proj", "k_proj", "num_heads", "scaling")
     tower_kind = "a SigLIP-like"
     #: No public config of the checkpoint's language model could be read and cited here: left empty.
@@ -394,19 +401,25 @@ class Phi4MultimodalFamily(Family):
         return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
 
     def _pool(self, feats: Any, geom: Any, ratio: float, sep: Any) -> tuple[Any, Any]:
-        """The pooling baseline: every view pooled to ``t x t`` on its own; the crops' pooled joint grid
-        row by row with ``sub_GN``, ``glb_GN``, the global view's pooled rows with ``sub_GN`` (padding
-        pooled in, as a lower-resolution view of the canvas)."""
-        pooled, t = tiles.pool_tiled_views(feats, ratio)  # crops in order, then the global view
-        d = feats.shape[-1]
-        sep = sep.to(pooled) if sep is not None else pooled.new_zeros(2, d)
-        gh, gw = geom.grid_h, geom.grid_w
-        crops = pooled[: gh * gw * t * t].reshape(gh, gw, t, t, d).transpose(1, 2).reshape(gh * t, gw * t, d)
-        crops = torch.cat([crops, sep[0].expand(gh * t, 1, d)], dim=1).reshape(-1, d)
-        glob = pooled[gh * gw * t * t :].reshape(t, t, d)
+        """The pooling baseline, the model's arrangement at a lower resolution: the crops' unpadded
+        ``uh x uw`` area pooled to ``pooled_side(uh, R) x pooled_side(uw, R)`` row by row with
+        ``sub_GN``, ``glb_GN``, the global view pooled to ``t x t`` row by row with ``sub_GN``
+        (``adaptive_avg_pool2d``; R = 1 is the vanilla sequence)."""
+        from ..core.geometry import crops_to_grid
+
+        s, d = geom.side, feats.shape[-1]
+        sep = sep.to(feats) if sep is not None else feats.new_zeros(2, d)
+        t = tiles.pooled_side(s, ratio)
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        glob = pool(feats[0].reshape(s, s, d).permute(2, 0, 1), (t, t)).permute(1, 2, 0)  # (t, t, D)
+        uh, uw = geom.row1, geom.col1
+        ph, pw = tiles.pooled_side(uh, ratio), tiles.pooled_side(uw, ratio)
+        grid = crops_to_grid(feats[1:].permute(2, 0, 1), geom)[:, :uh, :uw]  # (D, uh, uw)
+        crops = pool(grid, (ph, pw)).permute(1, 2, 0)  # (ph, pw, D)
+        crops = torch.cat([crops, sep[0].expand(ph, 1, d)], dim=1).reshape(-1, d)
         glob = torch.cat([glob, sep[0].expand(t, 1, d)], dim=1).reshape(-1, d)
         tokens = torch.cat([crops, sep[1:2], glob])
-        plan = _methods.PoolingPlan((t, t), (gh * t, gw * t), geom, int(tokens.shape[0]), side=math.isqrt(feats.shape[1]))
+        plan = _methods.PoolingPlan((t, t), (ph, pw), geom, int(tokens.shape[0]), side=s)
         return tokens, plan
 
     # -- counts from sizes ----------------------------------------------------------------------
@@ -438,20 +451,10 @@ class Phi4MultimodalFamily(Family):
         return views, geoms, side * side
 
     # -- language side --------------------------------------------------------------------------
-    def _compresses(self, call: dict[str, Any]) -> bool:
-        pv = call.get("image_pixel_values")
-        if pv is not None and self.vision_config is not None and pv.shape[0] > 0:
-            return True
-        return super()._compresses(call)
-
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """As :meth:`Family.prepare_inputs`, the images given as Phi-4's ``image_pixel_values``."""
-        kwargs = dict(kwargs)
-        if kwargs.get("image_pixel_values") is not None:
-            if kwargs.get("audio_input_features") is not None:
-                raise ValueError("GlobalCom2 on Phi-4-multimodal does not compress a call that has audio too")
-            kwargs["pixel_values"] = kwargs.pop("image_pixel_values")
-        kwargs.pop("image_pixel_values", None)
+        """As :meth:`Family.prepare_inputs` (the images given as :attr:`pixel_inputs`), refusing audio with images."""
+        if kwargs.get(self.pixel_inputs) is not None and kwargs.get("audio_input_features") is not None:
+            raise ValueError("GlobalCom2 on Phi-4-multimodal does not compress a call that has audio too")
         return super().prepare_inputs(kwargs)
 
     def _forward(self, original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -515,6 +518,17 @@ class Phi4MultimodalFamily(Family):
             **text,
             **options,
         )
+
+    @classmethod
+    def tiny_init(cls, model: Any) -> None:
+        """The tiny model's tower runs eager attention: ``transformers``' SigLIP attention of this
+        model has ``is_causal = True``, so under SDPA a batch whose views have no padded patch (no
+        mask) runs the tower causally and one with a padded patch bidirectionally; an image's
+        features then depend on the other images of its batch, in the vanilla model as well.
+        Eager attention is bidirectional either way (the batch tests compare a batch with each
+        prompt alone). A checkpoint keeps its own setting: GlobalCom2 runs the tower as the model does."""
+        tower = model.model.embed_tokens_extend.image_embed.img_processor
+        tower.config._attn_implementation = "eager"
 
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:

@@ -191,7 +191,7 @@ def _compress_views(
     image_token = getattr(processor, "image_token", None) or "<image>"
     inputs = processor(images=[image], text=[image_token], return_tensors="pt")
     param = next(adapter.vision_tower().parameters())
-    pixel_values = inputs["pixel_values"].to(device=param.device, dtype=param.dtype)
+    pixel_values = inputs[family.pixel_inputs].to(device=param.device, dtype=param.dtype)
     encodings: dict[str, Any] = {}
 
     def encoded_for(cfg: Any) -> Any:
@@ -201,7 +201,7 @@ def _compress_views(
         if key not in encodings:
             encoder = family(model, cfg)
             encoder.validate()
-            encodings[key] = encoder.encode_inputs({**inputs, "pixel_values": pixel_values})
+            encodings[key] = encoder.encode_inputs({**inputs, family.pixel_inputs: pixel_values})
         return encodings[key]
 
     with torch.no_grad():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterator, Sequence
 
-from ...generation import build_prompt, pad_token_id
+from ...generation import build_prompt, pad_token_id, pixel_key
 from ._common import DEFAULT_MAX_NEW_TOKENS
 from .requests import GenerationRequest, LoglikelihoodRequest, Score, _load, generation_settings, truncate_at_stops
 
@@ -74,8 +74,9 @@ class Runner:
         any_image = any(len(v) for v in images)
         inputs = self.processor(images=[list(v) for v in images] if any_image else None, text=prompts, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        key = pixel_key(self.model)
+        if key in inputs:
+            inputs[key] = inputs[key].to(self.model.dtype)
         return inputs
 
     def _record_stats(self, rows_with_images: list[bool]) -> None:
