@@ -15,39 +15,18 @@ import torch
 
 import globalcom2
 from globalcom2.methods import GlobalCom2Config
-from globalcom2.models import base as _family_registry
 from globalcom2.models import families
+from globalcom2.models.llama4 import Llama4Family, tile_grid
+from globalcom2.tiny import build_tiny
 
-#: Whether ``globalcom2.models`` registers Llama 4 itself (its registry line).
-_LISTED = any(f.model_type == "llama4" for f in families())
-
-from globalcom2.models.llama4 import Llama4Family, tile_grid  # noqa: E402
-from globalcom2.tiny import build_tiny  # noqa: E402
-
-if not _LISTED:
-    # Importing the family module registers it (@register_family). Until the registry line is in
-    # globalcom2.models, keep it registered only while this module's tests run, so that the other
-    # modules' family matrices are collected as the package itself lists the families.
-    _family_registry._REGISTRY.pop("llama4", None)
-
-from conftest import make_image  # noqa: E402
+from conftest import make_image
 
 N, S, P = 144, 12, 24
 SIZES = [(500, 900), (900, 500), (300, 300), (100, 2000), (1200, 1150)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _registered():
-    if _LISTED:
-        yield
-        return
-    _family_registry.register_family(Llama4Family)
-    yield
-    _family_registry._REGISTRY.pop("llama4", None)
-
-
 @pytest.fixture(scope="module")
-def tiny(_registered):
+def tiny():
     model, processor = build_tiny("llama4", seed=0)
     yield model, processor
     globalcom2.remove(model)
@@ -304,3 +283,31 @@ def test_fastv_ranks_by_llama4_attention(tiny, layer):
     got = globalcom2.get_family(model).fastv.last_kept_positions[0]
     globalcom2.remove(model)
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("count", [None, "fixed"])
+def test_image_embeddings_carry_each_tile_run(tiny, count):
+    """Registered; image embeddings carry each view's run (from the plans alone), which the pixels'
+    shortened prompt holds too; a prompt with one <|patch|> per view gives the pixels' logits."""
+    model, processor = tiny
+    assert Llama4Family in families()
+    globalcom2.apply(model, retention_ratio=0.25, **({"count": count} if count else {}))
+    inputs = _inputs(processor, [(500, 900), (300, 300)])
+    tok = processor.tokenizer
+    emb = globalcom2.compress_images(model, inputs)
+    prompt = _runs(tok, inputs.input_ids[0])
+    assert emb.vanilla_runs == [r for r, _ in prompt] and [len(r) for r in emb.runs] == [len(r) for r, _ in prompt]
+    assert [sum(r) for r in emb.runs] == emb.counts
+    with _SeenIds(model) as seen, torch.no_grad():
+        want = model(**inputs).logits
+    assert [r for r, _ in _runs(tok, seen.ids[0][0])] == emb.runs
+    patch = _ids(tok, "<|patch|>")
+    ids = inputs.input_ids[0].tolist()
+    one = [t for j, t in enumerate(ids) if t != patch or j == 0 or ids[j - 1] != patch]  # one <|patch|> per view
+    one = torch.tensor([one])
+    with torch.no_grad():
+        got = model(input_ids=one, attention_mask=torch.ones_like(one), image_embeddings=emb).logits
+    torch.testing.assert_close(got[0, -1], want[0, -1])
+    # a stray <|image_start|> after the images (generated text of a later turn) is not an image
+    tail = torch.cat([inputs.input_ids, torch.tensor([[_ids(tok, "<|image_start|>"), 9]])], dim=1)
+    assert len(globalcom2.get_family(model).prompt_views(tail)) == 2

@@ -331,6 +331,8 @@ class Llama4Family(Family):
                 while j < n and row[j] != eoi:
                     j += 1
                 if j == n:
+                    if patch not in row[i + 1 :]:  # a generated <|image_start|> (a later turn's text): no image
+                        break
                     raise ValueError(
                         f"{self.display_name}: an <|image_start|> without its <|image_end|>; prepare inputs with the model's processor"
                     )
@@ -504,14 +506,15 @@ class Llama4Family(Family):
             p is not None and (getattr(p, "geometry", None) is None) != (g == (0, 0)) for p, g in zip(plans, grids)
         ):
             raise ValueError(f"{self.display_name}: the prompt's image runs do not match the images' tiles")
-        cfg = self.vision_config
-        if any(p is None for p in plans) and not getattr(cfg, "fixed_count", False):
-            raise ValueError(
-                f"{self.display_name} writes one placeholder run per tile: image embeddings without their plans (loaded "
-                "from a file) tell each tile's count only with count='fixed'"
-            )
-        kept = self._kept_runs(grids, plans, cfg)
+        kept = self._kept_runs(grids, plans, self.vision_config)  # pixels' plans (embeddings bring their runs: image_runs)
         return sequence.ViewRuns(prompt=[r for r, _ in found], kept=kept)
+
+    def image_runs(self, compressed: CompressedImages) -> Any:
+        """Vanilla (``tokens_per_view`` each) and kept runs per image and view, from the plans alone (their grids)."""
+        grids = [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
+        views, _, n = self._layout(grids)
+        kept = self._kept_runs(grids, list(compressed.plans), self.vision_config)
+        return sequence.ViewRuns(prompt=[[n] * v for v in views], kept=kept)
 
     # -- counts from the size (count first) -----------------------------------------------------
     def _layout(self, grids: Sequence[tuple[int, int]]) -> tuple[list[int], list[Any], int]:
