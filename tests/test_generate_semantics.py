@@ -38,6 +38,7 @@ def _prompt(processor, question="What is this?"):
 
 def _inputs(processor, images, questions=None):
     questions = questions or ["What is this?"] * len(images)
+    images = [[image] for image in images]  # nested per prompt: SmolVLM's processor refuses a flat list for a batch
     return processor(images=images, text=[_prompt(processor, q) for q in questions], return_tensors="pt", padding=True)
 
 
@@ -68,12 +69,15 @@ def _reference(model, emb, input_ids, mask, n, exact=True):
 def _join(*embs):
     """One ImageEmbeddings holding the images of several, in order."""
     first = embs[0]
+    per_view = first.runs is not None  # one placeholder run per view (Idefics3 / SmolVLM): runs join too
     return dataclasses.replace(
         first,
         embeddings=[t for e in embs for t in e.embeddings],
         vanilla_counts=[c for e in embs for c in e.vanilla_counts],
         plans=None,
         images=None,
+        runs=[r for e in embs for r in e.runs] if per_view else None,
+        vanilla_runs=[r for e in embs for r in e.vanilla_runs] if per_view else None,
     )
 
 

@@ -7,6 +7,8 @@ family's index map pushed through ``pixel_shuffle``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -215,6 +217,9 @@ def test_embeddings_refuse_what_cannot_rebuild_the_views_runs():
     one = torch.tensor([[5, image_id, 6]])  # one placeholder for the image: where would the tags go?
     with pytest.raises(ValueError, match=r"or one per view \(\d+: this model writes one placeholder run per view\)"):
         emb.prompt(one)
+    joined = dataclasses.replace(emb, embeddings=emb.embeddings * 2, vanilla_counts=emb.vanilla_counts * 2)
+    with pytest.raises(ValueError, match=r"per-view runs \(1 image\(s\)\) do not add up .* \(2 image\(s\)\)"):
+        joined.prompt(torch.cat([inputs["input_ids"]] * 2, dim=1))  # joined by hand without the runs
     globalcom2.apply(model, retention_ratio=0.25)
     bare = emb.select(0)
     bare.runs = bare.vanilla_runs = None  # built by hand without the runs

@@ -147,6 +147,16 @@ class ImageEmbeddings:
 
         tok = self.image_token_id if image_token_id is None else int(image_token_id)
         counts, vanilla = self.counts, list(self.vanilla_counts)
+        if self.runs is not None and (
+            [sum(r) for r in self.runs] != counts
+            or [sum(r) for r in self.vanilla_runs or []] != vanilla
+            or [len(r) for r in self.runs] != [len(r) for r in self.vanilla_runs or []]
+        ):  # e.g. embeddings joined by hand without their runs
+            raise ValueError(
+                f"these image embeddings are inconsistent: their per-view runs ({len(self.runs)} image(s)) do not add up "
+                f"to their counts and vanilla_counts ({len(counts)} image(s)); join or select runs and vanilla_runs "
+                "with the embeddings"
+            )
         views = None if self.runs is None else len(self.kept_runs_flat)
         form = prompt_form(int((input_ids == tok).sum()), counts, vanilla, tok, views=views)
         if self.runs is not None:  # one run per view: every run rewritten to its view's count
