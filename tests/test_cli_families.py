@@ -227,3 +227,16 @@ def test_generate_compare_names_the_method_it_times(family_checkpoints, capsys):
     _, err = _run(["generate", "--model", family_checkpoints[FAMILIES[-1]], "--image", SAMPLE, "--prompt", "hi",
                    "--max-new-tokens", "1", "--method", "visionzip", "--compare", "--timing-runs", "1", "--device", "cpu"], capsys)
     assert "timing the prefill with visionzip (1 runs)" in err and "GlobalCom2" not in err
+
+
+def test_wide_random_is_refused_for_families_without_wide_widths():
+    """The wide random model exists for the families that declare real widths (their
+    ``TinyGeometry.wide_vision`` / ``wide_text``); the check asks the family, not a family name."""
+    from globalcom2.cli.loading import get_model
+    from globalcom2.cli.output import CLIError
+
+    wide = [t for t in FAMILIES if family_for_model_type(t).tiny.wide_vision is not None]
+    assert "llava_next" in wide
+    for model_type in (t for t in FAMILIES if t not in wide):
+        with pytest.raises(CLIError, match=f"no wide random {family_for_model_type(model_type).display_name} model"):
+            get_model("wide-random", "cpu", "auto", model_type=model_type)

@@ -467,14 +467,17 @@ def get_model(
             family = _registry().family_for_model_type(model_type)
             with quiet_transformers():
                 return family.build_tiny(dtype=dtype, device=device)
-        if model_type != "llava_next":
-            raise CLIError(f"--model {model_id} is a LLaVA-NeXT model; there is no wide random {model_type} model")
+        family = _registry().family_for_model_type(model_type)
+        if family.tiny is None or family.tiny.wide_vision is None or family.tiny.wide_text is None:
+            wide = [f.model_type for f in _registry().families() if f.tiny is not None and f.tiny.wide_vision is not None]
+            raise CLIError(f"--model {model_id}: there is no wide random {family.display_name} model "
+                           f"(families with one: {', '.join(wide)})")
         from .. import tiny
 
         layers = layers or tiny.WIDE_TEXT_LAYERS
         status(f"{PROG}: building {WIDE_MODEL} (random weights; CLIP ViT-L/14-336 + Vicuna-7B-wide LM, "
                f"{layers} of 32 layers; {str(dtype).replace('torch.', '')} on {device}) ...")
         with quiet_transformers():
-            return tiny.build_wide(text_layers=layers, dtype=dtype, device=device)
+            return tiny.build_wide(model_type, text_layers=layers, dtype=dtype, device=device)
     check_model_type(model_id, settings)
     return load_model(model_id, device, dtype)

@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 torch = lazy_module("torch")  # imported when FastV runs, not when the method registry is read
+rotary = lazy_module("globalcom2.core.rotary")
 
 __all__ = ["FastVConfig", "FastVPatch", "kept_count"]
 
@@ -112,26 +113,10 @@ class FastVConfig(LanguageMethodConfig):
         """``(K n + (L - K) kept) / L``: layers before K see every visual token, the others ``kept``."""
         return (self.layer * visual_tokens + (n_layers - self.layer) * kept) / n_layers
 
-    def make_patch(self, language_model: Any) -> "FastVPatch":
-        return FastVPatch(language_model, self)
-
-    def kept(self, visual_tokens: int) -> int:
-        return kept_count(visual_tokens, self.retention_ratio)
-
-    def effective(self, visual_tokens: int, kept: int, n_layers: int) -> float:
-        """``(K n + (L - K) kept) / L``: layers before K see every visual token, the others ``kept``."""
-        return (self.layer * visual_tokens + (n_layers - self.layer) * kept) / n_layers
-
 
 def kept_count(n_visual: int, retention_ratio: float) -> int:
     """Visual tokens FastV keeps of ``n_visual``: ``round(R * n)``, at least 1 when ``n > 0``."""
     return max(1, round(retention_ratio * n_visual)) if n_visual > 0 else 0
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``(..., D) -> (..., D)``: ``[x1, x2] -> [-x2, x1]`` (the HF / Llama rotary convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def _llama4_qk(
@@ -142,7 +127,7 @@ def _llama4_qk(
     its weightless q/k norm where it has one; on a layer without rope, the temperature of the query's
     position (``attn_temperature_tuning``)."""
     if getattr(attn, "use_rope", True):
-        f = _batched(freqs, batch)  # (B, T, D/2)
+        f = rotary.batched(freqs, batch)  # (B, T, D/2)
         f_l = f.gather(1, last.view(batch, 1, 1).expand(batch, 1, f.shape[-1]))  # (B, 1, D/2)
         q = torch.view_as_real(torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2)) * f_l).flatten(-2)
         k = torch.view_as_real(torch.view_as_complex(k.float().reshape(*k.shape[:-1], -1, 2)) * f[:, :, None]).flatten(-2)
@@ -153,18 +138,6 @@ def _llama4_qk(
         scale = torch.log1p(torch.floor((last.float() + 1.0) / attn.floor_scale)) * attn.attn_scale + 1.0  # (B,)
         q = q * scale[:, None, None]
     return q, k
-
-
-def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(1 | B, ...) -> (B, ...)`` by broadcasting the leading dim (a view)."""
-    return x.expand(batch, *x.shape[1:]) if x.shape[0] != batch else x
-
-
-def _gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather along dim 1. ``x``: ``(1 | B, T, *F)``, ``idx``: ``(B, L)`` -> ``(B, L, *F)``."""
-    x = _batched(x, idx.shape[0])
-    index = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
-    return torch.gather(x, 1, index)
 
 
 @dataclass
@@ -564,7 +537,7 @@ class FastVPatch:
             raise RuntimeError(
                 f"FastV could not capture layer {self.config.layer - 1}'s q/k projections or position embeddings"
             )
-        valid, visual = call.valid, call.visual
+        valid = call.valid
         batch, seq = valid.shape
         device = valid.device
         pos = torch.arange(seq, device=device)
@@ -580,27 +553,10 @@ class FastVPatch:
         if torch.is_tensor(call.cos_sin) and call.cos_sin.is_complex():  # Llama 4
             q, k = _llama4_qk(attn, q, k, call.cos_sin, last, batch)
         else:
-            q, k = self._rotate(q, k, call.cos_sin, last, batch, d)
+            q, k = rotary.rotate_last_and_all(q, k, call.cos_sin, last, batch, d)
         q = q.view(batch, g, h // g, d)  # head i uses kv head i // (H/G) (repeat_kv order)
         logits = torch.einsum("bgrd,btgd->bgrt", q, k.to(q.dtype)) * self._scaling  # (B, G, H/G, T)
         return self._keep(call, logits, last, pos)
-
-    @staticmethod
-    def _rotate(q: torch.Tensor, k: torch.Tensor, cos_sin: Any, last: torch.Tensor, batch: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (cos, sin) rotary embedding of q (the last token's) and k (every token's)."""
-        cos, sin = cos_sin
-        if cos.dim() != 3:
-            raise ValueError(f"FastV expects (B, T, D) rotary cos/sin, got shape {tuple(cos.shape)}")
-        cos, sin = _batched(cos, batch), _batched(sin, batch)  # (B, T, D)
-        r = cos.shape[-1]  # partial rotary (Phi-3's partial_rotary_factor): the first r <= D dims only
-        cos_l = cos.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))  # (B, 1, r)
-        sin_l = sin.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))
-        q_r, k_r = q[..., :r], k[..., :r]
-        q_r = q_r * cos_l + _rotate_half(q_r) * sin_l  # (B, H, r)
-        k_r = k_r * cos[:, :, None] + _rotate_half(k_r) * sin[:, :, None]  # (B, T, G, r)
-        if r == d:
-            return q_r, k_r
-        return torch.cat([q_r, q[..., r:]], dim=-1), torch.cat([k_r, k[..., r:]], dim=-1)
 
     def _keep(self, call: _Call, logits: torch.Tensor, last: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept positions from layer K-1's logits of the last token (see :meth:`_select`)."""
@@ -687,7 +643,7 @@ class FastVPatch:
         if call.mode == "prefill":
             if first:
                 self._enter_prefill(call, hidden, kwargs)
-                hidden = _gather_seq(hidden, call.kept_idx)
+                hidden = rotary.gather_seq(hidden, call.kept_idx)
             kwargs["position_embeddings"] = call.pos_emb
             if call.pos_ids is not None:
                 kwargs["position_ids"] = call.pos_ids
@@ -711,12 +667,12 @@ class FastVPatch:
         if pe is None:
             raise ValueError("FastV needs decoder layers that receive `position_embeddings` (cos, sin)")
         if torch.is_tensor(pe):  # Llama 4: one complex tensor of rotations
-            call.pos_emb = _gather_seq(pe, call.kept_idx)
+            call.pos_emb = rotary.gather_seq(pe, call.kept_idx)
         else:
-            call.pos_emb = tuple(_gather_seq(t, call.kept_idx) for t in pe)
+            call.pos_emb = tuple(rotary.gather_seq(t, call.kept_idx) for t in pe)
         pid = kwargs.get("position_ids")
         if isinstance(pid, torch.Tensor) and pid.dim() == 2 and pid.shape[-1] == hidden.shape[1]:
-            call.pos_ids = _gather_seq(pid, call.kept_idx)
+            call.pos_ids = rotary.gather_seq(pid, call.kept_idx)
         call.mask = self._prefill_mask(call, hidden.dtype)
         call.q = call.k = None  # release
 
@@ -726,5 +682,5 @@ class FastVPatch:
         hidden state it had entering layer K."""
         idx = call.kept_idx
         h_in = call.h_in
-        src = torch.where(call.slot_valid[..., None], out, _gather_seq(h_in, idx))
+        src = torch.where(call.slot_valid[..., None], out, rotary.gather_seq(h_in, idx))
         return h_in.scatter(1, idx[..., None].expand(-1, -1, out.shape[-1]), src)
