@@ -162,3 +162,22 @@ def test_one_hook_class_captures_queries_and_keys():
         if name.startswith("globalcom2.core"):
             assert "register_forward_hook" not in path.read_text(encoding="utf-8"), name
     assert defined == {"QKCapture": ["globalcom2.models.capture"]}
+
+
+def test_no_source_file_over_700_lines():
+    """Files split by concern (issue 25): a module past 700 lines holds more than one."""
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 700}
+    assert not long, long
+
+
+def test_no_family_class_named_outside_models():
+    """Integrations, tools and the CLI ask the registry; only ``models/`` names a family's class."""
+    import re
+
+    from globalcom2.models import families
+
+    names = {cls.__name__ for cls in families()}
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b")
+    outside = [name for name, path in _modules().items()
+               if not name.startswith("globalcom2.models") and pattern.search(path.read_text())]
+    assert not outside, outside
