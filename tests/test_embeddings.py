@@ -38,7 +38,7 @@ def _inputs(processor, idx):
 
 def _text_only(family, inputs):
     """The processor's output without the image tensors (the prompt, with its placeholders)."""
-    return {k: v for k, v in inputs.items() if k != "pixel_values" and k not in family.image_inputs}
+    return {k: v for k, v in inputs.items() if k != family.pixel_inputs and k not in family.image_inputs}
 
 
 def _one_placeholder_each(inputs, image_id):
@@ -65,7 +65,7 @@ def test_vanilla_model_on_the_embeddings_is_the_patched_model(family, method, la
     emb = globalcom2.compress_images(model, inputs, method=method, retention_ratio=0.25, **_options(layout))
     assert not globalcom2.is_applied(model)
     assert len(emb) == 2 and emb.method == method and emb.model_type == family.model_type
-    assert all(t.ndim == 2 and t.shape[1] == model.config.text_config.hidden_size for t in emb.embeddings)
+    assert all(t.ndim == 2 and t.shape[1] == family.text_config(model.config).hidden_size for t in emb.embeddings)
     assert emb.counts == [p.num_tokens for p in emb.plans]
     assert emb.vanilla_counts == (inputs.input_ids == model.config.image_token_id).sum(1).tolist()
 

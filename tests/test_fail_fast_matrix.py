@@ -507,9 +507,12 @@ def test_apply_arguments(model_type, options, error, expected):
     assert not globalcom2.is_applied(model)
 
 
-def _bad_call(kind, inputs):
+def _bad_call(kind, inputs, model_type):
     import torch
 
+    from globalcom2.models import family_for_model_type
+
+    pixels = family_for_model_type(model_type).pixel_inputs  # Phi-4-multimodal: image_pixel_values
     bad = dict(inputs)
     if kind == "input_ids-list":
         bad["input_ids"] = bad["input_ids"].tolist()
@@ -519,11 +522,11 @@ def _bad_call(kind, inputs):
         bad["input_ids"] = bad["input_ids"][0]
         bad.pop("attention_mask")
     elif kind == "image_sizes-zero":
-        bad["image_sizes"] = torch.zeros(bad["pixel_values"].shape[0], 2, dtype=torch.long)
+        bad["image_sizes"] = torch.zeros(bad[pixels].shape[0], 2, dtype=torch.long)
     elif kind == "image_sizes-negative":
-        bad["image_sizes"] = -torch.full((bad["pixel_values"].shape[0], 2), 100, dtype=torch.long)
+        bad["image_sizes"] = -torch.full((bad[pixels].shape[0], 2), 100, dtype=torch.long)
     elif kind == "pixel_values-list":
-        bad["pixel_values"] = bad["pixel_values"].tolist()
+        bad[pixels] = bad[pixels].tolist()
     return bad
 
 
@@ -542,7 +545,7 @@ def test_patched_call_inputs(model_type, kind, error, expected):
     model, inputs = _inputs(model_type)
     with globalcom2.compressed(model, retention_ratio=0.5):
         with pytest.raises(error, match=expected):
-            model(**_bad_call(kind, inputs))
+            model(**_bad_call(kind, inputs, model_type))
 
 
 @pytest.mark.parametrize("model_type", _family_ids())
@@ -554,13 +557,15 @@ def test_compress_images_inputs(model_type, kind, error, expected):
 
     model, inputs = _inputs(model_type)
     if kind == "no-pixels":
-        inputs.pop("pixel_values")
+        from globalcom2.models import family_for_model_type
+
+        inputs.pop(family_for_model_type(model_type).pixel_inputs)
     if kind == "fastv":
         with pytest.raises(error, match=expected):
             globalcom2.compress_images(model, inputs, method="fastv")
         return
     with pytest.raises(error, match=expected):
-        globalcom2.compress_images(model, _bad_call(kind, inputs))
+        globalcom2.compress_images(model, _bad_call(kind, inputs, model_type))
 
 
 @pytest.mark.parametrize("model_type", _family_ids())

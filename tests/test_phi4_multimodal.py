@@ -1,6 +1,6 @@
 """Phi-4-multimodal (issue 27): the family's own checks on its tiny in-code model (SigLIP 448/14
 without [CLS], 2 x 2 pool, global view + dynamic-HD crops, ``sub_GN`` / ``glb_GN`` separators).
-The registry-driven matrices cover the rest once the family is registered."""
+The registry-driven matrices cover the rest."""
 
 from __future__ import annotations
 
@@ -26,15 +26,10 @@ def crop_layout(*args):
 
 @pytest.fixture(scope="module")
 def tiny_phi4():
-    # The family is not in the registry yet (issue 27: the registry matrices do not pass on it):
-    # imported here, not at collection, and taken out of the registry afterwards.
     from globalcom2.models.phi4_multimodal import Phi4MultimodalFamily
 
-    base.register_family(Phi4MultimodalFamily)
-    try:
-        yield Phi4MultimodalFamily.build_tiny()
-    finally:
-        base._REGISTRY.pop(Phi4MultimodalFamily.model_type, None)
+    assert base.family_for_model_type(Phi4MultimodalFamily.model_type) is Phi4MultimodalFamily  # registered
+    yield Phi4MultimodalFamily.build_tiny()
 
 
 def _inputs(processor, sizes, text="What is this?"):

@@ -36,11 +36,14 @@ def test_every_family_scores_what_the_projector_receives(family):
     images = [make_image(480, 640, seed=0), make_image(300, 300, seed=1)]
     inputs = processor(images=[[im] for im in images], text=[f"{processor.image_token}\nWhat?"] * 2, return_tensors="pt", padding=True)
     seen = []
-    inner = getattr(model, "model", model)  # Llama 4: the projector sits on the model itself
-    projector = getattr(inner, "multi_modal_projector", None) or inner.connector  # Idefics3 / SmolVLM: connector
     # What the projector receives in the vanilla forward (every view; the patched model projects
-    # the kept tokens only, where the method selects).
-    handle = projector.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    # the kept tokens only, where the method selects), or where the family says the scored features are.
+    module, where = family.similarity_features(model)
+    if where == "input":
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    else:  # (V, C, h, w) maps: (V, h*w, C) in raster order
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(
+            out.detach().flatten(2).transpose(1, 2) if out.ndim == 4 else out.detach()))
     try:
         with torch.no_grad():
             model(**inputs)
@@ -50,7 +53,7 @@ def test_every_family_scores_what_the_projector_receives(family):
     received = torch.cat(seen)  # (sum V, N, C): every view, in the model's order
     want = -F.cosine_similarity(received.double(), received.double().mean(1, keepdim=True).expand_as(received), dim=-1)
     got = torch.cat([p.thumb_importance[None] for p in emb.plans])  # each image's thumbnail row
-    if projector is getattr(inner, "connector", None):  # it receives patches, pixel-shuffled into tokens: block means
+    if want.shape[-1] != got.shape[-1]:  # patches, pixel-shuffled into tokens (Idefics3's connector): block means
         want = _block_means(want, got.shape[-1])
     # The thumbnail is the first view (LLaVA-NeXT, OneVision) or the last of an image's (InternVL).
     rows = {tuple(torch.round(r * 1e9).tolist()) for r in want}
@@ -66,7 +69,7 @@ def _block_means(scores, tokens):
 
 
 #: The families whose vision tower has no [CLS] token (SigLIP).
-NO_CLS = {"llava_onevision", "idefics3", "smolvlm"}
+NO_CLS = {"llava_onevision", "idefics3", "smolvlm", "phi4_multimodal"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.model_type) for f in families()])

@@ -388,7 +388,7 @@ def _language_model(model: Any) -> tuple[Any, Any]:
     family = family_for(model)
     timer = family(model, family.with_default_layout(GlobalCom2Config()))
     timer.validate()
-    return timer.language_model(), LMArch.from_text_config(timer.hf_config.text_config)
+    return timer.language_model(), LMArch.from_text_config(family.text_config(timer.hf_config))
 
 
 def _interleaved_rounds(

@@ -231,8 +231,8 @@ def resolve_arch(model: str, **hub: Any) -> LMArch:
     except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one clear message
         known = ", ".join(KNOWN_MODELS)
         raise ValueError(f"cannot load the config of {model!r} ({type(exc).__name__}); known offline: {known}") from exc
-    _supported_family(getattr(cfg, "model_type", None), model)
-    return LMArch.from_text_config(cfg.text_config, name=model)
+    family = _supported_family(getattr(cfg, "model_type", None), model)
+    return LMArch.from_text_config(family.text_config(cfg), name=model)
 
 
 def _supported_family(model_type: Any, where: str) -> Any:

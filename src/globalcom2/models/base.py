@@ -458,6 +458,28 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         (view, view, 3), crop canvas pixels or None, canvas layout dict or None)."""
         raise NotImplementedError
 
+    @classmethod
+    def text_config(cls, hf_config: Any) -> Any:
+        """The language model's config within the checkpoint's ``hf_config`` (``text_config``;
+        Phi-4-multimodal: the config itself, which has none)."""
+        return hf_config.text_config
+
+    @classmethod
+    def accepts_size(cls, hf_config: Any, height: int, width: int, processor: Any = None) -> bool:
+        """Whether the family's processor takes an image of ``height x width`` (Phi-4-multimodal's
+        refuses very extreme aspect ratios); True by default."""
+        return True
+
+    @classmethod
+    def similarity_features(cls, model: nn.Module) -> tuple[nn.Module, str]:
+        """Where the vanilla forward of ``model`` holds, per view, the features that
+        ``importance="similarity"`` scores (for tests and tools): ``(module, "input")``, the
+        module's first positional argument, or ``(module, "output")``, its result; (views, tokens
+        or patches, channels), or (views, channels, h, w) maps. By default the projector's input
+        (``multi_modal_projector``, else Idefics3's ``connector``, which pixel-shuffles patches)."""
+        inner = getattr(model, "model", model)
+        return (getattr(inner, "multi_modal_projector", None) or inner.connector), "input"
+
     # -- identification and checks --------------------------------------------------------------
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

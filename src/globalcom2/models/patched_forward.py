@@ -137,7 +137,7 @@ class PatchedForward:
             raise ValueError(
                 f"these image embeddings come from a {given.model_type!r} model, this is a {self.model_type!r} one"
             )
-        width = getattr(self.hf_config.text_config, "hidden_size", None)
+        width = getattr(self.text_config(self.hf_config), "hidden_size", None)
         if isinstance(width, int) and given.hidden_size not in (0, width):
             raise ValueError(
                 f"these image embeddings are {given.hidden_size} wide, this model's language model {width}: "
@@ -182,7 +182,7 @@ class PatchedForward:
     def _check_context(self, length: int) -> None:
         """Warn once per applied adapter when a prompt (visual tokens included) exceeds the language
         model's context window (``max_position_embeddings``)."""
-        limit = getattr(self.hf_config.text_config, "max_position_embeddings", None)
+        limit = getattr(self.text_config(self.hf_config), "max_position_embeddings", None)
         if self._warned_context or not isinstance(limit, int) or length <= limit:
             return
         self._warned_context = True

@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -228,8 +229,14 @@ class Phi4MultimodalFamily(Family):
     pixel_inputs = "image_pixel_values"
     attention_attributes = ("q_proj", "k_proj", "num_heads", "scaling")
     tower_kind = "a SigLIP-like"
-    #: No public config of the checkpoint's language model could be read and cited here: left empty.
-    language_models: dict[str, tuple[Any, ...]] = {}
+    #: The checkpoint's language model (Phi-4-mini: gated MLP), as :class:`globalcom2.efficiency.LMArch`
+    #: fields: name, layers, hidden, heads, kv heads, head dim, intermediate, vocab. From the copy of
+    #: microsoft/Phi-4-multimodal-instruct's config.json in NVIDIA/TensorRT-LLM
+    #: tests/unittest/_torch/modeling/test_modeling_phi4mm.py (PHI4MM_CONFIG: hidden_size 3072,
+    #: "original: 32" layers, 24 heads, 8 KV heads, intermediate 8192, vocab 200064; head dim 3072 / 24).
+    language_models: dict[str, tuple[Any, ...]] = {
+        "microsoft/Phi-4-multimodal-instruct": ("phi4-mini", 32, 3072, 24, 8, 128, 8192, 200064),
+    }
     default_text_model_type = "phi4_multimodal"
 
     @classmethod
@@ -449,6 +456,58 @@ class Phi4MultimodalFamily(Family):
             views.append(1 + r * c)
             geoms.append(_geometry(r, c, int(m[:, 0].sum()), int(m[0, :].sum()), side))
         return views, geoms, side * side
+
+    @classmethod
+    def load(
+        cls, model_id: str, dtype: Any = "auto", device_map: Any = None, model_kwargs: dict[str, Any] | None = None, **hub: Any
+    ) -> tuple[Any, Any]:
+        """As :meth:`Family.load`; where ``AutoProcessor`` gives no image processor (torchvision, which
+        ``Phi4MultimodalImageProcessor`` needs, missing; a processor class it does not know), the
+        processor is built with the PIL image processor of the same dynamic HD on the saved settings
+        (pixel values differ slightly from the stock processor's), with a warning."""
+        from transformers import AutoProcessor, AutoTokenizer, Phi4MultimodalFeatureExtractor, Phi4MultimodalProcessor
+
+        kwargs: dict[str, Any] = {"dtype": dtype, **hub, **(model_kwargs or {})}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = cls.hf_classes()[0].from_pretrained(model_id, **kwargs).eval()
+        try:
+            processor = AutoProcessor.from_pretrained(model_id, **hub)
+            if getattr(processor, "image_processor", None) is not None:
+                return model, processor
+        except (ImportError, ValueError, OSError) as exc:
+            if "torchvision" not in str(exc).lower():
+                raise
+        warnings.warn(
+            "no stock Phi-4-multimodal image processor could be loaded (it needs torchvision): globalcom2 uses a PIL image "
+            "processor with the same dynamic HD (pixel values differ slightly); install torchvision for the stock one",
+            stacklevel=2,
+        )
+        ip = _tiny_image_processor_class().from_pretrained(model_id, **hub)
+        audio = Phi4MultimodalFeatureExtractor.from_pretrained(model_id, **hub)
+        return model, Phi4MultimodalProcessor(ip, audio, AutoTokenizer.from_pretrained(model_id, **hub))
+
+    @classmethod
+    def text_config(cls, hf_config: Any) -> Any:
+        return hf_config  # the language model's fields sit on the config itself (no text_config)
+
+    @classmethod
+    def accepts_size(cls, hf_config: Any, height: int, width: int, processor: Any = None) -> bool:
+        """False where the processor's tiling rule refuses the size ("the aspect ratio is very extreme")."""
+        ip = getattr(processor, "image_processor", processor)
+        most = int(getattr(ip, "dynamic_hd", MAX_CROPS)) if ip is not None else MAX_CROPS
+        vc = hf_config.vision_config
+        try:
+            crop_layout(int(height), int(width), int(vc.crop_size), int(vc.patch_size), most)
+        except ValueError:
+            return False
+        return True
+
+    @classmethod
+    def similarity_features(cls, model: Any) -> tuple[Any, str]:
+        """The output of the 2 x 2 average pool, (views, channels, h, w): what ``get_img_features`` returns."""
+        inner = getattr(model, "model", model)
+        return inner.embed_tokens_extend.image_embed.image_token_compression, "output"
 
     # -- language side --------------------------------------------------------------------------
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
