@@ -56,6 +56,12 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "InternVLForConditionalGeneration": (
         "globalcom2.integrations.vllm.internvl:GlobalCom2InternVLForConditionalGeneration", "internvl",
     ),
+    "Idefics3ForConditionalGeneration": (
+        "globalcom2.integrations.vllm.idefics3:GlobalCom2Idefics3ForConditionalGeneration", "idefics3",
+    ),
+    "SmolVLMForConditionalGeneration": (
+        "globalcom2.integrations.vllm.idefics3:GlobalCom2SmolVLMForConditionalGeneration", "smolvlm",
+    ),
 }
 
 _WRAPPED = "_globalcom2_checked"
