@@ -14,9 +14,21 @@ from typing import Any
 TINY_TEXT = {"num_attention_heads": 2, "num_key_value_heads": 1}
 
 
+def tiny_text(model_type: str) -> dict[str, Any]:
+    """:data:`TINY_TEXT` for ``model_type``'s tiny language model; where that model states its
+    ``head_dim`` (Llama 4: 16 at width 64), the head_dim of those heads (hidden_size / heads: 32)."""
+    from ... import tiny
+
+    text = dict(TINY_TEXT)
+    base = tiny.geometry(model_type).text
+    if "head_dim" in base:
+        text["head_dim"] = int(base["hidden_size"]) // text["num_attention_heads"]
+    return text
+
+
 def build(model_type: str, seed: int = 0, text: dict[str, Any] | None = None, wide_layers: int | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` of a family's tiny model (float32, eval) with ``text`` overrides of
-    its language model (default :data:`TINY_TEXT`). ``wide_layers``: the family's wide widths
+    its language model (default :func:`tiny_text`). ``wide_layers``: the family's wide widths
     (LLaVA-NeXT: llava-v1.6-vicuna-7b's) with that many language layers, ``text`` over them."""
     from ... import tiny
 
@@ -25,7 +37,7 @@ def build(model_type: str, seed: int = 0, text: dict[str, Any] | None = None, wi
     if wide_layers is not None:
         config = tiny.build_config(model_type, tok, text=text, wide_layers=wide_layers)
     else:
-        config = tiny.build_config(model_type, tok, text=dict(TINY_TEXT if text is None else text))
+        config = tiny.build_config(model_type, tok, text=tiny_text(model_type) if text is None else dict(text))
     return tiny.build_model(model_type, config, tok.pad_token_id, seed=seed), processor
 
 
