@@ -22,10 +22,10 @@ so the count must follow from the image size), and ``"published"`` is refused. P
 What :func:`register` does (cheap, idempotent, no import of the model code):
 
 * registers, lazily (``"module:Class"`` strings), a subclass of vLLM's own model class for each
-  supported architecture (:data:`ARCHITECTURES`): LLaVA-NeXT, LLaVA-OneVision and InternVL. Each
-  subclass behaves exactly as vLLM's class when the model's config has no ``"globalcom2"`` entry
-  (one exception, a fix: precomputed image embeddings of different lengths may share an engine
-  step, see the README's "Serving");
+  supported architecture (:data:`ARCHITECTURES`): LLaVA-NeXT, LLaVA-OneVision, InternVL, Llama 4,
+  Idefics3 and SmolVLM. Each subclass behaves exactly as vLLM's class when the model's config has
+  no ``"globalcom2"`` entry (one exception, a fix: precomputed image embeddings of different lengths
+  may share an engine step, see the README's "Serving");
 * wraps the model registry's look-up on the instance so that a ``"globalcom2"`` entry on any other
   architecture, or invalid settings, fail when the engine is created, in one line naming what is
   supported.
@@ -55,6 +55,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     ),
     "InternVLForConditionalGeneration": (
         "globalcom2.integrations.vllm.internvl:GlobalCom2InternVLForConditionalGeneration", "internvl",
+    ),
+    "Llama4ForConditionalGeneration": (
+        "globalcom2.integrations.vllm.llama4:GlobalCom2Llama4ForConditionalGeneration", "llama4",
     ),
     "Idefics3ForConditionalGeneration": (
         "globalcom2.integrations.vllm.idefics3:GlobalCom2Idefics3ForConditionalGeneration", "idefics3",
