@@ -53,6 +53,6 @@ def test_efficiency_knows_each_familys_checkpoints(family):
     assert family.language_models, "a family lists its public checkpoints' language models"
     for ckpt in family.language_models:
         assert efficiency.resolve_arch(ckpt).num_layers > 0
-        assert efficiency.max_visual_tokens_for_model(ckpt) == family.default_max_visual_tokens()
+        assert efficiency.max_visual_tokens_for_model(ckpt) == family.checkpoint_max_visual_tokens(ckpt)
     model, _ = family_model(family)
     assert family.max_visual_tokens(model.config) > 0

@@ -577,12 +577,13 @@ def max_visual_tokens_of(config: Any) -> int:
 
 def max_visual_tokens_for_model(model: str) -> int:
     """:func:`max_visual_tokens_of` a local checkpoint's ``config.json`` (a directory or the file);
-    a known hub id's family default; :data:`MAX_VISUAL_TOKENS` for anything else."""
+    a known hub id's as its family counts it (``Family.checkpoint_max_visual_tokens``);
+    :data:`MAX_VISUAL_TOKENS` for anything else."""
     from .models import families
 
     for fam in families():
         if model in fam.language_models:
-            return fam.default_max_visual_tokens()
+            return fam.checkpoint_max_visual_tokens(model)
     path = os.path.join(model, "config.json") if os.path.isdir(model) else model
     if os.path.isfile(path):
         try:

@@ -453,6 +453,13 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
         raise NotImplementedError
 
     @classmethod
+    def checkpoint_max_visual_tokens(cls, checkpoint: str) -> int:
+        """:meth:`max_visual_tokens` of ``checkpoint``, one of :attr:`language_models`: the family
+        default unless the family knows that checkpoint's geometry to differ (LLaVA-NeXT's
+        granite-vision)."""
+        return cls.default_max_visual_tokens()
+
+    @classmethod
     def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:  # pragma: no cover
         """What pictures draw for an image, as the processor makes its views: (thumbnail pixels
         (view, view, 3), crop canvas pixels or None, canvas layout dict or None)."""

@@ -16,6 +16,19 @@ How it plugs in, per model instance (the class is never touched):
 [CLS] logits come from two forward hooks on the last layer's ``q_proj`` and ``k_proj``,
 registered only while the tower runs: the tower keeps its attention implementation (SDPA), no
 ``output_attentions`` is requested, and no N x N attention map is ever built.
+
+Two feature strategies, as HF's ``get_image_features``:
+
+* ``vision_feature_select_strategy="default"`` (the llava-hf checkpoints: CLIP with [CLS]): the
+  [CLS] row is dropped before the projector; ``importance="auto"`` is the [CLS] logits (``cls``).
+* ``"full"`` (IBM granite-vision-3.x: a SigLIP tower, no [CLS]): every patch goes to the projector;
+  ``auto`` is ``similarity`` (SPEC.md, "Importance without a [CLS] token"), ``-cos`` of each patch's
+  features to its view's mean **on what the projector receives**: with a list
+  ``vision_feature_layer`` (granite: ``[-24, -20, -12, -1]``) the hidden states of those layers
+  concatenated along the channels, exactly as the vanilla model builds them. ``cls`` is refused
+  in one line; ``attention_received`` (the ablation) is read at the tower's last attention layer
+  (SPEC.md), whatever the feature layers. A ``"full"`` model whose tower does have a class token
+  (CLIP: the [CLS] would reach the projector as a patch) is refused at ``apply``.
 """
 
 
@@ -43,12 +56,32 @@ importance_ops = lazy_module("globalcom2.core.importance")
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 #: Their CLIP-L/14-336 tower: view side and patch size in pixels.
 VIEW_SIZE, PATCH_SIZE = 336, 14
+#: HF LLaVA-NeXT's feature strategies: "default" drops the tower's first token ([CLS]) before the
+#: projector, "full" keeps every token (a tower without [CLS]: granite-vision's SigLIP).
+STRATEGIES = ("default", "full")
+#: IBM granite-vision-3.2-2b (its config.json, as quoted by foundation-model-stack's
+#: fms/models/llava_next.py and llama.cpp's examples/llava/README-granitevision.md): a
+#: SigLIP-so400m 384/14 tower (27 layers, no [CLS]), "full" features of these layers concatenated
+#: (4 x 1152 channels into the projector), and these 27 pinpoints (up to 10 crops).
+GRANITE_VIEW_SIZE = 384
+GRANITE_FEATURE_LAYERS = [-24, -20, -12, -1]
+GRANITE_PINPOINTS = [
+    [384, 384], [384, 768], [384, 1152], [384, 1536], [384, 1920], [384, 2304], [384, 2688], [384, 3072], [384, 3456],
+    [384, 3840], [768, 384], [768, 768], [768, 1152], [768, 1536], [768, 1920], [1152, 384], [1152, 768], [1152, 1152],
+    [1536, 384], [1536, 768], [1920, 384], [1920, 768], [2304, 384], [2688, 384], [3072, 384], [3456, 384], [3840, 384],
+]
+#: The tiny granite model's pinpoints: granite's of at most 4 crops (1 x 1 to 4 x 1, 2 x 2).
+GRANITE_TINY_MAX_CROPS = 4
+GRANITE_TINY_PINPOINTS = [p for p in GRANITE_PINPOINTS if p[0] * p[1] <= GRANITE_TINY_MAX_CROPS * GRANITE_VIEW_SIZE**2]
+#: Its granite-3.1-2b language model's multipliers (config.json; the attention's is 1 / head_dim).
+GRANITE_MULTIPLIERS = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "logits_scaling": 8.0}
 
 
 @register_family
 class LlavaNextFamily(Family):
     """LLaVA-NeXT (``transformers`` ``LlavaNextForConditionalGeneration`` / ``LlavaNextModel``): a
-    CLIP tower with [CLS], the thumbnail first, AnyRes crops unpadded, one newline per row; both
+    CLIP tower with [CLS] (llava-hf) or a SigLIP tower without (granite-vision, "full" features of
+    several layers), the thumbnail first, AnyRes crops unpadded, one newline per row; both
     layouts (``official`` reproduces the published code token for token)."""
 
     model_type = "llava_next"
@@ -58,15 +91,26 @@ class LlavaNextFamily(Family):
     layouts = ("official", "spatial")
     image_inputs = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     tower_kind = "a CLIP-like ViT"
-    #: The public llava-hf checkpoints' language models (from their config.json files), as
+    #: The public checkpoints' language models (from their config.json files), as
     #: :class:`globalcom2.efficiency.LMArch` fields: name, layers, hidden, heads, kv heads,
-    #: head dim, intermediate, vocab. They share one geometry (CLIP-L/14-336, 4 crops at most).
+    #: head dim, intermediate, vocab. The llava-hf ones share one geometry (CLIP-L/14-336, 4 crops at
+    #: most); granite-vision's is in :attr:`checkpoint_geometries`.
     language_models = {
         "llava-hf/llava-v1.6-vicuna-7b-hf": ("vicuna-7b", 32, 4096, 32, 32, 128, 11008, 32064),
         "llava-hf/llava-v1.6-vicuna-13b-hf": ("vicuna-13b", 40, 5120, 40, 40, 128, 13824, 32064),
         "llava-hf/llava-v1.6-mistral-7b-hf": ("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32064),
         "llava-hf/llama3-llava-next-8b-hf": ("llama3-8b", 32, 4096, 32, 8, 128, 14336, 128320),
         "llava-hf/llava-v1.6-34b-hf": ("yi-34b", 60, 7168, 56, 8, 128, 20480, 64064),
+        # granite-3.1-2b (foundation-model-stack's fms/models/llava_next.py, its granite-vision-3.2-2b
+        # text config: 40 layers, 2048 wide, 32 heads of 64, 8 KV heads, MLP 8192, 49,156 tokens).
+        "ibm-granite/granite-vision-3.2-2b": ("granite-3.1-2b", 40, 2048, 32, 8, 64, 8192, 49156),
+    }
+    #: Checkpoints whose vision geometry is not the llava-hf one (for :meth:`checkpoint_max_visual_tokens`).
+    checkpoint_geometries: ClassVar[dict[str, dict[str, Any]]] = {
+        "ibm-granite/granite-vision-3.2-2b": {
+            "vision_config": {"image_size": GRANITE_VIEW_SIZE, "patch_size": PATCH_SIZE},
+            "image_grid_pinpoints": GRANITE_PINPOINTS,
+        },
     }
     default_text_model_type = "llama"
 
@@ -77,13 +121,42 @@ class LlavaNextFamily(Family):
         return (LlavaNextForConditionalGeneration, LlavaNextModel)
 
     def check_vision(self) -> None:
-        strategy = self.hf_config.vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(
-                "GlobalCom2 needs a vision tower with a [CLS] token (vision_feature_select_strategy='default'); "
-                f"this model uses {strategy!r}"
-            )
+        self.importance_mode(self.hf_config.vision_feature_select_strategy)
         self.last_attention()
+
+    def importance_mode(self, strategy: str) -> str:
+        """The importance signal the vision method asks for under feature strategy ``strategy``:
+        ``"auto"`` is ``"cls"`` with ``"default"`` (the [CLS] dropped) and ``"similarity"`` with
+        ``"full"`` (no [CLS], SPEC.md). ``ValueError`` (one line) for another strategy, for
+        ``"full"`` on a tower with a class token, and for ``importance="cls"`` with ``"full"``."""
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"GlobalCom2 on {self.display_name} needs vision_feature_select_strategy 'default' (a tower with [CLS], "
+                f"dropped) or 'full' (a tower without [CLS], e.g. granite-vision's SigLIP); this model uses {strategy!r}"
+            )
+        if strategy == "full" and self._has_class_token():
+            raise ValueError(
+                f"GlobalCom2 on {self.display_name} with vision_feature_select_strategy='full' needs a tower without a "
+                f"[CLS] token (SigLIP); {type(self.vision_tower()).__name__} has one, which 'full' would hand the projector"
+            )
+        mode = getattr(self.vision_config, "importance", "auto")
+        if strategy == "full" and mode == "cls":
+            raise ValueError(
+                f"importance='cls' is not available on this {self.display_name} model: its features are 'full' "
+                "(a tower without [CLS]); use importance='similarity' (the default, 'auto') or 'attention_received'"
+            )
+        if mode == "auto":
+            return "cls" if strategy == "default" else "similarity"
+        return mode
+
+    def _has_class_token(self) -> bool:
+        """Whether the tower puts a class token before its patches: its embeddings hold more
+        positions than patches (CLIP: 577 for 576; SigLIP: as many)."""
+        for module in self.vision_tower().modules():
+            positions, patches = getattr(module, "num_positions", None), getattr(module, "num_patches", None)
+            if isinstance(positions, int) and isinstance(patches, int):
+                return positions > patches
+        return False
 
     # -- vision side ----------------------------------------------------------------------------
     def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -128,7 +201,8 @@ class LlavaNextFamily(Family):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
     ) -> EncodedImages:
-        """Run the vision tower, capturing the last layer's [CLS] logits; the projector runs later,
+        """Run the vision tower, capturing the importance (the last layer's [CLS] logits with
+        ``"default"``, the projector input's similarity with ``"full"``); the projector runs later,
         on the kept tokens only (:meth:`Family.compress`).
 
         Args:
@@ -137,7 +211,8 @@ class LlavaNextFamily(Family):
 
         Returns:
             :class:`EncodedImages` with per-image features (V_i, N, C), the projector's input
-            (``project`` = the model's projector), and importance (V_i, N).
+            (``project`` = the model's projector; C = the tower's width times the number of
+            feature layers), and importance (V_i, N).
 
         Like the model's own ``get_image_features`` this runs under the caller's grad mode, so
         gradients reach the projector (and the tower) when training with ``labels``; the [CLS]
@@ -148,8 +223,8 @@ class LlavaNextFamily(Family):
         cfg = self.hf_config
         layer = cfg.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = cfg.vision_feature_select_strategy if vision_feature_select_strategy is None else vision_feature_select_strategy
-        if strategy != "default":
-            raise ValueError(f"GlobalCom2 needs vision_feature_select_strategy='default', got {strategy!r}")
+        mode = self.importance_mode(strategy)
+        first = 1 if strategy == "default" else 0  # "default" drops the [CLS] row, "full" keeps every token
         rows = image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes  # the one read of the sizes
         check_image_sizes(rows)
         sizes = [tuple(int(v) for v in s) for s in rows]
@@ -163,10 +238,9 @@ class LlavaNextFamily(Family):
 
         tower = self.inner.vision_tower
         attn = self.last_attention()
-        # The importance option (config field ``importance``): "auto" / "cls" is the method's [CLS]
-        # logits; "similarity" and "attention_received" (ablations here) the signals of towers
-        # without [CLS], over the N patches (SPEC.md).
-        mode = getattr(self.vision_config, "importance", "auto")
+        # The importance (config field ``importance``, resolved by importance_mode): "cls" the
+        # method's [CLS] logits; "similarity" and "attention_received" the signals of towers without
+        # [CLS], over the N patches (SPEC.md): the default and an ablation with "full".
         received = mode == "attention_received"
         last = self._last_layer(attn)
         if last is not None and self._before_last(layer):
@@ -185,21 +259,23 @@ class LlavaNextFamily(Family):
                 hidden = out.hidden_states[layer]
             else:
                 hidden = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-        feats = hidden[:, 1:]  # (V, N, C): the projector's input, projected where kept (Family.compress)
+        feats = hidden[:, first:]  # (V, N, C): the projector's input, projected where kept (Family.compress)
+        _, geoms, n = self.size_layout(sizes)
+        if feats.shape[1] != n:
+            raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per view after {strategy!r}, expected {n}")
         if mode == "similarity":  # -cos to the view's mean, on what the projector receives
-            importance = importance_ops.feature_similarity(hidden[:, 1:])  # (V, N)
-        elif received:  # softmax over the N patches only (the [CLS] row and column left out), SPEC.md
+            importance = importance_ops.feature_similarity(feats)  # (V, N)
+        elif received:  # softmax over the N patches only (a [CLS] row and column left out), SPEC.md
             if cap.queries is None or cap.keys is None:  # pragma: no cover - defensive
                 raise RuntimeError("the vision tower's last attention layer did not run")
             importance = importance_ops.attention_received(
-                cap.queries.detach()[:, 1:], cap.keys.detach()[:, 1:], attn.num_heads, attn.scale
+                cap.queries.detach()[:, first:], cap.keys.detach()[:, first:], attn.num_heads, attn.scale
             )  # (V, N)
         else:
             if cap.q_cls is None or cap.keys is None:  # pragma: no cover - defensive
                 raise RuntimeError("the vision tower's last attention layer did not run")
             importance = importance_ops.cls_attention_logits(cap.q_cls.detach(), cap.keys.detach(), attn.num_heads, attn.scale)  # (V, N)
 
-        _, geoms, n = self.size_layout(sizes)
         side = math.isqrt(n)
         return EncodedImages(
             features=list(torch.split(feats, views, dim=0)),
@@ -244,7 +320,8 @@ class LlavaNextFamily(Family):
         """The vanilla model's packing of the same features (for comparisons and benchmarks)."""
         sizes = torch.tensor(encoded.image_sizes, dtype=torch.long)
         packed, _ = self.inner.pack_image_features(
-            encoded.projected().features, sizes, vision_feature_select_strategy="default", image_newline=self.image_newline()
+            encoded.projected().features, sizes, vision_feature_select_strategy=self.hf_config.vision_feature_select_strategy,
+            image_newline=self.image_newline(),
         )
         return list(packed)
 
@@ -284,20 +361,72 @@ class LlavaNextFamily(Family):
     )
 
     @classmethod
-    def tiny_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:
+    def tiny_config(
+        cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], granite: bool = False, **options: Any
+    ) -> Any:
         """A ``LlavaNextConfig`` with the llava-hf geometry (336 px views of 14 px patches, their
         pinpoints, features of the second-to-last layer without [CLS]): a CLIP vision tower of
-        ``vision`` and a Llama language model of ``text``."""
+        ``vision`` and a Llama language model of ``text``.
+
+        ``granite=True``: granite-vision-3.x's geometry instead (:meth:`tiny_granite_config`).
+        ``options`` go to the config over these settings."""
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
-        return LlavaNextConfig(
+        if granite:
+            return cls.tiny_granite_config(tokenizer, vision, text, **options)
+        settings = dict(
             vision_config=CLIPVisionConfig(image_size=VIEW_SIZE, patch_size=PATCH_SIZE, **vision),
             text_config=LlamaConfig(**text),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
-            **options,
+        )
+        return LlavaNextConfig(**{**settings, **options})
+
+    @classmethod
+    def tiny_granite_config(cls, tokenizer: Any, vision: dict[str, Any], text: dict[str, Any], **options: Any) -> Any:
+        """A ``LlavaNextConfig`` of granite-vision-3.x's geometry at tiny widths: a SigLIP tower of
+        384 px views of 14 px patches (no [CLS]) with one layer per feature layer, ``"full"``
+        features of all its layers concatenated (as many as granite's ``[-24, -20, -12, -1]``, the
+        last included), :data:`GRANITE_TINY_PINPOINTS` (a 1 x 1 crop grid among them), and a Granite
+        language model of ``text`` with granite-3.1's multipliers (attention scaled by
+        1 / head_dim, embeddings by 12, residuals by 0.22, logits divided by 8)."""
+        from transformers import GraniteConfig, LlavaNextConfig, SiglipVisionConfig
+
+        layers = len(GRANITE_FEATURE_LAYERS)
+        tower = {k: v for k, v in vision.items() if k != "projection_dim"}  # CLIP's; SigLIP has no projection
+        tower["num_hidden_layers"] = layers
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        settings = dict(
+            vision_config=SiglipVisionConfig(image_size=GRANITE_VIEW_SIZE, patch_size=PATCH_SIZE, **tower),
+            text_config=GraniteConfig(
+                **{**dict(attention_multiplier=1.0 / head_dim, **GRANITE_MULTIPLIERS), **text}
+            ),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=GRANITE_TINY_PINPOINTS,
+            vision_feature_layer=list(range(-layers, 0)),
+            vision_feature_select_strategy="full",
+        )
+        return LlavaNextConfig(**{**settings, **options})
+
+    @classmethod
+    def tiny_granite_processor(cls, tokenizer: Any) -> Any:
+        """The processor of :meth:`tiny_granite_config`'s model, as granite-vision's: 384 px views
+        (SigLIP's 0.5 mean and std), its pinpoints, ``"full"`` features (no [CLS] token counted)."""
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        half = [0.5, 0.5, 0.5]
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": GRANITE_VIEW_SIZE},
+            crop_size={"height": GRANITE_VIEW_SIZE, "width": GRANITE_VIEW_SIZE},
+            image_grid_pinpoints=GRANITE_TINY_PINPOINTS,
+            image_mean=half,
+            image_std=half,
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+            vision_feature_select_strategy="full", num_additional_image_tokens=0,
         )
 
     @classmethod
@@ -318,6 +447,13 @@ class LlavaNextFamily(Family):
         return cls.max_visual_tokens(
             {"vision_config": {"image_size": VIEW_SIZE, "patch_size": PATCH_SIZE}, "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS}
         )
+
+    @classmethod
+    def checkpoint_max_visual_tokens(cls, checkpoint: str) -> int:
+        """:meth:`max_visual_tokens` of a known checkpoint (granite-vision-3.2-2b: 11 x 729 = 8,019;
+        the llava-hf ones: 2,880)."""
+        geometry_of = cls.checkpoint_geometries.get(checkpoint)
+        return cls.default_max_visual_tokens() if geometry_of is None else cls.max_visual_tokens(geometry_of)
 
     @classmethod
     def picture_views(cls, image: Any, geom: CropGeometry | None, view: int) -> tuple[Any, Any, Any]:
