@@ -90,6 +90,36 @@ def test_equals_hf_with_per_request_ratio_and_single_view(family):
 
 
 @pytest.fixture(scope="module")
+def chunked(tmp_path_factory):
+    from vllm import LLM
+
+    # Chunked prefill (a step budget far below one image's prompt) and prefix caching on.
+    path, model, _ = checkpoints.save_tiny("smolvlm", tmp_path_factory.mktemp("smolvlm_chunked"))
+    processor = _processor("smolvlm", path)
+    llm = LLM(
+        model=str(path), hf_overrides={"globalcom2": {"retention_ratio": 0.5}},
+        max_num_batched_tokens=128, enable_prefix_caching=True, **ENGINE,
+    )
+    yield model, processor, llm
+    del llm
+    gc.collect()
+
+
+def test_chunked_prefill_and_prefix_cache(chunked):
+    """Each view's run (text between the runs) split over engine steps, then the same prompt again
+    from the prefix cache, and once more at another ratio: each equals its reference."""
+    model, processor, llm = chunked
+    image = make_image(*IMAGES[0][:3])
+    cached = []
+    for kw in ({}, {}, {"retention_ratio": 0.2}):
+        (out,) = llm.generate([_request(image, kw)], sampling(), use_tqdm=False)
+        assert len(out.prompt_token_ids) > 128
+        cached.append(out.num_cached_tokens or 0)
+        assert_same(vllm_result(out), hf_result(model, processor, image, PROMPT, retention_ratio=kw.get("retention_ratio", 0.5)))
+    assert cached[1] > 0  # the repeat came from the prefix cache
+
+
+@pytest.fixture(scope="module")
 def vanilla_smolvlm(tmp_path_factory):
     from vllm import LLM
 
@@ -129,3 +159,26 @@ def test_unsupported_settings_are_one_line_errors(tmp_path):
         _model_config(path, hf_overrides={"globalcom2": {"count": "published"}})
     with pytest.raises(ValueError, match="importance='cls' is not available on Idefics3"):  # SigLIP has no [CLS]
         LLM(model=str(path), hf_overrides={"globalcom2": {"importance": "cls"}}, **ENGINE)
+
+
+def test_info_counts_are_the_fixed_counts(tmp_path):
+    """The processing info's image-token count of a size (GlobalCom2 on) is the Hugging Face
+    fixed count; vLLM's own with GlobalCom2 off."""
+    import globalcom2
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from globalcom2.integrations import vllm as plugin
+
+    plugin.register()
+    path, model, _ = checkpoints.save_tiny("smolvlm", tmp_path / "smolvlm")
+    processor = _processor("smolvlm", path)
+    on = MULTIMODAL_REGISTRY.create_processor(_model_config(path, hf_overrides={"globalcom2": {"retention_ratio": 0.3}}))
+    off = MULTIMODAL_REGISTRY.create_processor(_model_config(path))
+    for h, w, seed, _ in IMAGES[:2]:
+        inputs = processor(images=make_image(h, w, seed), text=PROMPT, return_tensors="pt")
+        fixed = globalcom2.compress_images(model, inputs, retention_ratio=0.3, count="fixed").counts[0]
+        vanilla = int((inputs.input_ids == model.config.image_token_id).sum())
+        assert fixed < vanilla
+        for proc, want in ((on, fixed), (off, vanilla)):
+            info = proc.info
+            assert info.get_num_image_tokens(image_width=w, image_height=h, processor=info.get_hf_processor(), mm_kwargs={}) == want
