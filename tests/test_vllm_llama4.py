@@ -137,3 +137,21 @@ def test_settings_checked_at_engine_creation_and_profile_bound(checkpoint):
     info = MULTIMODAL_REGISTRY.create_processor(model_config(retention_ratio=0.1)).info
     most = family_for_model_type("llama4").max_visual_tokens(model.config)  # 16 tiles + the global tile
     assert info.get_mm_max_tokens_per_item(4096, {"image": 1}) == {"image": most}
+
+
+def test_text_only_engine_loads_and_answers(checkpoint):
+    """With the tower left out (``limit_mm_per_prompt={"image": 0}``), GlobalCom2 on still loads the
+    checkpoint (the importance module is left out with the tower) and answers as the Hugging Face model."""
+    import torch
+    from vllm import LLM
+
+    path, model, _ = checkpoint
+    llm = LLM(model=str(path), hf_overrides={"globalcom2": {"retention_ratio": 0.25}}, limit_mm_per_prompt={"image": 0}, **ENGINE)
+    try:
+        ids, tokens, _ = vllm_result(llm.generate(["user: hello assistant:"], sampling(), use_tqdm=False)[0])
+    finally:
+        del llm
+        gc.collect()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=len(tokens), do_sample=False)
+    assert out[0, len(ids):].tolist() == tokens

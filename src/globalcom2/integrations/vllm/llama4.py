@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from vllm.config import VllmConfig
+from vllm.model_executor.models.utils import StageMissingLayer
 from vllm.model_executor.models.mllama4 import (
     Llama4ForConditionalGeneration,
     Mllama4DummyInputsBuilder,
@@ -222,7 +223,7 @@ class GlobalCom2Llama4ForConditionalGeneration(Llama4ForConditionalGeneration):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         module = getattr(self, "globalcom2_importance", None)
-        if self.globalcom2 is None or module is None:
+        if self.globalcom2 is None or module is None or isinstance(module, StageMissingLayer):  # no tower: text only
             return super().load_weights(weights)
         prefix = f"vision_model.model.layers.{len(self.vision_model.model.layers) - 1}."
         rest, loaded = _common.load_importance_weights(module, prefix, LLAMA4_VISION_NAMES, weights)
