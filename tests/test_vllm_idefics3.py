@@ -1,7 +1,7 @@
 """GlobalCom2 inside vLLM on Idefics3 and SmolVLM: each equals the Hugging Face reference on the
 compressed sequence (``count="fixed"``: every view's run its fixed kept count), per-request R and a
-single view (``do_image_splitting=False`` per request) included; SmolVLM with GlobalCom2 off is
-vLLM's vanilla result.
+single view (``do_image_splitting=False`` per request) included; with GlobalCom2 off each is
+vLLM's vanilla result (equal to the vanilla Hugging Face model).
 
 The reference uses the processor vLLM loads from the checkpoint folder (``AutoProcessor``: the
 torchvision image processor where torchvision is installed); SmolVLM's is built with the stand-in
@@ -119,20 +119,20 @@ def test_chunked_prefill_and_prefix_cache(chunked):
     assert cached[1] > 0  # the repeat came from the prefix cache
 
 
-@pytest.fixture(scope="module")
-def vanilla_smolvlm(tmp_path_factory):
+@pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
+def vanilla(request, tmp_path_factory):
     from vllm import LLM
 
-    path, model, _ = checkpoints.save_tiny("smolvlm", tmp_path_factory.mktemp("smolvlm_vanilla"))
-    processor = _processor("smolvlm", path)
+    path, model, _ = checkpoints.save_tiny(request.param, tmp_path_factory.mktemp(f"{request.param}_vanilla"))
+    processor = _processor(request.param, path)
     llm = LLM(model=str(path), **ENGINE)
     yield model, processor, llm
     del llm
     gc.collect()
 
 
-def test_globalcom2_off_is_vanilla(vanilla_smolvlm):
-    model, processor, llm = vanilla_smolvlm
+def test_globalcom2_off_is_vanilla(vanilla):
+    model, processor, llm = vanilla
     image = make_image(*IMAGES[0][:3])
     (out,) = llm.generate([_request(image, {})], sampling(), use_tqdm=False)
     assert_same(vllm_result(out), hf_result(model, processor, image, PROMPT))
