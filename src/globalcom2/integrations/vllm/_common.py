@@ -324,10 +324,12 @@ def load_weights_with_importance(
     """vLLM's ``AutoWeightsLoader`` on ``model`` (weights already under vLLM's names), with the
     tower's last-layer norm and q/k weights (``prefix`` + ``names``) also copied into
     ``model.<attr>`` (:class:`ClsImportance`). A ValueError when the checkpoint lacks them."""
-    from vllm.model_executor.models.utils import AutoWeightsLoader
+    from vllm.model_executor.models.utils import AutoWeightsLoader, StageMissingLayer
 
     module = getattr(model, attr, None)
-    if module is None:  # an importance computed from the features alone (similarity)
+    # None: an importance computed from the features alone (similarity); a StageMissingLayer: no
+    # tower in this engine (limit_mm_per_prompt image 0), vLLM skips its weights
+    if module is None or isinstance(module, StageMissingLayer):
         return set(AutoWeightsLoader(model).load_weights(weights))
     rest, loaded = load_importance_weights(module, prefix, names, weights)
     done = AutoWeightsLoader(model).load_weights(rest)
