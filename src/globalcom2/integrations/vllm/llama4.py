@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from vllm.config import VllmConfig
-from vllm.model_executor.models.utils import StageMissingLayer
 from vllm.model_executor.models.mllama4 import (
     Llama4ForConditionalGeneration,
     Mllama4DummyInputsBuilder,
@@ -40,6 +39,7 @@ from vllm.model_executor.models.mllama4 import (
     Mllama4ProcessingInfo,
     pixel_shuffle,
 )
+from vllm.model_executor.models.utils import StageMissingLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails, cached_encode
 
