@@ -111,6 +111,12 @@ def test_llama4_equals_hf(engine):
     if settings is not None:  # R = 1 keeps every token: the vanilla prompt and answer
         full = llm.generate(_requests([1.0] * len(SIZES))[:1], sampling(), use_tqdm=False)[0]
         assert_same(vllm_result(full), hf_result(model, processor, requests[0]["multi_modal_data"]["image"], PROMPT))
+    if settings == {}:  # two images of different grids in one prompt, at the request's ratio
+        images = [make_image(h, w, s) for h, w, s in SIZES[1::-1]]
+        prompt = "user: <|image|> and <|image|>\nWhich? assistant:"
+        req = {"prompt": prompt, "multi_modal_data": {"image": images}, "mm_processor_kwargs": {"retention_ratio": 0.3}}
+        both = llm.generate([req], sampling(), use_tqdm=False)[0]
+        assert_same(vllm_result(both), hf_result(model, processor, images, prompt, retention_ratio=0.3))
 
 
 def test_settings_checked_at_engine_creation_and_profile_bound(checkpoint):
