@@ -182,3 +182,25 @@ def test_info_counts_are_the_fixed_counts(tmp_path):
         for proc, want in ((on, fixed), (off, vanilla)):
             info = proc.info
             assert info.get_num_image_tokens(image_width=w, image_height=h, processor=info.get_hf_processor(), mm_kwargs={}) == want
+
+
+def test_text_only_engine_with_attention_received(tmp_path):
+    """limit_mm_per_prompt image 0 (vLLM leaves the tower out) with the importance module on:
+    the engine loads and answers text as the Hugging Face model does."""
+    import torch
+    from vllm import LLM
+
+    path, model, _ = checkpoints.save_tiny("idefics3", tmp_path / "idefics3")
+    processor = _processor("idefics3", path)
+    llm = LLM(model=str(path), hf_overrides={"globalcom2": {"importance": "attention_received"}},
+              limit_mm_per_prompt={"image": 0}, **ENGINE)
+    prompt = "User:What is it?<end_of_utterance>\nAssistant:"
+    (out,) = llm.generate([prompt], sampling(), use_tqdm=False)
+    ids = processor.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(out.outputs[0].token_ids),
+                             do_sample=False)
+    assert list(out.prompt_token_ids) == ids[0].tolist()
+    assert list(out.outputs[0].token_ids) == ref[0, ids.shape[1]:].tolist()
+    del llm
+    gc.collect()

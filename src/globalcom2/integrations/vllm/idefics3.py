@@ -36,6 +36,7 @@ from vllm.model_executor.models.idefics3 import (
     Idefics3ProcessingInfo,
 )
 from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration, SmolVLMProcessingInfo
+from vllm.model_executor.models.utils import StageMissingLayer
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
@@ -255,7 +256,8 @@ class _GlobalCom2Idefics3Model:
         return out
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if getattr(self, "globalcom2_importance", None) is None:
+        module = getattr(self, "globalcom2_importance", None)
+        if module is None or isinstance(module, StageMissingLayer):  # similarity, or no tower (text only)
             return super().load_weights(weights)  # type: ignore[misc]
         last = self.config.vision_config.num_hidden_layers - 1  # type: ignore[attr-defined]
         return _common.load_weights_with_importance(
