@@ -21,7 +21,7 @@ import globalcom2
 from conftest import make_image
 from globalcom2 import tiny
 from globalcom2.methods import language_config, make_config, method_names, vision_config
-from globalcom2.models.llava_next import LlavaNextFamily
+from globalcom2.models.llava_next import LlavaNextFamily, has_class_token
 
 SIZES = [(480, 640), (300, 900), (1000, 300)]
 QUESTIONS = ["What is this?", "Describe it briefly, please.", "hi"]
@@ -75,7 +75,7 @@ def test_the_tiny_model_has_granite_visions_shape(granite):
     fam = LlavaNextFamily(model, globalcom2.GlobalCom2Config())
     geom = fam.size_layout([SIZES[0]])[1][0]
     assert geom.side == side and tokens == geom.vanilla_num_tokens()  # N = side^2 per view: no [CLS] counted
-    assert not fam._has_class_token()
+    assert not has_class_token(fam.vision_tower())
 
 
 def test_keep_all_is_the_vanilla_model(granite):

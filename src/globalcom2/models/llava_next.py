@@ -124,20 +124,22 @@ class LlavaNextFamily(Family):
         self.importance_mode(self.hf_config.vision_feature_select_strategy)
         self.last_attention()
 
-    def importance_mode(self, strategy: str) -> str:
+    def importance_mode(self, strategy: str, tower: Any = None) -> str:
         """The importance signal the vision method asks for under feature strategy ``strategy``:
         ``"auto"`` is ``"cls"`` with ``"default"`` (the [CLS] dropped) and ``"similarity"`` with
         ``"full"`` (no [CLS], SPEC.md). ``ValueError`` (one line) for another strategy, for
-        ``"full"`` on a tower with a class token, and for ``importance="cls"`` with ``"full"``."""
+        ``"full"`` on a tower with a class token, and for ``importance="cls"`` with ``"full"``.
+        ``tower``: the vision tower to check (default the model's; vLLM's own where it runs)."""
         if strategy not in STRATEGIES:
             raise ValueError(
                 f"GlobalCom2 on {self.display_name} needs vision_feature_select_strategy 'default' (a tower with [CLS], "
                 f"dropped) or 'full' (a tower without [CLS], e.g. granite-vision's SigLIP); this model uses {strategy!r}"
             )
-        if strategy == "full" and self._has_class_token():
+        tower = self.vision_tower() if tower is None else tower
+        if strategy == "full" and has_class_token(tower):
             raise ValueError(
                 f"GlobalCom2 on {self.display_name} with vision_feature_select_strategy='full' needs a tower without a "
-                f"[CLS] token (SigLIP); {type(self.vision_tower()).__name__} has one, which 'full' would hand the projector"
+                f"[CLS] token (SigLIP); {type(tower).__name__} has one, which 'full' would hand the projector"
             )
         mode = getattr(self.vision_config, "importance", "auto")
         if strategy == "full" and mode == "cls":
@@ -148,15 +150,6 @@ class LlavaNextFamily(Family):
         if mode == "auto":
             return "cls" if strategy == "default" else "similarity"
         return mode
-
-    def _has_class_token(self) -> bool:
-        """Whether the tower puts a class token before its patches: its embeddings hold more
-        positions than patches (CLIP: 577 for 576; SigLIP: as many)."""
-        for module in self.vision_tower().modules():
-            positions, patches = getattr(module, "num_positions", None), getattr(module, "num_patches", None)
-            if isinstance(positions, int) and isinstance(patches, int):
-                return positions > patches
-        return False
 
     # -- vision side ----------------------------------------------------------------------------
     def grid_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -253,8 +246,11 @@ class LlavaNextFamily(Family):
                 cap.queries = attn.q_proj(x)  # (V, T, C): on every token, as the layer computes it (same bits)
                 cap.q_cls, cap.keys = cap.queries[:, 0], attn.k_proj(x)
         else:
+            # A list of feature layers asks for every hidden state: transformers < 5.25 reads a list
+            # with negative indices as no layer at all (its get_image_features asks for all, too).
+            select = layer if isinstance(layer, int) else True
             with QKCapture(attn, all_queries=received) as cap:
-                out = tower(pixel_values, output_hidden_states=layer, return_dict=True)
+                out = tower(pixel_values, output_hidden_states=select, return_dict=True)
             if isinstance(layer, int):
                 hidden = out.hidden_states[layer]
             else:
@@ -473,6 +469,16 @@ class LlavaNextFamily(Family):
         resized = image.resize((lay["new_width"], lay["new_height"]), Image.Resampling.BICUBIC)
         canvas[lay["top"] : lay["top"] + lay["new_height"], lay["left"] : lay["left"] + lay["new_width"]] = np.asarray(resized)
         return thumb, canvas, lay
+
+
+def has_class_token(tower: Any) -> bool:
+    """Whether a vision tower (Hugging Face's or vLLM's) puts a class token before its patches: its
+    embeddings hold more positions than patches (CLIP: 577 for 576; SigLIP: as many)."""
+    for module in tower.modules():
+        positions, patches = getattr(module, "num_positions", None), getattr(module, "num_patches", None)
+        if isinstance(positions, int) and isinstance(patches, int):
+            return positions > patches
+    return False
 
 
 class _Captured:
