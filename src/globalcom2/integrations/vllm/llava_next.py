@@ -7,6 +7,12 @@ its processing info and processor. Vanilla vLLM when the config has no ``"global
   hidden state entering the last layer, from which :class:`~._common.ClsImportance` computes the
   last layer's [CLS] logits (norm + one query + keys); features as vLLM computes them; then every
   image of the step is compressed, batched per ratio (:func:`~._common.compress_groups`).
+* ``vision_feature_select_strategy="full"`` (granite-vision: SigLIP, no [CLS], a list
+  ``vision_feature_layer``): the features are vLLM's own (``_image_pixels_to_features``: the
+  feature layers' hidden states concatenated, every token); ``importance="auto"`` is
+  ``similarity`` on them, ``cls`` is refused, ``attention_received`` reads the hidden state
+  entering the tower's last layer where vLLM builds that layer (refused where it does not, with
+  several feature layers).
 * Precomputed image embeddings of different lengths may share a step (vLLM's schema fixed one
   length per batch), with or without GlobalCom2.
 """
@@ -81,16 +87,21 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         if self.globalcom2 is None:
             return
         layer = config.vision_feature_layer
-        if not isinstance(layer, int):
+        #: "default": [CLS] dropped ("auto" = the [CLS] logits); "full": every token, no [CLS]
+        #: ("auto" = similarity; "cls" refused by importance_mode, as other strategies are)
+        self.globalcom2_full = config.vision_feature_select_strategy == "full"
+        counter = FAMILY.counter(config, self.globalcom2)
+        self.globalcom2_mode = counter.importance_mode(config.vision_feature_select_strategy, tower=self.vision_tower)
+        if not self.globalcom2_full and not isinstance(layer, int):
             raise ValueError(f"GlobalCom2 in vLLM needs one vision_feature_layer (an int), this model has {layer!r}")
-        if config.vision_feature_select_strategy != "default":
+        depth = config.vision_config.num_hidden_layers
+        built = len(self.vision_tower.vision_model.encoder.layers)
+        if self.globalcom2_mode == "attention_received" and not isinstance(layer, int) and built < depth:
             raise ValueError(
-                "GlobalCom2 needs a vision tower with a [CLS] token (vision_feature_select_strategy='default'); "
-                f"this model uses {config.vision_feature_select_strategy!r}"
+                "importance='attention_received' in vLLM needs the tower's last layer, which vLLM does not build "
+                f"for vision_feature_layer {layer!r}; use importance='similarity' (the default)"
             )
         vc = config.vision_config
-        #: "auto"/"cls": the [CLS] logits; "attention_received", "similarity": the ablations (SPEC.md)
-        self.globalcom2_mode = getattr(self.globalcom2, "importance", "auto")
         if self.globalcom2_mode == "similarity":
             return
         with self._mark_tower_model(vllm_config, "image"):
@@ -132,14 +143,18 @@ class GlobalCom2LlavaNextForConditionalGeneration(LlavaNextForConditionalGenerat
         layers = self.vision_tower.vision_model.encoder.layers
         depth = self.config.vision_config.num_hidden_layers
         with _common.LastLayerInput(layers, depth, getattr(self, "globalcom2_importance", None)) as cap:
-            hidden = self.vision_tower(stacked, select_layers=None, feature_select_strategy=None)  # (V, 1 + N, Dv)
-        if self.globalcom2_mode == "similarity":
-            importance = _common.similarity(hidden[:, 1:])
+            if self.globalcom2_full:  # vLLM's own features: the feature layers concatenated, every token
+                hidden = self._image_pixels_to_features(self.vision_tower, stacked)  # (V, N, Dv * layers)
+            else:
+                hidden = self.vision_tower(stacked, select_layers=None, feature_select_strategy=None)  # (V, 1 + N, Dv)
+        first = 0 if self.globalcom2_full else 1  # "default": the [CLS] row left out
+        if self.globalcom2_mode == "similarity":  # on what the projector receives
+            importance = _common.similarity(hidden[:, first:])
         elif self.globalcom2_mode == "attention_received":
-            importance = self.globalcom2_importance.attention_received(cap.result(hidden), skip=1)
+            importance = self.globalcom2_importance.attention_received(cap.result(hidden), skip=first)
         else:
             importance = self.globalcom2_importance(cap.result(hidden))  # (V, N) float64 [CLS] logits
-        feats = self.multi_modal_projector(hidden[:, 1:])  # (V, N, D): vLLM's "default" selection
+        feats = self.multi_modal_projector(hidden[:, first:])  # (V, N, D): vLLM's selection
         if feats.shape[1] != n:
             raise ValueError(f"the vision tower gives {feats.shape[1]} tokens per view, expected {n}")
         ratio_list = _common.request_ratios({_common.RATIO_FIELD: ratios}, len(sizes), self.globalcom2.retention_ratio)
