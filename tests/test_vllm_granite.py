@@ -25,6 +25,15 @@ PROMPT = "<image>\nWhat is it?"
 SIZES = [(500, 700, 1), (1200, 300, 2), (300, 300, 3)]
 
 
+def _save(path, seed=0, **options):
+    tok = tiny.build_tokenizer("llava_next")
+    text = {**checkpoints.TINY_TEXT, "logits_scaling": 1.0}
+    config = tiny.build_config("llava_next", tok, text=text, granite=True, **options)
+    model = tiny.build_model("llava_next", config, tok.pad_token_id, seed=seed)
+    path = checkpoints.save(model, LlavaNextFamily.tiny_granite_processor(tok), path)
+    return path, model, AutoProcessor.from_pretrained(path)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """(folder, model, processor): the tiny granite-shaped checkpoint (head_dim 32 for vLLM's CPU
@@ -32,13 +41,7 @@ def ckpt(tmp_path_factory):
     ``lm_head`` and never divides them by the Granite text config's ``logits_scaling`` (8 on
     granite-vision), vLLM's Granite does; the greedy tokens agree, the log-probabilities would not
     (a difference of the two vanilla engines, not of GlobalCom2)."""
-    tok = tiny.build_tokenizer("llava_next")
-    text = {**checkpoints.TINY_TEXT, "logits_scaling": 1.0}
-    config = tiny.build_config("llava_next", tok, text=text, granite=True)
-    model = tiny.build_model("llava_next", config, tok.pad_token_id, seed=0)
-    processor = LlavaNextFamily.tiny_granite_processor(tok)
-    path = checkpoints.save(model, processor, tmp_path_factory.mktemp("granite"))
-    return path, model, AutoProcessor.from_pretrained(path)
+    return _save(tmp_path_factory.mktemp("granite"))
 
 
 def _llm(path, overrides):
@@ -85,4 +88,23 @@ def test_cls_is_refused_in_one_line(ckpt):
         _llm(ckpt[0], {"globalcom2": {"retention_ratio": 0.25, "importance": "cls"}})
     lines = [ln for ln in str(err.value).splitlines() if "importance='cls'" in ln]
     assert lines and "'full'" in lines[0]
+    gc.collect()
+
+
+def test_feature_layers_without_the_last_one(tmp_path):
+    """vLLM builds the tower only up to the deepest feature layer: similarity on its concatenated
+    features equals the reference; attention_received (the last layer's input) is refused in one line."""
+    path, model, processor = _save(tmp_path / "short", vision_feature_layer=[-4, -3, -2])
+    llm = _llm(path, {"globalcom2": {"retention_ratio": 0.25}})
+    try:
+        image = make_image(*SIZES[0])
+        (out,) = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": image}}], sampling(), use_tqdm=False)
+        assert_same(vllm_result(out), hf_result(model, processor, image, PROMPT, retention_ratio=0.25))
+    finally:
+        del llm
+        gc.collect()
+    with pytest.raises(ValueError) as err:
+        _llm(path, {"globalcom2": {"retention_ratio": 0.25, "importance": "attention_received"}})
+    lines = [ln for ln in str(err.value).splitlines() if "attention_received" in ln]
+    assert lines and "vision_feature_layer" in lines[0]
     gc.collect()
