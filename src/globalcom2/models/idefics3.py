@@ -56,18 +56,16 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .. import methods as _methods
 from .._lazy import lazy_module
 from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .images import CompressedImages, EncodedImages
+from .tiled import PerViewRuns
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
-    from ..methods.base import VisionMethodConfig
 
 torch = lazy_module("torch")
-plans = lazy_module("globalcom2.core.plans")
 tiles = lazy_module("globalcom2.core.tiles")
 sequence = lazy_module("globalcom2.core.sequence")
 
@@ -122,7 +120,7 @@ def processor_grid(height: int, width: int, longest_edge: int, view: int, split:
 
 
 @register_family
-class Idefics3Family(Family):
+class Idefics3Family(PerViewRuns, Family):
     """Idefics3 (``transformers`` ``Idefics3ForConditionalGeneration`` / ``Idefics3Model``): SigLIP
     without [CLS], pixel shuffle, crops row by row then the global view, one placeholder run per
     view; ``spatial`` layout only (see the module's docstring for every decision)."""
@@ -372,126 +370,30 @@ class Idefics3Family(Family):
         return EncodedImages(features=features, importance=importances, geometries=geoms, image_sizes=sizes,
                              vanilla_counts=[v * n for v in views])
 
-    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None) -> CompressedImages:
-        """Any vision method on the global-view-first views, then the model's order (crops row by row,
-        then the global view, each its kept tokens in raster order); ``pooling`` pools each view on
-        its own (a view is a sequence of its own here). ``newline`` is accepted for the common
-        signature (no newline embedding)."""
-        cfg = config or self.vision_config
-        if cfg is None:
-            raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        toks, plan_list = [], []
-        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
-            if cfg.method == "pooling":
-                t, side = tiles.pool_tiled_views(feats, cfg.retention_ratio)
-                crop_hw = (0, 0) if geom is None else (geom.grid_h * side, geom.grid_w * side)
-                p = _methods.PoolingPlan((side, side), crop_hw, geom, int(t.shape[0]), side=math.isqrt(feats.shape[1]))
-            else:
-                _, p = _methods.compress_image(feats, imp, geom, None, cfg)
-                if not isinstance(p, plans.CompressionPlan):
-                    raise ValueError(f"method {cfg.method!r} is not supported on {self.display_name}: its plan has no kept tokens")
-                index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
-                p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
-                t = plans.gather_features(p.table if p.table is not None else feats, None, index)
-            toks.append(t)
-            plan_list.append(p)
-        return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
-
-    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
-        """The vanilla sequence of the same features: per image its crops, then the global view."""
-        out = []
-        for f in encoded.features:
-            f = torch.cat([f[1:], f[:1]]) if f.shape[0] > 1 else f
-            out.append(f.reshape(-1, f.shape[-1]))
-        return out
-
     # -- per-view placeholder runs --------------------------------------------------------------
-    @staticmethod
-    def _plan_runs(plan: Any, views: int) -> "torch.Tensor":
-        """(V,) kept tokens of each view of one plan, model order (crops, then the global view)."""
-        if isinstance(plan, _methods.PoolingPlan):
-            t = plan.thumb_hw[0] * plan.thumb_hw[1]
-            return torch.full((views,), t, dtype=torch.long)
-        thumb = torch.tensor([int(plan.thumb_keep.numel())], dtype=torch.long)
-        crops = plan.crop_keep.reshape(views - 1, -1).sum(1).long().cpu() if views > 1 else thumb[:0]
-        return torch.cat([crops, thumb])
-
-    def _kept_runs(self, views: list[int], grids: list[Any], plan_list: list[Any], cfg: Any) -> list[list[int]]:
-        """Per image, its views' kept counts (model order). With a count known from the size
-        (``count="fixed"``), the split the size alone gives (the planning on constant importance),
-        which is what a count-first processor writes; else each view's kept count."""
-        if cfg is not None and getattr(cfg, "fixed_count", False):
-            n = self.tokens_per_view
-            geoms = [None if v == 1 else tiles.full_geometry(g, self.side) for v, g in zip(views, grids)]
-            encoded = EncodedImages(
-                features=[torch.zeros((v, n, 1)) for v in views], importance=[torch.zeros((v, n), dtype=torch.float64) for v in views],
-                geometries=geoms, image_sizes=[(0, 0)] * len(views), vanilla_counts=[0] * len(views),
-            )
-            plan_list = self.compress(encoded, cfg).plans
-        runs = [self._plan_runs(p, v) for p, v in zip(plan_list, views)]
-        flat = torch.cat(runs).tolist() if runs else []  # one read
-        out, start = [], 0
-        for v in views:
-            out.append(flat[start : start + v])
-            start += v
-        return out
-
-    @staticmethod
-    def _plan_grids(compressed: CompressedImages) -> list[tuple[int, int]]:
-        """Per image, (rows, cols) of its crops from its plan's geometry ((0, 0): one view)."""
-        return [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
-
     def placeholder_runs(self, input_ids: torch.Tensor, compressed: CompressedImages) -> Any:
         """The prompt's runs and the runs the language model gets, per image and view
         (:class:`globalcom2.core.sequence.ViewRuns`): each view's run is shortened to its count."""
         found = self.prompt_views(input_ids)
-        views = [len(r) for r, _ in found]
-        kept = self._kept_runs(views, self._plan_grids(compressed), compressed.plans, self.vision_config)
+        kept = self._kept_runs(self._plan_grids(compressed), compressed.plans, self.vision_config)
         return sequence.ViewRuns(prompt=[r for r, _ in found], kept=kept)
-
-    def image_runs(self, compressed: CompressedImages) -> Any:
-        """The vanilla runs (``tokens_per_view`` each) and kept runs per image and view, from the plans alone."""
-        grids = self._plan_grids(compressed)
-        views = [1 if g == (0, 0) else 1 + g[0] * g[1] for g in grids]
-        kept = self._kept_runs(views, grids, compressed.plans, self.vision_config)
-        return sequence.ViewRuns(prompt=[[self.tokens_per_view] * v for v in views], kept=kept)
 
     # -- counts from the size (count first) -----------------------------------------------------
     def _grid_of(self, hw: tuple[int, int], processor: Any = None) -> tuple[int, int]:
+        """(rows, cols) of one image size by the processor's rule (its ``get_number_of_image_patches``;
+        without one, the published checkpoints' settings: the longest edge to 4 views); (0, 0): one view."""
         ip = getattr(processor, "image_processor", processor)
         if ip is not None and hasattr(ip, "get_number_of_image_patches"):
             _, rows, cols = ip.get_number_of_image_patches(int(hw[0]), int(hw[1]), {})
             return int(rows), int(cols)
         return processor_grid(hw[0], hw[1], self.default_longest_edge * self.view_size // self.default_view, self.view_size)
 
-    def size_layout(self, image_sizes: Any, processor: Any = None, **options: Any) -> tuple[list[int], list[Any], int]:
-        """Views and geometry per image size, by the processor's rule (its
-        ``get_number_of_image_patches``; without one, the published checkpoints' settings: the
-        longest edge to 4 views)."""
-        grids = [self._grid_of(hw, processor) for hw in image_sizes]
-        return self._layout(grids)
-
-    def _layout(self, grids: list[tuple[int, int]]) -> tuple[list[int], list[Any], int]:
-        views = [1 if tuple(g) == (0, 0) else 1 + g[0] * g[1] for g in grids]
-        geoms = [None if tuple(g) == (0, 0) else tiles.full_geometry(tuple(g), self.side) for g in grids]
-        return views, geoms, self.tokens_per_view
-
     @staticmethod
     def _processed_grids(image_inputs: Any) -> list[tuple[int, int]]:
+        """The grids a processor's image output reports (``rows`` / ``cols``, which it keeps while it writes the text)."""
         rows = [int(r) for rs in image_inputs["rows"] for r in rs]
         cols = [int(c) for cs in image_inputs["cols"] for c in cs]
         return list(zip(rows, cols))
-
-    def processed_layout(self, image_inputs: Any, processor: Any) -> tuple[list[int], list[Any], int]:
-        """The grids the processor's image output reports (``rows`` / ``cols``, which it keeps while it writes the text)."""
-        return self._layout(self._processed_grids(image_inputs))
-
-    def processed_runs(self, image_inputs: Any, processor: Any, config: Any = None) -> list[list[int]]:
-        """Per image of a processor's image output, the compressed count of each view's run."""
-        cfg = config if config is not None else self.vision_config
-        grids = self._processed_grids(image_inputs)
-        views, geoms, n = self._layout(grids)
-        return self._kept_runs(views, grids, [None] * len(views), cfg)
 
     @classmethod
     def runs_text(cls, processor: Any, image_inputs: Any, image_idx: int, runs: Sequence[int]) -> str:

@@ -56,8 +56,6 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Other families" -> InternVL):
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
 from .. import methods as _methods
@@ -65,15 +63,14 @@ from .._lazy import lazy_module
 from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .checks import check_image_sizes
-from .images import CompressedImages, EncodedImages
+from .images import EncodedImages
+from .tiled import GlobalLastViews, max_tiled_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
-    from ..methods.base import VisionMethodConfig
 
 # Imported when the family runs: the registry (and ``globalcom2 --help``) must not load torch.
 torch = lazy_module("torch")
-layouts = lazy_module("globalcom2.core.layouts")
 tiles = lazy_module("globalcom2.core.tiles")
 
 #: The processor's default most tiles per image (InternVL3 ``-hf`` processor configs: 12).
@@ -103,7 +100,7 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
 
 
 @register_family
-class InternVLFamily(Family):
+class InternVLFamily(GlobalLastViews, Family):
     """InternVL 2.5 / 3 / 3.5 (``transformers`` ``InternVLForConditionalGeneration`` /
     ``InternVLModel``): InternViT with [CLS], pixel shuffle to 16 x 16 tokens per view, tiles row by
     row then the thumbnail, no padding, no newline; ``spatial`` layout only (see the module's
@@ -412,49 +409,6 @@ class InternVLFamily(Family):
         """``<img>`` + ``<IMG_CONTEXT>`` x count + ``</img>``, as the processor writes an image."""
         return f"{processor.start_image_token}{processor.image_token * int(count)}{processor.end_image_token}"
 
-    def compress(
-        self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None
-    ) -> CompressedImages:
-        """Any vision method on the thumbnail-first views, then the model's order (tiles, thumbnail,
-        no newline); ``pooling`` pools each view on its own (see the module's docstring).
-        ``newline`` is accepted for the common signature (InternVL writes none)."""
-        cfg = config or self.vision_config
-        if cfg is None:
-            raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        toks, plan_list = [], []
-        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
-            if cfg.method == "pooling":
-                t, p = self._pool(feats, geom, cfg.retention_ratio)
-            else:
-                _, p = _methods.compress_image(feats, imp, geom, None, cfg)
-                if not isinstance(p, layouts.CompressionPlan):
-                    raise ValueError(
-                        f"method {cfg.method!r} is not supported on {self.display_name}: its plan "
-                        f"({type(p).__name__}) has no kept tokens to put in the model's order"
-                    )
-                index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
-                p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
-                t = layouts.gather_features(p.table if p.table is not None else feats, None, index)
-            toks.append(t)
-            plan_list.append(p)
-        return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
-
-    @staticmethod
-    def _pool(feats: torch.Tensor, geom: CropGeometry | None, ratio: float) -> tuple[torch.Tensor, Any]:
-        tokens, t = tiles.pool_tiled_views(feats, ratio)
-        side = math.isqrt(feats.shape[1])
-        crop_hw = (0, 0) if geom is None else (geom.grid_h * t, geom.grid_w * t)
-        return tokens, _methods.PoolingPlan((t, t), crop_hw, geom, int(tokens.shape[0]), side=side)
-
-    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
-        """The vanilla model's sequence of the same features: per image its views in the model's
-        order (tiles, then the thumbnail), flattened."""
-        out = []
-        for f in encoded.features:
-            f = torch.cat([f[1:], f[:1]]) if f.shape[0] > 1 else f
-            out.append(f.reshape(-1, f.shape[-1]))
-        return out
-
     # -- language side --------------------------------------------------------------------------
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """As :meth:`Family.prepare_inputs`, with the views per image counted in ``input_ids`` and
@@ -535,14 +489,8 @@ class InternVLFamily(Family):
         """(max_patches tiles + the thumbnail) x tokens per view: 13 x 256 = 3,328 for the InternVL3
         ``-hf`` checkpoints. ``max_patches`` is a processor setting: read from the config (or its
         dict) when it has one, else the checkpoints' 12."""
-        vision = _get(config, "vision_config")
-        size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
-        if size is None or patch is None:
-            raise ValueError("the config has no vision_config.image_size/patch_size")
         ratio = float(_get(config, "downsample_ratio", DOWNSAMPLE_RATIO) or DOWNSAMPLE_RATIO)
-        side = int(round(_pair(size) // _pair(patch) * ratio))
-        max_patches = int(_get(config, "max_patches", DEFAULT_MAX_PATCHES) or DEFAULT_MAX_PATCHES)
-        return (max_patches + (1 if max_patches > 1 else 0)) * side * side
+        return max_tiled_tokens(config, ratio, int(_get(config, "max_patches", DEFAULT_MAX_PATCHES) or DEFAULT_MAX_PATCHES))
 
     @classmethod
     def default_max_visual_tokens(cls) -> int:

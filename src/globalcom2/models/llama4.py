@@ -58,25 +58,22 @@ How GlobalCom2 maps onto it (``SPEC.md``, "Any further family with a global view
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import warnings
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .. import methods as _methods
 from .._lazy import lazy_module
 from .base import Family, TinyGeometry, register_family
 from .capture import QKCapture
 from .images import CompressedImages, EncodedImages
+from .tiled import PerViewRuns, max_tiled_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.geometry import CropGeometry
-    from ..methods.base import VisionMethodConfig
 
 torch = lazy_module("torch")
-layouts = lazy_module("globalcom2.core.layouts")
 tiles = lazy_module("globalcom2.core.tiles")
 sequence = lazy_module("globalcom2.core.sequence")
 
@@ -208,7 +205,7 @@ def __getattr__(name: str) -> Any:  # the class by name, for ``transformers``' l
 
 
 @register_family
-class Llama4Family(Family):
+class Llama4Family(PerViewRuns, Family):
     """Llama 4 (``transformers`` ``Llama4ForConditionalGeneration``): a ViT with a class token (last),
     pixel shuffle 0.5, tiles row by row then the global tile, one ``<|patch|>`` run per tile with
     separators between; ``spatial`` layout only (see the module's docstring for every decision)."""
@@ -437,66 +434,7 @@ class Llama4Family(Family):
         return EncodedImages(features=features, importance=importances, geometries=geoms, image_sizes=sizes,
                              vanilla_counts=[v * n for v in views])
 
-    def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None) -> CompressedImages:
-        """Any vision method on the global-first views, then the model's order (tiles row by row, then
-        the global tile, each its kept tokens in raster order); ``pooling`` pools each view on its own.
-        ``newline`` is accepted for the common signature (Llama 4 has none)."""
-        cfg = config or self.vision_config
-        if cfg is None:
-            raise ValueError(f"method {self.config.method!r} has no vision-side compression")
-        toks, plan_list = [], []
-        for feats, imp, geom in zip(encoded.features, encoded.importance, encoded.geometries):
-            if cfg.method == "pooling":
-                t, s = tiles.pool_tiled_views(feats, cfg.retention_ratio)
-                crop_hw = (0, 0) if geom is None else (geom.grid_h * s, geom.grid_w * s)
-                p = _methods.PoolingPlan((s, s), crop_hw, geom, int(t.shape[0]), side=math.isqrt(feats.shape[1]))
-            else:
-                _, p = _methods.compress_image(feats, imp, geom, None, cfg)
-                if not isinstance(p, layouts.CompressionPlan):
-                    raise ValueError(f"method {cfg.method!r} is not supported on {self.display_name}: its plan has no kept tokens")
-                index = tiles.tiles_then_thumbnail_index(p.thumb_keep, p.crop_keep, feats.shape[1])
-                p = dataclasses.replace(p, index=index, thumb_keep=torch.sort(p.thumb_keep).values, layout="spatial")
-                t = layouts.gather_features(p.table if p.table is not None else feats, None, index)
-            toks.append(t)
-            plan_list.append(p)
-        return CompressedImages(tokens=toks, plans=plan_list, vanilla_counts=encoded.vanilla_counts)
-
-    def vanilla_pack(self, encoded: EncodedImages) -> list[torch.Tensor]:
-        """The vanilla sequence of the same features: per image its tiles, then the global tile."""
-        out = []
-        for f in encoded.features:
-            f = torch.cat([f[1:], f[:1]]) if f.shape[0] > 1 else f
-            out.append(f.reshape(-1, f.shape[-1]))
-        return out
-
     # -- per-view placeholder runs --------------------------------------------------------------
-    @staticmethod
-    def _plan_runs(plan: Any, views: int) -> torch.Tensor:
-        """(V,) kept tokens of each view of one plan, model order (tiles, then the global tile)."""
-        if isinstance(plan, _methods.PoolingPlan):
-            return torch.full((views,), plan.thumb_hw[0] * plan.thumb_hw[1], dtype=torch.long)
-        thumb = torch.tensor([int(plan.thumb_keep.numel())], dtype=torch.long)
-        crops = plan.crop_keep.reshape(views - 1, -1).sum(1).long().cpu() if views > 1 else thumb[:0]
-        return torch.cat([crops, thumb])
-
-    def _kept_runs(self, grids: list[tuple[int, int]], plan_list: list[Any], cfg: Any) -> list[list[int]]:
-        """Per image, its views' kept counts (model order). With ``count="fixed"``, the split the grid
-        alone gives (the planning on constant importance: what a count-first processor writes)."""
-        views, geoms, n = self._layout(grids)
-        if cfg is not None and getattr(cfg, "fixed_count", False):
-            encoded = EncodedImages(
-                features=[torch.zeros((v, n, 1)) for v in views], importance=[torch.zeros((v, n), dtype=torch.float64) for v in views],
-                geometries=geoms, image_sizes=[(0, 0)] * len(views), vanilla_counts=[0] * len(views),
-            )
-            plan_list = self.compress(encoded, cfg).plans
-        runs = [self._plan_runs(p, v) for p, v in zip(plan_list, views)]
-        flat = torch.cat(runs).tolist() if runs else []  # one read
-        out, start = [], 0
-        for v in views:
-            out.append(flat[start : start + v])
-            start += v
-        return out
-
     def placeholder_runs(self, input_ids: torch.Tensor, compressed: CompressedImages) -> Any:
         """The prompt's runs and the runs the language model gets, per image and view."""
         found = self.prompt_views(input_ids)
@@ -509,45 +447,21 @@ class Llama4Family(Family):
         kept = self._kept_runs(grids, plans, self.vision_config)  # pixels' plans (embeddings bring their runs: image_runs)
         return sequence.ViewRuns(prompt=[r for r, _ in found], kept=kept)
 
-    def image_runs(self, compressed: CompressedImages) -> Any:
-        """Vanilla (``tokens_per_view`` each) and kept runs per image and view, from the plans alone (their grids)."""
-        grids = [(0, 0) if getattr(p, "geometry", None) is None else (p.geometry.grid_h, p.geometry.grid_w) for p in compressed.plans]
-        views, _, n = self._layout(grids)
-        kept = self._kept_runs(grids, list(compressed.plans), self.vision_config)
-        return sequence.ViewRuns(prompt=[[n] * v for v in views], kept=kept)
-
     # -- counts from the size (count first) -----------------------------------------------------
-    def _layout(self, grids: Sequence[tuple[int, int]]) -> tuple[list[int], list[Any], int]:
-        grids = [tuple(int(v) for v in g) for g in grids]
-        views = [1 if g[0] * g[1] <= 1 else 1 + g[0] * g[1] for g in grids]
-        geoms = [None if v == 1 else tiles.full_geometry(g, self.side) for v, g in zip(views, grids)]
-        return views, geoms, self.tokens_per_view
-
     def _grid_of(self, hw: tuple[int, int], processor: Any = None) -> tuple[int, int]:
+        """(rows, cols) of one image size by the processor's tiling rule (its ``size``, ``max_patches``,
+        ``resize_to_max_canvas``; without one, the checkpoints' 336 px and 16 tiles)."""
         ip = getattr(processor, "image_processor", processor)
         tile = _get(_get(ip, "size", None) or {}, "height", None) or self.view_size
         most = int(_get(ip, "max_patches", MAX_PATCHES) or MAX_PATCHES)
         return tile_grid(int(hw[0]), int(hw[1]), int(tile), most, bool(_get(ip, "resize_to_max_canvas", False)))
 
-    def size_layout(self, image_sizes: Any, processor: Any = None, **options: Any) -> tuple[list[int], list[Any], int]:
-        """Views and geometry per image size, by the processor's tiling rule (its ``size``,
-        ``max_patches``, ``resize_to_max_canvas``; without one, the checkpoints' 336 px and 16 tiles)."""
-        return self._layout([self._grid_of(hw, processor) for hw in image_sizes])
-
     @staticmethod
     def _processed_grids(image_inputs: Any) -> list[tuple[int, int]]:
+        """The grids a processor's image output reports (``aspect_ratios``, kept while it writes the text)."""
         ratios = image_inputs["aspect_ratios"]
         ratios = ratios.tolist() if hasattr(ratios, "tolist") else ratios
         return [(int(r[0]), int(r[1])) for r in ratios]
-
-    def processed_layout(self, image_inputs: Any, processor: Any) -> tuple[list[int], list[Any], int]:
-        """The grids the processor's image output reports (``aspect_ratios``, kept while it writes the text)."""
-        return self._layout(self._processed_grids(image_inputs))
-
-    def processed_runs(self, image_inputs: Any, processor: Any, config: Any = None) -> list[list[int]]:
-        cfg = config if config is not None else self.vision_config
-        grids = self._processed_grids(image_inputs)
-        return self._kept_runs(grids, [None] * len(grids), cfg)
 
     @classmethod
     def runs_text(cls, processor: Any, image_inputs: Any, image_idx: int, runs: Sequence[int]) -> str:
@@ -663,14 +577,8 @@ class Llama4Family(Family):
     @classmethod
     def max_visual_tokens(cls, config: Any) -> int:
         """(max_patches tiles + the global tile) x tokens per tile: 17 x 144 = 2,448 for the checkpoints."""
-        vision = _get(config, "vision_config")
-        size, patch = _get(vision, "image_size"), _get(vision, "patch_size")
-        if size is None or patch is None:
-            raise ValueError("the config has no vision_config.image_size/patch_size")
-        ratio = float(_get(vision, "pixel_shuffle_ratio", SHUFFLE_RATIO) or SHUFFLE_RATIO)
-        side = int(round(_pair(size) // _pair(patch) * ratio))
-        most = int(_get(config, "max_patches", MAX_PATCHES) or MAX_PATCHES)
-        return (most + (1 if most > 1 else 0)) * side * side
+        ratio = float(_get(_get(config, "vision_config"), "pixel_shuffle_ratio", SHUFFLE_RATIO) or SHUFFLE_RATIO)
+        return max_tiled_tokens(config, ratio, int(_get(config, "max_patches", MAX_PATCHES) or MAX_PATCHES))
 
     @classmethod
     def default_max_visual_tokens(cls) -> int:

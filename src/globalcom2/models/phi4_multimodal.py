@@ -277,12 +277,6 @@ class Phi4MultimodalFamily(Family):
             raise ValueError("importance='cls' needs a [CLS] token; Phi-4-multimodal's SigLIP has none (use 'similarity')")
         self.last_attention()
 
-    def _check_context(self, length: int) -> None:
-        limit = getattr(self.hf_config, "max_position_embeddings", None)
-        if self._warned_context or not isinstance(limit, int) or length <= limit:
-            return
-        super()._check_context(length)
-
     # -- vision side ----------------------------------------------------------------------------
     def encode(self, pixel_values: Any, image_sizes: Any = None, image_attention_mask: Any = None) -> EncodedImages:
         """Tower and projector once, as the model runs them, with the importance signal (see the module's docstring)."""
