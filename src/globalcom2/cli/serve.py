@@ -13,13 +13,22 @@ from .loading import EXAMPLE_MODEL
 from .output import PROG, CLIError, para
 
 
+def _served_families() -> str:
+    """"LLaVA-NeXT, LLaVA-OneVision, ... or Llama 4": the families the vLLM plugin registers (no torch, no vLLM)."""
+    from ..integrations.vllm import ARCHITECTURES
+    from ..models import family_for_model_type
+
+    names = list(dict.fromkeys(family_for_model_type(model_type).display_name for _, model_type in ARCHITECTURES.values()))
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``serve`` command to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     cmd = subparsers.add_parser(
         "serve",
         help="serve a checkpoint with vLLM's OpenAI-compatible server, GlobalCom2 on (needs globalcom2[vllm])",
         description=para(
-            "Start vLLM's OpenAI-compatible server (vllm serve) for a LLaVA-NeXT, LLaVA-OneVision or InternVL "
+            f"Start vLLM's OpenAI-compatible server (vllm serve) for a {_served_families()} "
             "checkpoint with GlobalCom2 compressing every image (count='fixed': an image's visual tokens follow "
             "from its size). A request may set its own ratio in the body: \"mm_processor_kwargs\": "
             "{\"retention_ratio\": 0.1} (unless --no-request-ratio). Everything after -- goes to vllm serve unchanged (--port, --dtype, "
