@@ -116,6 +116,34 @@ def test_keep_all_equals_vanilla_and_a_quarter_per_view(tiny, size):
     assert globalcom2.last_stats(model).visual_tokens == [total]
 
 
+def test_older_transformers_route_gives_the_same_logits(tiny, monkeypatch):
+    """transformers < 5.25 returns the tower's output from ``get_image_features`` (no ``pooler_output``)
+    and projects it in the forward: the family projects the features itself and hands the rows over
+    as ``inputs_embeds``. Forced here on the current transformers, both routes give the same logits
+    and generation (the vLLM venv's 5.19 runs the route for real)."""
+    from globalcom2.models import llama4
+
+    model, processor = tiny
+    inputs = _inputs(processor, [(500, 900), (300, 300)])
+    globalcom2.apply(model, retention_ratio=0.25)
+    current = _logits(model, inputs)
+    new = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    globalcom2.remove(model)
+    inner = getattr(model, "model", model)
+    original = inner.get_image_features
+
+    def tower_only(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.pooler_output = None
+        return out
+
+    monkeypatch.setattr(inner, "get_image_features", tower_only)
+    monkeypatch.setattr(llama4, "projects_in_forward", lambda: True)
+    globalcom2.apply(model, retention_ratio=0.25)
+    assert torch.equal(_logits(model, inputs), current)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), new)
+
+
 def test_batch_equals_each_prompt_alone(tiny):
     """Left padding, a two-image prompt and a text-only row in one batch."""
     model, processor = tiny
@@ -192,7 +220,9 @@ def test_importance_is_the_class_token_logits_through_the_pixel_shuffle(tiny):
     torch.testing.assert_close(got[1:].double(), ref[:-1], atol=1e-5, rtol=1e-5)
     # features: the model's own, global first
     with torch.no_grad():
-        feats = model.get_image_features(pixel_values=inputs.pixel_values).pooler_output
+        out = model.get_image_features(pixel_values=inputs.pixel_values)
+        # transformers < 5.25 leaves the projection to the forward
+        feats = out.pooler_output if out.pooler_output is not None else model.multi_modal_projector(out.last_hidden_state)
     assert torch.equal(enc.features[0][0], feats[-1]) and torch.equal(enc.features[0][1:], feats[:-1])
     assert (enc.geometries[0].grid_h, enc.geometries[0].grid_w) == tile_grid(500, 900)
     # auto is cls; similarity is the ablation on the projector's input

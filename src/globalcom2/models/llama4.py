@@ -136,6 +136,17 @@ def resized_size(height: int, width: int, grid: tuple[int, int], tile: int = VIE
 
 
 @lru_cache(maxsize=None)
+def projects_in_forward() -> bool:
+    """Whether this ``transformers`` projects Llama 4's image features in the model's forward (before
+    5.25: ``get_image_features`` returns the tower's output, the forward reads ``last_hidden_state`` and
+    runs the projector) rather than in ``get_image_features`` (``pooler_output``, 5.25 on)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release < (5, 25)
+
+
+@lru_cache(maxsize=None)
 def _tiny_image_processor_class() -> type:
     """A PIL image processor with Llama4ImageProcessor's tiling (for the tiny model without torchvision).
     Built when first asked (the registry must not import transformers)."""
@@ -166,8 +177,9 @@ def _tiny_image_processor_class() -> type:
         valid_kwargs = Llama4TilingKwargs
 
         def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
-            kw = self._merge_and_standardize_kwargs(**(images_kwargs or {}))
-            r, c = tile_grid(height, width, kw["size"].height, kw["max_patches"], kw["resize_to_max_canvas"])
+            kw = {**{k: getattr(self, k) for k in ("size", "max_patches", "resize_to_max_canvas")}, **(images_kwargs or {})}
+            tile = _get(kw["size"], "height")  # a dict, or a SizeDict
+            r, c = tile_grid(height, width, int(tile), int(kw["max_patches"]), bool(kw["resize_to_max_canvas"]))
             return r * c + 1 if r * c > 1 else 1
 
         def _preprocess(self, images, size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std,
@@ -403,7 +415,9 @@ class Llama4Family(PerViewRuns, Family):
         projector = self.inner.multi_modal_projector if kind == "similarity" else None
         with QKCapture(attn, all_queries=True, inputs_of=projector) as cap:
             out = self.inner.get_image_features(pixel_values=pixel_values, return_dict=True)
-        feats = out.pooler_output  # (sum V, N, D): the model's own features
+            feats = out.pooler_output  # (sum V, N, D): the model's own features
+            if feats is None:  # transformers < 5.25: the model projects the tower's output in its forward
+                feats = self.inner.multi_modal_projector(out.last_hidden_state)
         if cap.keys is None:  # pragma: no cover - defensive
             raise RuntimeError("the vision tower's last attention layer did not run")
         from ..core import importance as importance_ops
@@ -501,7 +515,15 @@ class Llama4Family(PerViewRuns, Family):
             image = (call.get("mm_encoder_outputs") or {}).get("image")
             tokens = getattr(image, "pooler_output", None)
             if isinstance(tokens, (list, tuple)):
-                image.pooler_output = torch.cat(list(tokens), dim=0) if tokens else torch.zeros((0, width))
+                image.pooler_output = tokens = torch.cat(list(tokens), dim=0) if tokens else torch.zeros((0, width))
+            ids = call.get("input_ids")
+            if tokens is not None and ids is not None and call.get("inputs_embeds") is None and projects_in_forward():
+                # the forward would project the tower's output itself: the rows go in as inputs_embeds,
+                # written at the placeholders as that forward writes its projected features
+                call.pop("mm_encoder_outputs")
+                embeds = self.inner.get_input_embeddings()(call.pop("input_ids"))
+                spots = torch.nonzero(ids == self.image_token_id, as_tuple=True)
+                call["inputs_embeds"] = embeds.index_put(spots, tokens.to(embeds))
             return original(**call)
 
         return super()._forward(joined, *args, **kwargs)
