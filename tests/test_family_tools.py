@@ -56,3 +56,14 @@ def test_efficiency_knows_each_familys_checkpoints(family):
         assert efficiency.max_visual_tokens_for_model(ckpt) == family.checkpoint_max_visual_tokens(ckpt)
     model, _ = family_model(family)
     assert family.max_visual_tokens(model.config) > 0
+
+
+@pytest.mark.parametrize("family", [p for p in FAMILIES if "official" not in p.values[0].layouts])
+def test_a_counter_refuses_a_layout_naming_the_family_only(family):
+    """A model-free family (``Family.counter``: the vLLM plugin's, the count-first processor's) refuses
+    a layout it lacks naming the family, not ``(NoneType)`` (its model is None)."""
+    model, _ = family_model(family)
+    counter = family.counter(model.config, globalcom2.GlobalCom2Config(retention_ratio=0.25, layout="spatial"))
+    with pytest.raises(ValueError) as err:
+        counter.check_layout("official")
+    assert str(err.value) == f"layout 'official' is not available on {family.display_name}; its layouts: {', '.join(family.layouts)}"

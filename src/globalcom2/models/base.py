@@ -337,10 +337,8 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     def check_layout(self, layout: str | None) -> None:
         """A vision method's layout must be one the family has (``ValueError`` naming the family)."""
         if layout is not None and layout not in self.layouts:
-            raise ValueError(
-                f"layout {layout!r} is not available on {self.display_name} ({type(self.model).__name__}); "
-                f"its layouts: {', '.join(self.layouts)}"
-            )
+            model = "" if self.model is None else f" ({type(self.model).__name__})"  # None: a counter (no model)
+            raise ValueError(f"layout {layout!r} is not available on {self.display_name}{model}; its layouts: {', '.join(self.layouts)}")
 
     @classmethod
     def with_default_layout(cls, config: Any) -> Any:
