@@ -69,7 +69,7 @@ def _block_means(scores, tokens):
 
 
 #: The families whose vision tower has no [CLS] token (SigLIP).
-NO_CLS = {"llava_onevision", "idefics3", "smolvlm", "phi4_multimodal"}
+NO_CLS = {"llava_onevision", "idefics3", "smolvlm", "phi4_multimodal", "aya_vision", "cohere2_vision"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=f.model_type) for f in families()])

@@ -27,12 +27,20 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
+def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """``(..., D) -> (..., D)``: each pair ``(x[2i], x[2i + 1]) -> (-x[2i + 1], x[2i])`` (Cohere's
+    rotary convention: adjacent dimensions paired, ``cos`` / ``sin`` repeated element-wise)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
 def rotate_last_and_all(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: Any, last: torch.Tensor, batch: int, d: int
+    q: torch.Tensor, k: torch.Tensor, cos_sin: Any, last: torch.Tensor, batch: int, d: int, rotate: Any = rotate_half
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (cos, sin) rotary embedding of ``q`` (B, H, D: each row's token at ``last`` (B,)) and
     ``k`` (B, T, G, D: every token's). ``cos_sin``: (1 | B, T, r) each, ``r <= d`` (partial rotary,
-    Phi-3's ``partial_rotary_factor``: the first ``r`` dims only)."""
+    Phi-3's ``partial_rotary_factor``: the first ``r`` dims only). ``rotate``: the layer's pairing of
+    dimensions (:func:`rotate_half`, Llama's; :func:`rotate_interleaved`, Cohere's)."""
     cos, sin = cos_sin
     if cos.dim() != 3:
         raise ValueError(f"FastV expects (B, T, D) rotary cos/sin, got shape {tuple(cos.shape)}")
@@ -41,8 +49,8 @@ def rotate_last_and_all(
     cos_l = cos.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))  # (B, 1, r)
     sin_l = sin.gather(1, last.view(batch, 1, 1).expand(batch, 1, r))
     q_r, k_r = q[..., :r], k[..., :r]
-    q_r = q_r * cos_l + rotate_half(q_r) * sin_l  # (B, H, r)
-    k_r = k_r * cos[:, :, None] + rotate_half(k_r) * sin[:, :, None]  # (B, T, G, r)
+    q_r = q_r * cos_l + rotate(q_r) * sin_l  # (B, H, r)
+    k_r = k_r * cos[:, :, None] + rotate(k_r) * sin[:, :, None]  # (B, T, G, r)
     if r == d:
         return q_r, k_r
     return torch.cat([q_r, q[..., r:]], dim=-1), torch.cat([k_r, k[..., r:]], dim=-1)

@@ -114,6 +114,18 @@ class FastVConfig(LanguageMethodConfig):
         return (self.layer * visual_tokens + (n_layers - self.layer) * kept) / n_layers
 
 
+def _pairing(attn: Any) -> Callable | None:
+    """How the layer's rotary pairs dimensions: Llama's, or its modeling module's own ``rotate_half``
+    where that pairs adjacent ones (Cohere / Cohere 2; None on Cohere 2's full layers, which apply none)."""
+    import sys
+
+    own = getattr(sys.modules.get(type(attn).__module__), "rotate_half", None)
+    if not (callable(own) and torch.equal(own(torch.arange(4.0)), rotary.rotate_interleaved(torch.arange(4.0)))):
+        return rotary.rotate_half
+    windowless = getattr(attn, "sliding_window", 0) is None and not getattr(attn, "force_rope", False)
+    return None if windowless and "cohere2" in type(attn).__module__ else rotary.rotate_interleaved
+
+
 def kept_count(n_visual: int, retention_ratio: float) -> int:
     """Visual tokens FastV keeps of ``n_visual``: ``round(R * n)``, at least 1 when ``n > 0``."""
     return max(1, round(retention_ratio * n_visual)) if n_visual > 0 else 0
@@ -552,8 +564,8 @@ class FastVPatch:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if torch.is_tensor(call.cos_sin) and call.cos_sin.is_complex():  # Llama 4
             q, k = _llama4_qk(attn, q, k, call.cos_sin, last, batch)
-        else:
-            q, k = rotary.rotate_last_and_all(q, k, call.cos_sin, last, batch, d)
+        elif _pairing(attn) is not None:
+            q, k = rotary.rotate_last_and_all(q, k, call.cos_sin, last, batch, d, _pairing(attn))
         q = q.view(batch, g, h // g, d)  # head i uses kv head i // (H/G) (repeat_kv order)
         logits = torch.einsum("bgrd,btgd->bgrt", q, k.to(q.dtype)) * self._scaling  # (B, G, H/G, T)
         return self._keep(call, logits, last, pos)

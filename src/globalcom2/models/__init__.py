@@ -22,6 +22,7 @@ from .internvl import InternVLFamily  # noqa: E402
 from .idefics3 import Idefics3Family, SmolVLMFamily  # noqa: E402
 from .llama4 import Llama4Family  # noqa: E402
 from .phi4_multimodal import Phi4MultimodalFamily  # noqa: E402
+from .aya_vision import AyaVisionFamily, Cohere2VisionFamily  # noqa: E402
 
 __all__ = [
     "STATE_ATTR", "CompressedImages", "CompressionStats", "EncodedImages", "Family", "LlavaNextFamily", "TinyGeometry",
