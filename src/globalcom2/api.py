@@ -13,8 +13,9 @@ from .models import STATE_ATTR, CompressionStats, Family, family_for
 
 M = TypeVar("M", bound=nn.Module)
 
-#: transformers versions this release is tested with (checked by :func:`apply`): the whole test
-#: suite passes on 5.18 to 5.24; 5.17 and older lack `mm_encoder_outputs`, which the patched model needs.
+#: transformers versions this release supports (checked by :func:`apply`; 5.17 and older lack
+#: `mm_encoder_outputs`, which the patched model needs). A family may need a later one
+#: (`Family.min_transformers`: SmolVLM 5.21; Phi-4's count-first processor 5.23).
 TRANSFORMERS_RANGE = (">=5.18", "<6")
 
 

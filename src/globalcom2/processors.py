@@ -51,6 +51,7 @@ class ProcessorPatch:
                 f"{type(processor).__name__} has no replace_image_token: pass the model's own processor "
                 "(transformers >= 5; an image processor or a tokenizer alone cannot write the prompt)"
             )
+        family_cls.check_transformers(processor=True)
         self.processor = processor
         self.family_cls = family_cls
         self.hf_config = hf_config

@@ -564,8 +564,8 @@ class FastVPatch:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if torch.is_tensor(call.cos_sin) and call.cos_sin.is_complex():  # Llama 4
             q, k = _llama4_qk(attn, q, k, call.cos_sin, last, batch)
-        elif _pairing(attn) is not None:
-            q, k = rotary.rotate_last_and_all(q, k, call.cos_sin, last, batch, d, _pairing(attn))
+        elif (pairing := _pairing(attn)) is not None:
+            q, k = rotary.rotate_last_and_all(q, k, call.cos_sin, last, batch, d, pairing)
         q = q.view(batch, g, h // g, d)  # head i uses kv head i // (H/G) (repeat_kv order)
         logits = torch.einsum("bgrd,btgd->bgrt", q, k.to(q.dtype)) * self._scaling  # (B, G, H/G, T)
         return self._keep(call, logits, last, pos)

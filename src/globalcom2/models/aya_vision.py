@@ -61,7 +61,6 @@ How GlobalCom2 maps onto them (``SPEC.md``, "Any further family with a global vi
 
 from __future__ import annotations
 
-import functools
 import warnings
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Sequence
@@ -203,6 +202,7 @@ class AyaVisionFamily(PerViewRuns, Family):
     model_names = ("AyaVisionForConditionalGeneration", "AyaVisionModel")
     layouts = ("spatial",)
     image_inputs = ("image_grids", "vision_feature_layer", "vision_feature_select_strategy")
+    joins_image_rows = True  # its forward casts pooler_output as one tensor
     tower_kind = "a SigLIP-like"
     #: The public checkpoint's language model (Command R7B) as :class:`globalcom2.efficiency.LMArch`
     #: fields (name, layers, hidden, heads, kv heads, head dim, intermediate, vocab), from its
@@ -472,21 +472,6 @@ class AyaVisionFamily(PerViewRuns, Family):
         if kwargs.get("pixel_values") is not None:
             kwargs = self._with_grids(dict(kwargs))
         return super().prepare_inputs(kwargs)
-
-    def _forward(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        """The patched forward, with the per-image features (what ``generate`` splits per prompt) joined
-        into the one (L, D) tensor these models scatter into the placeholders (a list has no ``.to``)."""
-        width = self.text_config(self.hf_config).hidden_size
-
-        @functools.wraps(original)
-        def joined(**call: Any) -> Any:
-            image = (call.get("mm_encoder_outputs") or {}).get("image")
-            tokens = getattr(image, "pooler_output", None)
-            if isinstance(tokens, (list, tuple)):
-                image.pooler_output = torch.cat(list(tokens), dim=0) if tokens else torch.zeros((0, width))
-            return original(**call)
-
-        return super()._forward(joined, *args, **kwargs)
 
     # -- counts from the size (count first) -----------------------------------------------------
     def _grid_of(self, hw: tuple[int, int], processor: Any = None) -> tuple[int, int]:

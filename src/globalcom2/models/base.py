@@ -97,6 +97,13 @@ def families() -> list[type["Family"]]:
     return list(_REGISTRY.values())
 
 
+def transformers_version() -> str:
+    """The installed ``transformers``' version string."""
+    import transformers
+
+    return str(transformers.__version__)
+
+
 def supported_model_types() -> list[str]:
     """``config.model_type`` of every supported family (no import of torch or transformers)."""
     return list(_REGISTRY)
@@ -167,6 +174,16 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     #: The processor's / ``forward``'s keyword argument holding the images' pixels (what
     #: :meth:`encode` takes as ``pixel_values``; Phi-4-multimodal: ``image_pixel_values``).
     pixel_inputs: ClassVar[str] = "pixel_values"
+    #: Whether the model's forward takes the compressed rows as one (L, D) tensor rather than one
+    #: tensor per image (Llama 4 reshapes them, Aya Vision casts them, as Idefics3 before
+    #: transformers 5.21): the patched forward joins them just before the model's forward.
+    joins_image_rows: ClassVar[bool] = False
+    #: The oldest ``transformers`` whose forward of this family takes compressed image runs, where
+    #: later than the project's range (SmolVLM: 5.21; before, its merger cuts the rows into
+    #: fixed-length views), and the oldest whose processor writes the image text through
+    #: ``replace_image_token``, which a count-first ``processor=`` patches (Phi-4: 5.23).
+    min_transformers: ClassVar[str] = ""
+    min_transformers_processor: ClassVar[str] = ""
     #: Public checkpoints' language models by hub id, as :class:`globalcom2.efficiency.LMArch`
     #: fields (the efficiency model reads them offline).
     language_models: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -502,7 +519,25 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
     def image_token_id(self) -> int:
         return self.hf_config.image_token_id
 
+    @classmethod
+    def check_transformers(cls, processor: bool = False) -> None:
+        """A one-line ``RuntimeError`` where the installed ``transformers`` is older than this family
+        (``processor``: than its count-first processor) needs."""
+        need = cls.min_transformers_processor if processor else cls.min_transformers
+        if not need:
+            return
+        from packaging.version import Version
+
+        installed = transformers_version()
+        if Version(Version(installed).base_version) < Version(need):
+            what = "a count-first processor (processor=)" if processor else "GlobalCom2"
+            raise RuntimeError(
+                f"{what} on {cls.display_name} needs transformers>={need}, but {installed} is installed; "
+                f"run: pip install 'transformers>={need},<6'"
+            )
+
     def validate(self) -> None:
+        self.check_transformers()
         if self.fastv is not None:
             self.fastv.validate()  # fail at apply, before anything is patched
         if self.vision_config is None:

@@ -131,6 +131,7 @@ class Idefics3Family(PerViewRuns, Family):
     model_names = ("Idefics3ForConditionalGeneration", "Idefics3Model")
     layouts = ("spatial",)
     image_inputs = ("pixel_attention_mask", "image_grids")
+    joins_image_rows = True  # transformers before 5.21 casts pooler_output as one tensor
     tower_kind = "a SigLIP-like"
     #: The public checkpoint's language model (Llama 3 8B), as :class:`globalcom2.efficiency.LMArch`
     #: fields (name, layers, hidden, heads, kv heads, head dim, intermediate, vocab): the
@@ -474,6 +475,7 @@ class SmolVLMFamily(Idefics3Family):
     display_name = "SmolVLM"
     example_checkpoint = "HuggingFaceTB/SmolVLM-256M-Instruct"
     model_names = ("SmolVLMForConditionalGeneration", "SmolVLMModel")
+    min_transformers = "5.21"  # before, SmolVLM's merger cuts the image rows into fixed-length views
     #: SmolVLM-256M / 500M's language models (SmolLM2-135M / 360M; their ``text_config``, vocab 49280
     #: with the image tokens), the checkpoints of the default geometry below. SmolVLM-Instruct (2B:
     #: 384 px views, pixel shuffle 3) is supported but not listed: its visual-token cap is not the

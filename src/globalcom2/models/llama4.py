@@ -228,6 +228,7 @@ class Llama4Family(PerViewRuns, Family):
     model_names = ("Llama4ForConditionalGeneration",)
     layouts = ("spatial",)
     image_inputs = ("image_grids",)
+    joins_image_rows = True
     attention_attributes = ("q_proj", "k_proj", "num_heads", "head_dim")
     tower_kind = "a Llama 4 ViT-like"
     #: Llama 4 Scout's language model as :class:`globalcom2.efficiency.LMArch` fields (name, layers,
@@ -506,16 +507,13 @@ class Llama4Family(PerViewRuns, Family):
         return super().prepare_inputs(kwargs)
 
     def _forward(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        """The patched forward, with per-image features joined into the one (L, D) tensor that Llama 4's
-        forward scatters into the placeholders (it reshapes ``pooler_output``, a list has no reshape)."""
-        width = self.hf_config.text_config.hidden_size
+        """The patched forward (the rows joined into one (L, D) tensor, :attr:`joins_image_rows`: Llama 4's
+        forward reshapes ``pooler_output``); before transformers 5.25 the rows go in as ``inputs_embeds``."""
 
         @functools.wraps(original)
         def joined(**call: Any) -> Any:
             image = (call.get("mm_encoder_outputs") or {}).get("image")
             tokens = getattr(image, "pooler_output", None)
-            if isinstance(tokens, (list, tuple)):
-                image.pooler_output = tokens = torch.cat(list(tokens), dim=0) if tokens else torch.zeros((0, width))
             ids = call.get("input_ids")
             if tokens is not None and ids is not None and call.get("inputs_embeds") is None and projects_in_forward():
                 # the forward would project the tower's output itself: the rows go in as inputs_embeds,

@@ -243,11 +243,23 @@ class PatchedForward:
                 _calls.caller_step(call, known, _calls.cache_length(cache))
         if prefill and call.get("input_ids") is not None:
             self._on_prefill(call["input_ids"])
+        if self.joins_image_rows:
+            self._join_image_rows(call)
         out = original(**call)
         if turn is not None:
             cache = _calls.output_cache(out)
             _calls.remember_turn(cache if cache is not None else _calls.given_cache(call), turn)
         return out
+
+    def _join_image_rows(self, call: dict[str, Any]) -> None:
+        """The compressed rows of a call, one tensor per image (what ``generate`` expands per prompt
+        for beams and ``num_return_sequences``), joined into the one (L, D) tensor the model's forward
+        takes (:attr:`~globalcom2.models.base.Family.joins_image_rows`)."""
+        image = (call.get("mm_encoder_outputs") or {}).get("image")
+        rows = getattr(image, "pooler_output", None)
+        if isinstance(rows, (list, tuple)):
+            width = self.text_config(self.hf_config).hidden_size
+            image.pooler_output = torch.cat(list(rows), dim=0) if rows else torch.zeros((0, width))
 
     def _on_prefill(self, input_ids: torch.Tensor) -> None:
         """Record the visual-token counts of a prefill and tell FastV where the visual tokens are."""

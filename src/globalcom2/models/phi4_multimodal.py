@@ -227,6 +227,7 @@ class Phi4MultimodalFamily(Family):
     layouts = ("spatial",)
     image_inputs = ("image_sizes", "image_attention_mask")
     pixel_inputs = "image_pixel_values"
+    min_transformers_processor = "5.23"  # before, Phi-4's processor writes its counts in its own __call__
     attention_attributes = ("q_proj", "k_proj", "num_heads", "scaling")
     tower_kind = "a SigLIP-like"
     #: The checkpoint's language model (Phi-4-mini: gated MLP), as :class:`globalcom2.efficiency.LMArch`
