@@ -231,26 +231,9 @@ class AyaVisionFamily(PerViewRuns, Family):
 
     # -- geometry -------------------------------------------------------------------------------
     @property
-    def view_size(self) -> int:
-        return _pair(self.hf_config.vision_config.image_size)
-
-    @property
-    def patches(self) -> int:
-        """P, patches per view side before the pixel shuffle."""
-        vc = self.hf_config.vision_config
-        return _pair(vc.image_size) // _pair(vc.patch_size)
-
-    @property
     def side(self) -> int:
         """S, tokens per view side after the pixel shuffle."""
         return self.patches // int(self.hf_config.downsample_factor)
-
-    @property
-    def tokens_per_view(self) -> int:
-        return self.side * self.side
-
-    def view_geometry(self) -> tuple[int, int]:
-        return self.view_size, self.side
 
     def importance_mode(self) -> str:
         """``"auto"`` -> ``"similarity"`` (SPEC.md), ``"attention_received"`` an ablation, ``"cls"`` a ValueError."""

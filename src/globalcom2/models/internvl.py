@@ -137,24 +137,10 @@ class InternVLFamily(GlobalLastViews, Family):
 
     # -- geometry -------------------------------------------------------------------------------
     @property
-    def view_size(self) -> int:
-        return _pair(self.hf_config.vision_config.image_size)
-
-    @property
     def side(self) -> int:
         """S, tokens per view side after the pixel shuffle (16 for InternViT 448/14 at 0.5)."""
         vc = self.hf_config.vision_config
         return int(round(_pair(vc.image_size) // _pair(vc.patch_size) * float(self.hf_config.downsample_ratio)))
-
-    @property
-    def tokens_per_view(self) -> int:
-        return self.side * self.side
-
-    def view_geometry(self) -> tuple[int, int]:
-        """(view side in pixels, tokens per view side): (448, 16). The vision config's
-        ``image_size`` / ``patch_size`` are pairs here and give 32 patches per side *before* the
-        pixel shuffle, so tools must not derive the token grid from them."""
-        return self.view_size, self.side
 
     def vanilla_plan(self, encoded: EncodedImages, index: int = 0) -> Any:
         """The vanilla sequence of image ``index`` as a plan (every token kept, the model's order):

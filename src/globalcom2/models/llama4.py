@@ -253,24 +253,8 @@ class Llama4Family(PerViewRuns, Family):
 
     # -- geometry -------------------------------------------------------------------------------
     @property
-    def view_size(self) -> int:
-        return _pair(self.hf_config.vision_config.image_size)
-
-    @property
-    def patches(self) -> int:
-        vc = self.hf_config.vision_config
-        return _pair(vc.image_size) // _pair(vc.patch_size)
-
-    @property
     def side(self) -> int:
         return int(round(self.patches * float(self.hf_config.vision_config.pixel_shuffle_ratio)))
-
-    @property
-    def tokens_per_view(self) -> int:
-        return self.side * self.side
-
-    def view_geometry(self) -> tuple[int, int]:
-        return self.view_size, self.side
 
     def language_model(self) -> Any:
         return self.inner.language_model.model

@@ -57,8 +57,30 @@ def max_tiled_tokens(config: Any, ratio: float, max_tiles: int) -> int:
 
 class GlobalLastViews:
     """The model's order is crops row by row, then the global view; the methods get the global view
-    first (see the module's docstring). Needs ``vision_config``, ``config`` and ``display_name``
-    (:class:`~globalcom2.models.base.Family`)."""
+    first (see the module's docstring). Needs ``vision_config``, ``config``, ``display_name`` and
+    ``hf_config`` (:class:`~globalcom2.models.base.Family`), and ``side``: tokens per view side
+    after the family's pixel shuffle (or pooling)."""
+
+    # -- geometry: square views of ``vision_config.image_size`` pixels -----------------------------
+    @property
+    def view_size(self) -> int:
+        """A view's side in pixels."""
+        return _pair(self.hf_config.vision_config.image_size)  # type: ignore[attr-defined]
+
+    @property
+    def patches(self) -> int:
+        """P, patches per view side before the pixel shuffle."""
+        vc = self.hf_config.vision_config  # type: ignore[attr-defined]
+        return _pair(vc.image_size) // _pair(vc.patch_size)
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.side * self.side  # type: ignore[attr-defined]
+
+    def view_geometry(self) -> tuple[int, int]:
+        """(view side in pixels, tokens per view side), e.g. InternVL's (448, 16): the token grid
+        comes after the pixel shuffle, not from ``image_size / patch_size``."""
+        return self.view_size, self.side  # type: ignore[attr-defined]
 
     def compress(self, encoded: EncodedImages, config: VisionMethodConfig | None = None, newline: Any = None) -> CompressedImages:
         """Any vision method on the global-view-first views, then the model's order (crops row by
