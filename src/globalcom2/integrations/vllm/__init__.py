@@ -23,9 +23,9 @@ What :func:`register` does (cheap, idempotent, no import of the model code):
 
 * registers, lazily (``"module:Class"`` strings), a subclass of vLLM's own model class for each
   supported architecture (:data:`ARCHITECTURES`): LLaVA-NeXT, LLaVA-OneVision, InternVL, Llama 4,
-  Idefics3 and SmolVLM. Each subclass behaves exactly as vLLM's class when the model's config has
-  no ``"globalcom2"`` entry (one exception, a fix: precomputed image embeddings of different lengths
-  may share an engine step, see the README's "Serving");
+  Idefics3, SmolVLM and Command A Vision. Each subclass behaves exactly as vLLM's class when the
+  model's config has no ``"globalcom2"`` entry (one exception, a fix: precomputed image embeddings
+  of different lengths may share an engine step, see the README's "Serving");
 * wraps the model registry's look-up on the instance so that a ``"globalcom2"`` entry on any other
   architecture, or invalid settings, fail when the engine is created, in one line naming what is
   supported.
@@ -64,6 +64,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     ),
     "SmolVLMForConditionalGeneration": (
         "globalcom2.integrations.vllm.idefics3:GlobalCom2SmolVLMForConditionalGeneration", "smolvlm",
+    ),
+    "Cohere2VisionForConditionalGeneration": (
+        "globalcom2.integrations.vllm.cohere2_vision:GlobalCom2Cohere2VisionForConditionalGeneration", "cohere2_vision",
     ),
 }
 
