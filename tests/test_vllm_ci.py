@@ -52,7 +52,7 @@ def test_vllm_part_runs_its_tests_and_their_failure_fails_the_run(tmp_path, vllm
     for name in (
         "tests/test_vllm_plugin.py", "tests/test_vllm_families.py", "tests/test_vllm_idefics3.py",
         "tests/test_vllm_llama4.py", "tests/test_vllm_granite.py", "tests/test_vllm_serve.py",
-        "tests/test_older_transformers.py",
+        "tests/test_vllm_cohere2_vision.py", "tests/test_older_transformers.py",
     ):
         assert name in log
     assert (proc.returncode != 0) == failed, proc.stdout + proc.stderr

@@ -633,6 +633,7 @@ class Cohere2VisionFamily(AyaVisionFamily):
         image_processor="globalcom2.models.aya_vision.tiny_cohere2_image_processor",
         image_processor_kwargs={"size": {"height": COHERE2_VIEW, "width": COHERE2_VIEW}, "max_patches": MAX_PATCHES},
         processor_kwargs={},
+        hub_tower_names=True,  # the hub's checkpoints (and vLLM) name the tower vision_tower.vision_model.*
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
         text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=16384),

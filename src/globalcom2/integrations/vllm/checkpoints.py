@@ -10,10 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-#: Model types whose hub checkpoints name the tower ``[model.]vision_tower.vision_model.*`` (what vLLM
-#: reads) though their tiny geometry does not say ``hub_tower_names`` (Command A Vision: vLLM's
-#: ``cohere2_vision`` maps ``model.vision_tower.`` to its ``SiglipVisionModel``, which holds ``vision_model``).
-HUB_TOWER_NAMES = frozenset({"cohere2_vision"})
 #: Language-model overrides that give head_dim 32 at the tiny width (64 = 2 heads x 32).
 TINY_TEXT = {"num_attention_heads": 2, "num_key_value_heads": 1}
 #: Further language-model settings per model type. Command A Vision: Hugging Face's
@@ -61,7 +57,7 @@ def save(model: Any, processor: Any, path: str | Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tiny.with_video_processor(processor, model_type).save_pretrained(path)
-    if not (tiny.geometry(model_type).hub_tower_names or model_type in HUB_TOWER_NAMES):
+    if not tiny.geometry(model_type).hub_tower_names:
         return path  # the tower is saved under the names vLLM reads
     for file in sorted(path.glob("*.safetensors")):
         tensors = load_file(str(file))
