@@ -66,3 +66,14 @@ def test_keep_all_is_vanilla_and_a_ratio_generates_on_this_older_release(model_t
     assert torch.equal(out[:, : inputs.input_ids.shape[1]], inputs.input_ids)  # the caller's prompt
     assert sum(globalcom2.last_stats(model).visual_tokens) < int((inputs.input_ids == model.config.image_token_id).sum())
     globalcom2.remove(model)
+
+
+def test_encoding_alone_is_not_refused_on_an_older_release(monkeypatch):
+    """``compress_images`` (and the vLLM plugin, which runs vLLM's forward) need no patched forward: an
+    older release that ``apply`` refuses for SmolVLM still encodes and compresses (the vLLM tests' Hugging
+    Face reference does this on 5.19)."""
+    family = family_for_model_type("smolvlm")
+    model, processor = family_model(family)
+    monkeypatch.setattr(base, "transformers_version", lambda: "5.19.0")
+    emb = globalcom2.compress_images(model, _inputs(processor, [(500, 900)]), retention_ratio=0.25, count="fixed")
+    assert sum(e.shape[0] for e in emb.embeddings) == sum(family.counter(model.config, emb.config).count_visual_tokens([(500, 900)], processor=processor))

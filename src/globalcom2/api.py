@@ -152,6 +152,7 @@ def apply(model: M, config: Any = None, *, method: str | None = None, processor:
     _check_transformers()
     adapter = adapter_cls(target, cfg)
     adapter.validate()
+    adapter.check_transformers()  # the patched forward's needs (not compress_images', nor vLLM's)
     if processor is not None:
         from . import processors
         from .methods import vision_config

@@ -521,8 +521,9 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
 
     @classmethod
     def check_transformers(cls, processor: bool = False) -> None:
-        """A one-line ``RuntimeError`` where the installed ``transformers`` is older than this family
-        (``processor``: than its count-first processor) needs."""
+        """A one-line ``RuntimeError`` where the installed ``transformers`` is older than this family's
+        patched forward (checked by ``apply``; encoding alone, ``compress_images`` and the vLLM plugin,
+        which runs vLLM's own forward, do not need it) or its count-first processor (``processor``) needs."""
         need = cls.min_transformers_processor if processor else cls.min_transformers
         if not need:
             return
@@ -537,7 +538,6 @@ class Family(PatchedGenerate, PatchedForward, InstancePatch):
             )
 
     def validate(self) -> None:
-        self.check_transformers()
         if self.fastv is not None:
             self.fastv.validate()  # fail at apply, before anything is patched
         if self.vision_config is None:
